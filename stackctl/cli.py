@@ -1,0 +1,279 @@
+"""The ``stackctl`` command. Each subcommand is a small function; errors are StackErrors."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from stackctl import generation, profile, supervisor
+from stackctl.errors import EXIT_STACK_ERROR, StackError
+from stackctl.settings import SETTINGS
+from stackctl.stack import Programs, Stack, plan
+
+STATE_FILE = "state.json"
+NO_PROGRAMS = Programs(circusd="", nginx="", uwsgi="", python=sys.executable, redis_server=None)
+
+
+# --- from arguments to a Stack -----------------------------------------------------------------
+
+
+def overrides_from(args: argparse.Namespace) -> list[tuple[str, Any]]:
+    """``--set`` pairs and the flags derived from SETTINGS, later ones winning."""
+    pairs = [profile.parse_override(text) for text in args.set or ()]
+    for setting in SETTINGS:
+        if setting.flag:
+            value = getattr(args, flag_dest(setting.flag), None)
+            if value is not None:
+                pairs.append((setting.key, profile.parse_override(f"{setting.key}={value}")[1]))
+    return pairs
+
+
+def flag_dest(flag: str) -> str:
+    return flag.lstrip("-").replace("-", "_")
+
+
+def load_stack(args: argparse.Namespace, *, programs: bool) -> Stack:
+    chosen = profile.load(args.stack, args.profile, overrides_from(args))
+    return plan(chosen, None if programs else NO_PROGRAMS)
+
+
+def load_running_stack(args: argparse.Namespace) -> Stack:
+    """The stack as ``up`` started it: its recorded profile and command-line overrides."""
+    guess = load_stack(args, programs=False)
+    state_path = guess.run_dir / STATE_FILE
+    if not state_path.is_file():
+        return guess
+    state = json.loads(state_path.read_text())
+    chosen = profile.load(args.stack, state["profile"], [tuple(p) for p in state["overrides"]])
+    return plan(chosen, NO_PROGRAMS)
+
+
+def save_state(stack: Stack, args: argparse.Namespace) -> None:
+    state = {"profile": stack.profile.name, "overrides": overrides_from(args)}
+    (stack.run_dir / STATE_FILE).write_text(json.dumps(state))
+
+
+# --- commands ------------------------------------------------------------------------------------
+
+
+def cmd_init(args: argparse.Namespace) -> int:
+    from stackctl.init import init
+
+    directory = Path(args.directory or args.stack).resolve()
+    facts = init(directory, demo=args.demo, app=args.app, force=args.force)
+    print(f"wrote {directory / profile.STACK_FILE} (app {facts.wsgi})")
+    if facts.note:
+        print(f"note: {facts.note}")
+    print(f"next: cd {shlex.quote(str(directory))} && stackctl up")
+    return 0
+
+
+def cmd_render(args: argparse.Namespace) -> int:
+    stack = load_stack(args, programs=True)
+    files = generation.render_all(stack)
+    target = Path(args.out).resolve() if args.out else stack.run_dir
+    generation.write(stack, files, target)
+    print(f"profile {stack.profile.name} ({stack.profile.reason})")
+    for file in files:
+        print(f"wrote {target / file.name}")
+    return 0
+
+
+def cmd_up(args: argparse.Namespace) -> int:
+    stack = load_stack(args, programs=True)
+    print(f"profile {stack.profile.name} ({stack.profile.reason})")
+    if supervisor.running_pid(stack):
+        raise StackError(
+            f"a stack is already running in {stack.stack_dir} (circusd pid "
+            f"{supervisor.running_pid(stack)}); use `stackctl reload` or `stackctl down`"
+        )
+    stale = supervisor.clean_stale(stack) if stack.run_dir.is_dir() else []
+    if stale:
+        print(f"cleaned up after a stack that died: stopped pids {stale}")
+    supervisor.check_port_free(stack)
+    generation.write(stack, generation.render_all(stack))
+    save_state(stack, args)
+    running = supervisor.start(stack, timeout=args.timeout)
+    print(f"stack up: {stack.url()}  (websockets: {stack.url().replace('http', 'ws', 1)}"
+          f"{stack.profile.ws.prefix.lstrip('/')}<channel>)")
+    print(f"{stack.workers} wsgi workers; logs in {stack.log_dir}")
+    if args.detach:
+        print(f'circusd pid {running.process.pid}; `eval "$(stackctl env)"` then circusctl works')
+        return 0
+    print("Ctrl-C stops the stack")
+    return supervisor.wait_foreground(running)
+
+
+def cmd_down(args: argparse.Namespace) -> int:
+    stack = load_running_stack(args)
+    pid = supervisor.running_pid(stack)
+    killed = supervisor.stop(stack, pid)
+    if pid is None and not killed:
+        print(f"no stack running in {stack.stack_dir}")
+        return 0
+    print("stack stopped" + (f"; killed leftover pids {killed}" if killed else ""))
+    return 0
+
+
+def require_running(stack: Stack) -> None:
+    if supervisor.running_pid(stack) is None:
+        raise StackError(f"no stack running in {stack.stack_dir}; start it with `stackctl up`")
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    stack = load_running_stack(args)
+    require_running(stack)
+    print(f"{stack.url()}  profile {stack.profile.name}")
+    for watcher in supervisor.status(stack):
+        print(f"{watcher.name:<7} {watcher.state:<9} {len(watcher.processes)} process(es)")
+        for p in watcher.processes:
+            print(f"    pid {p.pid:<8} up {format_age(p.age):>8}  cpu {p.cpu:5.1f}%  "
+                  f"rss {p.mem_rss / 2**20:7.1f} MiB")
+    return 0
+
+
+def format_age(seconds: float) -> str:
+    minutes, secs = divmod(int(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{secs:02d}s"
+
+
+def cmd_reload(args: argparse.Namespace) -> int:
+    stack = load_running_stack(args)
+    require_running(stack)
+    names = [args.watcher] if args.watcher else ["wsgi", "ws"]
+    for name in names:
+        supervisor.call(stack, "reload", name=name, graceful=True, sequential=args.sequential,
+                        waiting=True, timeout=stack.profile.wsgi.graceful_timeout + 30)
+        print(f"reloaded {name}")
+    return 0
+
+
+def cmd_logs(args: argparse.Namespace) -> int:
+    stack = load_running_stack(args)
+    names = [args.watcher] if args.watcher else ["circusd", "redis", "wsgi", "ws", "nginx"]
+    paths = [stack.log_dir / f"{n}.log" for n in names]
+    for path in paths:
+        if path.is_file():
+            lines = path.read_text(errors="replace").splitlines()[-args.lines:]
+            for line in lines:
+                print(f"{path.stem}: {line}" if len(paths) > 1 else line)
+    if args.follow:
+        follow(paths, prefix=len(paths) > 1)
+    return 0
+
+
+def follow(paths: list[Path], prefix: bool) -> None:
+    offsets = {p: p.stat().st_size if p.is_file() else 0 for p in paths}
+    try:
+        while True:
+            for path in paths:
+                if not path.is_file():
+                    continue
+                size = path.stat().st_size
+                if size < offsets[path]:
+                    offsets[path] = 0  # rotated or truncated
+                if size > offsets[path]:
+                    with path.open(errors="replace") as f:
+                        f.seek(offsets[path])
+                        for line in f.read().splitlines():
+                            print(f"{path.stem}: {line}" if prefix else line, flush=True)
+                        offsets[path] = f.tell()
+            time.sleep(0.25)
+    except KeyboardInterrupt:
+        pass
+
+
+def cmd_env(args: argparse.Namespace) -> int:
+    stack = load_running_stack(args)
+    print(f"export CIRCUSCTL_ENDPOINT={shlex.quote(stack.circus_endpoint)}")
+    print(f"export STACKCTL_REDIS_URL={shlex.quote(stack.redis_url)}")
+    return 0
+
+
+def cmd_publish(args: argparse.Namespace) -> int:
+    from stackctl import realtime
+
+    stack = load_running_stack(args)
+    receivers = realtime.publish(args.channel, args.message, url=stack.redis_url)
+    print(f"published to {args.channel!r} ({receivers} worker(s) listening)")
+    return 0
+
+
+# --- the parser ----------------------------------------------------------------------------------
+
+
+def add_profile_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--profile", help="profile name (default: chosen for this host)")
+    parser.add_argument("--set", action="append", metavar="KEY=VALUE",
+                        help="override any profile key, e.g. --set wsgi.threads=4 (repeatable)")
+    for setting in SETTINGS:
+        if setting.flag:
+            parser.add_argument(setting.flag, dest=flag_dest(setting.flag), help=f"{setting.help} "
+                                f"(same as --set {setting.key}=...)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="stackctl", description=__doc__)
+    parser.add_argument("-C", "--stack", type=Path, default=Path("."),
+                        help="the stack directory, where stack.toml is (default: .)")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    def command(name: str, handler: Callable[[argparse.Namespace], int], help: str,
+                profiled: bool = True) -> argparse.ArgumentParser:
+        sub = commands.add_parser(name, help=help, description=help)
+        sub.set_defaults(handler=handler)
+        if profiled:
+            add_profile_options(sub)
+        return sub
+
+    init = command("init", cmd_init, "write stack.toml for an app, a Django project or the demo",
+                   profiled=False)
+    init.add_argument("directory", nargs="?", help="the stack directory (default: --stack)")
+    init.add_argument("--demo", action="store_true", help="set up the bundled demo app")
+    init.add_argument("--app", help="the WSGI app as module:callable (not needed for Django)")
+    init.add_argument("--force", action="store_true", help="replace an existing stack.toml")
+
+    render = command("render", cmd_render, "render and validate the configs")
+    render.add_argument("--out", help="write them here instead of the run directory")
+
+    up = command("up", cmd_up, "start the stack; returns with --detach once it answers")
+    up.add_argument("--detach", "-d", action="store_true", help="return once the stack answers")
+    up.add_argument("--timeout", type=float, default=60.0, help="seconds to wait for the stack")
+
+    command("down", cmd_down, "stop the stack, leaving no process behind")
+    command("status", cmd_status, "show each watcher and its processes")
+    command("env", cmd_env, "print the exports that point circusctl and publish at this stack")
+
+    reload = command("reload", cmd_reload, "gracefully replace the workers")
+    reload.add_argument("watcher", nargs="?", choices=["wsgi", "ws", "nginx", "redis"])
+    reload.add_argument("--sequential", action="store_true", help="one process at a time")
+
+    logs = command("logs", cmd_logs, "show the watchers' logs")
+    logs.add_argument("watcher", nargs="?", choices=["circusd", "redis", "wsgi", "ws", "nginx"])
+    logs.add_argument("-f", "--follow", action="store_true")
+    logs.add_argument("-n", "--lines", type=int, default=40)
+
+    publish = command("publish", cmd_publish, "send a message to a channel's websocket clients")
+    publish.add_argument("channel")
+    publish.add_argument("message")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.handler(args))
+    except StackError as e:
+        print(f"stackctl: {e}", file=sys.stderr)
+        return EXIT_STACK_ERROR
+
+
+if __name__ == "__main__":
+    sys.exit(main())

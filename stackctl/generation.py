@@ -1,0 +1,114 @@
+"""Writing a generation of configs: render, stage, validate, then swap into place.
+
+A generation is staged in ``<run_dir>/.next/`` and checked there (``nginx -t``, Circus's own
+config reader, an import of the app) before any file of the running generation is touched.
+Each file then replaces its predecessor with ``os.replace``, so no reader ever sees a
+half-written config, and a rejected generation leaves the running one exactly as it was.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+from stackctl.errors import StackError
+from stackctl.render import File, circus, nginx, redis, uwsgi
+from stackctl.stack import Stack
+
+STAGING = ".next"
+
+
+def render_all(stack: Stack) -> list[File]:
+    return [*circus.render(stack), *nginx.render(stack), *uwsgi.render(stack), *redis.render(stack)]
+
+
+def make_dirs(stack: Stack) -> None:
+    for directory in (stack.run_dir, stack.log_dir):
+        directory.mkdir(parents=True, exist_ok=True)
+    # The run directory holds the Circus control sockets: only the owner may reach them.
+    os.chmod(stack.run_dir, 0o700)
+    (stack.run_dir / "nginx-temp").mkdir(exist_ok=True)
+
+
+def stage(files: list[File], directory: Path) -> None:
+    shutil.rmtree(directory, ignore_errors=True)
+    directory.mkdir(mode=0o700)
+    for file in files:
+        path = directory / file.name
+        with path.open("w") as f:
+            f.write(file.content)
+            f.flush()
+            os.fsync(f.fileno())
+
+
+def check_nginx(stack: Stack, conf: Path) -> None:
+    result = subprocess.run(
+        [stack.programs.nginx, "-t", "-q", "-p", str(stack.run_dir), "-c", str(conf),
+         "-e", str(stack.nginx_error_log)],
+        capture_output=True, text=True,
+    )
+    if result.returncode != 0:
+        raise StackError(f"the rendered NGiNX config was rejected by `nginx -t`:\n{result.stderr.strip()}")
+
+
+def check_circus(conf: Path) -> None:
+    from circus.config import get_config
+
+    try:
+        get_config(str(conf))
+    except Exception as e:  # Circus raises assorted types for a config it cannot read.
+        raise StackError(f"the rendered Circus config was rejected by Circus: {e}") from None
+
+
+def check_app(stack: Stack) -> None:
+    """Import the WSGI callable the way a worker will, in a separate interpreter."""
+    module, _, attr = stack.profile.app.wsgi.partition(":")
+    code = (
+        "import importlib, functools\n"
+        f"m = importlib.import_module({module!r})\n"
+        f"functools.reduce(getattr, {attr!r}.split('.'), m)\n"
+    )
+    env = {**os.environ, **stack.worker_env()}
+    try:
+        result = subprocess.run(
+            [stack.programs.python, "-c", code], cwd=stack.stack_dir, env=env,
+            capture_output=True, text=True, timeout=120,
+        )
+    except subprocess.TimeoutExpired:
+        raise StackError(f"app.wsgi: importing {stack.profile.app.wsgi!r} took over 120 s") from None
+    if result.returncode != 0:
+        tail = "\n".join(result.stderr.strip().splitlines()[-12:])
+        raise StackError(
+            f"app.wsgi: {stack.profile.app.wsgi!r} cannot be imported from {stack.stack_dir}:\n{tail}"
+        )
+
+
+def check_static(stack: Stack) -> None:
+    if stack.static_dir is not None and not stack.static_dir.is_dir():
+        raise StackError(
+            f"static.dir: {stack.profile.static.dir!r} resolves to {stack.static_dir}, which is "
+            'not a directory; create it, or set static.dir = "" for a stack without static files'
+        )
+
+
+def write(stack: Stack, files: list[File], target: Path | None = None) -> None:
+    """Validate ``files`` as a whole generation, then put each in ``target`` atomically.
+
+    ``target`` is the run directory unless ``stackctl render --out DIR`` names another.
+    """
+    target = target or stack.run_dir
+    check_static(stack)
+    check_app(stack)
+    make_dirs(stack)
+    target.mkdir(parents=True, exist_ok=True)
+    staging = target / STAGING
+    try:
+        stage(files, staging)
+        check_circus(staging / stack.circus_ini.name)
+        check_nginx(stack, staging / stack.nginx_conf.name)
+        for file in files:
+            os.replace(staging / file.name, target / file.name)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)

@@ -1,0 +1,141 @@
+"""``stackctl init``: write a stack file for an app, a Django project or the bundled demo."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from stackctl import resources
+from stackctl.errors import StackError
+from stackctl.profile import STACK_FILE
+from stackctl.settings import Invalid, wsgi_callable
+
+DEMO_APP = "demo_app:application"
+
+
+@dataclass(frozen=True)
+class AppFacts:
+    """What init found out about the app; each becomes a line of stack.toml."""
+
+    wsgi: str
+    static_url: str = "/static/"
+    static_dir: str = ""
+    django_settings: str = ""
+    note: str = ""
+
+
+def settings_module_of(manage_py: Path) -> str:
+    match = re.search(r"""DJANGO_SETTINGS_MODULE["']\s*,\s*["']([\w.]+)["']""", manage_py.read_text())
+    if not match:
+        raise StackError(
+            f"{manage_py}: cannot find DJANGO_SETTINGS_MODULE in it; pass --app module:callable"
+        )
+    return match.group(1)
+
+
+def django_facts(stack_dir: Path) -> AppFacts:
+    """Ask Django itself (in a separate interpreter) for the WSGI app and the static settings."""
+    settings = settings_module_of(stack_dir / "manage.py")
+    code = (
+        "import json\n"
+        "from django.conf import settings\n"
+        "print(json.dumps({'wsgi': settings.WSGI_APPLICATION, "
+        "'static_url': str(settings.STATIC_URL or ''), "
+        "'static_root': str(settings.STATIC_ROOT or '')}))\n"
+    )
+    env = {**os.environ, "DJANGO_SETTINGS_MODULE": settings, "PYTHONPATH": str(stack_dir)}
+    result = subprocess.run([sys.executable, "-c", code], cwd=stack_dir, env=env,
+                            capture_output=True, text=True)
+    if result.returncode != 0:
+        tail = "\n".join(result.stderr.strip().splitlines()[-8:])
+        raise StackError(f"{stack_dir}: Django settings {settings!r} cannot be loaded:\n{tail}")
+    found = json.loads(result.stdout.strip().splitlines()[-1])
+    module, _, attr = str(found["wsgi"]).rpartition(".")
+    static_url = "/" + found["static_url"].strip("/") + "/" if found["static_url"] else "/static/"
+    static_root = found["static_root"]
+    note = "" if static_root else (
+        "STATIC_ROOT is not set: static files are not served until you set it, run "
+        "`manage.py collectstatic` and set static.dir in stack.toml"
+    )
+    return AppFacts(
+        wsgi=f"{module}:{attr}",
+        static_url=static_url,
+        static_dir=os.path.relpath(static_root, stack_dir) if static_root else "",
+        django_settings=settings,
+        note=note,
+    )
+
+
+def app_facts(stack_dir: Path, app: str | None) -> AppFacts:
+    if app:
+        try:
+            wsgi_callable(app)
+        except Invalid as e:
+            raise StackError(f"command line: --app: {e}") from None
+        static = "static" if (stack_dir / "static").is_dir() else ""
+        return AppFacts(wsgi=app, static_dir=static)
+    if (stack_dir / "manage.py").is_file():
+        return django_facts(stack_dir)
+    raise StackError(
+        f"{stack_dir}: no manage.py here, so this is not a Django project; name the WSGI app "
+        "with --app module:callable (importable from this directory), or use --demo"
+    )
+
+
+def copy_demo(stack_dir: Path) -> AppFacts:
+    source = resources.demo_dir()
+    for item in source.iterdir():
+        if item.name == "__pycache__":
+            continue
+        target = stack_dir / item.name
+        if item.is_dir():
+            shutil.copytree(item, target, dirs_exist_ok=True)
+        else:
+            shutil.copy2(item, target)
+    return AppFacts(wsgi=DEMO_APP, static_dir="static")
+
+
+def toml_string(value: str) -> str:
+    return json.dumps(value)  # a JSON string is a valid TOML basic string
+
+
+def stack_file_text(facts: AppFacts) -> str:
+    lines = [
+        "# The stack: what the app is. How a host runs it (workers, listen address...) comes",
+        "# from a profile: profiles/<name>.toml here, or a shipped one (dev, prod).",
+        "",
+        "[app]",
+        f"wsgi = {toml_string(facts.wsgi)}",
+    ]
+    if facts.django_settings:
+        lines.append(f"django_settings = {toml_string(facts.django_settings)}")
+    lines += [
+        "",
+        "[static]",
+        f"url = {toml_string(facts.static_url)}",
+        f"dir = {toml_string(facts.static_dir)}",
+        "",
+        "# Which profile each host runs, first match wins; host-name patterns as in a shell.",
+        "[hosts]",
+        '# "web*.example.com" = "prod"',
+        "",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def init(stack_dir: Path, *, demo: bool, app: str | None, force: bool) -> AppFacts:
+    stack_dir.mkdir(parents=True, exist_ok=True)
+    path = stack_dir / STACK_FILE
+    if path.exists() and not force:
+        raise StackError(f"{path}: already exists; pass --force to write it again")
+    facts = copy_demo(stack_dir) if demo else app_facts(stack_dir, app)
+    temp = path.with_name(f".{STACK_FILE}.tmp")
+    temp.write_text(stack_file_text(facts))
+    os.replace(temp, path)
+    return facts

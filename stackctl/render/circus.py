@@ -1,0 +1,67 @@
+"""The Circus config: the sockets circusd holds and the four watchers it supervises."""
+
+from __future__ import annotations
+
+import shlex
+
+from stackctl.render import File, render_template
+from stackctl.stack import Stack
+
+WATCHERS = ("redis", "wsgi", "ws", "nginx")
+
+
+def log_files(stack: Stack) -> dict[str, str]:
+    return {name: str(stack.log_dir / f"{name}.log") for name in WATCHERS}
+
+
+def wsgi_command(stack: Stack) -> str:
+    return shlex.join([stack.programs.uwsgi, "--ini", str(stack.uwsgi_ini)]) + (
+        " --uwsgi-socket fd://$(circus.sockets.wsgi)"
+    )
+
+
+def ws_command(stack: Stack) -> str:
+    args = [stack.programs.python, "-m", "stackctl.ws", "--prefix", stack.profile.ws.prefix,
+            "--graceful-timeout", str(stack.profile.wsgi.graceful_timeout)]
+    return shlex.join(args) + " --fd $(circus.sockets.ws)"
+
+
+def nginx_command(stack: Stack) -> str:
+    return shlex.join([
+        stack.programs.nginx,
+        "-p", str(stack.run_dir),
+        "-c", str(stack.nginx_conf),
+        "-e", str(stack.nginx_error_log),
+    ])
+
+
+def redis_command(stack: Stack) -> str:
+    if stack.programs.redis_server is None or not stack.embedded_redis:
+        return ""
+    return shlex.join([stack.programs.redis_server, str(stack.redis_conf)])
+
+
+def render(stack: Stack) -> list[File]:
+    content = render_template(
+        "circus.ini.j2",
+        profile=stack.profile.name,
+        endpoint=stack.circus_endpoint,
+        pubsub_endpoint=stack.circus_pubsub,
+        stats_endpoint=stack.circus_stats,
+        pidfile=stack.circus_pidfile,
+        circus_log=stack.log_dir / "circusd.log",
+        wsgi_socket=stack.wsgi_socket,
+        ws_socket=stack.ws_socket,
+        backlog=stack.profile.wsgi.backlog,
+        redis_cmd=redis_command(stack),
+        run_dir=stack.run_dir,
+        stack_dir=stack.stack_dir,
+        logs=log_files(stack),
+        wsgi_cmd=wsgi_command(stack),
+        ws_cmd=ws_command(stack),
+        nginx_cmd=nginx_command(stack),
+        workers=stack.workers,
+        graceful_timeout=stack.profile.wsgi.graceful_timeout,
+        worker_env=stack.worker_env(),
+    )
+    return [File(stack.circus_ini.name, content)]

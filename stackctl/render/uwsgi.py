@@ -1,0 +1,21 @@
+"""The uWSGI ini every process of the ``wsgi`` watcher reads."""
+
+from __future__ import annotations
+
+import sys
+
+from stackctl.render import File, render_template
+from stackctl.stack import Stack
+
+
+def render(stack: Stack) -> list[File]:
+    profile = stack.profile
+    content = render_template(
+        "uwsgi.ini.j2",
+        profile=profile.name,
+        threads=profile.wsgi.threads,
+        python_home=sys.prefix,
+        stack_dir=stack.stack_dir,
+        app=profile.app.wsgi,
+    )
+    return [File(stack.uwsgi_ini.name, content)]

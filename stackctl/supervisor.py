@@ -1,0 +1,320 @@
+"""Starting, asking and stopping the stack's circusd.
+
+circusd is started in a session of its own, so that Ctrl-C in the terminal reaches only
+``stackctl up``, which then asks circusd for an orderly stop instead of every child getting
+SIGINT at once.
+"""
+
+from __future__ import annotations
+
+import http.client
+import os
+import signal
+import socket
+import subprocess
+import time
+from collections.abc import Callable
+from contextlib import closing
+from dataclasses import dataclass
+from typing import Any
+
+import psutil
+
+from stackctl import processes
+from stackctl.errors import StackError
+from stackctl.render.circus import WATCHERS
+from stackctl.stack import Stack
+
+POLL_INTERVAL = 0.1
+
+
+# --- talking to circusd -----------------------------------------------------------------------
+
+
+def call(stack: Stack, command: str, timeout: float = 10.0, **props: Any) -> dict[str, Any]:
+    """Send one command to circusd; a refusal becomes a StackError with Circus's reason."""
+    from circus.client import CircusClient
+    from circus.exc import CallError
+
+    client = CircusClient(endpoint=stack.circus_endpoint, timeout=timeout)
+    try:
+        answer: dict[str, Any] = client.send_message(command, **props)
+    except CallError as e:
+        raise StackError(f"circusd did not answer {command!r}: {e}") from None
+    finally:
+        client.stop()
+    if answer.get("status") != "ok":
+        raise StackError(f"circusd refused {command!r}: {answer.get('reason', answer)}")
+    return answer
+
+
+def running_pid(stack: Stack) -> int | None:
+    """The pid of this stack's circusd, or None when it is not running."""
+    try:
+        pid = int(stack.circus_pidfile.read_text().strip())
+        proc = psutil.Process(pid)
+        if proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE and "circusd" in " ".join(proc.cmdline()):
+            return pid
+    except (OSError, ValueError, psutil.NoSuchProcess, psutil.AccessDenied):
+        pass
+    return None
+
+
+def clean_stale(stack: Stack) -> list[int]:
+    """After a crash: stop leftover processes and remove pid files and sockets of the dead stack."""
+    leftovers = processes.find(stack.run_dir)
+    processes.kill_all(leftovers)
+    for name in ("circusd.pid", "nginx.pid", "wsgi.sock", "ws.sock", "redis.sock",
+                 "circus.ctl", "circus.pub", "circus.stats"):
+        (stack.run_dir / name).unlink(missing_ok=True)
+    return [p.pid for p in leftovers]
+
+
+# --- readiness --------------------------------------------------------------------------------
+
+
+def http_answers(stack: Stack) -> bool:
+    """True once NGiNX and a WSGI worker behind it answer ``GET /`` (any status below 500)."""
+    listen = stack.profile.server.listen
+    host = "127.0.0.1" if listen.host in ("0.0.0.0", "*") else listen.host
+    conn = http.client.HTTPConnection(host, listen.port, timeout=2)
+    try:
+        conn.request("GET", "/", headers={"Host": "localhost"})
+        return conn.getresponse().status < 500
+    except OSError:
+        return False
+    finally:
+        conn.close()
+
+
+def websocket_accepts(stack: Stack) -> bool:
+    """True once the ws worker, through NGiNX, completes a websocket handshake."""
+    from wsproto import ConnectionType, WSConnection
+    from wsproto.events import AcceptConnection, RejectConnection, Request
+
+    listen = stack.profile.server.listen
+    host = "127.0.0.1" if listen.host in ("0.0.0.0", "*") else listen.host
+    ws = WSConnection(ConnectionType.CLIENT)
+    try:
+        with closing(socket.create_connection((host, listen.port), timeout=2)) as sock:
+            sock.sendall(ws.send(Request(host="localhost", target=f"{stack.profile.ws.prefix}_ready")))
+            while True:
+                data = sock.recv(4096)
+                if not data:
+                    return False
+                ws.receive_data(data)
+                for event in ws.events():
+                    if isinstance(event, AcceptConnection):
+                        return True
+                    if isinstance(event, RejectConnection):
+                        return False
+    except OSError:
+        return False
+
+
+class FailureWatch:
+    """Notices watchers that Circus stopped after they had started (flapping, crashing).
+
+    A watcher that has not started yet is "stopped" too, so only a watcher seen active
+    before counts as failed.
+    """
+
+    def __init__(self, stack: Stack) -> None:
+        self.stack = stack
+        self.seen_active: set[str] = set()
+
+    def failures(self) -> list[str]:
+        try:
+            statuses = call(self.stack, "status", timeout=3)["statuses"]
+        except StackError:
+            return []
+        failed = []
+        for name, state in statuses.items():
+            if name not in WATCHERS:
+                continue
+            if state == "active":
+                self.seen_active.add(name)
+            elif state == "stopped" and name in self.seen_active:
+                failed.append(f"{name}: stopped after crashing\n{log_tail(self.stack, name)}")
+        return failed
+
+
+def log_tail(stack: Stack, watcher: str, lines: int = 15) -> str:
+    path = stack.log_dir / f"{watcher}.log"
+    try:
+        text = path.read_text(errors="replace").splitlines()[-lines:]
+    except OSError:
+        return f"    (no log at {path})"
+    return "\n".join(f"    {line}" for line in text)
+
+
+def wait_until(check: Callable[[], bool], deadline: float, alive: Callable[[], bool]) -> bool:
+    while time.monotonic() < deadline:
+        if check():
+            return True
+        if not alive():
+            return False
+        time.sleep(POLL_INTERVAL)
+    return False
+
+
+# --- start and stop --------------------------------------------------------------------------
+
+
+@dataclass
+class Running:
+    stack: Stack
+    process: subprocess.Popen[bytes]
+
+
+def check_port_free(stack: Stack) -> None:
+    listen = stack.profile.server.listen
+    family = socket.AF_INET6 if ":" in listen.host else socket.AF_INET
+    with closing(socket.socket(family, socket.SOCK_STREAM)) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((listen.host, listen.port))
+        except OSError as e:
+            raise StackError(
+                f"server.listen: {listen} is not available ({e.strerror}); stop what holds it, "
+                "or pick another address with --listen HOST:PORT"
+            ) from None
+
+
+def start(stack: Stack, timeout: float) -> Running:
+    """Start circusd and return once the site and the websocket endpoint answer.
+
+    If they do not within ``timeout``, everything started is stopped again and the error
+    says which watcher failed, with its log.
+    """
+    out = (stack.log_dir / "circusd.out").open("ab")
+    env = {**os.environ, processes.MARKER: str(stack.run_dir)}
+    proc = subprocess.Popen(
+        [stack.programs.circusd, str(stack.circus_ini)],
+        stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+        env=env, cwd=stack.run_dir, start_new_session=True,
+    )
+    out.close()
+    running = Running(stack, proc)
+    deadline = time.monotonic() + timeout
+
+    watch = FailureWatch(stack)
+
+    def alive() -> bool:
+        return proc.poll() is None and not watch.failures()
+
+    if wait_until(lambda: http_answers(stack), deadline, alive) and wait_until(
+        lambda: websocket_accepts(stack), deadline, alive
+    ):
+        return running
+    why = "\n".join(watch.failures()) or (
+        f"circusd exited with status {proc.returncode}:\n{log_tail(stack, 'circusd')}"
+        if proc.poll() is not None
+        else f"the site did not answer within {timeout:.0f} s; logs are in {stack.log_dir}"
+    )
+    stop(stack, proc.pid)
+    raise StackError(f"the stack did not start; nothing is left running.\n{why}")
+
+
+def stop(stack: Stack, pid: int | None = None) -> list[int]:
+    """Ask circusd to stop every watcher gracefully, then make sure nothing of the stack is left.
+
+    Returns the pids that had to be killed after the graceful stop.
+    """
+    pid = pid or running_pid(stack)
+    if pid is not None:
+        terminate_circusd(pid, stack.profile.wsgi.graceful_timeout + 5)
+    leftovers = processes.find(stack.run_dir)
+    processes.kill_all(leftovers)
+    clean_stale(stack)
+    return [p.pid for p in leftovers]
+
+
+def terminate_circusd(pid: int, grace: float) -> None:
+    """SIGTERM makes circusd stop every watcher with its own stop signal, then exit.
+
+    circusd ignores a SIGTERM that arrives while it is still starting its watchers, so the
+    signal is repeated until it takes.
+    """
+    deadline = time.monotonic() + grace
+    try:
+        proc = psutil.Process(pid)
+        while time.monotonic() < deadline:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(timeout=2)
+                return
+            except psutil.TimeoutExpired:
+                continue
+    except psutil.NoSuchProcess:
+        return
+
+
+def wait_foreground(running: Running) -> int:
+    """``stackctl up`` in the foreground: wait for circusd; Ctrl-C or SIGTERM stop the stack."""
+    stop_requested: list[int] = []
+
+    def request_stop(signum: int, _frame: Any) -> None:
+        stop_requested.append(signum)
+
+    signal.signal(signal.SIGINT, request_stop)
+    signal.signal(signal.SIGTERM, request_stop)
+    while running.process.poll() is None and not stop_requested:
+        try:
+            running.process.wait(timeout=0.5)
+        except subprocess.TimeoutExpired:
+            continue
+    if stop_requested:
+        stop(running.stack, running.process.pid)
+        return 128 + stop_requested[0]
+    stop(running.stack)
+    return running.process.returncode or 0
+
+
+# --- status ----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ProcessInfo:
+    pid: int
+    age: float
+    cpu: float
+    mem_rss: int
+
+
+@dataclass(frozen=True)
+class WatcherInfo:
+    name: str
+    state: str
+    processes: list[ProcessInfo]
+
+
+def status(stack: Stack) -> list[WatcherInfo]:
+    states = call(stack, "status")["statuses"]
+    infos = call(stack, "stats")["infos"]
+    result = []
+    for name in WATCHERS:
+        if name not in states:
+            continue
+        procs = []
+        for pid, info in sorted(infos.get(name, {}).items()):
+            if not isinstance(info, dict) or pid == "name":
+                continue
+            procs.append(ProcessInfo(int(pid), float(info.get("age", 0)), _number(info.get("cpu")),
+                                     _rss(int(pid))))
+        result.append(WatcherInfo(name, states[name], procs))
+    return result
+
+
+def _number(value: Any) -> float:
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return 0.0
+
+
+def _rss(pid: int) -> int:
+    try:
+        return int(psutil.Process(pid).memory_info().rss)
+    except psutil.Error:
+        return 0
