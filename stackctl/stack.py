@@ -146,7 +146,7 @@ def find_program(name: str, *, hint: str) -> str:
     beside = Path(sys.executable).parent / name
     if beside.is_file() and os.access(beside, os.X_OK):
         return str(beside)
-    found = shutil.which(name) or shutil.which(name, path="/usr/sbin:/sbin")
+    found = shutil.which(name)
     if not found:
         raise StackError(f"no {name} on PATH; {hint}")
     return found

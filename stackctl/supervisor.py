@@ -210,7 +210,8 @@ def start(stack: Stack, timeout: float) -> Running:
     why = "\n".join(watch.failures()) or (
         f"circusd exited with status {proc.returncode}:\n{log_tail(stack, 'circusd')}"
         if proc.poll() is not None
-        else f"the site did not answer within {timeout:.0f} s; logs are in {stack.log_dir}"
+        else f"the site did not answer within {timeout:.0f} s; the workers' logs end with:\n"
+        + "\n".join(f"{name}:\n{log_tail(stack, name)}" for name in ("wsgi", "ws"))
     )
     stop(stack, proc.pid)
     raise StackError(f"the stack did not start; nothing is left running.\n{why}")

@@ -55,10 +55,10 @@ class Hub:
         """Add a client; True once Redis confirmed the subscription, so nothing published
         after the handshake can be missed."""
         self.clients[channel].add(client)
-        if channel not in self.ready:
-            self.ready[channel] = Event()
+        ready = self.ready.setdefault(channel, Event())
+        if not ready.is_set():
             self._changed.set()
-        return self.ready[channel].wait(timeout)
+        return ready.wait(timeout)
 
     def leave(self, channel: str, client: Client) -> None:
         members = self.clients.get(channel)
@@ -66,8 +66,9 @@ class Hub:
             return
         members.discard(client)
         if not members:
+            # The subscription (and its ready event) stays until the listener drops it, so a
+            # client that joins again meanwhile is served at once.
             del self.clients[channel]
-            self.ready.pop(channel, None)
             self._changed.set()
 
     def all_clients(self) -> list[Client]:
@@ -87,8 +88,7 @@ class Hub:
                 self._listen()
                 delay = BACKOFF_MIN
             except (redis.ConnectionError, redis.TimeoutError, OSError) as e:
-                for event in self.ready.values():
-                    event.clear()
+                self._forget_subscriptions()
                 pause = delay * random.uniform(0.5, 1.5)
                 log.warning("Redis subscription lost (%s); reconnecting in %.1f s", e, pause)
                 gevent.sleep(pause)
@@ -112,12 +112,23 @@ class Hub:
             pubsub.close()
             connection.close()
 
+    def _forget_subscriptions(self) -> None:
+        # The connection is gone, and its subscriptions with it: joiners wait again until
+        # the next connection confirms them.
+        for channel in list(self.ready):
+            if channel in self.clients:
+                self.ready[channel].clear()
+            else:
+                del self.ready[channel]
+
     def _reconcile(self, pubsub: Any, subscribed: set[str]) -> set[str]:
         wanted = set(self.clients)
         if wanted - subscribed:
             pubsub.subscribe(*(CHANNEL_PREFIX + c for c in wanted - subscribed))
         if subscribed - wanted:
             pubsub.unsubscribe(*(CHANNEL_PREFIX + c for c in subscribed - wanted))
+            for channel in subscribed - wanted:
+                self.ready.pop(channel, None)
         return wanted
 
     def _dispatch(self, message: dict[str, Any]) -> None:

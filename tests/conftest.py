@@ -1,0 +1,92 @@
+"""Helpers shared by the end-to-end tests: real processes on loopback, always cleaned up."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from contextlib import closing, contextmanager
+from pathlib import Path
+
+import pytest
+
+from stackctl import processes, profile
+from stackctl.cli import NO_PROGRAMS
+from stackctl.stack import Stack, plan
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def free_port() -> int:
+    with closing(socket.socket()) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def stackctl(*args: str, cwd: Path, env: dict[str, str] | None = None,
+             timeout: float = 180, check: bool = True) -> subprocess.CompletedProcess[str]:
+    """Run the real command line, as a user would."""
+    result = subprocess.run(
+        [sys.executable, "-m", "stackctl", *args], cwd=cwd, env=env or dict(os.environ),
+        capture_output=True, text=True, timeout=timeout,
+    )
+    if check and result.returncode != 0:
+        raise AssertionError(f"stackctl {' '.join(args)} failed ({result.returncode}):\n"
+                             f"{result.stdout}\n{result.stderr}")
+    return result
+
+
+def wait_for(check: Callable[[], bool], timeout: float = 15.0, what: str = "condition") -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if check():
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+
+
+@pytest.fixture
+def short_tmp() -> Iterator[Path]:
+    """A temp dir with a short path: unix socket paths are limited to 107 bytes."""
+    path = Path(tempfile.mkdtemp(prefix="sc", dir="/tmp"))
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def stop_and_check(stack_dir: Path) -> list[str]:
+    """``stackctl down``, then kill (and report) whatever of the stack is still alive."""
+    subprocess.run([sys.executable, "-m", "stackctl", "down"], cwd=stack_dir,
+                   capture_output=True, timeout=120)
+    left = processes.find((stack_dir / ".stackctl" / "run").resolve())
+    leaked = [f"{p.pid} {' '.join(p.cmdline())}" for p in left]
+    processes.kill_all(left)
+    return leaked
+
+
+@contextmanager
+def running_stack(stack_dir: Path, *args: str) -> Iterator[Stack]:
+    """``stackctl up --detach`` on a free port; stopped, and checked for leaks, on exit."""
+    port = free_port()
+    try:
+        stackctl("up", "--detach", "--listen", f"127.0.0.1:{port}", *args, cwd=stack_dir)
+        state = json.loads((stack_dir / ".stackctl" / "run" / "state.json").read_text())
+        loaded = profile.load(stack_dir, state["profile"], [tuple(p) for p in state["overrides"]])
+        yield plan(loaded, NO_PROGRAMS)
+    finally:
+        leaked = stop_and_check(stack_dir)
+    assert not leaked, f"processes left behind: {leaked}"
+
+
+@pytest.fixture
+def no_leaks() -> Iterator[Callable[[Path], None]]:
+    """Register stack directories; at teardown, stop them and fail if anything was left."""
+    stacks: list[Path] = []
+    yield stacks.append
+    leaked = [line for stack_dir in stacks for line in stop_and_check(stack_dir)]
+    assert not leaked, f"processes left behind: {leaked}"

@@ -1,0 +1,111 @@
+"""Bad input gets one clear message, a non-zero exit, and nothing left running."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import sys
+from contextlib import closing
+from pathlib import Path
+
+import pytest
+
+from stackctl import processes
+from stackctl.errors import EXIT_STACK_ERROR
+from tests.conftest import free_port, stackctl
+
+pytestmark = pytest.mark.e2e
+
+
+@pytest.fixture
+def site(short_tmp: Path) -> Path:
+    stackctl("init", str(short_tmp / "site"), "--demo", cwd=short_tmp)
+    return short_tmp / "site"
+
+
+def up_fails(site: Path, *args: str, env: dict[str, str] | None = None) -> str:
+    result = stackctl("up", "--detach", "--listen", f"127.0.0.1:{free_port()}", *args,
+                      cwd=site, env=env, check=False)
+    assert result.returncode == EXIT_STACK_ERROR, result.stdout + result.stderr
+    assert "Traceback" not in result.stderr.split("\n", 1)[0]
+    assert not processes.find((site / ".stackctl" / "run").resolve()), "something was left running"
+    return result.stderr
+
+
+def test_unknown_key(site: Path) -> None:
+    (site / "profiles").mkdir()
+    (site / "profiles" / "dev.toml").write_text('extends = "dev"\n[wsgi]\nworker = 4\n')
+    assert up_fails(site).strip() == (
+        f"stackctl: {site / 'profiles' / 'dev.toml'}: wsgi.worker: unknown key; did you mean wsgi.workers?"
+    )
+
+
+def test_wrong_type(site: Path) -> None:
+    with (site / "stack.toml").open("a") as f:
+        f.write('\n[wsgi]\nthreads = "four"\n')
+    assert up_fails(site).strip() == (
+        f"stackctl: {site / 'stack.toml'}: wsgi.threads: expected a positive integer, got 'four'"
+    )
+
+
+def test_negative_worker_count(site: Path) -> None:
+    assert up_fails(site, "--workers", "-2").strip() == (
+        'stackctl: command line: wsgi.workers: expected a positive integer or "auto", got -2'
+    )
+
+
+def test_port_in_use(site: Path) -> None:
+    with closing(socket.socket()) as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        port = holder.getsockname()[1]
+        result = stackctl("up", "--detach", "--listen", f"127.0.0.1:{port}", cwd=site, check=False)
+    assert result.returncode == EXIT_STACK_ERROR
+    assert f"server.listen: 127.0.0.1:{port} is not available (Address already in use)" in result.stderr
+    assert not processes.find((site / ".stackctl" / "run").resolve())
+
+
+def test_app_that_cannot_be_imported(site: Path) -> None:
+    (site / "demo_app.py").write_text("import no_such_module\n")
+    message = up_fails(site)
+    assert "app.wsgi: 'demo_app:application' cannot be imported from" in message
+    assert "ModuleNotFoundError: No module named 'no_such_module'" in message
+
+
+def test_app_attribute_missing(site: Path) -> None:
+    message = up_fails(site, "--app", "demo_app:nothing_here")
+    assert "app.wsgi: 'demo_app:nothing_here' cannot be imported" in message
+    assert "AttributeError" in message
+
+
+def test_missing_static_directory(site: Path) -> None:
+    shutil.rmtree(site / "static")
+    message = up_fails(site)
+    assert f"static.dir: 'static' resolves to {site / 'static'}, which is not a directory" in message
+
+
+def test_no_nginx_on_path(site: Path) -> None:
+    bin_dir = site / "bin"
+    bin_dir.mkdir()
+    for name in ("circusd", "uwsgi"):
+        found = shutil.which(name)
+        assert found
+        (bin_dir / name).symlink_to(found)
+    env = {**os.environ, "PATH": f"{bin_dir}:{Path(sys.executable).parent}:/usr/bin:/bin"}
+    if shutil.which("nginx", path=env["PATH"]):
+        pytest.fail("nginx is still on the reduced PATH; the test cannot hide it")
+    assert "no nginx on PATH; install it: apt-get install -y nginx-light" in up_fails(site, env=env)
+
+
+def test_app_crashing_at_start_is_reported_and_nothing_is_left(site: Path) -> None:
+    # Imports fine in the check, crashes inside uWSGI: the error is in the report.
+    (site / "demo_app.py").write_text(
+        "try:\n    import uwsgi  # importable only inside a uWSGI worker\n"
+        "except ImportError:\n    pass\nelse:\n    raise RuntimeError('boom at start')\n"
+        "def application(environ, start_response):\n    return []\n"
+    )
+    message = up_fails(site, "--timeout", "10")
+    assert "the stack did not start; nothing is left running" in message
+    assert "the site did not answer within 10 s" in message
+    assert "RuntimeError: boom at start" in message

@@ -1,0 +1,161 @@
+"""The renderers' real output, read back with the parsers of the programs that consume it."""
+
+from __future__ import annotations
+
+import configparser
+import dataclasses
+from pathlib import Path
+
+import jinja2
+import pytest
+
+from stackctl import generation, profile
+from stackctl.errors import StackError
+from stackctl.render import ini_value, nginx_quote, render_template, uwsgi_value
+from stackctl.stack import Programs, Stack
+
+PROGRAMS = Programs(circusd="/opt/bin/circusd", nginx="/usr/sbin/nginx", uwsgi="/opt/bin/uwsgi",
+                    python="/opt/bin/python", redis_server="/usr/bin/redis-server")
+
+
+def make_stack(tmp_path: Path, stack_toml: str = "", **fields) -> Stack:
+    (tmp_path / "stack.toml").write_text('[app]\nwsgi = "hello:application"\n' + stack_toml)
+    p = profile.load(tmp_path, "dev", [], hostnames=["h"])
+    values = dict(profile=p, programs=PROGRAMS, workers=4, run_dir=tmp_path / "run",
+                  log_dir=tmp_path / "log", static_dir=tmp_path / "static", open_files=20000,
+                  nginx_user=None)
+    values.update(fields)
+    return Stack(**values)
+
+
+def files(stack: Stack) -> dict[str, str]:
+    return {f.name: f.content for f in generation.render_all(stack)}
+
+
+def circus_ini(stack: Stack) -> configparser.RawConfigParser:
+    parser = configparser.RawConfigParser()
+    parser.read_string(files(stack)["circus.ini"])
+    return parser
+
+
+def test_circus_holds_the_sockets_and_hands_them_to_the_pools(tmp_path: Path) -> None:
+    ini = circus_ini(make_stack(tmp_path))
+    assert ini["socket:wsgi"]["path"] == str(tmp_path / "run" / "wsgi.sock")
+    assert ini["socket:wsgi"]["backlog"] == "1024"
+    wsgi = ini["watcher:wsgi"]
+    assert wsgi["use_sockets"] == "True"
+    assert wsgi["numprocesses"] == "4"
+    assert wsgi["cmd"].endswith("--uwsgi-socket fd://$(circus.sockets.wsgi)")
+    assert wsgi["stop_signal"] == "HUP"  # a master-less uWSGI worker's graceful stop
+    ws = ini["watcher:ws"]
+    assert ws["numprocesses"] == "1"
+    assert ws["cmd"].startswith("/opt/bin/python -m stackctl.ws --prefix /ws/")
+    assert ws["cmd"].endswith("--fd $(circus.sockets.ws)")
+    assert ini["watcher:nginx"]["stop_signal"] == "QUIT"
+
+
+def test_circus_control_endpoints_are_ipc_in_the_run_dir(tmp_path: Path) -> None:
+    circus = circus_ini(make_stack(tmp_path))["circus"]
+    for key in ("endpoint", "pubsub_endpoint", "stats_endpoint"):
+        assert circus[key].startswith(f"ipc://{tmp_path / 'run'}/")
+
+
+def test_watchers_start_redis_first_and_nginx_last(tmp_path: Path) -> None:
+    ini = circus_ini(make_stack(tmp_path))
+    priority = {name: int(ini[f"watcher:{name}"]["priority"]) for name in ("redis", "wsgi", "ws", "nginx")}
+    assert priority["redis"] > priority["wsgi"] == priority["ws"] > priority["nginx"]
+
+
+def test_workers_get_the_redis_url_and_the_cleanup_marker(tmp_path: Path) -> None:
+    ini = circus_ini(make_stack(tmp_path))
+    env = ini["env:wsgi"]
+    assert env["STACKCTL_REDIS_URL"] == f"unix://{tmp_path / 'run' / 'redis.sock'}"
+    assert env["STACKCTL_RUN_DIR"] == str(tmp_path / "run")
+    assert env["PYTHONPATH"] == str(tmp_path)
+
+
+def test_external_redis_has_no_redis_watcher(tmp_path: Path) -> None:
+    stack = make_stack(tmp_path, '[redis]\nurl = "redis://10.0.0.5:6379/1"\n')
+    rendered = files(stack)
+    assert "redis.conf" not in rendered
+    ini = circus_ini(stack)
+    assert not ini.has_section("watcher:redis")
+    assert ini["env:ws"]["STACKCTL_REDIS_URL"] == "redis://10.0.0.5:6379/1"
+
+
+def test_nginx_routes_static_websockets_and_the_pool(tmp_path: Path) -> None:
+    conf = files(make_stack(tmp_path))["nginx.conf"]
+    assert "listen 127.0.0.1:8000;" in conf
+    assert "location \"/static/\" {\n            alias \"%s/\";" % (tmp_path / "static") in conf
+    assert 'location "/ws/" {\n            proxy_pass http://ws_worker;' in conf
+    assert "proxy_set_header Upgrade $http_upgrade;" in conf
+    assert f'server "unix:{tmp_path / "run" / "wsgi.sock"}";' in conf
+    assert "uwsgi_pass wsgi_pool;" in conf
+    assert "gzip on;" in conf
+    assert "worker_rlimit_nofile 20000;" in conf
+
+
+def test_nginx_without_static_dir_has_no_static_location(tmp_path: Path) -> None:
+    conf = files(make_stack(tmp_path, static_dir=None))["nginx.conf"]
+    assert "alias" not in conf
+
+
+def test_nginx_user_only_when_given(tmp_path: Path) -> None:
+    assert "\nuser " not in files(make_stack(tmp_path))["nginx.conf"]
+    assert "\nuser www-data www-data;" in files(make_stack(tmp_path, nginx_user="www-data www-data"))["nginx.conf"]
+
+
+def test_uwsgi_runs_one_masterless_worker_per_process(tmp_path: Path) -> None:
+    ini = configparser.RawConfigParser()
+    ini.read_string(files(make_stack(tmp_path, "[wsgi]\nthreads = 3\n"))["uwsgi.ini"])
+    uwsgi = ini["uwsgi"]
+    assert (uwsgi["master"], uwsgi["processes"], uwsgi["threads"]) == ("false", "1", "3")
+    assert uwsgi["module"] == "hello:application"
+    assert uwsgi["need-app"] == "true"
+    assert uwsgi["chdir"] == str(tmp_path)
+
+
+def test_redis_listens_on_a_unix_socket_only(tmp_path: Path) -> None:
+    conf = files(make_stack(tmp_path))["redis.conf"]
+    assert "port 0\n" in conf
+    assert f'unixsocket "{tmp_path / "run" / "redis.sock"}"' in conf
+
+
+def test_rendering_is_pure(tmp_path: Path) -> None:
+    stack = make_stack(tmp_path)
+    assert generation.render_all(stack) == generation.render_all(stack)
+    assert not (tmp_path / "run").exists()
+
+
+def test_every_template_variable_must_be_given() -> None:
+    with pytest.raises(jinja2.UndefinedError):
+        render_template("uwsgi.ini.j2", profile="dev")
+
+
+class TestEscaping:
+    def test_nginx_quotes_and_escapes(self) -> None:
+        assert nginx_quote('/srv/my "site"\\x') == '"/srv/my \\"site\\"\\\\x"'
+        assert nginx_quote("/srv/with space") == '"/srv/with space"'
+
+    @pytest.mark.parametrize("bad", ["/srv/$site", "/srv/a\nb"])
+    def test_nginx_refuses_what_it_cannot_quote(self, bad: str) -> None:
+        with pytest.raises(StackError, match="cannot be written into the NGiNX config"):
+            nginx_quote(bad)
+
+    def test_ini_refuses_line_breaks(self) -> None:
+        assert ini_value("a b;c") == "a b;c"
+        with pytest.raises(StackError, match="Circus"):
+            ini_value("a\nb")
+
+    def test_uwsgi_refuses_its_magic_characters(self) -> None:
+        assert uwsgi_value("/srv/app") == "/srv/app"
+        for bad in ("/srv/100%", "/srv/$(HOME)"):
+            with pytest.raises(StackError, match="uWSGI"):
+                uwsgi_value(bad)
+
+
+def test_stack_url_for_wildcard_listen(tmp_path: Path) -> None:
+    stack = make_stack(tmp_path)
+    wildcard = dataclasses.replace(stack.profile, server=dataclasses.replace(
+        stack.profile.server, listen=profile.Listen("0.0.0.0", 80)))
+    assert dataclasses.replace(stack, profile=wildcard).url() == "http://127.0.0.1:80/"
