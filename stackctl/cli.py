@@ -100,8 +100,10 @@ def cmd_up(args: argparse.Namespace) -> int:
     generation.write(stack, generation.render_all(stack))
     save_state(stack, args)
     running = supervisor.start(stack, timeout=args.timeout)
-    print(f"stack up: {stack.url()}  (websockets: {stack.url().replace('http', 'ws', 1)}"
-          f"{stack.profile.ws.prefix.lstrip('/')}<channel>)")
+    print(
+        f"stack up: {stack.url()}  (websockets: {stack.url().replace('http', 'ws', 1)}"
+        f"{stack.profile.ws.prefix.lstrip('/')}<channel>)"
+    )
     print(f"{stack.workers} wsgi workers; logs in {stack.log_dir}")
     if args.detach:
         print(f'circusd pid {running.process.pid}; `eval "$(stackctl env)"` then circusctl works')
@@ -133,8 +135,10 @@ def cmd_status(args: argparse.Namespace) -> int:
     for watcher in supervisor.status(stack):
         print(f"{watcher.name:<7} {watcher.state:<9} {len(watcher.processes)} process(es)")
         for p in watcher.processes:
-            print(f"    pid {p.pid:<8} up {format_age(p.age):>8}  cpu {p.cpu:5.1f}%  "
-                  f"rss {p.mem_rss / 2**20:7.1f} MiB")
+            print(
+                f"    pid {p.pid:<8} up {format_age(p.age):>8}  cpu {p.cpu:5.1f}%  "
+                f"rss {p.mem_rss / 2**20:7.1f} MiB"
+            )
     return 0
 
 
@@ -149,8 +153,15 @@ def cmd_reload(args: argparse.Namespace) -> int:
     require_running(stack)
     names = [args.watcher] if args.watcher else ["wsgi", "ws"]
     for name in names:
-        supervisor.call(stack, "reload", name=name, graceful=True, sequential=args.sequential,
-                        waiting=True, timeout=stack.profile.wsgi.graceful_timeout + 30)
+        supervisor.call(
+            stack,
+            "reload",
+            name=name,
+            graceful=True,
+            sequential=args.sequential,
+            waiting=True,
+            timeout=stack.profile.wsgi.graceful_timeout + 30,
+        )
         print(f"reloaded {name}")
     return 0
 
@@ -161,7 +172,7 @@ def cmd_logs(args: argparse.Namespace) -> int:
     paths = [stack.log_dir / f"{n}.log" for n in names]
     for path in paths:
         if path.is_file():
-            lines = path.read_text(errors="replace").splitlines()[-args.lines:]
+            lines = path.read_text(errors="replace").splitlines()[-args.lines :]
             for line in lines:
                 print(f"{path.stem}: {line}" if len(paths) > 1 else line)
     if args.follow:
@@ -211,30 +222,47 @@ def cmd_publish(args: argparse.Namespace) -> int:
 
 def add_profile_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--profile", help="profile name (default: chosen for this host)")
-    parser.add_argument("--set", action="append", metavar="KEY=VALUE",
-                        help="override any profile key, e.g. --set wsgi.threads=4 (repeatable)")
+    parser.add_argument(
+        "--set",
+        action="append",
+        metavar="KEY=VALUE",
+        help="override any profile key, e.g. --set wsgi.threads=4 (repeatable)",
+    )
     for setting in SETTINGS:
         if setting.flag:
-            parser.add_argument(setting.flag, dest=flag_dest(setting.flag), help=f"{setting.help} "
-                                f"(same as --set {setting.key}=...)")
+            parser.add_argument(
+                setting.flag,
+                dest=flag_dest(setting.flag),
+                help=f"{setting.help} (same as --set {setting.key}=...)",
+            )
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="stackctl", description=__doc__)
-    parser.add_argument("-C", "--stack", type=Path, default=Path("."),
-                        help="the stack directory, where stack.toml is (default: .)")
+    parser.add_argument(
+        "-C",
+        "--stack",
+        type=Path,
+        default=Path("."),
+        help="the stack directory, where stack.toml is (default: .)",
+    )
     commands = parser.add_subparsers(dest="command", required=True)
 
-    def command(name: str, handler: Callable[[argparse.Namespace], int], help: str,
-                profiled: bool = True) -> argparse.ArgumentParser:
+    def command(
+        name: str, handler: Callable[[argparse.Namespace], int], help: str, profiled: bool = True
+    ) -> argparse.ArgumentParser:
         sub = commands.add_parser(name, help=help, description=help)
         sub.set_defaults(handler=handler)
         if profiled:
             add_profile_options(sub)
         return sub
 
-    init = command("init", cmd_init, "write stack.toml for an app, a Django project or the demo",
-                   profiled=False)
+    init = command(
+        "init",
+        cmd_init,
+        "write stack.toml for an app, a Django project or the demo",
+        profiled=False,
+    )
     init.add_argument("directory", nargs="?", help="the stack directory (default: --stack)")
     init.add_argument("--demo", action="store_true", help="set up the bundled demo app")
     init.add_argument("--app", help="the WSGI app as module:callable (not needed for Django)")

@@ -45,12 +45,24 @@ def stage(files: list[File], directory: Path) -> None:
 
 def check_nginx(stack: Stack, conf: Path) -> None:
     result = subprocess.run(
-        [stack.programs.nginx, "-t", "-q", "-p", str(stack.run_dir), "-c", str(conf),
-         "-e", str(stack.nginx_error_log)],
-        capture_output=True, text=True,
+        [
+            stack.programs.nginx,
+            "-t",
+            "-q",
+            "-p",
+            str(stack.run_dir),
+            "-c",
+            str(conf),
+            "-e",
+            str(stack.nginx_error_log),
+        ],
+        capture_output=True,
+        text=True,
     )
     if result.returncode != 0:
-        raise StackError(f"the rendered NGiNX config was rejected by `nginx -t`:\n{result.stderr.strip()}")
+        raise StackError(
+            f"the rendered NGiNX config was rejected by `nginx -t`:\n{result.stderr.strip()}"
+        )
 
 
 def check_circus(conf: Path) -> None:
@@ -73,15 +85,22 @@ def check_app(stack: Stack) -> None:
     env = {**os.environ, **stack.worker_env()}
     try:
         result = subprocess.run(
-            [stack.programs.python, "-c", code], cwd=stack.stack_dir, env=env,
-            capture_output=True, text=True, timeout=120,
+            [stack.programs.python, "-c", code],
+            cwd=stack.stack_dir,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=120,
         )
     except subprocess.TimeoutExpired:
-        raise StackError(f"app.wsgi: importing {stack.profile.app.wsgi!r} took over 120 s") from None
+        raise StackError(
+            f"app.wsgi: importing {stack.profile.app.wsgi!r} took over 120 s"
+        ) from None
     if result.returncode != 0:
         tail = "\n".join(result.stderr.strip().splitlines()[-12:])
         raise StackError(
-            f"app.wsgi: {stack.profile.app.wsgi!r} cannot be imported from {stack.stack_dir}:\n{tail}"
+            f"app.wsgi: {stack.profile.app.wsgi!r} cannot be imported from "
+            f"{stack.stack_dir}:\n{tail}"
         )
 
 

@@ -31,7 +31,9 @@ class AppFacts:
 
 
 def settings_module_of(manage_py: Path) -> str:
-    match = re.search(r"""DJANGO_SETTINGS_MODULE["']\s*,\s*["']([\w.]+)["']""", manage_py.read_text())
+    match = re.search(
+        r"""DJANGO_SETTINGS_MODULE["']\s*,\s*["']([\w.]+)["']""", manage_py.read_text()
+    )
     if not match:
         raise StackError(
             f"{manage_py}: cannot find DJANGO_SETTINGS_MODULE in it; pass --app module:callable"
@@ -50,8 +52,9 @@ def django_facts(stack_dir: Path) -> AppFacts:
         "'static_root': str(settings.STATIC_ROOT or '')}))\n"
     )
     env = {**os.environ, "DJANGO_SETTINGS_MODULE": settings, "PYTHONPATH": str(stack_dir)}
-    result = subprocess.run([sys.executable, "-c", code], cwd=stack_dir, env=env,
-                            capture_output=True, text=True)
+    result = subprocess.run(
+        [sys.executable, "-c", code], cwd=stack_dir, env=env, capture_output=True, text=True
+    )
     if result.returncode != 0:
         tail = "\n".join(result.stderr.strip().splitlines()[-8:])
         raise StackError(f"{stack_dir}: Django settings {settings!r} cannot be loaded:\n{tail}")
@@ -59,9 +62,13 @@ def django_facts(stack_dir: Path) -> AppFacts:
     module, _, attr = str(found["wsgi"]).rpartition(".")
     static_url = "/" + found["static_url"].strip("/") + "/" if found["static_url"] else "/static/"
     static_root = found["static_root"]
-    note = "" if static_root else (
-        "STATIC_ROOT is not set: static files are not served until you set it, run "
-        "`manage.py collectstatic` and set static.dir in stack.toml"
+    note = (
+        ""
+        if static_root
+        else (
+            "STATIC_ROOT is not set: static files are not served until you set it, run "
+            "`manage.py collectstatic` and set static.dir in stack.toml"
+        )
     )
     return AppFacts(
         wsgi=f"{module}:{attr}",

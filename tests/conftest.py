@@ -29,16 +29,27 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def stackctl(*args: str, cwd: Path, env: dict[str, str] | None = None,
-             timeout: float = 180, check: bool = True) -> subprocess.CompletedProcess[str]:
+def stackctl(
+    *args: str,
+    cwd: Path,
+    env: dict[str, str] | None = None,
+    timeout: float = 180,
+    check: bool = True,
+) -> subprocess.CompletedProcess[str]:
     """Run the real command line, as a user would."""
     result = subprocess.run(
-        [sys.executable, "-m", "stackctl", *args], cwd=cwd, env=env or dict(os.environ),
-        capture_output=True, text=True, timeout=timeout,
+        [sys.executable, "-m", "stackctl", *args],
+        cwd=cwd,
+        env=env or dict(os.environ),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
     )
     if check and result.returncode != 0:
-        raise AssertionError(f"stackctl {' '.join(args)} failed ({result.returncode}):\n"
-                             f"{result.stdout}\n{result.stderr}")
+        raise AssertionError(
+            f"stackctl {' '.join(args)} failed ({result.returncode}):\n"
+            f"{result.stdout}\n{result.stderr}"
+        )
     return result
 
 
@@ -61,8 +72,9 @@ def short_tmp() -> Iterator[Path]:
 
 def stop_and_check(stack_dir: Path) -> list[str]:
     """``stackctl down``, then kill (and report) whatever of the stack is still alive."""
-    subprocess.run([sys.executable, "-m", "stackctl", "down"], cwd=stack_dir,
-                   capture_output=True, timeout=120)
+    subprocess.run(
+        [sys.executable, "-m", "stackctl", "down"], cwd=stack_dir, capture_output=True, timeout=120
+    )
     left = processes.find((stack_dir / ".stackctl" / "run").resolve())
     leaked = [f"{p.pid} {' '.join(p.cmdline())}" for p in left]
     processes.kill_all(left)

@@ -41,7 +41,9 @@ PAGE = """<!doctype html>
 StartResponse = Callable[..., object]
 
 
-def respond(start_response: StartResponse, status: str, body: bytes, content_type: str) -> list[bytes]:
+def respond(
+    start_response: StartResponse, status: str, body: bytes, content_type: str
+) -> list[bytes]:
     start_response(status, [("Content-Type", content_type), ("Content-Length", str(len(body)))])
     return [body]
 

@@ -22,7 +22,9 @@ class File:
 def _reject(value: str, forbidden: str, target: str) -> str:
     for char in forbidden:
         if char in value:
-            raise StackError(f"{value!r} cannot be written into the {target} config: it contains {char!r}")
+            raise StackError(
+                f"{value!r} cannot be written into the {target} config: it contains {char!r}"
+            )
     return value
 
 
@@ -52,7 +54,7 @@ def redis_value(value: Any) -> str:
 
 
 def environment() -> Any:
-    """The Jinja environment every renderer uses: a typo in a template fails, never renders empty."""
+    """The Jinja environment of every renderer: a typo in a template fails, never renders empty."""
     import jinja2
 
     from stackctl import resources
@@ -65,8 +67,9 @@ def environment() -> Any:
         trim_blocks=True,
         lstrip_blocks=True,
     )
-    env.filters.update(nginx=nginx_quote, ini=ini_value, ini_env=ini_env, uwsgi=uwsgi_value,
-                       redis=redis_value)
+    env.filters.update(
+        nginx=nginx_quote, ini=ini_value, ini_env=ini_env, uwsgi=uwsgi_value, redis=redis_value
+    )
     return env
 
 

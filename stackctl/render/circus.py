@@ -21,18 +21,30 @@ def wsgi_command(stack: Stack) -> str:
 
 
 def ws_command(stack: Stack) -> str:
-    args = [stack.programs.python, "-m", "stackctl.ws", "--prefix", stack.profile.ws.prefix,
-            "--graceful-timeout", str(stack.profile.wsgi.graceful_timeout)]
+    args = [
+        stack.programs.python,
+        "-m",
+        "stackctl.ws",
+        "--prefix",
+        stack.profile.ws.prefix,
+        "--graceful-timeout",
+        str(stack.profile.wsgi.graceful_timeout),
+    ]
     return shlex.join(args) + " --fd $(circus.sockets.ws)"
 
 
 def nginx_command(stack: Stack) -> str:
-    return shlex.join([
-        stack.programs.nginx,
-        "-p", str(stack.run_dir),
-        "-c", str(stack.nginx_conf),
-        "-e", str(stack.nginx_error_log),
-    ])
+    return shlex.join(
+        [
+            stack.programs.nginx,
+            "-p",
+            str(stack.run_dir),
+            "-c",
+            str(stack.nginx_conf),
+            "-e",
+            str(stack.nginx_error_log),
+        ]
+    )
 
 
 def redis_command(stack: Stack) -> str:

@@ -40,5 +40,7 @@ def render(stack: Stack) -> list[File]:
         ws_prefix=profile.ws.prefix,
         timeout=profile.server.timeout,
     )
-    includes = [File(name, (resources.templates_dir() / "nginx" / name).read_text()) for name in INCLUDES]
+    includes = [
+        File(name, (resources.templates_dir() / "nginx" / name).read_text()) for name in INCLUDES
+    ]
     return [File(stack.nginx_conf.name, content), *includes]

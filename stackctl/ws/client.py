@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import socket
+from contextlib import suppress
 from typing import Any
 
 import gevent
@@ -42,8 +43,9 @@ class Client:
         try:
             self.outbox.put_nowait(frame)
         except Full:
-            log.warning("closing a client of %r that is %d frames behind", self.channel,
-                        self.outbox.qsize())
+            log.warning(
+                "closing a client of %r that is %d frames behind", self.channel, self.outbox.qsize()
+            )
             self.abort()
 
     def close(self, code: int, reason: str = "") -> None:
@@ -57,10 +59,8 @@ class Client:
 
     def abort(self) -> None:
         self.closing = True
-        try:
+        with suppress(OSError):
             self.sock.shutdown(socket.SHUT_RDWR)
-        except OSError:
-            pass
 
     def serve(self) -> None:
         """Read until the client leaves; answer pings and the closing handshake."""
@@ -85,12 +85,14 @@ class Client:
                 return
 
     def _handle(self, event: Any) -> None:
-        if isinstance(event, Ping):
+        # Pings and the client's close get their answer; messages from clients are not
+        # accepted (publishing goes through the app).
+        answers = isinstance(event, Ping) or (
+            isinstance(event, CloseConnection)
+            and self.protocol.state == ConnectionState.REMOTE_CLOSING
+        )
+        if answers:
             self._force_put(self.protocol.send(event.response()))
-        elif isinstance(event, CloseConnection):
-            if self.protocol.state == ConnectionState.REMOTE_CLOSING:
-                self._force_put(self.protocol.send(event.response()))
-        # Messages from clients are not accepted: publishing goes through the app.
 
     def _force_put(self, frame: bytes) -> None:
         # Control frames must go out even to a client whose queue is full.

@@ -135,11 +135,13 @@ class Hub:
         key = message["channel"].decode()
         if not key.startswith(CHANNEL_PREFIX):
             return
-        channel = key[len(CHANNEL_PREFIX):]
+        channel = key[len(CHANNEL_PREFIX) :]
         if message["type"] == "subscribe":
             event = self.ready.get(channel)
             if event is not None:
                 event.set()
         elif message["type"] == "message":
             data = message["data"]
-            self.fan_out(channel, data.decode("utf-8", "replace") if isinstance(data, bytes) else str(data))
+            self.fan_out(
+                channel, data.decode("utf-8", "replace") if isinstance(data, bytes) else str(data)
+            )

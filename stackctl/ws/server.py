@@ -39,15 +39,21 @@ class Worker:
 def channel_of(path: str) -> str | None:
     if not path.startswith(Worker.prefix):
         return None
-    channel = unquote(path[len(Worker.prefix):])
+    channel = unquote(path[len(Worker.prefix) :])
     return channel if CHANNEL_PATTERN.fullmatch(channel) else None
 
 
 def plain_http(environ: dict[str, Any], start_response: Any) -> list[bytes]:
     """Answers requests that are not websocket upgrades."""
     body = b"this endpoint speaks websocket: connect with Upgrade: websocket\n"
-    start_response("426 Upgrade Required", [("Content-Type", "text/plain"), ("Upgrade", "websocket"),
-                                            ("Content-Length", str(len(body)))])
+    start_response(
+        "426 Upgrade Required",
+        [
+            ("Content-Type", "text/plain"),
+            ("Upgrade", "websocket"),
+            ("Content-Length", str(len(body))),
+        ],
+    )
     return [body]
 
 
@@ -61,7 +67,9 @@ class WebSocketHandler(chaussette_gevent.CustomWSGIHandler):
         channel = channel_of(environ.get("PATH_INFO", ""))
         key = environ.get("HTTP_SEC_WEBSOCKET_KEY")
         if channel is None or key is None or environ.get("HTTP_SEC_WEBSOCKET_VERSION") != "13":
-            self._reject("400 Bad Request", b"expected a websocket handshake for /<prefix>/<channel>\n")
+            self._reject(
+                "400 Bad Request", b"expected a websocket handshake for /<prefix>/<channel>\n"
+            )
             return
         hub = Worker.hub
         assert hub is not None
@@ -80,7 +88,9 @@ class WebSocketHandler(chaussette_gevent.CustomWSGIHandler):
             hub.leave(channel, client)
 
     def _reject(self, status: str, body: bytes) -> None:
-        self.start_response(status, [("Content-Type", "text/plain"), ("Content-Length", str(len(body)))])
+        self.start_response(
+            status, [("Content-Type", "text/plain"), ("Content-Length", str(len(body)))]
+        )
         self.write(body)
 
 
@@ -93,12 +103,17 @@ class WebSocketServer(chaussette_gevent.Server):
         host, _ = listener
         if not host.startswith("fd://"):
             raise SystemExit("the websocket worker serves only the socket circusd passes (--fd)")
-        self.socket = socket.socket(fileno=int(host[len("fd://"):]))
+        self.socket = socket.socket(fileno=int(host[len("fd://") :]))
         self.socket.setblocking(False)
         self.address_family = self.socket.family
         self.server_address = self.socket.getsockname()
-        WSGIServer.__init__(self, self.socket, application, handler_class=self.handler_class,
-                            log=kwargs.get("log", "default"))
+        WSGIServer.__init__(
+            self,
+            self.socket,
+            application,
+            handler_class=self.handler_class,
+            log=kwargs.get("log", "default"),
+        )
         self.stop_timeout = kwargs.get("graceful_timeout") or 30
         # gevent runs these callbacks in the event loop, not in signal context.
         gevent.signal_handler(signal.SIGTERM, self.shut_down)
@@ -108,7 +123,10 @@ class WebSocketServer(chaussette_gevent.Server):
         gevent.spawn(self._shut_down)
 
     def _shut_down(self) -> None:
-        log.info("stopping: closing %d websocket clients", len(Worker.hub.all_clients()) if Worker.hub else 0)
+        log.info(
+            "stopping: closing %d websocket clients",
+            len(Worker.hub.all_clients()) if Worker.hub else 0,
+        )
         self.close()  # stop accepting: the next process takes the Circus socket's queue
         if Worker.hub is not None:
             for client in Worker.hub.all_clients():
@@ -124,7 +142,9 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--prefix", default="/ws/")
     parser.add_argument("--graceful-timeout", type=int, default=30)
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s ws[%(process)d] %(levelname)s %(message)s")
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s ws[%(process)d] %(levelname)s %(message)s"
+    )
 
     Worker.prefix = args.prefix
     Worker.hub = Hub(os.environ[REDIS_URL_VARIABLE])
@@ -135,8 +155,13 @@ def main(argv: list[str]) -> int:
 
     backend.register("gevent", WebSocketServer)
     sys.argv = [
-        "chaussette", "--fd", str(args.fd), "--backend", "gevent",
-        "--graceful-timeout", str(args.graceful_timeout),
+        "chaussette",
+        "--fd",
+        str(args.fd),
+        "--backend",
+        "gevent",
+        "--graceful-timeout",
+        str(args.graceful_timeout),
         "stackctl.ws.server.plain_http",
     ]
     chaussette_main()

@@ -25,8 +25,16 @@ def site(short_tmp: Path) -> Path:
 
 
 def up_fails(site: Path, *args: str, env: dict[str, str] | None = None) -> str:
-    result = stackctl("up", "--detach", "--listen", f"127.0.0.1:{free_port()}", *args,
-                      cwd=site, env=env, check=False)
+    result = stackctl(
+        "up",
+        "--detach",
+        "--listen",
+        f"127.0.0.1:{free_port()}",
+        *args,
+        cwd=site,
+        env=env,
+        check=False,
+    )
     assert result.returncode == EXIT_STACK_ERROR, result.stdout + result.stderr
     assert "Traceback" not in result.stderr.split("\n", 1)[0]
     assert not processes.find((site / ".stackctl" / "run").resolve()), "something was left running"
@@ -37,7 +45,8 @@ def test_unknown_key(site: Path) -> None:
     (site / "profiles").mkdir()
     (site / "profiles" / "dev.toml").write_text('extends = "dev"\n[wsgi]\nworker = 4\n')
     assert up_fails(site).strip() == (
-        f"stackctl: {site / 'profiles' / 'dev.toml'}: wsgi.worker: unknown key; did you mean wsgi.workers?"
+        f"stackctl: {site / 'profiles' / 'dev.toml'}: "
+        "wsgi.worker: unknown key; did you mean wsgi.workers?"
     )
 
 
@@ -62,7 +71,10 @@ def test_port_in_use(site: Path) -> None:
         port = holder.getsockname()[1]
         result = stackctl("up", "--detach", "--listen", f"127.0.0.1:{port}", cwd=site, check=False)
     assert result.returncode == EXIT_STACK_ERROR
-    assert f"server.listen: 127.0.0.1:{port} is not available (Address already in use)" in result.stderr
+    assert (
+        f"server.listen: 127.0.0.1:{port} is not available (Address already in use)"
+        in result.stderr
+    )
     assert not processes.find((site / ".stackctl" / "run").resolve())
 
 
@@ -82,7 +94,9 @@ def test_app_attribute_missing(site: Path) -> None:
 def test_missing_static_directory(site: Path) -> None:
     shutil.rmtree(site / "static")
     message = up_fails(site)
-    assert f"static.dir: 'static' resolves to {site / 'static'}, which is not a directory" in message
+    assert (
+        f"static.dir: 'static' resolves to {site / 'static'}, which is not a directory" in message
+    )
 
 
 def test_no_nginx_on_path(site: Path) -> None:

@@ -50,9 +50,11 @@ def test_static_files_are_served_by_nginx_not_the_app(demo: Stack) -> None:
     assert headers["Content-Type"] == "application/javascript"
     assert body == (demo.stack_dir / "static" / "board.js").read_bytes()
     get(demo.url() + "?marker=after-static")  # a request the app does see, to flush its log
-    wait_for(lambda: "marker=after-static" in (demo.log_dir / "wsgi.log").read_text(),
-             what="the app's request log")
-    new_lines = (demo.log_dir / "wsgi.log").read_text()[len(before):]
+    wait_for(
+        lambda: "marker=after-static" in (demo.log_dir / "wsgi.log").read_text(),
+        what="the app's request log",
+    )
+    new_lines = (demo.log_dir / "wsgi.log").read_text()[len(before) :]
     assert "GET /?marker=after-static" in new_lines
     assert "/static/board.js" not in new_lines
 
@@ -66,8 +68,11 @@ def test_message_posted_through_the_form_reaches_a_websocket_within_a_second(dem
     ws_url = demo.url().replace("http://", "ws://") + "ws/board"
     with connect(ws_url, open_timeout=5) as ws:
         started = time.monotonic()
-        status, _, body = get(demo.url() + "post", data=b"message=hello+%3Cworld%3E",
-                              headers={"Accept": "application/json"})
+        status, _, body = get(
+            demo.url() + "post",
+            data=b"message=hello+%3Cworld%3E",
+            headers={"Accept": "application/json"},
+        )
         assert (status, body) == (200, b'{"ok": true}')
         received = ws.recv(timeout=1.0)
         assert time.monotonic() - started < 1.0
@@ -107,8 +112,9 @@ def test_circusctl_reload_wsgi_with_the_env_endpoint(demo: Stack) -> None:
     assert exports["CIRCUSCTL_ENDPOINT"] == demo.circus_endpoint
     before = wsgi_pids(demo)
     env = {**os.environ, **exports}
-    result = subprocess.run(["circusctl", "reload", "wsgi"], env=env, capture_output=True,
-                            text=True, timeout=120)
+    result = subprocess.run(
+        ["circusctl", "reload", "wsgi"], env=env, capture_output=True, text=True, timeout=120
+    )
     assert (result.returncode, result.stdout.strip()) == (0, "ok"), result.stderr
     after = wsgi_pids(demo)
     assert len(after) == 2 * usable_cpus()
@@ -122,7 +128,9 @@ def test_stackctl_env_lets_publish_reach_this_stacks_redis(demo: Stack) -> None:
     with connect(ws_url) as ws:
         subprocess.run(
             ["python", "-c", "from stackctl.realtime import publish; publish('cron', 'tick')"],
-            env=env, check=True, timeout=30,
+            env=env,
+            check=True,
+            timeout=30,
         )
         assert ws.recv(timeout=2) == "tick"
 
@@ -147,8 +155,12 @@ def test_down_leaves_none_of_the_stacks_pids_alive(tmp_path: Path) -> None:
         out = stackctl("status", cwd=stack.stack_dir).stdout
         pids = [int(p) for p in re.findall(r"pid (\d+)", out)]
         circusd = int(stack.circus_pidfile.read_text())
-        nginx_workers = [c.pid for c in psutil.Process(int((stack.run_dir / "nginx.pid").read_text())).children()]
+        nginx_workers = [
+            c.pid for c in psutil.Process(int((stack.run_dir / "nginx.pid").read_text())).children()
+        ]
         assert len(pids) == 2 + 3 and nginx_workers
         stackctl("down", cwd=stack.stack_dir)
         for pid in [*pids, circusd, *nginx_workers]:
-            assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+            assert (
+                not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+            )

@@ -43,19 +43,29 @@ def test_prod_extends_base(stack_dir: Path) -> None:
     assert p.server.names == "_"  # from base.toml
 
 
-def test_precedence_command_line_over_profile_over_stack_file_over_defaults(stack_dir: Path) -> None:
-    write(stack_dir / "stack.toml", '[app]\nwsgi = "hello:application"\n'
-          '[wsgi]\nthreads = 2\ngraceful_timeout = 7\n[static]\ndir = ""\n')
-    write(stack_dir / "profiles" / "web.toml", 'extends = "dev"\n[wsgi]\nthreads = 3\nworkers = 5\n')
+def test_precedence_command_line_over_profile_over_stack_file_over_defaults(
+    stack_dir: Path,
+) -> None:
+    write(
+        stack_dir / "stack.toml",
+        '[app]\nwsgi = "hello:application"\n'
+        '[wsgi]\nthreads = 2\ngraceful_timeout = 7\n[static]\ndir = ""\n',
+    )
+    write(
+        stack_dir / "profiles" / "web.toml", 'extends = "dev"\n[wsgi]\nthreads = 3\nworkers = 5\n'
+    )
     p = load(stack_dir, "web", overrides=[("wsgi.workers", 9)])
-    assert p.wsgi.workers == 9            # command line
-    assert p.wsgi.threads == 3            # host profile over stack file
-    assert p.wsgi.graceful_timeout == 7   # stack file over defaults
-    assert p.wsgi.backlog == 1024         # default
+    assert p.wsgi.workers == 9  # command line
+    assert p.wsgi.threads == 3  # host profile over stack file
+    assert p.wsgi.graceful_timeout == 7  # stack file over defaults
+    assert p.wsgi.backlog == 1024  # default
 
 
 def test_local_profile_may_extend_the_shipped_one_of_the_same_name(stack_dir: Path) -> None:
-    write(stack_dir / "profiles" / "prod.toml", 'extends = "prod"\n[server]\nlisten = "0.0.0.0:8080"\n')
+    write(
+        stack_dir / "profiles" / "prod.toml",
+        'extends = "prod"\n[server]\nlisten = "0.0.0.0:8080"\n',
+    )
     p = load(stack_dir, "prod")
     assert p.server.listen.port == 8080
     assert p.server.max_body == "20m"  # from the shipped prod
@@ -69,7 +79,9 @@ def test_extends_loop_is_an_error(stack_dir: Path) -> None:
 
 
 def test_unknown_profile_lists_known_ones(stack_dir: Path) -> None:
-    with pytest.raises(StackError, match=r"no profile named 'nope'; known profiles: base, dev, prod"):
+    with pytest.raises(
+        StackError, match=r"no profile named 'nope'; known profiles: base, dev, prod"
+    ):
         load(stack_dir, "nope")
 
 
@@ -77,19 +89,24 @@ def test_unknown_profile_lists_known_ones(stack_dir: Path) -> None:
     ("text", "message"),
     [
         ("[wsgi]\nworkers = -2\n", 'wsgi.workers: expected a positive integer or "auto", got -2'),
-        ("[wsgi]\nworkers = \"many\"\n", "wsgi.workers: expected a positive integer or \"auto\", got 'many'"),
+        (
+            '[wsgi]\nworkers = "many"\n',
+            "wsgi.workers: expected a positive integer or \"auto\", got 'many'",
+        ),
         ("[wsgi]\nworker = 4\n", "wsgi.worker: unknown key; did you mean wsgi.workers?"),
         ("[wsgii]\nworkers = 4\n", "wsgii: unknown section; did you mean wsgi?"),
         ("[wsgi]\nthreads = true\n", "wsgi.threads: expected a positive integer, got True"),
-        ("[server]\nlisten = \"localhost\"\n", "server.listen: expected HOST:PORT"),
-        ("[server]\nlisten = \"127.0.0.1:70000\"\n", "server.listen: expected HOST:PORT"),
-        ("[ws]\nprefix = \"ws\"\n", "ws.prefix: expected a URL path that starts and ends with \"/\""),
-        ("[redis]\nurl = \"mysql://x\"\n", 'redis.url: expected "embedded" or a URL'),
+        ('[server]\nlisten = "localhost"\n', "server.listen: expected HOST:PORT"),
+        ('[server]\nlisten = "127.0.0.1:70000"\n', "server.listen: expected HOST:PORT"),
+        ('[ws]\nprefix = "ws"\n', 'ws.prefix: expected a URL path that starts and ends with "/"'),
+        ('[redis]\nurl = "mysql://x"\n', 'redis.url: expected "embedded" or a URL'),
         ("wsgi = 3\n", "wsgi: expected a table of settings, got 3"),
         ("[wsgi\n", "not valid TOML"),
     ],
 )
-def test_bad_profile_values_name_file_key_value_and_rule(stack_dir: Path, text: str, message: str) -> None:
+def test_bad_profile_values_name_file_key_value_and_rule(
+    stack_dir: Path, text: str, message: str
+) -> None:
     path = write(stack_dir / "profiles" / "bad.toml", text)
     with pytest.raises(StackError) as error:
         load(stack_dir, "bad")
@@ -99,13 +116,17 @@ def test_bad_profile_values_name_file_key_value_and_rule(stack_dir: Path, text: 
 
 def test_bad_app_in_stack_file(tmp_path: Path) -> None:
     write(tmp_path / "stack.toml", '[app]\nwsgi = "hello"\n')
-    with pytest.raises(StackError, match=r'stack.toml: app.wsgi: expected an app as "package.module:callable"'):
+    with pytest.raises(
+        StackError, match=r'stack.toml: app.wsgi: expected an app as "package.module:callable"'
+    ):
         load(tmp_path)
 
 
 def test_missing_app_is_required(tmp_path: Path) -> None:
-    write(tmp_path / "stack.toml", "[static]\ndir = \"\"\n")
-    with pytest.raises(StackError, match=r"stack.toml: app.wsgi: required; set it there or pass --app"):
+    write(tmp_path / "stack.toml", '[static]\ndir = ""\n')
+    with pytest.raises(
+        StackError, match=r"stack.toml: app.wsgi: required; set it there or pass --app"
+    ):
         load(tmp_path)
 
 
@@ -122,7 +143,10 @@ def test_bad_command_line_value_names_the_command_line(stack_dir: Path) -> None:
 def test_parse_override_reads_toml_values_and_falls_back_to_text() -> None:
     assert profile.parse_override("wsgi.workers=4") == ("wsgi.workers", 4)
     assert profile.parse_override("wsgi.workers=auto") == ("wsgi.workers", "auto")
-    assert profile.parse_override("server.listen=127.0.0.1:9000") == ("server.listen", "127.0.0.1:9000")
+    assert profile.parse_override("server.listen=127.0.0.1:9000") == (
+        "server.listen",
+        "127.0.0.1:9000",
+    )
     with pytest.raises(StackError, match="expected KEY=VALUE"):
         profile.parse_override("wsgi.workers")
 
@@ -142,7 +166,9 @@ class TestChooseProfile:
         assert "'web1.example.com' matches 'web*.example.com'" in choice.reason
 
     def test_patterns_ignore_case(self) -> None:
-        assert profile.choose_profile(None, {"WEB*": "prod"}, ["web2"], self.exists()).name == "prod"
+        assert (
+            profile.choose_profile(None, {"WEB*": "prod"}, ["web2"], self.exists()).name == "prod"
+        )
 
     def test_profile_named_after_host(self) -> None:
         choice = profile.choose_profile(None, {}, ["web1", "web1.example.com"], self.exists("web1"))
@@ -155,8 +181,10 @@ class TestChooseProfile:
         assert "host 'laptop'" in choice.reason
 
     def test_hosts_table_drives_load(self, stack_dir: Path) -> None:
-        write(stack_dir / "stack.toml", '[app]\nwsgi = "hello:application"\n[static]\ndir = ""\n'
-              '[hosts]\n"web*" = "prod"\n')
+        write(
+            stack_dir / "stack.toml",
+            '[app]\nwsgi = "hello:application"\n[static]\ndir = ""\n[hosts]\n"web*" = "prod"\n',
+        )
         p = profile.load(stack_dir, None, [], hostnames=["web7"])
         assert (p.name, p.server.listen.port) == ("prod", 80)
 

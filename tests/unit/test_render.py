@@ -14,16 +14,28 @@ from stackctl.errors import StackError
 from stackctl.render import ini_value, nginx_quote, render_template, uwsgi_value
 from stackctl.stack import Programs, Stack
 
-PROGRAMS = Programs(circusd="/opt/bin/circusd", nginx="/usr/sbin/nginx", uwsgi="/opt/bin/uwsgi",
-                    python="/opt/bin/python", redis_server="/usr/bin/redis-server")
+PROGRAMS = Programs(
+    circusd="/opt/bin/circusd",
+    nginx="/usr/sbin/nginx",
+    uwsgi="/opt/bin/uwsgi",
+    python="/opt/bin/python",
+    redis_server="/usr/bin/redis-server",
+)
 
 
 def make_stack(tmp_path: Path, stack_toml: str = "", **fields) -> Stack:
     (tmp_path / "stack.toml").write_text('[app]\nwsgi = "hello:application"\n' + stack_toml)
     p = profile.load(tmp_path, "dev", [], hostnames=["h"])
-    values = dict(profile=p, programs=PROGRAMS, workers=4, run_dir=tmp_path / "run",
-                  log_dir=tmp_path / "log", static_dir=tmp_path / "static", open_files=20000,
-                  nginx_user=None)
+    values = dict(
+        profile=p,
+        programs=PROGRAMS,
+        workers=4,
+        run_dir=tmp_path / "run",
+        log_dir=tmp_path / "log",
+        static_dir=tmp_path / "static",
+        open_files=20000,
+        nginx_user=None,
+    )
     values.update(fields)
     return Stack(**values)
 
@@ -62,7 +74,9 @@ def test_circus_control_endpoints_are_ipc_in_the_run_dir(tmp_path: Path) -> None
 
 def test_watchers_start_redis_first_and_nginx_last(tmp_path: Path) -> None:
     ini = circus_ini(make_stack(tmp_path))
-    priority = {name: int(ini[f"watcher:{name}"]["priority"]) for name in ("redis", "wsgi", "ws", "nginx")}
+    priority = {
+        name: int(ini[f"watcher:{name}"]["priority"]) for name in ("redis", "wsgi", "ws", "nginx")
+    }
     assert priority["redis"] > priority["wsgi"] == priority["ws"] > priority["nginx"]
 
 
@@ -86,7 +100,7 @@ def test_external_redis_has_no_redis_watcher(tmp_path: Path) -> None:
 def test_nginx_routes_static_websockets_and_the_pool(tmp_path: Path) -> None:
     conf = files(make_stack(tmp_path))["nginx.conf"]
     assert "listen 127.0.0.1:8000;" in conf
-    assert "location \"/static/\" {\n            alias \"%s/\";" % (tmp_path / "static") in conf
+    assert 'location "/static/" {\n            alias "%s/";' % (tmp_path / "static") in conf
     assert 'location "/ws/" {\n            proxy_pass http://ws_worker;' in conf
     assert "proxy_set_header Upgrade $http_upgrade;" in conf
     assert f'server "unix:{tmp_path / "run" / "wsgi.sock"}";' in conf
@@ -102,7 +116,10 @@ def test_nginx_without_static_dir_has_no_static_location(tmp_path: Path) -> None
 
 def test_nginx_user_only_when_given(tmp_path: Path) -> None:
     assert "\nuser " not in files(make_stack(tmp_path))["nginx.conf"]
-    assert "\nuser www-data www-data;" in files(make_stack(tmp_path, nginx_user="www-data www-data"))["nginx.conf"]
+    assert (
+        "\nuser www-data www-data;"
+        in files(make_stack(tmp_path, nginx_user="www-data www-data"))["nginx.conf"]
+    )
 
 
 def test_uwsgi_runs_one_masterless_worker_per_process(tmp_path: Path) -> None:
@@ -156,6 +173,8 @@ class TestEscaping:
 
 def test_stack_url_for_wildcard_listen(tmp_path: Path) -> None:
     stack = make_stack(tmp_path)
-    wildcard = dataclasses.replace(stack.profile, server=dataclasses.replace(
-        stack.profile.server, listen=profile.Listen("0.0.0.0", 80)))
+    wildcard = dataclasses.replace(
+        stack.profile,
+        server=dataclasses.replace(stack.profile.server, listen=profile.Listen("0.0.0.0", 80)),
+    )
     assert dataclasses.replace(stack, profile=wildcard).url() == "http://127.0.0.1:80/"
