@@ -217,6 +217,13 @@ def cmd_publish(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_keys(args: argparse.Namespace) -> int:
+    from stackctl.settings import markdown_table
+
+    print(markdown_table())
+    return 0
+
+
 # --- the parser ----------------------------------------------------------------------------------
 
 
@@ -287,6 +294,8 @@ def build_parser() -> argparse.ArgumentParser:
     logs.add_argument("watcher", nargs="?", choices=["circusd", "redis", "wsgi", "ws", "nginx"])
     logs.add_argument("-f", "--follow", action="store_true")
     logs.add_argument("-n", "--lines", type=int, default=40)
+
+    command("keys", cmd_keys, "list every profile key with its default (Markdown)", profiled=False)
 
     publish = command("publish", cmd_publish, "send a message to a channel's websocket clients")
     publish.add_argument("channel")

@@ -48,6 +48,7 @@ class AppConfig:
 class WsgiConfig:
     workers: int | str
     threads: int
+    log_requests: bool
     backlog: int
     graceful_timeout: int
 

@@ -36,6 +36,12 @@ def _expect(what: str, value: Any) -> Invalid:
     return Invalid(f"expected {what}, got {_describe(value)}")
 
 
+def boolean(value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise _expect("true or false", value)
+    return value
+
+
 def positive_int(value: Any) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise _expect("a positive integer", value)
@@ -177,6 +183,12 @@ SETTINGS: tuple[Setting, ...] = (
     ),
     Setting("wsgi.threads", 1, positive_int, "Threads per uWSGI process.", "--threads"),
     Setting(
+        "wsgi.log_requests",
+        True,
+        boolean,
+        "uWSGI logs every request; NGiNX's access log has them too, so prod turns it off.",
+    ),
+    Setting(
         "wsgi.backlog",
         1024,
         positive_int,
@@ -221,3 +233,20 @@ SETTINGS: tuple[Setting, ...] = (
 
 BY_KEY: dict[str, Setting] = {s.key: s for s in SETTINGS}
 SECTIONS: tuple[str, ...] = tuple(dict.fromkeys(s.section for s in SETTINGS))
+
+
+def describe_default(setting: Setting) -> str:
+    if setting.default is REQUIRED:
+        return "(required)"
+    if isinstance(setting.default, bool):
+        return str(setting.default).lower()
+    return f'"{setting.default}"' if isinstance(setting.default, str) else str(setting.default)
+
+
+def markdown_table() -> str:
+    """The README's table of profile keys, derived from SETTINGS (a test keeps them equal)."""
+    rows = ["| key | default | flag | meaning |", "| --- | --- | --- | --- |"]
+    for s in SETTINGS:
+        flag = f"`{s.flag}`" if s.flag else ""
+        rows.append(f"| `{s.key}` | `{describe_default(s)}` | {flag} | {s.help} |")
+    return "\n".join(rows)

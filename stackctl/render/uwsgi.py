@@ -17,5 +17,6 @@ def render(stack: Stack) -> list[File]:
         python_home=sys.prefix,
         stack_dir=stack.stack_dir,
         app=profile.app.wsgi,
+        disable_logging=str(not profile.wsgi.log_requests).lower(),
     )
     return [File(stack.uwsgi_ini.name, content)]

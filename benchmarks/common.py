@@ -1,0 +1,276 @@
+"""Shared pieces of the benchmarks: wrk runs, peers started by hand, readiness, cleanup.
+
+Every server runs on 127.0.0.1 or a unix socket in a temp dir, and every process started here
+is stopped by pid when its block ends, whatever happens inside it.
+"""
+
+from __future__ import annotations
+
+import http.client
+import os
+import pwd
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import closing, contextmanager, suppress
+from dataclasses import dataclass
+from pathlib import Path
+
+APPS = """
+import time
+
+def hello(environ, start_response):
+    body = b"Hello, world!\\n"
+    start_response("200 OK", [("Content-Type", "text/plain"), ("Content-Length", str(len(body)))])
+    return [body]
+
+def sleepy(environ, start_response):
+    time.sleep(0.020)
+    return hello(environ, start_response)
+"""
+
+NGINX_CONF = """
+daemon off;
+worker_processes auto;
+{user}
+pid {run}/nginx.pid;
+error_log {run}/nginx-error.log warn;
+events {{ worker_connections 8192; }}
+http {{
+    access_log {run}/nginx-access.log;
+    client_body_temp_path {run}/body;
+    proxy_temp_path {run}/proxy;
+    uwsgi_temp_path {run}/uwsgi;
+    fastcgi_temp_path {run}/fastcgi;
+    scgi_temp_path {run}/scgi;
+    server {{
+        listen 127.0.0.1:{port};
+        location / {{
+            {location}
+        }}
+    }}
+}}
+"""
+
+
+@dataclass(frozen=True)
+class Result:
+    name: str
+    rps: float
+    p99_ms: float
+    requests: int
+    errors: int
+
+
+def free_port() -> int:
+    with closing(socket.socket()) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _ms(value: str, unit: str) -> float:
+    return float(value) * {"us": 0.001, "ms": 1.0, "s": 1000.0, "m": 60000.0}[unit]
+
+
+def wrk(name: str, url: str, connections: int, seconds: int, threads: int = 2) -> Result:
+    out = subprocess.run(
+        [
+            "wrk",
+            "--latency",
+            "-t",
+            str(min(threads, connections)),
+            "-c",
+            str(connections),
+            "-d",
+            f"{seconds}s",
+            "--timeout",
+            "10s",
+            url,
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    p99 = re.search(r"^\s+99%\s+([\d.]+)(us|ms|s|m)\s*$", out, re.M)
+    total = re.search(r"(\d+) requests in", out)
+    rps = re.search(r"Requests/sec:\s+([\d.]+)", out)
+    if not (p99 and total and rps):
+        raise RuntimeError(f"cannot read wrk's output:\n{out}")
+    errors = sum(int(n) for n in re.findall(r"(?:connect|read|write|timeout) (\d+)", out))
+    non2xx = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
+    errors += int(non2xx.group(1)) if non2xx else 0
+    return Result(name, float(rps.group(1)), _ms(*p99.groups()), int(total.group(1)), errors)
+
+
+def wait_http(port: int, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=1)
+        try:
+            conn.request("GET", "/")
+            if conn.getresponse().status == 200:
+                return
+        except OSError:
+            pass
+        finally:
+            conn.close()
+        time.sleep(0.05)
+    raise RuntimeError(f"nothing answered 200 on port {port} within {timeout} s")
+
+
+@contextmanager
+def workdir() -> Iterator[Path]:
+    path = Path(tempfile.mkdtemp(prefix="scb", dir="/tmp"))
+    (path / "bench_apps.py").write_text(APPS)
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+@contextmanager
+def started(*commands: list[str], cwd: Path, env: dict[str, str] | None = None) -> Iterator[None]:
+    """Run the commands in the background; stop them (and their process groups) on exit."""
+    procs = []
+    try:
+        for command in commands:
+            procs.append(
+                subprocess.Popen(
+                    command,
+                    cwd=cwd,
+                    env={**os.environ, **(env or {})},
+                    start_new_session=True,
+                    stdout=subprocess.DEVNULL,
+                    stderr=(cwd / f"{Path(command[0]).name}.err").open("ab"),
+                )
+            )
+        yield
+    finally:
+        for proc in reversed(procs):
+            with suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGTERM)
+        for proc in procs:
+            try:
+                proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                with suppress(ProcessLookupError):
+                    os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+
+
+def nginx_command(run: Path, port: int, location: str) -> list[str]:
+    conf = run / f"nginx-{port}.conf"
+    # As root, NGiNX workers would run as "nobody", who cannot reach sockets in the 0700 temp dir.
+    user = f"user {pwd.getpwuid(os.geteuid()).pw_name};" if os.geteuid() == 0 else ""
+    conf.write_text(NGINX_CONF.format(run=run, port=port, location=location, user=user))
+    nginx = shutil.which("nginx") or "/usr/sbin/nginx"
+    return [nginx, "-p", str(run), "-c", str(conf), "-e", str(run / "nginx-error.log")]
+
+
+@contextmanager
+def nginx_alone(run: Path) -> Iterator[int]:
+    """The ceiling: NGiNX answering every request itself."""
+    port = free_port()
+    with started(nginx_command(run, port, 'return 200 "Hello, world!\\n";'), cwd=run):
+        wait_http(port)
+        yield port
+
+
+@contextmanager
+def nginx_uwsgi(run: Path, app: str, processes: int) -> Iterator[int]:
+    """The hand-written setup: NGiNX -> unix socket -> uWSGI with a master."""
+    port, sock = free_port(), run / f"uwsgi-{app}.sock"
+    uwsgi = [
+        _program("uwsgi"),
+        "--master",
+        "--processes",
+        str(processes),
+        "--socket",
+        str(sock),
+        "--listen",
+        "1024",
+        "--module",
+        f"bench_apps:{app}",
+        "--chdir",
+        str(run),
+        "--home",
+        sys.prefix,
+        "--disable-logging",
+        "--die-on-term",
+    ]
+    location = f"include {_uwsgi_params()}; uwsgi_pass unix:{sock};"
+    with started(uwsgi, nginx_command(run, port, location), cwd=run):
+        wait_http(port)
+        yield port
+
+
+@contextmanager
+def nginx_gunicorn(run: Path, app: str, workers: int) -> Iterator[int]:
+    """NGiNX -> unix socket -> gunicorn with the same number of sync workers."""
+    port, sock = free_port(), run / f"gunicorn-{app}.sock"
+    gunicorn = [
+        _program("gunicorn"),
+        "--workers",
+        str(workers),
+        "--worker-class",
+        "sync",
+        "--bind",
+        f"unix:{sock}",
+        "--backlog",
+        "1024",
+        f"bench_apps:{app}",
+    ]
+    location = f"proxy_pass http://unix:{sock}; proxy_set_header Host $host;"
+    with started(gunicorn, nginx_command(run, port, location), cwd=run):
+        wait_http(port)
+        yield port
+
+
+@contextmanager
+def stackctl_stack(run: Path, app: str, workers: int) -> Iterator[int]:
+    """The product: `stackctl up --detach` on the same app, stopped with `stackctl down`."""
+    site = Path(tempfile.mkdtemp(prefix=f"site-{app}-", dir=run))
+    (site / "bench_apps.py").write_text(APPS)
+    port = free_port()
+    stackctl = [sys.executable, "-m", "stackctl"]
+    subprocess.run(
+        [*stackctl, "init", "--app", f"bench_apps:{app}"], cwd=site, check=True, capture_output=True
+    )
+    subprocess.run(
+        [
+            *stackctl,
+            "up",
+            "--detach",
+            "--listen",
+            f"127.0.0.1:{port}",
+            "--workers",
+            str(workers),
+            "--profile",
+            "prod",
+        ],
+        cwd=site,
+        check=True,
+        capture_output=True,
+    )
+    try:
+        wait_http(port)
+        yield port
+    finally:
+        subprocess.run([*stackctl, "down"], cwd=site, capture_output=True)
+
+
+def _program(name: str) -> str:
+    beside = Path(sys.executable).parent / name
+    return str(beside) if beside.exists() else (shutil.which(name) or name)
+
+
+def _uwsgi_params() -> Path:
+    from stackctl import resources
+
+    return resources.templates_dir() / "nginx" / "uwsgi_params"

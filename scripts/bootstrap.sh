@@ -1,0 +1,52 @@
+#!/usr/bin/env bash
+# Set up everything stackctl needs on a fresh Debian machine (Python and gcc present), then
+# run one job:
+#   bash scripts/bootstrap.sh demo    the demo stack in ./demo-site, in the foreground
+#   bash scripts/bootstrap.sh test    the whole test suite
+#   bash scripts/bootstrap.sh bench   the benchmarks
+# NGiNX (and wrk, for the benchmarks) come from apt; everything else goes into ./.venv.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+job="${1:-demo}"
+export PATH="$PATH:/usr/sbin:/sbin"
+
+packages=()
+command -v nginx >/dev/null || packages+=(nginx-light)
+if [ "$job" = bench ]; then command -v wrk >/dev/null || packages+=(wrk); fi
+if [ "${#packages[@]}" -gt 0 ]; then
+    if [ "$(id -u)" != 0 ]; then
+        echo "stackctl needs ${packages[*]} from apt; run this as root, or first:" >&2
+        echo "    sudo apt-get update && sudo apt-get install -y ${packages[*]}" >&2
+        exit 1
+    fi
+    apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+        "${packages[@]}" >/dev/null
+fi
+
+[ -x .venv/bin/python ] || python3 -m venv .venv
+.venv/bin/python -m pip install -q --upgrade pip
+extras=test
+[ "$job" = bench ] && extras=test,bench
+.venv/bin/python -m pip install -q -e ".[$extras]"
+export PATH="$PWD/.venv/bin:$PATH"
+
+case "$job" in
+    demo)
+        [ -f demo-site/stack.toml ] || stackctl init demo-site --demo
+        cd demo-site
+        exec stackctl up
+        ;;
+    test)
+        ruff check stackctl tests examples benchmarks
+        mypy
+        exec python -m pytest -p no:cacheprovider
+        ;;
+    bench)
+        exec python benchmarks/run.py
+        ;;
+    *)
+        echo "usage: bash scripts/bootstrap.sh [demo|test|bench]" >&2
+        exit 2
+        ;;
+esac
