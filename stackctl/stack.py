@@ -82,10 +82,6 @@ class Stack:
         return f"ipc://{self.run_dir / 'circus.pub'}"
 
     @property
-    def circus_stats(self) -> str:
-        return f"ipc://{self.run_dir / 'circus.stats'}"
-
-    @property
     def circus_pidfile(self) -> Path:
         return self.run_dir / "circusd.pid"
 
@@ -179,7 +175,7 @@ def find_programs(embedded_redis: bool) -> Programs:
 
 def check_socket_paths(stack: Stack) -> None:
     longest = max(
-        (stack.wsgi_socket, stack.ws_socket, stack.redis_socket, stack.run_dir / "circus.stats"),
+        (stack.wsgi_socket, stack.ws_socket, stack.redis_socket, stack.run_dir / "circus.ctl"),
         key=lambda p: len(str(p)),
     )
     if len(str(longest)) > _UNIX_PATH_MAX:

@@ -76,7 +76,6 @@ def clean_stale(stack: Stack) -> list[int]:
         "redis.sock",
         "circus.ctl",
         "circus.pub",
-        "circus.stats",
     ):
         (stack.run_dir / name).unlink(missing_ok=True)
     return [p.pid for p in leftovers]

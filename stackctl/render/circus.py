@@ -59,7 +59,6 @@ def render(stack: Stack) -> list[File]:
         profile=stack.profile.name,
         endpoint=stack.circus_endpoint,
         pubsub_endpoint=stack.circus_pubsub,
-        stats_endpoint=stack.circus_stats,
         pidfile=stack.circus_pidfile,
         circus_log=stack.log_dir / "circusd.log",
         wsgi_socket=stack.wsgi_socket,

@@ -135,6 +135,14 @@ def test_stackctl_env_lets_publish_reach_this_stacks_redis(demo: Stack) -> None:
         assert ws.recv(timeout=2) == "tick"
 
 
+def test_control_sockets_are_private_and_circusd_listens_on_no_ip_port(demo: Stack) -> None:
+    assert demo.run_dir.stat().st_mode & 0o777 == 0o700
+    assert demo.circus_endpoint == f"ipc://{demo.run_dir / 'circus.ctl'}"
+    circusd = psutil.Process(int(demo.circus_pidfile.read_text()))
+    inet = [c for c in circusd.net_connections(kind="inet") if c.status in ("LISTEN", "NONE")]
+    assert inet == []
+
+
 def test_second_up_in_the_same_directory_says_it_is_running(demo: Stack) -> None:
     result = stackctl("up", "--detach", cwd=demo.stack_dir, check=False)
     assert result.returncode == 3
@@ -164,3 +172,51 @@ def test_down_leaves_none_of_the_stacks_pids_alive(tmp_path: Path) -> None:
             assert (
                 not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
             )
+
+
+def test_stackctl_reload_replaces_the_workers_and_the_site_keeps_answering(demo: Stack) -> None:
+    before = wsgi_pids(demo)
+    out = stackctl("reload", "wsgi", cwd=demo.stack_dir).stdout
+    assert out.strip() == "reloaded wsgi"
+    after = wsgi_pids(demo)
+    assert len(after) == len(before) and not before & after
+    assert get(demo.url())[0] == 200
+
+
+def test_foreground_up_stops_everything_on_ctrl_c(short_tmp: Path) -> None:
+    import signal
+    import sys
+
+    from stackctl import processes
+    from tests.conftest import free_port
+
+    stackctl("init", str(short_tmp / "site"), "--demo", cwd=short_tmp)
+    site = short_tmp / "site"
+    port = free_port()
+    up = subprocess.Popen(
+        [sys.executable, "-m", "stackctl", "up", "--listen", f"127.0.0.1:{port}", "--workers", "2"],
+        cwd=site,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        assert up.stdout is not None
+        lines = []
+        for line in up.stdout:
+            lines.append(line)
+            if "Ctrl-C stops the stack" in line:
+                break
+        assert f"stack up: http://127.0.0.1:{port}/" in "".join(lines)
+        assert get(f"http://127.0.0.1:{port}/")[0] == 200
+        up.send_signal(signal.SIGINT)
+        assert up.wait(timeout=60) == 130
+    finally:
+        if up.poll() is None:
+            up.kill()
+            up.wait()
+        if up.stdout is not None:
+            up.stdout.close()
+        left = processes.find((site / ".stackctl" / "run").resolve())
+        processes.kill_all(left)
+    assert left == []

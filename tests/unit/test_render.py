@@ -68,8 +68,10 @@ def test_circus_holds_the_sockets_and_hands_them_to_the_pools(tmp_path: Path) ->
 
 def test_circus_control_endpoints_are_ipc_in_the_run_dir(tmp_path: Path) -> None:
     circus = circus_ini(make_stack(tmp_path))["circus"]
-    for key in ("endpoint", "pubsub_endpoint", "stats_endpoint"):
+    for key in ("endpoint", "pubsub_endpoint"):
         assert circus[key].startswith(f"ipc://{tmp_path / 'run'}/")
+    assert circus["multicast_endpoint"] == ""
+    assert "stats_endpoint" not in circus
 
 
 def test_watchers_start_redis_first_and_nginx_last(tmp_path: Path) -> None:
