@@ -18,7 +18,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Iterator
-from contextlib import closing, contextmanager, suppress
+from contextlib import AbstractContextManager, closing, contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -174,62 +174,36 @@ def nginx_command(run: Path, port: int, location: str) -> list[str]:
 
 
 @contextmanager
-def nginx_alone(run: Path) -> Iterator[int]:
-    """The ceiling: NGiNX answering every request itself."""
+def behind_nginx(run: Path, location: str, *backends: list[str]) -> Iterator[int]:
+    """Start the backends, then NGiNX in front with ``location``; yield NGiNX's port."""
     port = free_port()
-    with started(nginx_command(run, port, 'return 200 "Hello, world!\\n";'), cwd=run):
+    with started(*backends, nginx_command(run, port, location), cwd=run):
         wait_http(port)
         yield port
 
 
-@contextmanager
-def nginx_uwsgi(run: Path, app: str, processes: int) -> Iterator[int]:
+def nginx_alone(run: Path) -> AbstractContextManager[int]:
+    """The ceiling: NGiNX answering every request itself."""
+    return behind_nginx(run, 'return 200 "Hello, world!\\n";')
+
+
+def nginx_uwsgi(run: Path, app: str, processes: int) -> AbstractContextManager[int]:
     """The hand-written setup: NGiNX -> unix socket -> uWSGI with a master."""
-    port, sock = free_port(), run / f"uwsgi-{app}.sock"
-    uwsgi = [
-        _program("uwsgi"),
-        "--master",
-        "--processes",
-        str(processes),
-        "--socket",
-        str(sock),
-        "--listen",
-        "1024",
-        "--module",
-        f"bench_apps:{app}",
-        "--chdir",
-        str(run),
-        "--home",
-        sys.prefix,
-        "--disable-logging",
-        "--die-on-term",
-    ]
-    location = f"include {_uwsgi_params()}; uwsgi_pass unix:{sock};"
-    with started(uwsgi, nginx_command(run, port, location), cwd=run):
-        wait_http(port)
-        yield port
+    sock = run / f"uwsgi-{app}.sock"
+    # Temp paths hold no spaces, so plain splitting is safe here.
+    uwsgi = f"""{_program("uwsgi")} --master --processes {processes} --socket {sock}
+        --listen 1024 --module bench_apps:{app} --chdir {run} --home {sys.prefix}
+        --disable-logging --die-on-term""".split()
+    return behind_nginx(run, f"include {_uwsgi_params()}; uwsgi_pass unix:{sock};", uwsgi)
 
 
-@contextmanager
-def nginx_gunicorn(run: Path, app: str, workers: int) -> Iterator[int]:
+def nginx_gunicorn(run: Path, app: str, workers: int) -> AbstractContextManager[int]:
     """NGiNX -> unix socket -> gunicorn with the same number of sync workers."""
-    port, sock = free_port(), run / f"gunicorn-{app}.sock"
-    gunicorn = [
-        _program("gunicorn"),
-        "--workers",
-        str(workers),
-        "--worker-class",
-        "sync",
-        "--bind",
-        f"unix:{sock}",
-        "--backlog",
-        "1024",
-        f"bench_apps:{app}",
-    ]
+    sock = run / f"gunicorn-{app}.sock"
+    gunicorn = f"""{_program("gunicorn")} --workers {workers} --worker-class sync
+        --bind unix:{sock} --backlog 1024 bench_apps:{app}""".split()
     location = f"proxy_pass http://unix:{sock}; proxy_set_header Host $host;"
-    with started(gunicorn, nginx_command(run, port, location), cwd=run):
-        wait_http(port)
-        yield port
+    return behind_nginx(run, location, gunicorn)
 
 
 @contextmanager
