@@ -43,15 +43,15 @@ def load_stack(args: argparse.Namespace, *, programs: bool) -> Stack:
     return plan(chosen, None if programs else NO_PROGRAMS)
 
 
-def load_running_stack(args: argparse.Namespace) -> Stack:
+def load_running_stack(args: argparse.Namespace, *, programs: bool = False) -> Stack:
     """The stack as ``up`` started it: its recorded profile and command-line overrides."""
     guess = load_stack(args, programs=False)
     state_path = guess.run_dir / STATE_FILE
     if not state_path.is_file():
-        return guess
+        return load_stack(args, programs=True) if programs else guess
     state = json.loads(state_path.read_text())
     chosen = profile.load(args.stack, state["profile"], [tuple(p) for p in state["overrides"]])
-    return plan(chosen, NO_PROGRAMS)
+    return plan(chosen, None if programs else NO_PROGRAMS)
 
 
 def save_state(stack: Stack, args: argparse.Namespace) -> None:
@@ -149,20 +149,20 @@ def format_age(seconds: float) -> str:
 
 
 def cmd_reload(args: argparse.Namespace) -> int:
-    stack = load_running_stack(args)
+    from stackctl import reload
+
+    stack = load_running_stack(args, programs=True)
     require_running(stack)
-    names = [args.watcher] if args.watcher else ["wsgi", "ws"]
-    for name in names:
-        supervisor.call(
-            stack,
-            "reload",
-            name=name,
-            graceful=True,
-            sequential=args.sequential,
-            waiting=True,
-            timeout=stack.profile.wsgi.graceful_timeout + 30,
-        )
-        print(f"reloaded {name}")
+    for name in [args.watcher] if args.watcher else ["wsgi", "ws"]:
+        if name == "wsgi":
+            generation.check_app(stack)
+            reload.canary(stack, timeout=stack.profile.wsgi.graceful_timeout + 30)
+            replaced = reload.replace_workers(stack, sequential=args.sequential)
+            print(f"reloaded wsgi: {replaced} workers replaced, each once its successor was ready")
+        else:
+            supervisor.call(stack, "reload", name=name, graceful=True, waiting=True,
+                            timeout=stack.profile.wsgi.graceful_timeout + 30)  # fmt: skip
+            print(f"reloaded {name}")
     return 0
 
 

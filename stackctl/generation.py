@@ -76,12 +76,7 @@ def check_circus(conf: Path) -> None:
 
 def check_app(stack: Stack) -> None:
     """Import the WSGI callable the way a worker will, in a separate interpreter."""
-    module, _, attr = stack.profile.app.wsgi.partition(":")
-    code = (
-        "import importlib, functools\n"
-        f"m = importlib.import_module({module!r})\n"
-        f"functools.reduce(getattr, {attr!r}.split('.'), m)\n"
-    )
+    code = f"from stackctl.readiness import load; load({stack.profile.app.wsgi!r})"
     env = {**os.environ, **stack.worker_env()}
     try:
         result = subprocess.run(

@@ -30,6 +30,8 @@ class Programs:
     python: str
     redis_server: str | None
     """None when the profile points at an existing Redis instead of running one."""
+    setpriv: str | None = None
+    """util-linux's setpriv, to give every watcher a parent-death signal (Linux only)."""
 
 
 @dataclass(frozen=True)
@@ -170,6 +172,7 @@ def find_programs(embedded_redis: bool) -> Programs:
         uwsgi=find_program("uwsgi", hint="pip install uwsgi"),
         python=sys.executable,
         redis_server=find_redis_server() if embedded_redis else None,
+        setpriv=shutil.which("setpriv"),
     )
 
 

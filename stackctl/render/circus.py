@@ -14,43 +14,40 @@ def log_files(stack: Stack) -> dict[str, str]:
     return {name: str(stack.log_dir / f"{name}.log") for name in WATCHERS}
 
 
+def tied_to_circusd(stack: Stack, args: list[str]) -> list[str]:
+    """Make the program die with circusd: if circusd is killed, its children get SIGTERM.
+
+    Without this, master-less uWSGI processes whose log pipe is gone have been seen spinning
+    on SIGPIPE. The parent-death signal survives exec, so Circus still watches the program's
+    own pid.
+    """
+    if stack.programs.setpriv is None:
+        return args
+    return [stack.programs.setpriv, "--pdeathsig", "TERM", "--", *args]
+
+
 def wsgi_command(stack: Stack) -> str:
-    return shlex.join([stack.programs.uwsgi, "--ini", str(stack.uwsgi_ini)]) + (
-        " --uwsgi-socket fd://$(circus.sockets.wsgi)"
-    )
+    args = tied_to_circusd(stack, [stack.programs.uwsgi, "--ini", str(stack.uwsgi_ini)])
+    return shlex.join(args) + " --uwsgi-socket fd://$(circus.sockets.wsgi)"
 
 
 def ws_command(stack: Stack) -> str:
-    args = [
-        stack.programs.python,
-        "-m",
-        "stackctl.ws",
-        "--prefix",
-        stack.profile.ws.prefix,
-        "--graceful-timeout",
-        str(stack.profile.wsgi.graceful_timeout),
-    ]
-    return shlex.join(args) + " --fd $(circus.sockets.ws)"
+    profile = stack.profile
+    args = [stack.programs.python, "-m", "stackctl.ws", "--prefix", profile.ws.prefix,
+            "--graceful-timeout", str(profile.wsgi.graceful_timeout)]  # fmt: skip
+    return shlex.join(tied_to_circusd(stack, args)) + " --fd $(circus.sockets.ws)"
 
 
 def nginx_command(stack: Stack) -> str:
-    return shlex.join(
-        [
-            stack.programs.nginx,
-            "-p",
-            str(stack.run_dir),
-            "-c",
-            str(stack.nginx_conf),
-            "-e",
-            str(stack.nginx_error_log),
-        ]
-    )
+    args = [stack.programs.nginx, "-p", str(stack.run_dir), "-c", str(stack.nginx_conf),
+            "-e", str(stack.nginx_error_log)]  # fmt: skip
+    return shlex.join(tied_to_circusd(stack, args))
 
 
 def redis_command(stack: Stack) -> str:
     if stack.programs.redis_server is None or not stack.embedded_redis:
         return ""
-    return shlex.join([stack.programs.redis_server, str(stack.redis_conf)])
+    return shlex.join(tied_to_circusd(stack, [stack.programs.redis_server, str(stack.redis_conf)]))
 
 
 def render(stack: Stack) -> list[File]:

@@ -31,7 +31,8 @@ def path_without_redis(site: Path) -> str:
         assert found, name
         (bin_dir / name).symlink_to(found)
     path = f"{bin_dir}:{Path(sys.executable).parent}"
-    assert not shutil.which("redis-server", path=path) and not shutil.which("valkey-server", path=path)
+    for server in ("redis-server", "valkey-server"):
+        assert not shutil.which(server, path=path)
     return path
 
 

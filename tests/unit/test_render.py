@@ -129,7 +129,8 @@ def test_uwsgi_runs_one_masterless_worker_per_process(tmp_path: Path) -> None:
     ini.read_string(files(make_stack(tmp_path, "[wsgi]\nthreads = 3\n"))["uwsgi.ini"])
     uwsgi = ini["uwsgi"]
     assert (uwsgi["master"], uwsgi["processes"], uwsgi["threads"]) == ("false", "1", "3")
-    assert uwsgi["module"] == "hello:application"
+    assert uwsgi["module"] == "stackctl.wsgi:application"
+    assert uwsgi["env"] == "STACKCTL_WSGI_APP=hello:application"
     assert uwsgi["need-app"] == "true"
     assert uwsgi["chdir"] == str(tmp_path)
 
@@ -180,3 +181,10 @@ def test_stack_url_for_wildcard_listen(tmp_path: Path) -> None:
         server=dataclasses.replace(stack.profile.server, listen=profile.Listen("0.0.0.0", 80)),
     )
     assert dataclasses.replace(stack, profile=wildcard).url() == "http://127.0.0.1:80/"
+
+
+def test_every_watcher_dies_with_circusd_when_setpriv_is_there(tmp_path: Path) -> None:
+    programs = dataclasses.replace(PROGRAMS, setpriv="/usr/bin/setpriv")
+    ini = circus_ini(make_stack(tmp_path, programs=programs))
+    for name in ("redis", "wsgi", "ws", "nginx"):
+        assert ini[f"watcher:{name}"]["cmd"].startswith("/usr/bin/setpriv --pdeathsig TERM -- ")

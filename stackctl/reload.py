@@ -1,0 +1,110 @@
+"""Reloads that lose nothing.
+
+The uWSGI pool is replaced in three steps: a *canary* (one worker on the new config, outside
+Circus, on a scratch socket) must load the app, or the reload is refused before anything is
+touched; then Circus adds the new workers (``incr``) and stackctl waits until each has marked
+itself ready (:mod:`stackctl.wsgi`); only then does Circus retire as many of the oldest
+(``decr``), each with SIGHUP, which lets a master-less uWSGI worker finish its request before
+it exits. The listening socket stays open in circusd throughout, so nothing is refused.
+``sequential`` does the same one worker at a time.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import time
+from contextlib import suppress
+from pathlib import Path
+
+from stackctl.errors import StackError
+from stackctl.readiness import READY_DIR, ready_mark
+from stackctl.stack import Stack
+from stackctl.supervisor import call, log_tail
+
+POLL = 0.05
+
+
+def wsgi_pids(stack: Stack) -> set[int]:
+    return {int(pid) for pid in call(stack, "list", name="wsgi")["pids"]}
+
+
+def forget_dead_marks(stack: Stack) -> None:
+    directory = stack.run_dir / READY_DIR
+    for mark in directory.glob("*") if directory.is_dir() else ():
+        if not Path(f"/proc/{mark.name}").exists():
+            mark.unlink(missing_ok=True)
+
+
+def canary(stack: Stack, timeout: float) -> None:
+    """Start one worker on the rendered config, outside Circus; refuse if it cannot serve."""
+    socket_path = stack.run_dir / "canary.sock"
+    output = stack.log_dir / "wsgi-canary.log"
+    with output.open("wb") as out:
+        args = [
+            stack.programs.uwsgi,
+            "--ini",
+            str(stack.uwsgi_ini),
+            "--uwsgi-socket",
+            str(socket_path),
+        ]
+        proc = subprocess.Popen(
+            args, cwd=stack.stack_dir, env={**os.environ, **stack.worker_env()},
+            stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True,
+        )  # fmt: skip
+    mark = ready_mark(stack.run_dir, proc.pid)
+    try:
+        deadline = time.monotonic() + timeout
+        while not mark.exists():
+            if proc.poll() is not None or time.monotonic() > deadline:
+                tail = "\n".join(output.read_text(errors="replace").splitlines()[-15:])
+                raise StackError(
+                    "the new uWSGI workers cannot start, so the reload was refused; the running "
+                    f"workers keep serving. A test worker said:\n{tail}"
+                )
+            time.sleep(POLL)
+    finally:
+        with suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        mark.unlink(missing_ok=True)
+        socket_path.unlink(missing_ok=True)
+
+
+def wait_ready(stack: Stack, before: set[int], count: int, timeout: float) -> None:
+    """Wait until ``count`` workers that were not in ``before`` have marked themselves ready."""
+    deadline = time.monotonic() + timeout
+    seen: set[int] = set()
+    while time.monotonic() < deadline:
+        current = wsgi_pids(stack)
+        new = current - before
+        seen |= new
+        if sum(ready_mark(stack.run_dir, pid).exists() for pid in new) >= count:
+            return
+        died = {pid for pid in seen - current if not ready_mark(stack.run_dir, pid).exists()}
+        if died:
+            raise StackError(
+                f"new uWSGI workers {sorted(died)} exited before they were ready; the old "
+                f"workers keep serving, beside the new ones Circus restarts. Their log:\n"
+                f"{log_tail(stack, 'wsgi')}"
+            )
+        time.sleep(POLL)
+    raise StackError(
+        f"new uWSGI workers were not ready within {timeout:.0f} s; see `stackctl logs wsgi`"
+    )
+
+
+def replace_workers(stack: Stack, sequential: bool) -> int:
+    """Replace every worker, ``1`` or all at a time; returns how many were replaced."""
+    forget_dead_marks(stack)
+    old = wsgi_pids(stack)
+    step = 1 if sequential else len(old)
+    timeout = float(stack.profile.wsgi.graceful_timeout + 30)
+    for _ in range(0, len(old), step):
+        before = wsgi_pids(stack)
+        call(stack, "incr", name="wsgi", nb=step)
+        wait_ready(stack, before, step, timeout)
+        # Circus retires the oldest processes first, each with the watcher's stop signal.
+        call(stack, "decr", name="wsgi", nb=step, waiting=True, timeout=timeout)
+    return len(old)

@@ -1,0 +1,23 @@
+"""The app the restart tests load: slow GETs, echoing POSTs, and a request that hangs."""
+
+import os
+import time
+from urllib.parse import parse_qs
+
+
+def application(environ, start_response):
+    path = environ.get("PATH_INFO", "/")
+    if path == "/echo":
+        length = int(environ.get("CONTENT_LENGTH") or 0)
+        body = environ["wsgi.input"].read(length)
+    elif path == "/sleep":
+        ms = int(parse_qs(environ.get("QUERY_STRING", "")).get("ms", ["0"])[0])
+        time.sleep(ms / 1000)
+        body = f"slept {ms}".encode()
+    elif path == "/hang":
+        time.sleep(3600)
+        body = b"never"
+    else:
+        body = f"pid {os.getpid()}".encode()
+    start_response("200 OK", [("Content-Type", "text/plain"), ("Content-Length", str(len(body)))])
+    return [body]

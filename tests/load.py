@@ -1,0 +1,84 @@
+"""A bounded load client: N connections for at most a few tens of seconds, 127.0.0.1 only.
+
+Each connection alternates GETs that take 0-200 ms with POSTs whose echo is checked, and
+every failure is recorded with its reason: refused, reset, a 5xx, a truncated or wrong body.
+"""
+
+from __future__ import annotations
+
+import http.client
+import random
+import threading
+import time
+from dataclasses import dataclass, field
+
+MAX_SECONDS = 60
+
+
+@dataclass
+class Report:
+    ok: int = 0
+    failures: list[str] = field(default_factory=list)
+    latencies: list[float] = field(default_factory=list)
+
+    def p99(self) -> float:
+        ordered = sorted(self.latencies)
+        return ordered[int(len(ordered) * 0.99)] if ordered else 0.0
+
+
+class Load:
+    def __init__(self, port: int, connections: int = 48, max_sleep_ms: int = 200) -> None:
+        self.port = port
+        self.connections = connections
+        self.max_sleep_ms = max_sleep_ms
+        self.report = Report()
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._threads: list[threading.Thread] = []
+
+    def __enter__(self) -> Load:
+        self._deadline = time.monotonic() + MAX_SECONDS
+        for n in range(self.connections):
+            thread = threading.Thread(target=self._run, args=(random.Random(n),), daemon=True)
+            thread.start()
+            self._threads.append(thread)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        for thread in self._threads:
+            thread.join(timeout=30)
+
+    def _run(self, rng: random.Random) -> None:
+        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=30)
+        while not self._stop.is_set() and time.monotonic() < self._deadline:
+            started = time.monotonic()
+            try:
+                failure = self._one_request(conn, rng)
+            except (OSError, http.client.HTTPException) as e:
+                failure = f"{type(e).__name__}: {e}"
+                conn.close()
+                conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=30)
+            with self._lock:
+                if failure:
+                    self.report.failures.append(failure)
+                else:
+                    self.report.ok += 1
+                    self.report.latencies.append(time.monotonic() - started)
+        conn.close()
+
+    def _one_request(self, conn: http.client.HTTPConnection, rng: random.Random) -> str | None:
+        if rng.random() < 0.5:
+            ms = rng.randint(0, self.max_sleep_ms)
+            conn.request("GET", f"/sleep?ms={ms}")
+            expected = f"slept {ms}".encode()
+        else:
+            expected = rng.randbytes(rng.randint(1, 4096)).hex().encode()
+            conn.request("POST", "/echo", body=expected, headers={"Content-Type": "text/plain"})
+        response = conn.getresponse()
+        body = response.read()
+        if response.status != 200:
+            return f"HTTP {response.status}: {body[:80]!r}"
+        if body != expected:
+            return f"wrong body: {len(body)} bytes instead of {len(expected)}"
+        return None
