@@ -15,11 +15,11 @@ from tests.conftest import running_stack, stackctl
 
 pytestmark = pytest.mark.e2e
 
-HELLO = '''
+HELLO = """
 def application(environ, start_response):
     start_response("200 OK", [("Content-Type", "text/plain")])
     return [b"hello from a plain app"]
-'''
+"""
 
 
 def path_without_redis(site: Path) -> str:

@@ -1,0 +1,172 @@
+"""Restarts that lose nothing, measured under load: every failed request is counted."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import psutil
+import pytest
+
+from stackctl import processes
+from stackctl.errors import EXIT_STACK_ERROR
+from stackctl.stack import Stack
+from tests.conftest import REPO, running_stack, stackctl, wait_for
+from tests.load import Load
+
+pytestmark = pytest.mark.e2e
+
+WORKERS = 4
+LOAD_APP = REPO / "tests" / "apps" / "loadapp.py"
+
+
+def load_site() -> Path:
+    site = Path(tempfile.mkdtemp(prefix="sc", dir="/tmp")) / "site"
+    site.mkdir()
+    shutil.copy(LOAD_APP, site)
+    stackctl("init", ".", "--app", "loadapp:application", cwd=site)
+    return site
+
+
+@pytest.fixture(scope="module")
+def stack() -> Iterator[Stack]:
+    with running_stack(load_site(), "--workers", str(WORKERS)) as running:
+        yield running
+
+
+def port(stack: Stack) -> int:
+    return stack.profile.server.listen.port
+
+
+def wsgi_pids(stack: Stack) -> set[int]:
+    from stackctl.reload import wsgi_pids as listed
+
+    return listed(stack)
+
+
+def circusctl(stack: Stack, *args: str) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "CIRCUSCTL_ENDPOINT": stack.circus_endpoint}
+    return subprocess.run(
+        ["circusctl", *args], env=env, capture_output=True, text=True, timeout=120
+    )
+
+
+def settle(load: Load, seconds: float = 1.0) -> None:
+    """Let the load run a moment, so that the action below happens mid-flow."""
+    wait_for(lambda: load.report.ok > 0, what="the first answers")
+    time.sleep(seconds)
+
+
+def test_circusctl_reload_five_times_loses_nothing(stack: Stack) -> None:
+    with Load(port(stack)) as load:
+        settle(load)
+        for _ in range(5):
+            assert circusctl(stack, "reload", "wsgi").stdout.strip() == "ok"
+        time.sleep(1)
+    assert load.report.failures == []
+    assert load.report.ok > 100
+    assert len(wsgi_pids(stack)) == WORKERS
+
+
+def test_stackctl_reload_sequential_three_times_loses_nothing(stack: Stack) -> None:
+    with Load(port(stack)) as load:
+        settle(load)
+        for _ in range(3):
+            before = wsgi_pids(stack)
+            stackctl("reload", "wsgi", "--sequential", cwd=stack.stack_dir)
+            assert not before & wsgi_pids(stack)
+        time.sleep(1)
+    assert load.report.failures == []
+    assert load.report.ok > 100
+
+
+def test_reload_with_a_broken_app_keeps_the_old_workers(stack: Stack) -> None:
+    app = stack.stack_dir / "loadapp.py"
+    good = app.read_text()
+    before = wsgi_pids(stack)
+    try:
+        with Load(port(stack)) as load:
+            settle(load)
+            app.write_text(good + "\ndef broken(:\n")
+            result = stackctl("reload", "wsgi", cwd=stack.stack_dir, check=False)
+            time.sleep(1)
+    finally:
+        app.write_text(good)
+    assert result.returncode == EXIT_STACK_ERROR
+    assert "SyntaxError" in result.stderr
+    assert load.report.failures == []
+    assert wsgi_pids(stack) == before
+
+
+def test_reload_refused_when_workers_crash_at_start(stack: Stack) -> None:
+    # Imports fine in a plain interpreter, dies inside uWSGI: only the canary can tell.
+    app = stack.stack_dir / "loadapp.py"
+    good = app.read_text()
+    before = wsgi_pids(stack)
+    try:
+        app.write_text("try:\n    import uwsgi\nexcept ImportError:\n    pass\nelse:\n"
+                       "    raise RuntimeError('crash at start')\n" + good)  # fmt: skip
+        result = stackctl("reload", "wsgi", cwd=stack.stack_dir, check=False)
+    finally:
+        app.write_text(good)
+    assert result.returncode == EXIT_STACK_ERROR
+    assert "the reload was refused; the running workers keep serving" in result.stderr
+    assert "RuntimeError: crash at start" in result.stderr
+    assert wsgi_pids(stack) == before
+
+
+def test_sigkill_of_one_worker_fails_at_most_its_request(stack: Stack) -> None:
+    with Load(port(stack)) as load:
+        settle(load)
+        victim = sorted(wsgi_pids(stack))[0]
+        os.kill(victim, signal.SIGKILL)
+        wait_for(lambda: len(wsgi_pids(stack)) == WORKERS and victim not in wsgi_pids(stack),
+                 what="Circus to respawn the worker")  # fmt: skip
+        time.sleep(1)
+    # One thread per worker: at most one request was in flight on it.
+    assert len(load.report.failures) <= stack.profile.wsgi.threads, load.report.failures
+    assert all("502" in f for f in load.report.failures)
+
+
+def test_nginx_killed_is_restarted(stack: Stack) -> None:
+    master = int((stack.run_dir / "nginx.pid").read_text())
+    os.kill(master, signal.SIGKILL)
+
+    def answers_again() -> bool:
+        try:
+            return int((stack.run_dir / "nginx.pid").read_text()) != master and bool(
+                urlopen_status(stack) == 200
+            )
+        except (OSError, ValueError):
+            return False
+
+    wait_for(answers_again, timeout=30, what="NGiNX to come back")
+
+
+def urlopen_status(stack: Stack) -> int:
+    import urllib.request
+
+    with urllib.request.urlopen(stack.url() + "sleep?ms=1", timeout=5) as response:
+        return int(response.status)
+
+
+def test_killing_circusd_leaves_no_process_and_up_starts_again() -> None:
+    site = load_site()
+    with running_stack(site, "--workers", "2") as stack:
+        members = processes.find(stack.run_dir)
+        assert len(members) >= 6
+        os.kill(int(stack.circus_pidfile.read_text()), signal.SIGKILL)
+        wait_for(lambda: not processes.find(stack.run_dir), timeout=10,
+                 what="every child of the killed circusd to exit")  # fmt: skip
+        assert not any(p.is_running() and p.status() != psutil.STATUS_ZOMBIE for p in members)
+
+        out = stackctl("up", "--detach", "--listen", stack.profile.server.listen.__str__(),
+                       "--workers", "2", cwd=site).stdout  # fmt: skip
+        assert "stack up:" in out
+        assert urlopen_status(stack) == 200
