@@ -54,8 +54,8 @@ def load_running_stack(args: argparse.Namespace, *, programs: bool = False) -> S
     return plan(chosen, None if programs else NO_PROGRAMS)
 
 
-def save_state(stack: Stack, args: argparse.Namespace) -> None:
-    state = {"profile": stack.profile.name, "overrides": overrides_from(args)}
+def save_state(stack: Stack, overrides: list[tuple[str, Any]]) -> None:
+    state = {"profile": stack.profile.name, "overrides": overrides}
     (stack.run_dir / STATE_FILE).write_text(json.dumps(state))
 
 
@@ -98,7 +98,7 @@ def cmd_up(args: argparse.Namespace) -> int:
         print(f"cleaned up after a stack that died: stopped pids {stale}")
     supervisor.check_port_free(stack)
     generation.write(stack, generation.render_all(stack))
-    save_state(stack, args)
+    save_state(stack, overrides_from(args))
     running = supervisor.start(stack, timeout=args.timeout)
     print(
         f"stack up: {stack.url()}  (websockets: {stack.url().replace('http', 'ws', 1)}"
@@ -149,20 +149,32 @@ def format_age(seconds: float) -> str:
 
 
 def cmd_reload(args: argparse.Namespace) -> int:
+    """Apply what changed in the profile; reload the named watcher, or, when nothing changed
+    and none is named, the app's code (the wsgi workers)."""
     from stackctl import reload
 
-    stack = load_running_stack(args, programs=True)
-    require_running(stack)
-    for name in [args.watcher] if args.watcher else ["wsgi", "ws"]:
-        if name == "wsgi":
-            generation.check_app(stack)
-            reload.canary(stack, timeout=stack.profile.wsgi.graceful_timeout + 30)
-            replaced = reload.replace_workers(stack, sequential=args.sequential)
-            print(f"reloaded wsgi: {replaced} workers replaced, each once its successor was ready")
-        else:
-            supervisor.call(stack, "reload", name=name, graceful=True, waiting=True,
-                            timeout=stack.profile.wsgi.graceful_timeout + 30)  # fmt: skip
-            print(f"reloaded {name}")
+    running = load_running_stack(args)
+    require_running(running)
+    state = json.loads((running.run_dir / STATE_FILE).read_text())
+    overrides = [tuple(p) for p in state["overrides"]] + overrides_from(args)
+    chosen = profile.load(args.stack, args.profile or state["profile"], overrides)
+    stack = plan(chosen)
+    done = reload.apply_config(stack)
+    save_state(stack, overrides)
+    for line in done:
+        print(line)
+    if done and args.watcher is None:
+        return 0
+    watcher = args.watcher or "wsgi"
+    if watcher == "wsgi":
+        generation.check_app(stack)
+        reload.canary(stack, timeout=stack.profile.wsgi.graceful_timeout + 30)
+        replaced = reload.replace_workers(stack, sequential=args.sequential)
+        print(f"reloaded wsgi: {replaced} workers replaced, each once its successor was ready")
+    else:
+        supervisor.call(stack, "reload", name=watcher, graceful=True, waiting=True,
+                        timeout=stack.profile.wsgi.graceful_timeout + 30)  # fmt: skip
+        print(f"reloaded {watcher}")
     return 0
 
 
@@ -286,7 +298,9 @@ def build_parser() -> argparse.ArgumentParser:
     command("status", cmd_status, "show each watcher and its processes")
     command("env", cmd_env, "print the exports that point circusctl and publish at this stack")
 
-    reload = command("reload", cmd_reload, "gracefully replace the workers")
+    reload = command(
+        "reload", cmd_reload, "apply profile changes, then gracefully replace the workers"
+    )
     reload.add_argument("watcher", nargs="?", choices=["wsgi", "ws", "nginx", "redis"])
     reload.add_argument("--sequential", action="store_true", help="one process at a time")
 

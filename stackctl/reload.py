@@ -11,6 +11,7 @@ it exits. The listening socket stays open in circusd throughout, so nothing is r
 
 from __future__ import annotations
 
+import configparser
 import os
 import signal
 import subprocess
@@ -18,8 +19,11 @@ import time
 from contextlib import suppress
 from pathlib import Path
 
+from stackctl import generation
 from stackctl.errors import StackError
 from stackctl.readiness import READY_DIR, ready_mark
+from stackctl.render import File
+from stackctl.render.nginx import INCLUDES as NGINX_INCLUDES
 from stackctl.stack import Stack
 from stackctl.supervisor import call, log_tail
 
@@ -108,3 +112,64 @@ def replace_workers(stack: Stack, sequential: bool) -> int:
         # Circus retires the oldest processes first, each with the watcher's stop signal.
         call(stack, "decr", name="wsgi", nb=step, waiting=True, timeout=timeout)
     return len(old)
+
+
+def circus_differences(old: str, new: str) -> set[tuple[str, str]]:
+    """The (section, key) pairs that differ between two circus.ini texts."""
+    parsed = []
+    for text in (old, new):
+        parser = configparser.RawConfigParser()
+        parser.read_string(text)
+        parsed.append({(s, k): v for s in parser.sections() for k, v in parser.items(s)})
+    before, after = parsed
+    return {key for key in before.keys() | after.keys() if before.get(key) != after.get(key)}
+
+
+def changed_files(stack: Stack, files: list[File]) -> set[str]:
+    def current(name: str) -> str | None:
+        path = stack.run_dir / name
+        return path.read_text() if path.is_file() else None
+
+    return {f.name for f in files if current(f.name) != f.content}
+
+
+def apply_config(stack: Stack) -> list[str]:
+    """Re-render for ``stack`` and apply only what changed; returns what was done.
+
+    The new generation is validated before any file or process is touched, so a bad
+    profile or config leaves the running stack exactly as it was.
+    """
+    files = generation.render_all(stack)
+    changed = changed_files(stack, files)
+    if not changed:
+        return []
+    old_circus = stack.circus_ini.read_text()
+    generation.write(stack, files)
+    done = []
+    if "circus.ini" in changed:
+        differences = circus_differences(old_circus, stack.circus_ini.read_text())
+        if differences == {("watcher:wsgi", "numprocesses")}:
+            call(stack, "set", name="wsgi", options={"numprocesses": stack.workers}, waiting=True,
+                 timeout=stack.profile.wsgi.graceful_timeout + 30)  # fmt: skip
+            done.append(f"wsgi now runs {stack.workers} workers")
+        else:
+            call(
+                stack,
+                "reloadconfig",
+                waiting=True,
+                timeout=stack.profile.wsgi.graceful_timeout + 30,
+            )
+            done.append(
+                "Circus reloaded its config: "
+                + ", ".join(sorted(f"{s} {k}" for s, k in differences))
+            )
+    if changed & {"nginx.conf", *NGINX_INCLUDES}:
+        call(stack, "signal", name="nginx", signum=int(signal.SIGHUP))
+        done.append("NGiNX reloaded its config (HUP)")
+    if "uwsgi.ini" in changed:
+        canary(stack, timeout=stack.profile.wsgi.graceful_timeout + 30)
+        done.append(f"wsgi: {replace_workers(stack, sequential=False)} workers replaced")
+    if "redis.conf" in changed:
+        call(stack, "reload", name="redis", graceful=True, waiting=True)
+        done.append("Redis restarted")
+    return done

@@ -170,3 +170,60 @@ def test_killing_circusd_leaves_no_process_and_up_starts_again() -> None:
                        "--workers", "2", cwd=site).stdout  # fmt: skip
         assert "stack up:" in out
         assert urlopen_status(stack) == 200
+
+
+def watcher_pids(stack: Stack, name: str) -> set[int]:
+    out = circusctl(stack, "list", name).stdout.strip()
+    return {int(pid) for pid in out.split(",") if pid.strip()}
+
+
+@pytest.fixture
+def local_profile(stack: Stack) -> Iterator[Path]:
+    """A stack-local profiles/dev.toml, removed (and applied away) after the test."""
+    path = stack.stack_dir / "profiles" / "dev.toml"
+    path.parent.mkdir(exist_ok=True)
+    yield path
+    path.unlink(missing_ok=True)
+    stackctl("reload", cwd=stack.stack_dir)
+
+
+def test_worker_count_change_applied_by_reload_loses_nothing(
+    stack: Stack, local_profile: Path
+) -> None:
+    others = {name: watcher_pids(stack, name) for name in ("ws", "nginx", "redis")}
+    kept = wsgi_pids(stack)
+    with Load(port(stack)) as load:
+        settle(load)
+        local_profile.write_text('extends = "dev"\n[wsgi]\nworkers = 2\n')
+        out = stackctl("reload", "--set", "wsgi.workers=2", cwd=stack.stack_dir).stdout
+        time.sleep(1)
+    assert "wsgi now runs 2 workers" in out
+    assert load.report.failures == []
+    assert len(wsgi_pids(stack)) == 2 and wsgi_pids(stack) < kept  # no worker restarted
+    assert {name: watcher_pids(stack, name) for name in others} == others
+
+
+def test_nginx_config_change_applied_by_reload_loses_nothing(
+    stack: Stack, local_profile: Path
+) -> None:
+    master = watcher_pids(stack, "nginx")
+    with Load(port(stack)) as load:
+        settle(load)
+        local_profile.write_text('extends = "dev"\n[server]\nmax_body = "5m"\n')
+        out = stackctl("reload", cwd=stack.stack_dir).stdout
+        time.sleep(2)
+    assert "NGiNX reloaded its config (HUP)" in out
+    assert "client_max_body_size 5m;" in (stack.run_dir / "nginx.conf").read_text()
+    assert watcher_pids(stack, "nginx") == master
+    assert load.report.failures == []
+
+
+def test_bad_profile_change_touches_nothing(stack: Stack, local_profile: Path) -> None:
+    files = {p.name: p.read_text() for p in stack.run_dir.glob("*.ini")}
+    pids = {name: watcher_pids(stack, name) for name in ("wsgi", "ws", "nginx", "redis")}
+    local_profile.write_text('extends = "dev"\n[server]\nmax_body = "lots"\n')
+    result = stackctl("reload", cwd=stack.stack_dir, check=False)
+    assert result.returncode == EXIT_STACK_ERROR
+    assert f"{local_profile}: server.max_body: expected a size" in result.stderr
+    assert {p.name: p.read_text() for p in stack.run_dir.glob("*.ini")} == files
+    assert {name: watcher_pids(stack, name) for name in pids} == pids
