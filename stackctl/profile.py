@@ -49,6 +49,8 @@ class WsgiConfig:
     workers: int | str
     threads: int
     log_requests: bool
+    max_requests: int
+    max_rss_mb: int
     backlog: int
     graceful_timeout: int
 

@@ -48,6 +48,12 @@ def positive_int(value: Any) -> int:
     return value
 
 
+def non_negative_int(value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise _expect("a whole number, 0 or more", value)
+    return value
+
+
 def workers(value: Any) -> int | str:
     if value == "auto":
         return "auto"
@@ -159,7 +165,8 @@ SETTINGS: tuple[Setting, ...] = (
         "server.timeout",
         60,
         positive_int,
-        "Seconds NGiNX waits for the app to answer before it replies 504.",
+        "Seconds a request may take: NGiNX then answers 504, and a second later uWSGI "
+        "kills the worker still running it (harakiri); Circus starts a fresh one.",
     ),
     Setting(
         "app.wsgi",
@@ -187,6 +194,18 @@ SETTINGS: tuple[Setting, ...] = (
         True,
         boolean,
         "uWSGI logs every request; NGiNX's access log has them too, so prod turns it off.",
+    ),
+    Setting(
+        "wsgi.max_requests",
+        0,
+        non_negative_int,
+        "Recycle a worker after this many requests (0: never); it finishes its request first.",
+    ),
+    Setting(
+        "wsgi.max_rss_mb",
+        0,
+        non_negative_int,
+        "Recycle a worker whose resident memory passes this many MiB (0: no limit).",
     ),
     Setting(
         "wsgi.backlog",

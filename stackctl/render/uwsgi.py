@@ -18,5 +18,9 @@ def render(stack: Stack) -> list[File]:
         stack_dir=stack.stack_dir,
         app=profile.app.wsgi,
         disable_logging=str(not profile.wsgi.log_requests).lower(),
+        # One second after NGiNX has answered 504, so that the client sees the timeout.
+        harakiri=profile.server.timeout + 1,
+        max_requests=profile.wsgi.max_requests,
+        max_rss_mb=profile.wsgi.max_rss_mb,
     )
     return [File(stack.uwsgi_ini.name, content)]

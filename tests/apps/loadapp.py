@@ -7,6 +7,8 @@ from urllib.parse import parse_qs
 
 def application(environ, start_response):
     path = environ.get("PATH_INFO", "/")
+    if path == "/grow":
+        return grow(environ, start_response)
     if path == "/echo":
         length = int(environ.get("CONTENT_LENGTH") or 0)
         body = environ["wsgi.input"].read(length)
@@ -19,5 +21,16 @@ def application(environ, start_response):
         body = b"never"
     else:
         body = f"pid {os.getpid()}".encode()
+    start_response("200 OK", [("Content-Type", "text/plain"), ("Content-Length", str(len(body)))])
+    return [body]
+
+
+hoard = []
+
+
+def grow(environ, start_response):
+    """/grow: keep 96 MiB more in this worker, to cross a memory limit; answers its pid."""
+    hoard.append(bytearray(96 * 2**20))
+    body = str(os.getpid()).encode()
     start_response("200 OK", [("Content-Type", "text/plain"), ("Content-Length", str(len(body)))])
     return [body]

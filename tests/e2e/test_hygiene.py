@@ -1,0 +1,64 @@
+"""Request hygiene from the profile: timeouts that kill hung requests, and worker recycling."""
+
+from __future__ import annotations
+
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+
+import pytest
+
+from stackctl.stack import Stack
+from tests.conftest import running_stack, wait_for
+from tests.e2e.test_restarts import load_site, port, wsgi_pids
+from tests.load import Load
+
+pytestmark = pytest.mark.e2e
+
+
+@pytest.fixture(scope="module")
+def stack() -> Iterator[Stack]:
+    settings = ["--set", "server.timeout=2", "--set", "wsgi.max_rss_mb=100"]
+    with running_stack(load_site(), "--workers", "2", *settings) as running:
+        yield running
+
+
+def test_hung_request_gets_504_and_its_worker_is_replaced(stack: Stack) -> None:
+    before = wsgi_pids(stack)
+    started = time.monotonic()
+    with pytest.raises(urllib.error.HTTPError) as error:
+        urllib.request.urlopen(stack.url() + "hang", timeout=30)
+    error.value.close()
+    assert error.value.code == 504
+    assert 1.5 < time.monotonic() - started < 5
+    wait_for(lambda: len(wsgi_pids(stack)) == 2 and wsgi_pids(stack) != before,
+             what="the hung worker to be killed and replaced")  # fmt: skip
+    wait_for(lambda: "Killing the current process" in (stack.log_dir / "wsgi.log").read_text(),
+             what="uWSGI to log the harakiri")  # fmt: skip
+
+
+def test_max_requests_recycles_workers_without_failing_a_request() -> None:
+    seen: set[int] = set()
+    with (
+        running_stack(load_site(), "--workers", "2", "--set", "wsgi.max_requests=25") as stack,
+        Load(port(stack), connections=16, max_sleep_ms=20) as load,
+    ):
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and len(seen) < 6:
+            seen |= wsgi_pids(stack)
+            time.sleep(0.1)
+    assert len(seen) >= 6, "workers were recycled"
+    assert load.report.failures == []
+    assert load.report.ok > 100
+
+
+def test_memory_limit_recycles_a_worker_after_its_request(stack: Stack) -> None:
+    with Load(port(stack), connections=8, max_sleep_ms=20) as load:
+        wait_for(lambda: load.report.ok > 0, what="the first answers")
+        with urllib.request.urlopen(stack.url() + "grow", timeout=10) as response:
+            grown = int(response.read())
+        wait_for(lambda: grown not in wsgi_pids(stack) and len(wsgi_pids(stack)) == 2,
+                 what="the worker over the memory limit to be replaced")  # fmt: skip
+        time.sleep(0.5)
+    assert load.report.failures == []
