@@ -49,6 +49,7 @@ class WsgiConfig:
     workers: int | str
     threads: int
     log_requests: bool
+    autoreload: bool
     max_requests: int
     max_rss_mb: int
     backlog: int

@@ -196,6 +196,12 @@ SETTINGS: tuple[Setting, ...] = (
         "uWSGI logs every request; NGiNX's access log has them too, so prod turns it off.",
     ),
     Setting(
+        "wsgi.autoreload",
+        False,
+        boolean,
+        "Restart workers by themselves when a Python file of the app changes (dev does).",
+    ),
+    Setting(
         "wsgi.max_requests",
         0,
         non_negative_int,

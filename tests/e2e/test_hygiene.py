@@ -62,3 +62,30 @@ def test_memory_limit_recycles_a_worker_after_its_request(stack: Stack) -> None:
                  what="the worker over the memory limit to be replaced")  # fmt: skip
         time.sleep(0.5)
     assert load.report.failures == []
+
+
+def test_dev_profile_reloads_workers_when_an_app_file_changes() -> None:
+    site = load_site()
+    app = site / "loadapp.py"
+    with (
+        running_stack(site, "--workers", "2", "--profile", "dev") as stack,
+        Load(port(stack), connections=8, max_sleep_ms=50) as load,
+    ):
+        wait_for(lambda: load.report.ok > 0, what="the first answers")
+        before = wsgi_pids(stack)
+        app.write_text(app.read_text().replace('f"pid {os.getpid()}"', 'f"new code {os.getpid()}"'))
+        wait_for(lambda: not before & wsgi_pids(stack) and len(wsgi_pids(stack)) == 2,
+                 what="every worker to restart on the new code")  # fmt: skip
+        with urllib.request.urlopen(stack.url(), timeout=10) as response:
+            assert response.read().startswith(b"new code")
+    assert load.report.failures == []
+
+
+def test_prod_profile_does_not_reload_by_itself() -> None:
+    site = load_site()
+    app = site / "loadapp.py"
+    with running_stack(site, "--workers", "2", "--profile", "prod") as stack:
+        before = wsgi_pids(stack)
+        app.write_text(app.read_text().replace('f"pid {os.getpid()}"', 'f"new code {os.getpid()}"'))
+        time.sleep(4)  # several autoreload intervals: nothing may happen
+        assert wsgi_pids(stack) == before

@@ -125,12 +125,15 @@ def test_nginx_user_only_when_given(tmp_path: Path) -> None:
 
 
 def test_uwsgi_runs_one_masterless_worker_per_process(tmp_path: Path) -> None:
-    ini = configparser.RawConfigParser()
-    ini.read_string(files(make_stack(tmp_path, "[wsgi]\nthreads = 3\n"))["uwsgi.ini"])
+    text = files(make_stack(tmp_path, "[wsgi]\nthreads = 3\n"))["uwsgi.ini"]
+    ini = configparser.RawConfigParser(strict=False)  # uWSGI repeats "env"
+    ini.read_string(text)
     uwsgi = ini["uwsgi"]
     assert (uwsgi["master"], uwsgi["processes"], uwsgi["threads"]) == ("false", "1", "3")
     assert uwsgi["module"] == "stackctl.wsgi:application"
-    assert uwsgi["env"] == "STACKCTL_WSGI_APP=hello:application"
+    assert "\nenv = STACKCTL_WSGI_APP=hello:application\n" in text
+    assert "\nenv = STACKCTL_AUTORELOAD=1\n" in text  # the dev profile
+    assert f"\nharakiri = {61}\n" in text
     assert uwsgi["need-app"] == "true"
     assert uwsgi["chdir"] == str(tmp_path)
 
