@@ -13,7 +13,10 @@ def application(environ, start_response):
         length = int(environ.get("CONTENT_LENGTH") or 0)
         body = environ["wsgi.input"].read(length)
     elif path == "/sleep":
-        ms = int(parse_qs(environ.get("QUERY_STRING", "")).get("ms", ["0"])[0])
+        query = parse_qs(environ.get("QUERY_STRING", ""))
+        if "mark" in query:  # lets a test know the request is in a worker
+            open(query["mark"][0], "w").close()
+        ms = int(query.get("ms", ["0"])[0])
         time.sleep(ms / 1000)
         body = f"slept {ms}".encode()
     elif path == "/hang":

@@ -227,3 +227,49 @@ def test_bad_profile_change_touches_nothing(stack: Stack, local_profile: Path) -
     assert f"{local_profile}: server.max_body: expected a size" in result.stderr
     assert {p.name: p.read_text() for p in stack.run_dir.glob("*.ini")} == files
     assert {name: watcher_pids(stack, name) for name in pids} == pids
+
+
+def test_redis_killed_comes_back_and_the_ws_worker_resubscribes(stack: Stack) -> None:
+    from websockets.sync.client import connect
+
+    ws_pid = watcher_pids(stack, "ws")
+    url = stack.url().replace("http", "ws", 1) + "ws/alerts"
+    with connect(url) as client:
+        stackctl("publish", "alerts", "before", cwd=stack.stack_dir)
+        assert client.recv(timeout=2) == "before"
+        (redis_pid,) = watcher_pids(stack, "redis")
+        os.kill(redis_pid, signal.SIGKILL)
+        wait_for(lambda: watcher_pids(stack, "redis") not in (set(), {redis_pid}), timeout=20,
+                 what="Circus to restart Redis")  # fmt: skip
+
+        def delivered() -> bool:
+            # Publishing reports how many subscribers got it: 1 once the worker is back.
+            out = stackctl("publish", "alerts", "after", cwd=stack.stack_dir, check=False).stdout
+            return "(1 worker(s) listening)" in out
+
+        wait_for(delivered, timeout=20, what="the ws worker to subscribe again")
+        assert client.recv(timeout=2) == "after"
+    assert watcher_pids(stack, "ws") == ws_pid, "the ws worker was not restarted"
+
+
+def test_down_lets_in_flight_requests_finish() -> None:
+    import threading
+    import urllib.request
+
+    site = load_site()
+    with running_stack(site, "--workers", "2") as stack:
+        answers: list[bytes] = []
+        started = site / "request-started"
+
+        def slow_request() -> None:
+            url = f"{stack.url()}sleep?ms=2000&mark={started}"
+            with urllib.request.urlopen(url, timeout=30) as response:
+                answers.append(response.read())
+
+        request = threading.Thread(target=slow_request)
+        request.start()
+        wait_for(started.exists, what="the slow request to reach a worker")
+        stackctl("down", cwd=stack.stack_dir)
+        request.join(timeout=30)
+        assert answers == [b"slept 2000"]
+        assert not processes.find(stack.run_dir)
