@@ -4,7 +4,8 @@ A daemon thread compares the modification times of the modules loaded from the s
 directory. On a change, the worker sends itself SIGHUP, which a master-less uWSGI worker
 takes as "finish the current request, then exit"; Circus starts a fresh one on the new code
 while the socket it holds queues the requests. A random pause spreads the workers out, so
-the others keep serving meanwhile.
+the others keep serving meanwhile. A change that does not compile is reported and waited
+out: the workers keep the code they have until the file is fixed.
 """
 
 from __future__ import annotations
@@ -37,26 +38,41 @@ def app_files(root: Path) -> dict[Path, float]:
     return found
 
 
-def changed(before: dict[Path, float]) -> Path | None:
-    for path, mtime in before.items():
+def changed(before: dict[Path, float]) -> list[Path]:
+    def moved(path: Path, mtime: float) -> bool:
         try:
-            if path.stat().st_mtime != mtime:
-                return path
+            return path.stat().st_mtime != mtime
         except OSError:
-            return path
-    return None
+            return True
+
+    return [path for path, mtime in before.items() if moved(path, mtime)]
+
+
+def compiles(paths: list[Path]) -> bool:
+    """A file saved half-way, or with a typo, must not take the workers down: wait for a fix."""
+    for path in paths:
+        try:
+            compile(path.read_bytes(), str(path), "exec")  # checks only: writes no bytecode
+        except (SyntaxError, ValueError, OSError) as e:
+            print(f"stackctl: not reloading, {path} does not compile: {e}", file=sys.stderr)
+            return False
+    return True
 
 
 def watch(root: Path) -> None:
     baseline = app_files(root)
     while True:
         time.sleep(INTERVAL)
-        path = changed(baseline)
-        if path is not None:
-            time.sleep(random.uniform(0, SPREAD))
-            print(f"stackctl: {path} changed; worker {os.getpid()} restarts", file=sys.stderr)
-            os.kill(os.getpid(), signal.SIGHUP)
-            return
+        paths = changed(baseline)
+        if not paths:
+            continue
+        if not compiles(paths):
+            baseline.update({p: p.stat().st_mtime for p in paths if p.exists()})
+            continue
+        time.sleep(random.uniform(0, SPREAD))
+        print(f"stackctl: {paths[0]} changed; worker {os.getpid()} restarts", file=sys.stderr)
+        os.kill(os.getpid(), signal.SIGHUP)
+        return
 
 
 def start(root: Path) -> None:

@@ -134,6 +134,8 @@ def cmd_status(args: argparse.Namespace) -> int:
     print(f"{stack.url()}  profile {stack.profile.name}")
     for watcher in supervisor.status(stack):
         print(f"{watcher.name:<7} {watcher.state:<9} {len(watcher.processes)} process(es)")
+        if watcher.failure:
+            print("    " + watcher.failure.replace("\n", "\n    "))
         for p in watcher.processes:
             print(
                 f"    pid {p.pid:<8} up {format_age(p.age):>8}  cpu {p.cpu:5.1f}%  "
@@ -169,6 +171,9 @@ def cmd_reload(args: argparse.Namespace) -> int:
     if watcher == "wsgi":
         generation.check_app(stack)
         reload.canary(stack, timeout=stack.profile.wsgi.graceful_timeout + 30)
+        if reload.restart_if_stopped(stack, "wsgi"):
+            print("wsgi had stopped after crashing; started it again")
+            return 0
         replaced = reload.replace_workers(stack, sequential=args.sequential)
         print(f"reloaded wsgi: {replaced} workers replaced, each once its successor was ready")
     else:

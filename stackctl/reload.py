@@ -21,6 +21,7 @@ from pathlib import Path
 
 from stackctl import generation
 from stackctl.errors import StackError
+from stackctl.flapping import failure_note
 from stackctl.readiness import READY_DIR, ready_mark
 from stackctl.render import File
 from stackctl.render.nginx import INCLUDES as NGINX_INCLUDES
@@ -112,6 +113,16 @@ def replace_workers(stack: Stack, sequential: bool) -> int:
         # Circus retires the oldest processes first, each with the watcher's stop signal.
         call(stack, "decr", name="wsgi", nb=step, waiting=True, timeout=timeout)
     return len(old)
+
+
+def restart_if_stopped(stack: Stack, watcher: str) -> bool:
+    """Start a watcher the flapping plugin stopped; True if it had to."""
+    # (Asked about one watcher, Circus puts its state where "ok" would be: ask about all.)
+    if call(stack, "status")["statuses"].get(watcher) != "stopped":
+        return False
+    failure_note(stack.run_dir, watcher).unlink(missing_ok=True)
+    call(stack, "start", name=watcher, waiting=True)
+    return True
 
 
 def circus_differences(old: str, new: str) -> set[tuple[str, str]]:

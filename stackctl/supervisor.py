@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import http.client
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -22,17 +23,36 @@ import psutil
 
 from stackctl import processes
 from stackctl.errors import StackError
+from stackctl.flapping import FAILED_DIR, failure_note
 from stackctl.render.circus import WATCHERS
 from stackctl.stack import Stack
 
 POLL_INTERVAL = 0.1
+CONFLICT_PATIENCE = 10.0
 
 
 # --- talking to circusd -----------------------------------------------------------------------
 
 
 def call(stack: Stack, command: str, timeout: float = 10.0, **props: Any) -> dict[str, Any]:
-    """Send one command to circusd; a refusal becomes a StackError with Circus's reason."""
+    """Send one command to circusd; a refusal becomes a StackError with Circus's reason.
+
+    circusd refuses a command while it runs another ("arbiter is already running ...")
+    rather than queueing it; such a refusal is retried for a few seconds.
+    """
+    deadline = time.monotonic() + CONFLICT_PATIENCE
+    while True:
+        answer = _call_once(stack, command, timeout, props)
+        busy = "already running" in str(answer.get("reason", ""))
+        if answer.get("status") == "ok" or not busy or time.monotonic() > deadline:
+            break
+        time.sleep(POLL_INTERVAL)
+    if answer.get("status") != "ok":
+        raise StackError(f"circusd refused {command!r}: {answer.get('reason', answer)}")
+    return answer
+
+
+def _call_once(stack: Stack, command: str, timeout: float, props: dict[str, Any]) -> dict[str, Any]:
     from circus.client import CircusClient
     from circus.exc import CallError
 
@@ -43,8 +63,6 @@ def call(stack: Stack, command: str, timeout: float = 10.0, **props: Any) -> dic
         raise StackError(f"circusd did not answer {command!r}: {e}") from None
     finally:
         client.stop()
-    if answer.get("status") != "ok":
-        raise StackError(f"circusd refused {command!r}: {answer.get('reason', answer)}")
     return answer
 
 
@@ -68,6 +86,7 @@ def clean_stale(stack: Stack) -> list[int]:
     """After a crash: stop leftover processes and remove pid files and sockets of the dead stack."""
     leftovers = processes.find(stack.run_dir)
     processes.kill_all(leftovers)
+    shutil.rmtree(stack.run_dir / FAILED_DIR, ignore_errors=True)
     for name in (
         "circusd.pid",
         "nginx.pid",
@@ -148,8 +167,16 @@ class FailureWatch:
             if state == "active":
                 self.seen_active.add(name)
             elif state == "stopped" and name in self.seen_active:
-                failed.append(f"{name}: stopped after crashing\n{log_tail(self.stack, name)}")
+                failed.append(f"{name}: {failure_reason(self.stack, name)}")
         return failed
+
+
+def failure_reason(stack: Stack, watcher: str) -> str:
+    """Why a watcher stopped by itself: the flapping plugin's note, or the end of its log."""
+    note = failure_note(stack.run_dir, watcher)
+    if note.is_file():
+        return note.read_text().strip()
+    return f"stopped after crashing; the end of its log:\n{log_tail(stack, watcher)}"
 
 
 def log_tail(stack: Stack, watcher: str, lines: int = 15) -> str:
@@ -305,6 +332,8 @@ class WatcherInfo:
     name: str
     state: str
     processes: list[ProcessInfo]
+    failure: str | None
+    """Why the watcher stopped by itself, when it did."""
 
 
 def status(stack: Stack) -> list[WatcherInfo]:
@@ -323,7 +352,9 @@ def status(stack: Stack) -> list[WatcherInfo]:
                     int(pid), float(info.get("age", 0)), _number(info.get("cpu")), _rss(int(pid))
                 )
             )
-        result.append(WatcherInfo(name, states[name], procs))
+        note = failure_note(stack.run_dir, name)
+        failure = note.read_text().strip() if states[name] == "stopped" and note.is_file() else None
+        result.append(WatcherInfo(name, states[name], procs, failure))
     return result
 
 

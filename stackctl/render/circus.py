@@ -63,6 +63,7 @@ def render(stack: Stack) -> list[File]:
         backlog=stack.profile.wsgi.backlog,
         redis_cmd=redis_command(stack),
         run_dir=stack.run_dir,
+        log_dir=stack.log_dir,
         stack_dir=stack.stack_dir,
         logs=log_files(stack),
         wsgi_cmd=wsgi_command(stack),

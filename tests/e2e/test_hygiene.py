@@ -78,6 +78,13 @@ def test_dev_profile_reloads_workers_when_an_app_file_changes() -> None:
                  what="every worker to restart on the new code")  # fmt: skip
         with urllib.request.urlopen(stack.url(), timeout=10) as response:
             assert response.read().startswith(b"new code")
+        # A file saved with a typo is waited out: the workers keep serving the code they have.
+        serving = wsgi_pids(stack)
+        app.write_text(app.read_text() + "\ndef half_typed(:\n")
+        time.sleep(3)  # several check intervals: nothing may restart
+        assert wsgi_pids(stack) == serving
+        with urllib.request.urlopen(stack.url(), timeout=10) as response:
+            assert response.read().startswith(b"new code")
     assert load.report.failures == []
 
 

@@ -23,6 +23,8 @@ from tests.load import Load
 pytestmark = pytest.mark.e2e
 
 WORKERS = 4
+# These tests edit the app on purpose; the dev profile's code reload must not react to that.
+NO_AUTORELOAD = ("--set", "wsgi.autoreload=false")
 LOAD_APP = REPO / "tests" / "apps" / "loadapp.py"
 
 
@@ -36,7 +38,7 @@ def load_site() -> Path:
 
 @pytest.fixture(scope="module")
 def stack() -> Iterator[Stack]:
-    with running_stack(load_site(), "--workers", str(WORKERS)) as running:
+    with running_stack(load_site(), "--workers", str(WORKERS), *NO_AUTORELOAD) as running:
         yield running
 
 
@@ -273,3 +275,29 @@ def test_down_lets_in_flight_requests_finish() -> None:
         request.join(timeout=30)
         assert answers == [b"slept 2000"]
         assert not processes.find(stack.run_dir)
+
+
+def test_worker_crashing_at_every_start_is_stopped_with_its_error_in_status() -> None:
+    site = load_site()
+    app = site / "loadapp.py"
+    good = app.read_text()
+    with running_stack(site, "--workers", "2", *NO_AUTORELOAD) as stack:
+        app.write_text("try:\n    import uwsgi\nexcept ImportError:\n    pass\nelse:\n"
+                       "    raise RuntimeError('crash at every start')\n" + good)  # fmt: skip
+        # Circus's own reload has no canary: its new workers crash, again and again.
+        assert circusctl(stack, "reload", "wsgi").returncode == 0
+
+        def stopped() -> bool:
+            return circusctl(stack, "status", "wsgi").stdout.strip() == "stopped"
+
+        wait_for(stopped, timeout=30, what="the flapping pool to be stopped")
+        status = stackctl("status", cwd=site).stdout
+        assert "wsgi    stopped" in status
+        assert "stopped after 5 crashes in a row at start" in status
+        assert "RuntimeError: crash at every start" in status
+
+        app.write_text(good)
+        out = stackctl("reload", "wsgi", cwd=site).stdout
+        assert "wsgi had stopped after crashing; started it again" in out
+        wait_for(lambda: urlopen_status(stack) == 200, what="the site to answer again")
+        assert "stopped after" not in stackctl("status", cwd=site).stdout

@@ -1,0 +1,118 @@
+"""Stopping a watcher whose processes keep dying young, as PM2 does (``min_uptime``,
+``max_restarts``), instead of restarting it forever.
+
+Circus's own flapping plugin counts every exit, so that a few quick graceful reloads, or
+workers recycled after ``max_requests``, would look like a crash loop. Here only an
+*unstable* exit counts: a uWSGI worker that exits before it marked itself ready
+(:mod:`stackctl.readiness`), or any other process that exits within ``min_uptime`` seconds
+of its start. After ``max_restarts`` unstable exits in a row the watcher is stopped, and
+the reason, with the end of its log, is written to ``<run_dir>/failed/<watcher>`` for
+``stackctl status``.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import signal
+import time
+from collections import defaultdict
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from circus.plugins import CircusPlugin
+
+from stackctl.readiness import ready_mark
+
+FAILED_DIR = "failed"
+WATCHED = ("wsgi", "ws", "nginx", "redis")
+PR_SET_PDEATHSIG = 1
+CONFLICT_RETRIES = 100
+
+
+class RestartJudge:
+    """Counts unstable exits per watcher; says when one must be stopped."""
+
+    def __init__(self, min_uptime: float, max_restarts: int,
+                 was_ready: Callable[[str, int], bool]) -> None:  # fmt: skip
+        self.min_uptime = min_uptime
+        self.max_restarts = max_restarts
+        self.was_ready = was_ready
+        self.started: dict[int, float] = {}
+        self.unstable: dict[str, int] = defaultdict(int)
+
+    def spawned(self, pid: int, at: float) -> None:
+        self.started[pid] = at
+
+    def exited(self, watcher: str, pid: int, at: float) -> bool:
+        """Record an exit; True when the watcher has now failed ``max_restarts`` times in a row."""
+        started = self.started.pop(pid, None)
+        if watcher == "wsgi":
+            unstable = not self.was_ready(watcher, pid)
+        else:
+            unstable = started is not None and at - started < self.min_uptime
+        self.unstable[watcher] = self.unstable[watcher] + 1 if unstable else 0
+        if self.unstable[watcher] >= self.max_restarts:
+            self.unstable[watcher] = 0
+            return True
+        return False
+
+
+def failure_note(run_dir: Path, watcher: str) -> Path:
+    return run_dir / FAILED_DIR / watcher
+
+
+def log_tail(path: Path, lines: int = 15) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return f"(no log at {path})"
+
+
+class Flapping(CircusPlugin):
+    """The Circus plugin around :class:`RestartJudge`."""
+
+    name = "stackctl_flapping"
+
+    def __init__(self, *args: Any, **config: Any) -> None:
+        super().__init__(*args, **config)
+        self.run_dir = Path(config["run_dir"])
+        self.log_dir = Path(config["log_dir"])
+        self.judge = RestartJudge(
+            float(config.get("min_uptime", 2)),
+            int(config.get("max_restarts", 5)),
+            lambda _watcher, pid: ready_mark(self.run_dir, pid).exists(),
+        )
+
+    def handle_init(self) -> None:
+        # Like every watcher, the plugin must not outlive a killed circusd.
+        ctypes.CDLL(None).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+
+    def handle_recv(self, data: Any) -> None:
+        watcher, action, raw = self.split_data(data)
+        if watcher not in WATCHED or action not in ("spawn", "reap"):
+            return
+        message = self.load_message(raw)
+        pid, at = int(message["process_pid"]), float(message["time"])
+        if action == "spawn":
+            self.judge.spawned(pid, at)
+        elif self.judge.exited(watcher, pid, at):
+            self.stop(watcher)
+
+    def stop(self, watcher: str) -> None:
+        note = failure_note(self.run_dir, watcher)
+        note.parent.mkdir(exist_ok=True)
+        note.write_text(
+            f"stopped after {self.judge.max_restarts} crashes in a row at start; "
+            f"the end of its log:\n{log_tail(self.log_dir / f'{watcher}.log')}\n"
+        )
+        answer = self.call("stop", name=watcher)
+        for _ in range(CONFLICT_RETRIES):
+            # circusd refuses commands while it runs another (a crash loop keeps it busy).
+            if answer.get("status") == "ok" or "already running" not in answer.get("reason", ""):
+                break
+            time.sleep(0.1)
+            answer = self.call("stop", name=watcher)
+        if answer.get("status") != "ok":
+            with note.open("a") as f:
+                f.write(f"(and Circus refused to stop it: {answer.get('reason', answer)})\n")
