@@ -45,13 +45,13 @@ def measure(run: Path, app: str, workers: int, connections: int, seconds: int) -
     results: dict[str, Result] = {}
     peers = [("uwsgi", nginx_uwsgi), ("gunicorn", nginx_gunicorn), ("stackctl", stackctl_stack)]
     if app == "hello":
-        with nginx_alone(run) as port:
-            url = f"http://127.0.0.1:{port}/"
+        with nginx_alone(run) as server:
+            url = f"http://127.0.0.1:{server.port}/"
             results["ceiling"] = wrk("nginx return 200", url, connections, seconds)
             print(row(results["ceiling"]), flush=True)
     for name, peer in peers:
-        with peer(run, app, workers) as port:
-            url = f"http://127.0.0.1:{port}/"
+        with peer(run, app, workers) as server:
+            url = f"http://127.0.0.1:{server.port}/"
             wrk(name, url, connections, 2)  # warm-up
             results[name] = wrk(f"{name} ({app})", url, connections, seconds)
             print(row(results[name]), flush=True)
@@ -80,8 +80,9 @@ def main() -> int:
         hello = measure(run, "hello", workers, args.connections, args.seconds)
         print("app sleeping 20 ms per request:")
         sleepy = measure(run, "sleepy", workers, args.connections, args.seconds)
-        with stackctl_stack(run, "hello", workers) as port:
-            burst = wrk("stackctl burst 256", f"http://127.0.0.1:{port}/", 256, 5, threads=2)
+        with stackctl_stack(run, "hello", workers) as server:
+            url = f"http://127.0.0.1:{server.port}/"
+            burst = wrk("stackctl burst 256", url, 256, 5, threads=2)
         print(row(burst))
 
     stack, ceiling = hello["stackctl"], workers / SLEEP_SECONDS

@@ -135,7 +135,9 @@ def workdir() -> Iterator[Path]:
 
 
 @contextmanager
-def started(*commands: list[str], cwd: Path, env: dict[str, str] | None = None) -> Iterator[None]:
+def started(
+    *commands: list[str], cwd: Path, env: dict[str, str] | None = None
+) -> Iterator[list[subprocess.Popen[bytes]]]:
     """Run the commands in the background; stop them (and their process groups) on exit."""
     procs = []
     try:
@@ -150,7 +152,7 @@ def started(*commands: list[str], cwd: Path, env: dict[str, str] | None = None) 
                     stderr=(cwd / f"{Path(command[0]).name}.err").open("ab"),
                 )
             )
-        yield
+        yield procs
     finally:
         for proc in reversed(procs):
             with suppress(ProcessLookupError):
@@ -173,21 +175,30 @@ def nginx_command(run: Path, port: int, location: str) -> list[str]:
     return [nginx, "-p", str(run), "-c", str(conf), "-e", str(run / "nginx-error.log")]
 
 
+@dataclass(frozen=True)
+class Server:
+    port: int
+    backend_pids: list[int]
+    """The pids of the programs behind NGiNX (a uWSGI or gunicorn master, say)."""
+    stack_dir: Path | None = None
+    """For a stackctl stack: where to run stackctl commands."""
+
+
 @contextmanager
-def behind_nginx(run: Path, location: str, *backends: list[str]) -> Iterator[int]:
-    """Start the backends, then NGiNX in front with ``location``; yield NGiNX's port."""
+def behind_nginx(run: Path, location: str, *backends: list[str]) -> Iterator[Server]:
+    """Start the backends, then NGiNX in front with ``location``."""
     port = free_port()
-    with started(*backends, nginx_command(run, port, location), cwd=run):
+    with started(*backends, nginx_command(run, port, location), cwd=run) as procs:
         wait_http(port)
-        yield port
+        yield Server(port, [p.pid for p in procs[: len(backends)]])
 
 
-def nginx_alone(run: Path) -> AbstractContextManager[int]:
+def nginx_alone(run: Path) -> AbstractContextManager[Server]:
     """The ceiling: NGiNX answering every request itself."""
     return behind_nginx(run, 'return 200 "Hello, world!\\n";')
 
 
-def nginx_uwsgi(run: Path, app: str, processes: int) -> AbstractContextManager[int]:
+def nginx_uwsgi(run: Path, app: str, processes: int) -> AbstractContextManager[Server]:
     """The hand-written setup: NGiNX -> unix socket -> uWSGI with a master."""
     sock = run / f"uwsgi-{app}.sock"
     # Temp paths hold no spaces, so plain splitting is safe here.
@@ -197,7 +208,7 @@ def nginx_uwsgi(run: Path, app: str, processes: int) -> AbstractContextManager[i
     return behind_nginx(run, f"include {_uwsgi_params()}; uwsgi_pass unix:{sock};", uwsgi)
 
 
-def nginx_gunicorn(run: Path, app: str, workers: int) -> AbstractContextManager[int]:
+def nginx_gunicorn(run: Path, app: str, workers: int) -> AbstractContextManager[Server]:
     """NGiNX -> unix socket -> gunicorn with the same number of sync workers."""
     sock = run / f"gunicorn-{app}.sock"
     gunicorn = f"""{_program("gunicorn")} --workers {workers} --worker-class sync
@@ -207,7 +218,7 @@ def nginx_gunicorn(run: Path, app: str, workers: int) -> AbstractContextManager[
 
 
 @contextmanager
-def stackctl_stack(run: Path, app: str, workers: int) -> Iterator[int]:
+def stackctl_stack(run: Path, app: str, workers: int) -> Iterator[Server]:
     """The product: `stackctl up --detach` on the same app, stopped with `stackctl down`."""
     site = Path(tempfile.mkdtemp(prefix=f"site-{app}-", dir=run))
     (site / "bench_apps.py").write_text(APPS)
@@ -234,7 +245,7 @@ def stackctl_stack(run: Path, app: str, workers: int) -> Iterator[int]:
     )
     try:
         wait_http(port)
-        yield port
+        yield Server(port, [], site)
     finally:
         subprocess.run([*stackctl, "down"], cwd=site, capture_output=True)
 

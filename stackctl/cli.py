@@ -169,7 +169,7 @@ def cmd_reload(args: argparse.Namespace) -> int:
         return 0
     watcher = args.watcher or "wsgi"
     if watcher == "wsgi":
-        generation.check_app(stack)
+        # The canary imports the app as a worker would, and shows the traceback if it cannot.
         reload.canary(stack, timeout=stack.profile.wsgi.graceful_timeout + 30)
         if reload.restart_if_stopped(stack, "wsgi"):
             print("wsgi had stopped after crashing; started it again")

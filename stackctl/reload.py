@@ -29,6 +29,7 @@ from stackctl.stack import Stack
 from stackctl.supervisor import call, log_tail
 
 POLL = 0.05
+CANARY_NICENESS = 10
 
 
 def wsgi_pids(stack: Stack) -> set[int]:
@@ -57,6 +58,8 @@ def canary(stack: Stack, timeout: float) -> None:
         proc = subprocess.Popen(
             args, cwd=stack.stack_dir, env={**os.environ, **stack.worker_env()},
             stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True,
+            # A trial run: it must not take CPU from the workers serving meanwhile.
+            preexec_fn=lambda: os.nice(CANARY_NICENESS),
         )  # fmt: skip
     mark = ready_mark(stack.run_dir, proc.pid)
     try:
