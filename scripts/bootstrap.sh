@@ -43,7 +43,8 @@ case "$job" in
         exec python -m pytest -p no:cacheprovider
         ;;
     bench)
-        exec python benchmarks/run.py
+        python benchmarks/bench_http.py
+        exec python benchmarks/bench_reload.py
         ;;
     *)
         echo "usage: bash scripts/bootstrap.sh [demo|test|bench]" >&2
