@@ -1,6 +1,7 @@
 """The app the restart tests load: slow GETs, echoing POSTs, and a request that hangs."""
 
 import os
+import signal
 import time
 from urllib.parse import parse_qs
 
@@ -9,6 +10,8 @@ def application(environ, start_response):
     path = environ.get("PATH_INFO", "/")
     if path == "/grow":
         return grow(environ, start_response)
+    if path == "/stubborn":  # this worker now ignores the graceful stop signal
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)
     if path == "/echo":
         length = int(environ.get("CONTENT_LENGTH") or 0)
         body = environ["wsgi.input"].read(length)

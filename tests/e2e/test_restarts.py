@@ -301,3 +301,21 @@ def test_worker_crashing_at_every_start_is_stopped_with_its_error_in_status() ->
         assert "wsgi had stopped after crashing; started it again" in out
         wait_for(lambda: urlopen_status(stack) == 200, what="the site to answer again")
         assert "stopped after" not in stackctl("status", cwd=site).stdout
+
+
+def test_down_leaves_no_orphan_when_a_worker_ignores_the_stop_signal() -> None:
+    import urllib.request
+
+    site = load_site()
+    with running_stack(site, "--workers", "1", "--set", "wsgi.graceful_timeout=2") as stack:
+        with urllib.request.urlopen(stack.url() + "stubborn", timeout=10) as response:
+            assert response.status == 200
+        (stubborn,) = wsgi_pids(stack)
+        started = time.monotonic()
+        stackctl("down", cwd=stack.stack_dir)
+        assert time.monotonic() - started < 20
+        assert (
+            not psutil.pid_exists(stubborn)
+            or psutil.Process(stubborn).status() == psutil.STATUS_ZOMBIE
+        )
+        assert not processes.find(stack.run_dir)
