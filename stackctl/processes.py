@@ -2,8 +2,8 @@
 
 circusd and the watchers it starts carry ``STACKCTL_RUN_DIR=<run dir>`` in their environment.
 NGiNX overwrites its environment with its process title, but its master's title names the run
-directory; Circus puts every child in a session of its own, so NGiNX workers are found as
-members of their master's session.
+directory, and its workers run in the run directory (Circus starts NGiNX there): that finds
+them even when their master has died. Members of a found process's session are found too.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ def _is_marked(proc: psutil.Process, run_dir: str) -> bool:
     try:
         if proc.pid == os.getpid():
             return False
-        if run_dir in " ".join(proc.cmdline()):
+        if run_dir in " ".join(proc.cmdline()) or proc.cwd() == run_dir:
             return True
         return proc.environ().get(MARKER) == run_dir
     except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):

@@ -149,6 +149,15 @@ def test_nginx_killed_is_restarted(stack: Stack) -> None:
             return False
 
     wait_for(answers_again, timeout=30, what="NGiNX to come back")
+    orphans = [p.pid for p in psutil.process_iter() if _process_group(p.pid) == master]
+    assert orphans == [], "workers of the killed master are still alive"
+
+
+def _process_group(pid: int) -> int | None:
+    try:
+        return os.getpgid(pid)
+    except ProcessLookupError:
+        return None
 
 
 def urlopen_status(stack: Stack) -> int:
