@@ -43,15 +43,16 @@ def load_stack(args: argparse.Namespace, *, programs: bool) -> Stack:
     return plan(chosen, None if programs else NO_PROGRAMS)
 
 
-def load_running_stack(args: argparse.Namespace, *, programs: bool = False) -> Stack:
-    """The stack as ``up`` started it: its recorded profile and command-line overrides."""
+def load_running_stack(args: argparse.Namespace) -> Stack:
+    """The stack as ``up`` started it (its recorded profile and command-line overrides), to
+    find its files and sockets; the programs are not looked up."""
     guess = load_stack(args, programs=False)
     state_path = guess.run_dir / STATE_FILE
     if not state_path.is_file():
-        return load_stack(args, programs=True) if programs else guess
+        return guess
     state = json.loads(state_path.read_text())
     chosen = profile.load(args.stack, state["profile"], [tuple(p) for p in state["overrides"]])
-    return plan(chosen, None if programs else NO_PROGRAMS)
+    return plan(chosen, NO_PROGRAMS)
 
 
 def save_state(stack: Stack, overrides: list[tuple[str, Any]]) -> None:
@@ -165,21 +166,8 @@ def cmd_reload(args: argparse.Namespace) -> int:
     save_state(stack, overrides)
     for line in done:
         print(line)
-    if done and args.watcher is None:
-        return 0
-    watcher = args.watcher or "wsgi"
-    if watcher == "wsgi":
-        # The canary imports the app as a worker would, and shows the traceback if it cannot.
-        reload.canary(stack, timeout=stack.profile.wsgi.graceful_timeout + 30)
-        if reload.restart_if_stopped(stack, "wsgi"):
-            print("wsgi had stopped after crashing; started it again")
-            return 0
-        replaced = reload.replace_workers(stack, sequential=args.sequential)
-        print(f"reloaded wsgi: {replaced} workers replaced, each once its successor was ready")
-    else:
-        supervisor.call(stack, "reload", name=watcher, graceful=True, waiting=True,
-                        timeout=stack.profile.wsgi.graceful_timeout + 30)  # fmt: skip
-        print(f"reloaded {watcher}")
+    if not done or args.watcher is not None:
+        print(reload.reload_watcher(stack, args.watcher or "wsgi", sequential=args.sequential))
     return 0
 
 

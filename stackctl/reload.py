@@ -118,6 +118,20 @@ def replace_workers(stack: Stack, sequential: bool) -> int:
     return len(old)
 
 
+def reload_watcher(stack: Stack, watcher: str, sequential: bool) -> str:
+    """Reload one watcher's processes; returns what was done."""
+    timeout = stack.profile.wsgi.graceful_timeout + 30
+    if watcher != "wsgi":
+        call(stack, "reload", name=watcher, graceful=True, waiting=True, timeout=timeout)
+        return f"reloaded {watcher}"
+    # The canary imports the app as a worker would, and shows the traceback if it cannot.
+    canary(stack, timeout=timeout)
+    if restart_if_stopped(stack, "wsgi"):
+        return "wsgi had stopped after crashing; started it again"
+    replaced = replace_workers(stack, sequential=sequential)
+    return f"reloaded wsgi: {replaced} workers replaced, each once its successor was ready"
+
+
 def restart_if_stopped(stack: Stack, watcher: str) -> bool:
     """Start a watcher the flapping plugin stopped; True if it had to."""
     # (Asked about one watcher, Circus puts its state where "ok" would be: ask about all.)
