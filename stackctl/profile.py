@@ -59,6 +59,10 @@ class WsgiConfig:
 @dataclass(frozen=True)
 class WsConfig:
     prefix: str
+    ping_interval: int
+    max_message: int
+    max_connections: int
+    queue_limit: int
 
 
 @dataclass(frozen=True)

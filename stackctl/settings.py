@@ -232,6 +232,30 @@ SETTINGS: tuple[Setting, ...] = (
         url_prefix,
         "URL prefix routed to the websocket worker; /ws/CHANNEL subscribes to CHANNEL.",
     ),
+    Setting(
+        "ws.ping_interval",
+        20,
+        positive_int,
+        "Seconds between the websocket worker's pings; a client silent for two is dropped.",
+    ),
+    Setting(
+        "ws.max_message",
+        65536,
+        positive_int,
+        "Largest message in bytes a websocket client may send; a larger one closes it (1009).",
+    ),
+    Setting(
+        "ws.max_connections",
+        10000,
+        positive_int,
+        "Websocket clients one worker accepts; the next ones get 503.",
+    ),
+    Setting(
+        "ws.queue_limit",
+        256,
+        positive_int,
+        "Messages queued for one slow client before it is disconnected (1013).",
+    ),
     Setting("static.url", "/static/", url_prefix, "URL prefix NGiNX serves from static.dir."),
     Setting(
         "static.dir",

@@ -33,8 +33,12 @@ def wsgi_command(stack: Stack) -> str:
 
 def ws_command(stack: Stack) -> str:
     profile = stack.profile
-    args = [stack.programs.python, "-m", "stackctl.ws", "--prefix", profile.ws.prefix,
-            "--graceful-timeout", str(profile.wsgi.graceful_timeout)]  # fmt: skip
+    ws = profile.ws
+    args = [stack.programs.python, "-m", "stackctl.ws", "--prefix", ws.prefix,
+            "--graceful-timeout", str(profile.wsgi.graceful_timeout),
+            "--ping-interval", str(ws.ping_interval), "--max-message", str(ws.max_message),
+            "--max-connections", str(ws.max_connections),
+            "--queue-limit", str(ws.queue_limit)]  # fmt: skip
     return shlex.join(tied_to_circusd(stack, args)) + " --fd $(circus.sockets.ws)"
 
 

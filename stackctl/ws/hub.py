@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import random
+import time
 from collections import defaultdict
 from typing import TYPE_CHECKING, Any
 
@@ -34,9 +35,13 @@ def encode_text_frame(text: str) -> bytes:
     return bytes(FrameProtocol(client=False, extensions=[]).send_data(text, fin=True))
 
 
+PING_FRAME = bytes(FrameProtocol(client=False, extensions=[]).ping())
+
+
 class Hub:
-    def __init__(self, redis_url: str) -> None:
+    def __init__(self, redis_url: str, ping_interval: float) -> None:
         self.redis_url = redis_url
+        self.ping_interval = ping_interval
         self.clients: dict[str, set[Client]] = defaultdict(set)
         self.ready: dict[str, Event] = {}
         self.stopping = False
@@ -45,6 +50,7 @@ class Hub:
 
     def start(self) -> None:
         self._listener = gevent.spawn(self._listen_forever)
+        gevent.spawn(self._ping_forever)
 
     def stop(self) -> None:
         self.stopping = True
@@ -73,6 +79,20 @@ class Hub:
 
     def all_clients(self) -> list[Client]:
         return [c for members in self.clients.values() for c in members]
+
+    def client_count(self) -> int:
+        return sum(len(members) for members in self.clients.values())
+
+    def _ping_forever(self) -> None:
+        """Ping every client; drop those silent for two intervals (a dead peer, a lost route)."""
+        while not self.stopping:
+            gevent.sleep(self.ping_interval)
+            deadline = time.monotonic() - 2 * self.ping_interval
+            for client in self.all_clients():
+                if client.last_heard < deadline:
+                    client.abort()
+                else:
+                    client.send_frame(PING_FRAME)
 
     def fan_out(self, channel: str, text: str) -> None:
         frame = encode_text_frame(text)

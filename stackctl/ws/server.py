@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import resource
 import signal
 import socket
 import sys
@@ -23,16 +24,19 @@ from gevent.pywsgi import WSGIServer
 from wsproto.utilities import generate_accept_token
 
 from stackctl.realtime import CHANNEL_PATTERN, REDIS_URL_VARIABLE
-from stackctl.ws.client import GOING_AWAY, Client
+from stackctl.ws.client import SERVICE_RESTART, Client
 from stackctl.ws.hub import Hub
 
 log = logging.getLogger("stackctl.ws")
 
 
 class Worker:
-    """What the handler needs: the URL prefix and the hub. One per process."""
+    """What the handler needs: the URL prefix, the limits and the hub. One per process."""
 
     prefix = "/ws/"
+    max_message = 65536
+    max_connections = 10000
+    queue_limit = 256
     hub: Hub | None = None
 
 
@@ -73,7 +77,10 @@ class WebSocketHandler(chaussette_gevent.CustomWSGIHandler):
             return
         hub = Worker.hub
         assert hub is not None
-        client = Client(self.socket, channel)
+        if hub.client_count() >= Worker.max_connections:
+            self._reject("503 Service Unavailable", b"this worker holds its maximum of clients\n")
+            return
+        client = Client(self.socket, channel, Worker.queue_limit, Worker.max_message)
         try:
             if not hub.join(channel, client):
                 self._reject("503 Service Unavailable", b"the message bus is not reachable\n")
@@ -130,10 +137,17 @@ class WebSocketServer(chaussette_gevent.Server):
         self.close()  # stop accepting: the next process takes the Circus socket's queue
         if Worker.hub is not None:
             for client in Worker.hub.all_clients():
-                client.close(GOING_AWAY, "server restarting")
+                client.close(SERVICE_RESTART, "server restarting")
         self.stop(timeout=self.stop_timeout)
         if Worker.hub is not None:
             Worker.hub.stop()
+
+
+def raise_open_files_limit() -> None:
+    """One descriptor per client: allow as many as the hard limit lets this process have."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 
 
 def main(argv: list[str]) -> int:
@@ -141,13 +155,21 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--fd", type=int, required=True, help="listening socket held by circusd")
     parser.add_argument("--prefix", default="/ws/")
     parser.add_argument("--graceful-timeout", type=int, default=30)
+    parser.add_argument("--ping-interval", type=float, default=20)
+    parser.add_argument("--max-message", type=int, default=65536)
+    parser.add_argument("--max-connections", type=int, default=10000)
+    parser.add_argument("--queue-limit", type=int, default=256)
     args = parser.parse_args(argv)
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s ws[%(process)d] %(levelname)s %(message)s"
     )
 
+    raise_open_files_limit()
     Worker.prefix = args.prefix
-    Worker.hub = Hub(os.environ[REDIS_URL_VARIABLE])
+    Worker.max_message = args.max_message
+    Worker.max_connections = args.max_connections
+    Worker.queue_limit = args.queue_limit
+    Worker.hub = Hub(os.environ[REDIS_URL_VARIABLE], args.ping_interval)
     Worker.hub.start()
 
     from chaussette import backend
