@@ -89,10 +89,11 @@ def cmd_render(args: argparse.Namespace) -> int:
 def cmd_up(args: argparse.Namespace) -> int:
     stack = load_stack(args, programs=True)
     print(f"profile {stack.profile.name} ({stack.profile.reason})")
-    if supervisor.running_pid(stack):
+    running_pid = supervisor.running_pid(stack)
+    if running_pid:
         raise StackError(
-            f"a stack is already running in {stack.stack_dir} (circusd pid "
-            f"{supervisor.running_pid(stack)}); use `stackctl reload` or `stackctl down`"
+            f"a stack is already running in {stack.stack_dir} (circusd pid {running_pid}); "
+            "use `stackctl reload` or `stackctl down`"
         )
     stale = supervisor.clean_stale(stack) if stack.run_dir.is_dir() else []
     if stale:

@@ -107,11 +107,15 @@ class Stack:
     def nginx_error_log(self) -> Path:
         return self.log_dir / "nginx-error.log"
 
+    @property
+    def local_host(self) -> str:
+        """Where a client on this host reaches NGiNX: a wildcard listen means loopback."""
+        host = self.profile.server.listen.host
+        return {"0.0.0.0": "127.0.0.1", "*": "127.0.0.1", "::": "::1"}.get(host, host)
+
     def url(self) -> str:
-        listen = self.profile.server.listen
-        host = "127.0.0.1" if listen.host in ("0.0.0.0", "*") else listen.host
-        host = "[::1]" if host == "::" else (f"[{host}]" if ":" in host else host)
-        return f"http://{host}:{listen.port}/"
+        host = f"[{self.local_host}]" if ":" in self.local_host else self.local_host
+        return f"http://{host}:{self.profile.server.listen.port}/"
 
     def worker_env(self) -> dict[str, str]:
         """Environment of every watcher: how the app finds Redis, and how cleanup finds them."""

@@ -13,6 +13,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import textwrap
 import time
 from collections.abc import Callable
 from contextlib import closing
@@ -21,7 +22,7 @@ from typing import Any
 
 import psutil
 
-from stackctl import processes
+from stackctl import flapping, processes
 from stackctl.errors import StackError
 from stackctl.flapping import FAILED_DIR, failure_note
 from stackctl.render.circus import WATCHERS
@@ -105,9 +106,7 @@ def clean_stale(stack: Stack) -> list[int]:
 
 def http_answers(stack: Stack) -> bool:
     """True once NGiNX and a WSGI worker behind it answer ``GET /`` (any status below 500)."""
-    listen = stack.profile.server.listen
-    host = "127.0.0.1" if listen.host in ("0.0.0.0", "*") else listen.host
-    conn = http.client.HTTPConnection(host, listen.port, timeout=2)
+    conn = http.client.HTTPConnection(stack.local_host, stack.profile.server.listen.port, timeout=2)
     try:
         conn.request("GET", "/", headers={"Host": "localhost"})
         return conn.getresponse().status < 500
@@ -122,11 +121,10 @@ def websocket_accepts(stack: Stack) -> bool:
     from wsproto import ConnectionType, WSConnection
     from wsproto.events import AcceptConnection, RejectConnection, Request
 
-    listen = stack.profile.server.listen
-    host = "127.0.0.1" if listen.host in ("0.0.0.0", "*") else listen.host
+    address = (stack.local_host, stack.profile.server.listen.port)
     ws = WSConnection(ConnectionType.CLIENT)
     try:
-        with closing(socket.create_connection((host, listen.port), timeout=2)) as sock:
+        with closing(socket.create_connection(address, timeout=2)) as sock:
             sock.sendall(
                 ws.send(Request(host="localhost", target=f"{stack.profile.ws.prefix}_ready"))
             )
@@ -179,13 +177,9 @@ def failure_reason(stack: Stack, watcher: str) -> str:
     return f"stopped after crashing; the end of its log:\n{log_tail(stack, watcher)}"
 
 
-def log_tail(stack: Stack, watcher: str, lines: int = 15) -> str:
-    path = stack.log_dir / f"{watcher}.log"
-    try:
-        text = path.read_text(errors="replace").splitlines()[-lines:]
-    except OSError:
-        return f"    (no log at {path})"
-    return "\n".join(f"    {line}" for line in text)
+def log_tail(stack: Stack, watcher: str) -> str:
+    """The end of a watcher's log, indented to sit under a message."""
+    return textwrap.indent(flapping.log_tail(stack.log_dir / f"{watcher}.log"), "    ")
 
 
 def wait_until(check: Callable[[], bool], deadline: float, alive: Callable[[], bool]) -> bool:
@@ -269,10 +263,7 @@ def stop(stack: Stack, pid: int | None = None) -> list[int]:
     pid = pid or running_pid(stack)
     if pid is not None:
         terminate_circusd(pid, stack.profile.wsgi.graceful_timeout + 5)
-    leftovers = processes.find(stack.run_dir)
-    processes.kill_all(leftovers)
-    clean_stale(stack)
-    return [p.pid for p in leftovers]
+    return clean_stale(stack)
 
 
 def terminate_circusd(pid: int, grace: float) -> None:
