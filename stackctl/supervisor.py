@@ -145,8 +145,9 @@ def websocket_accepts(stack: Stack) -> bool:
 class FailureWatch:
     """Notices watchers that Circus stopped after they had started (flapping, crashing).
 
-    A watcher that has not started yet is "stopped" too, so only a watcher seen active
-    before counts as failed.
+    A watcher that has not started yet is "stopped" too, so a stopped watcher counts as failed
+    only if it was seen active before, or the flapping plugin left a note (it may stop a pool
+    that crashes at once before any poll saw it active).
     """
 
     def __init__(self, stack: Stack) -> None:
@@ -164,7 +165,9 @@ class FailureWatch:
                 continue
             if state == "active":
                 self.seen_active.add(name)
-            elif state == "stopped" and name in self.seen_active:
+            elif state == "stopped" and (
+                name in self.seen_active or failure_note(self.stack.run_dir, name).is_file()
+            ):
                 failed.append(f"{name}: {failure_reason(self.stack, name)}")
         return failed
 
