@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import select
 import signal
 from contextlib import suppress
 from pathlib import Path
@@ -12,6 +13,33 @@ from typing import Any
 import psutil
 
 log = logging.getLogger("stackctl.hooks")
+READ = 1  # tornado's IOLoop.READ, the event a Circus stream handler expects
+
+
+def flush_output_before_reap(watcher: Any, arbiter: Any, hook_name: str, process_pid: int,
+                             **_: Any) -> bool:  # fmt: skip
+    """Before Circus reaps a dead process: copy what is left in its pipes to the log, then
+    take the pipes off circusd's event loop.
+
+    Circus 0.19 closes the pipes of a reaped process without unregistering them when the
+    reap comes before the event loop has read their end (a busy machine, a graceful stop).
+    The next process to get the same fd number then fails to spawn ("fd added twice"), and
+    the watcher stays short of processes for good.
+    """
+    redirector = watcher.stream_redirector
+    process = watcher.processes.get(process_pid)
+    if redirector is None or process is None:
+        return True
+    for fd, (name, owner, pipe) in list(redirector.pipes.items()):
+        if owner is not process:
+            continue
+        handler = redirector.Handler(redirector, name, process, pipe)
+        # The process is dead, but a child of it (an NGiNX worker) may still hold the pipe:
+        # read only what is there, never wait.
+        while fd in redirector.pipes and select.select([fd], [], [], 0)[0]:
+            handler(fd, READ)
+    redirector.remove_redirections(process)
+    return True
 
 
 def stop_orphaned_nginx_workers(watcher: Any, arbiter: Any, hook_name: str, **_: Any) -> bool:

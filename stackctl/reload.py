@@ -98,8 +98,11 @@ def wait_ready(stack: Stack, before: set[int], count: int, timeout: float) -> No
                 f"{log_tail(stack, 'wsgi')}"
             )
         time.sleep(POLL)
+    ready = sorted(pid for pid in seen if ready_mark(stack.run_dir, pid).exists())
     raise StackError(
-        f"new uWSGI workers were not ready within {timeout:.0f} s; see `stackctl logs wsgi`"
+        f"new uWSGI workers were not ready within {timeout:.0f} s: Circus started "
+        f"{sorted(seen) or 'none'}, of which {ready or 'none'} marked themselves ready. "
+        f"The end of circusd's log:\n{log_tail(stack, 'circusd')}"
     )
 
 
