@@ -11,7 +11,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from stackctl import generation, profile, supervisor
+from stackctl import generation, profile, realtime, supervisor
 from stackctl.errors import EXIT_STACK_ERROR, StackError
 from stackctl.settings import SETTINGS
 from stackctl.stack import Programs, Stack, plan
@@ -99,6 +99,7 @@ def cmd_up(args: argparse.Namespace) -> int:
     if stale:
         print(f"cleaned up after a stack that died: stopped pids {stale}")
     supervisor.check_port_free(stack)
+    realtime.ensure_secret(stack.secret_file)
     generation.write(stack, generation.render_all(stack))
     save_state(stack, overrides_from(args))
     running = supervisor.start(stack, timeout=args.timeout)
@@ -210,15 +211,23 @@ def follow(paths: list[Path], prefix: bool) -> None:
 def cmd_env(args: argparse.Namespace) -> int:
     stack = load_running_stack(args)
     print(f"export CIRCUSCTL_ENDPOINT={shlex.quote(stack.circus_endpoint)}")
-    print(f"export STACKCTL_REDIS_URL={shlex.quote(stack.redis_url)}")
+    for name, value in stack.worker_env().items():
+        if name.startswith("STACKCTL_") and name != "STACKCTL_RUN_DIR":
+            print(f"export {name}={shlex.quote(value)}")
     return 0
 
 
 def cmd_publish(args: argparse.Namespace) -> int:
-    from stackctl import realtime
-
     stack = load_running_stack(args)
-    receivers = realtime.publish(args.channel, args.message, url=stack.redis_url)
+    ws = stack.profile.ws
+    data = args.message if args.json else json.dumps(args.message)
+    try:
+        json.loads(data)
+    except ValueError as e:
+        raise StackError(f"--json: the message is not JSON ({e})") from None
+    connection = realtime.client(stack.redis_url)
+    receivers = realtime.publish_json(connection, realtime.check_channel(args.channel), data,
+                                      (ws.history, ws.history_seconds))  # fmt: skip
     print(f"published to {args.channel!r} ({receivers} worker(s) listening)")
     return 0
 
@@ -308,6 +317,7 @@ def build_parser() -> argparse.ArgumentParser:
     publish = command("publish", cmd_publish, "send a message to a channel's websocket clients")
     publish.add_argument("channel")
     publish.add_argument("message")
+    publish.add_argument("--json", action="store_true", help="the message is JSON, sent as is")
     return parser
 
 

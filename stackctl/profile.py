@@ -63,6 +63,13 @@ class WsConfig:
     max_message: int
     max_connections: int
     queue_limit: int
+    history: int
+    history_seconds: int
+    token_max_age: int
+    allowed_origins: tuple[str, ...]
+    client_publish: tuple[str, ...]
+    sse_prefix: str
+    poll_prefix: str
 
 
 @dataclass(frozen=True)

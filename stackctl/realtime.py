@@ -1,23 +1,70 @@
-"""Publishing events to websocket clients, from the app or from any process on the host.
+"""Publishing events to websocket, SSE and long-poll clients, from the app or from any process.
 
-The WSGI workers get ``STACKCTL_REDIS_URL`` from Circus; another process (a cron job, a
-management command) gets it from ``eval "$(stackctl env)"``. Safe to call from any thread:
-redis-py's connection pool hands each caller its own connection.
+The WSGI workers get ``STACKCTL_REDIS_URL`` (and the rest) from Circus; another process (a cron
+job, a management command) gets them from ``eval "$(stackctl env)"``. Safe to call from any
+thread: redis-py's connection pool hands each caller its own connection.
+
+Every message goes into a capped Redis stream per channel *and* out to the live subscribers,
+in one Lua script, so that a message is in the history exactly when it was delivered live. Its
+id comes from one counter for all channels ("<ms>-<seq>", increasing across the whole stack),
+so a single "last id seen" tells the workers what a reconnecting client missed on every
+channel it follows.
+
+Channels: ``news`` is a broadcast channel anyone may follow; ``user:<name>`` and
+``group:<name>`` are followed only with a token (:func:`token`) naming that user or group.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import re
+import secrets
 import threading
+from collections.abc import Callable, Iterable, Iterator
+from pathlib import Path
+from typing import Any
 
 import redis
+from itsdangerous import BadSignature, SignatureExpired, URLSafeTimedSerializer
 
 from stackctl.errors import StackError
 
 REDIS_URL_VARIABLE = "STACKCTL_REDIS_URL"
+SECRET_FILE_VARIABLE = "STACKCTL_SECRET_FILE"
+HISTORY_VARIABLE = "STACKCTL_HISTORY"  # "<messages> <seconds>", from the profile
+DEFAULT_HISTORY = (1000, 0)
 CHANNEL_PREFIX = "stackctl:"
+STREAM_PREFIX = "stackctl-history:"
+LAST_ID_KEY = "stackctl-last-id"
 CHANNEL_PATTERN = re.compile(r"[A-Za-z0-9_.:-]{1,200}")
+ID_PATTERN = re.compile(r"\d{1,20}-\d{1,20}")
+USER_PREFIX, GROUP_PREFIX = "user:", "group:"
+TOKEN_SALT = "stackctl.realtime.token"
+
+# KEYS: stream, last-id counter. ARGV: pubsub channel, channel name, data (JSON),
+# max length, max age in ms (0: none). Returns {id, number of subscribers}.
+PUBLISH_SCRIPT = """
+local now = redis.call('TIME')
+local ms = tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000)
+local last = redis.call('GET', KEYS[2])
+local seq = 0
+if last then
+  local last_ms, last_seq = string.match(last, '^(%d+)-(%d+)$')
+  last_ms, last_seq = tonumber(last_ms), tonumber(last_seq)
+  if last_ms >= ms then ms, seq = last_ms, last_seq + 1 end
+end
+local id = string.format('%d-%d', ms, seq)
+redis.call('SET', KEYS[2], id)
+redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[4], id, 'd', ARGV[3])
+local age = tonumber(ARGV[5])
+if age > 0 then
+  redis.call('XTRIM', KEYS[1], 'MINID', '~', string.format('%d-0', ms - age))
+  redis.call('PEXPIRE', KEYS[1], age)
+end
+local envelope = '{"id":"' .. id .. '","channel":"' .. ARGV[2] .. '","data":' .. ARGV[3] .. '}'
+return {id, redis.call('PUBLISH', ARGV[1], envelope)}
+"""
 
 _clients: dict[str, redis.Redis] = {}
 _lock = threading.Lock()
@@ -35,14 +82,33 @@ def redis_key(channel: str) -> str:
     return CHANNEL_PREFIX + check_channel(channel)
 
 
-def redis_url() -> str:
-    url = os.environ.get(REDIS_URL_VARIABLE)
-    if not url:
+def stream_key(channel: str) -> str:
+    return STREAM_PREFIX + check_channel(channel)
+
+
+def envelope(message_id: str, channel: str, data_json: str) -> str:
+    """What every client receives; the same text as the publish script builds."""
+    return f'{{"id":"{message_id}","channel":"{channel}","data":{data_json}}}'
+
+
+def id_key(message_id: str) -> tuple[int, int]:
+    """Message ids in the order they were issued."""
+    ms, _, seq = message_id.partition("-")
+    return int(ms), int(seq)
+
+
+def _environment(variable: str) -> str:
+    value = os.environ.get(variable)
+    if not value:
         raise StackError(
-            f"{REDIS_URL_VARIABLE} is not set: run this under the stack, or first "
+            f"{variable} is not set: run this under the stack, or first "
             '`eval "$(stackctl env)"` in the stack directory'
         )
-    return url
+    return value
+
+
+def redis_url() -> str:
+    return _environment(REDIS_URL_VARIABLE)
 
 
 def client(url: str | None = None) -> redis.Redis:
@@ -53,6 +119,118 @@ def client(url: str | None = None) -> redis.Redis:
         return _clients[url]
 
 
-def publish(channel: str, message: str, url: str | None = None) -> int:
-    """Send ``message`` to every client of ``channel``; returns how many workers received it."""
-    return int(client(url).publish(redis_key(channel), message))
+def history_limits() -> tuple[int, int]:
+    """(messages, seconds) kept per channel for clients that reconnect."""
+    text = os.environ.get(HISTORY_VARIABLE)
+    if not text:
+        return DEFAULT_HISTORY
+    length, seconds = text.split()
+    return int(length), int(seconds)
+
+
+def publish(channel: str, message: Any, url: str | None = None) -> int:
+    """Send ``message`` (anything JSON can encode) to every client of ``channel``, and keep it
+    in the channel's history; returns how many workers received it live."""
+    return publish_json(client(url), channel, json.dumps(message), history_limits())
+
+
+def publish_json(connection: redis.Redis, channel: str, data_json: str,
+                 limits: tuple[int, int]) -> int:  # fmt: skip
+    """Publish an already encoded message, keeping at most ``limits`` (messages, seconds)."""
+    length, seconds = limits
+    script = connection.register_script(PUBLISH_SCRIPT)
+    _, receivers = script(
+        keys=[stream_key(channel), LAST_ID_KEY],
+        args=[redis_key(channel), channel, data_json, length, seconds * 1000],
+    )
+    return int(receivers)
+
+
+def publish_user(user: str, message: Any, url: str | None = None) -> int:
+    """Send to every open connection of ``user`` (those that hold a token naming them)."""
+    return publish(USER_PREFIX + user, message, url)
+
+
+def publish_group(group: str, message: Any, url: str | None = None) -> int:
+    """Send to every connection whose token names ``group``."""
+    return publish(GROUP_PREFIX + group, message, url)
+
+
+def history(connection: redis.Redis, channels: Iterable[str], since: str,
+            limit: int) -> list[str]:  # fmt: skip
+    """Envelopes published on ``channels`` after the id ``since``, oldest first."""
+    found: list[tuple[tuple[int, int], str]] = []
+    for channel in channels:
+        entries: list[tuple[bytes, dict[bytes, bytes]]] = connection.xrange(
+            stream_key(channel), min=f"({since}", count=limit
+        )  # type: ignore[assignment]
+        for raw_id, fields in entries:
+            message_id = raw_id.decode()
+            found.append((id_key(message_id), envelope(message_id, channel, fields[b"d"].decode())))
+    return [text for _, text in sorted(found)]
+
+
+# --- tokens: who a connection belongs to ---------------------------------------------------
+
+
+def _serializer(secret: str | bytes) -> URLSafeTimedSerializer:
+    return URLSafeTimedSerializer(secret, salt=TOKEN_SALT)
+
+
+def secret() -> bytes:
+    return Path(_environment(SECRET_FILE_VARIABLE)).read_bytes().strip()
+
+
+def ensure_secret(path: Path) -> None:
+    """Create the stack's signing secret once, readable by its owner only."""
+    if path.exists():
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    staged = path.with_suffix(".new")
+    descriptor = os.open(staged, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(descriptor, "w") as f:
+        f.write(secrets.token_urlsafe(32))
+    os.replace(staged, path)
+
+
+def token(user: str | None, groups: Iterable[str] = (), key: bytes | None = None) -> str:
+    """A signed token naming ``user`` and ``groups``, for ``?token=`` on the realtime URLs.
+
+    It is checked by the worker against the stack's secret and expires after the profile's
+    ``ws.token_max_age`` seconds (counted from now).
+    """
+    return str(_serializer(key or secret()).dumps({"user": user, "groups": sorted(groups)}))
+
+
+def read_token(text: str, key: bytes, max_age: int) -> tuple[str | None, frozenset[str]]:
+    """(user, groups) named by a valid token; raises ValueError saying why one is refused."""
+    try:
+        claims = _serializer(key).loads(text, max_age=max_age)
+    except SignatureExpired:
+        raise ValueError("the token has expired") from None
+    except BadSignature:
+        raise ValueError("the token's signature is not valid") from None
+    return claims.get("user"), frozenset(claims.get("groups", ()))
+
+
+def django_token(request: Any) -> str:
+    """A token for the user of a Django request (anonymous: no user, no group)."""
+    user = request.user
+    if not user.is_authenticated:
+        return token(None)
+    return token(user.get_username(), user.groups.values_list("name", flat=True))
+
+
+def token_app(user_of: Callable[[dict[str, Any]], tuple[str | None, Iterable[str]]]) -> Any:
+    """A WSGI app answering ``{"token": ...}`` for the (user, groups) that ``user_of(environ)``
+    finds, e.g. from the app's own session cookie. Mount it where the page can fetch it."""
+
+    def app(environ: dict[str, Any], start_response: Any) -> Iterator[bytes]:
+        user, groups = user_of(environ)
+        body = json.dumps({"token": token(user, groups)}).encode()
+        start_response("200 OK", [("Content-Type", "application/json"),
+                                  ("Cache-Control", "no-store"),
+                                  ("Content-Length", str(len(body)))])  # fmt: skip
+        yield body
+
+    return app

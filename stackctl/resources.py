@@ -29,3 +29,8 @@ def demo_dir() -> Path:
     if bundled.is_dir():
         return bundled
     return _PACKAGE_DIR.parent / "examples" / "demo"
+
+
+def client_dir() -> Path:
+    """realtime.js, the browser client NGiNX serves at /_stackctl/."""
+    return _PACKAGE_DIR / "static"

@@ -92,6 +92,24 @@ def url_prefix(value: Any) -> str:
     return value
 
 
+def _list_of(value: Any, item: str, form: str) -> tuple[str, ...]:
+    if not isinstance(value, list) or not all(
+        isinstance(v, str) and re.fullmatch(item, v) for v in value
+    ):
+        raise _expect(form, value)
+    return tuple(value)
+
+
+def origins(value: Any) -> tuple[str, ...]:
+    form = 'a list of origins such as ["https://example.com"], or [] for the site itself'
+    return _list_of(value, r"https?://[\w.-]+(:\d{1,5})?", form)
+
+
+def channel_patterns(value: Any) -> tuple[str, ...]:
+    form = 'a list of channel names or patterns such as ["chat", "room.*"], or []'
+    return _list_of(value, r"[\w.:*-]{1,200}", form)
+
+
 def redis_url(value: Any) -> str:
     if value == "embedded":
         return value
@@ -256,6 +274,48 @@ SETTINGS: tuple[Setting, ...] = (
         positive_int,
         "Messages queued for one slow client before it is disconnected (1013).",
     ),
+    Setting(
+        "ws.history",
+        1000,
+        positive_int,
+        "Messages kept per channel (a capped Redis stream) for clients that reconnect.",
+    ),
+    Setting(
+        "ws.history_seconds",
+        0,
+        non_negative_int,
+        "Seconds a message is kept for replay; 0 keeps the last ws.history messages.",
+    ),
+    Setting(
+        "ws.token_max_age",
+        3600,
+        positive_int,
+        "Seconds a token from stackctl.realtime.token() is accepted after it was made.",
+    ),
+    Setting(
+        "ws.allowed_origins",
+        (),
+        origins,
+        "Origins whose pages may connect; [] allows only the site itself (Origin = Host).",
+    ),
+    Setting(
+        "ws.client_publish",
+        (),
+        channel_patterns,
+        "Channels (fnmatch patterns) that clients may publish to; [] for none.",
+    ),
+    Setting(
+        "ws.sse_prefix",
+        "/events/",
+        url_prefix,
+        "URL prefix of the Server-Sent Events fallback: /events/CHANNEL.",
+    ),
+    Setting(
+        "ws.poll_prefix",
+        "/poll/",
+        url_prefix,
+        "URL prefix of the long-poll fallback: /poll/CHANNEL?since=ID.",
+    ),
     Setting("static.url", "/static/", url_prefix, "URL prefix NGiNX serves from static.dir."),
     Setting(
         "static.dir",
@@ -289,6 +349,8 @@ def describe_default(setting: Setting) -> str:
         return "(required)"
     if isinstance(setting.default, bool):
         return str(setting.default).lower()
+    if isinstance(setting.default, tuple):
+        return str(list(setting.default))
     return f'"{setting.default}"' if isinstance(setting.default, str) else str(setting.default)
 
 

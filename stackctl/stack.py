@@ -104,6 +104,12 @@ class Stack:
         return self.run_dir / "redis.conf"
 
     @property
+    def secret_file(self) -> Path:
+        """Signs realtime tokens. Outside the run directory, so that it outlives ``down``:
+        tokens handed out before a restart stay valid."""
+        return self.stack_dir / ".stackctl" / "secret"
+
+    @property
     def nginx_error_log(self) -> Path:
         return self.log_dir / "nginx-error.log"
 
@@ -122,6 +128,8 @@ class Stack:
         env = {
             "PYTHONPATH": str(self.stack_dir),
             "STACKCTL_REDIS_URL": self.redis_url,
+            "STACKCTL_SECRET_FILE": str(self.secret_file),
+            "STACKCTL_HISTORY": f"{self.profile.ws.history} {self.profile.ws.history_seconds}",
             "STACKCTL_RUN_DIR": str(self.run_dir),
             "PYTHONUNBUFFERED": "1",
         }

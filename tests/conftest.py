@@ -53,6 +53,11 @@ def stackctl(
     return result
 
 
+def data_of(envelope: str | bytes) -> object:
+    """The published message inside what a realtime client receives."""
+    return json.loads(envelope)["data"]
+
+
 def wait_for(check: Callable[[], bool], timeout: float = 15.0, what: str = "condition") -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:

@@ -1,14 +1,13 @@
 """The stackctl demo: a live message board.
 
 The page and the form are plain WSGI, served by the uWSGI pool. Posting a message publishes it
-to the "board" channel; the gevent worker pushes it to every open page over a websocket. The
-CSS and JavaScript are static files that NGiNX serves without the app seeing the request.
+to the "board" channel; the gevent worker pushes it to every open page over a websocket, and a
+page that was offline for a moment gets what it missed when it reconnects. The CSS and
+JavaScript are static files that NGiNX serves without the app seeing the request.
 """
 
 from __future__ import annotations
 
-import html
-import json
 from collections.abc import Callable, Iterable
 from urllib.parse import parse_qs
 
@@ -33,6 +32,7 @@ PAGE = """<!doctype html>
 </form>
 <p id="state">connecting...</p>
 <ul id="board"></ul>
+<script src="/_stackctl/realtime.js"></script>
 <script src="/static/board.js" data-channel="{channel}"></script>
 </body>
 </html>
@@ -66,7 +66,7 @@ def application(environ: dict, start_response: StartResponse) -> Iterable[bytes]
         message = read_message(environ)
         if not message:
             return respond(start_response, "400 Bad Request", b"empty message\n", "text/plain")
-        publish(CHANNEL, json.dumps({"text": html.escape(message)}))
+        publish(CHANNEL, {"text": message})
         if "application/json" in environ.get("HTTP_ACCEPT", ""):
             return respond(start_response, "200 OK", b'{"ok": true}', "application/json")
         start_response("303 See Other", [("Location", "/"), ("Content-Length", "0")])

@@ -35,10 +35,14 @@ def ws_command(stack: Stack) -> str:
     profile = stack.profile
     ws = profile.ws
     args = [stack.programs.python, "-m", "stackctl.ws", "--prefix", ws.prefix,
+            "--sse-prefix", ws.sse_prefix, "--poll-prefix", ws.poll_prefix,
             "--graceful-timeout", str(profile.wsgi.graceful_timeout),
             "--ping-interval", str(ws.ping_interval), "--max-message", str(ws.max_message),
             "--max-connections", str(ws.max_connections),
-            "--queue-limit", str(ws.queue_limit)]  # fmt: skip
+            "--queue-limit", str(ws.queue_limit),
+            "--token-max-age", str(ws.token_max_age)]  # fmt: skip
+    args += [f"--allowed-origin={origin}" for origin in ws.allowed_origins]
+    args += [f"--client-publish={pattern}" for pattern in ws.client_publish]
     return shlex.join(tied_to_circusd(stack, args)) + " --fd $(circus.sockets.ws)"
 
 

@@ -37,7 +37,8 @@ def render(stack: Stack) -> list[File]:
         server_names=profile.server.names,
         static_alias=f"{stack.static_dir}/" if stack.static_dir else "",
         static_url=profile.static.url,
-        ws_prefix=profile.ws.prefix,
+        realtime_prefixes=[profile.ws.prefix, profile.ws.sse_prefix, profile.ws.poll_prefix],
+        client_dir=f"{resources.client_dir()}/",
         timeout=profile.server.timeout,
     )
     includes = [

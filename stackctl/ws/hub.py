@@ -3,30 +3,36 @@
 Redis channels are subscribed while at least one client listens to them and unsubscribed when
 the last one leaves. If Redis goes away the listener reconnects with jittered backoff and
 subscribes again to what the clients still want, without restarting the worker.
+
+A member of the hub is anything with ``deliver(delivery)``, ``keepalive()`` and ``abort()``: a
+websocket client, a Server-Sent Events stream or a waiting long-poll request.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import random
 import time
 from collections import defaultdict
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable, Iterable
+from functools import cached_property
+from typing import Any, Protocol
 
 import gevent
 import redis
 from gevent.event import Event
 from wsproto.frame_protocol import FrameProtocol
 
+from stackctl import realtime
 from stackctl.realtime import CHANNEL_PREFIX
-
-if TYPE_CHECKING:
-    from stackctl.ws.client import Client
 
 log = logging.getLogger("stackctl.ws")
 
 # Keeps the subscription open while no client listens, so that get_message() can block.
 IDLE_CHANNEL = CHANNEL_PREFIX + "_idle"
+# Replay and client publishing share a few connections, whatever the number of clients.
+SIDE_CONNECTIONS = 4
 POLL = 0.05
 BACKOFF_MIN, BACKOFF_MAX = 0.1, 5.0
 
@@ -35,14 +41,93 @@ def encode_text_frame(text: str) -> bytes:
     return bytes(FrameProtocol(client=False, extensions=[]).send_data(text, fin=True))
 
 
-PING_FRAME = bytes(FrameProtocol(client=False, extensions=[]).ping())
+class Delivery:
+    """One published message, encoded at most once per transport for all its receivers."""
+
+    def __init__(self, text: str) -> None:
+        self.text = text  # the JSON envelope: {"id": ..., "channel": ..., "data": ...}
+
+    @cached_property
+    def id(self) -> str:
+        return str(json.loads(self.text)["id"])
+
+    @cached_property
+    def key(self) -> tuple[int, int]:
+        return realtime.id_key(self.id)
+
+    @cached_property
+    def ws_frame(self) -> bytes:
+        # Server frames are unmasked, so one encoding serves every client.
+        return encode_text_frame(self.text)
+
+    @cached_property
+    def sse_event(self) -> bytes:
+        return f"id: {self.id}\ndata: {self.text}\n\n".encode()
+
+
+class Member(Protocol):
+    last_heard: float
+
+    def deliver(self, delivery: Delivery) -> None: ...
+
+    def keepalive(self) -> None: ...
+
+    def abort(self) -> None: ...
+
+
+class Resume:
+    """The live flow of a member that reconnected with the last id it saw.
+
+    It must exist before the member joins its channels: from then on every new message is
+    in the history the replay reads, or arrives live, or both. Live ones are held while the
+    replay runs; after it, those the replay already sent are skipped (the history can be ahead
+    of the live flow, which reaches this process a little later).
+    """
+
+    def __init__(self, since: str | None) -> None:
+        self.since = since
+        self.held: list[Delivery] | None = [] if since is not None else None
+        self.sent_up_to: tuple[int, int] | None = None
+
+    def admit(self, delivery: Delivery) -> bool:
+        """True if a live delivery is to be sent now."""
+        if self.held is not None:
+            self.held.append(delivery)
+            return False
+        if self.sent_up_to is not None:
+            if delivery.key <= self.sent_up_to:
+                return False
+            self.sent_up_to = None  # the live flow has caught up with the replay
+        return True
+
+    def replay(self, hub: Hub, channels: Iterable[str], send: Callable[[Delivery], None]) -> None:
+        """Send what was published after ``since``, then what was held meanwhile."""
+        if self.since is None or self.held is None:
+            return
+        last = realtime.id_key(self.since)
+        try:
+            for text in hub.history(channels, self.since):
+                delivery = Delivery(text)
+                last = max(last, delivery.key)
+                send(delivery)
+            held = self.held
+        finally:
+            self.held = None
+        self.sent_up_to = last
+        for delivery in held:
+            if self.admit(delivery):
+                send(delivery)
 
 
 class Hub:
-    def __init__(self, redis_url: str, ping_interval: float) -> None:
+    def __init__(self, redis_url: str, ping_interval: float,
+                 history_limits: tuple[int, int] = realtime.DEFAULT_HISTORY) -> None:  # fmt: skip
         self.redis_url = redis_url
         self.ping_interval = ping_interval
-        self.clients: dict[str, set[Client]] = defaultdict(set)
+        self.history_limits = history_limits
+        self._side = redis.Redis(connection_pool=redis.BlockingConnectionPool.from_url(
+            redis_url, max_connections=SIDE_CONNECTIONS, timeout=10))  # fmt: skip
+        self.members: dict[str, set[Member]] = defaultdict(set)
         self.ready: dict[str, Event] = {}
         self.stopping = False
         self._changed = Event()
@@ -57,47 +142,55 @@ class Hub:
         if self._listener is not None:
             self._listener.kill(block=False)
 
-    def join(self, channel: str, client: Client, timeout: float = 5.0) -> bool:
-        """Add a client; True once Redis confirmed the subscription, so nothing published
-        after the handshake can be missed."""
-        self.clients[channel].add(client)
-        ready = self.ready.setdefault(channel, Event())
-        if not ready.is_set():
+    def join(self, channels: Iterable[str], member: Member, timeout: float = 5.0) -> bool:
+        """Add a member to channels; True once Redis confirmed every subscription, so that
+        nothing published from then on can be missed."""
+        events = []
+        for channel in channels:
+            self.members[channel].add(member)
+            events.append(self.ready.setdefault(channel, Event()))
+        if not all(e.is_set() for e in events):
             self._changed.set()
-        return ready.wait(timeout)
+        deadline = time.monotonic() + timeout
+        return all(e.wait(max(0.0, deadline - time.monotonic())) for e in events)
 
-    def leave(self, channel: str, client: Client) -> None:
-        members = self.clients.get(channel)
-        if members is None:
-            return
-        members.discard(client)
-        if not members:
-            # The subscription (and its ready event) stays until the listener drops it, so a
-            # client that joins again meanwhile is served at once.
-            del self.clients[channel]
-            self._changed.set()
+    def leave(self, channels: Iterable[str], member: Member) -> None:
+        for channel in channels:
+            members = self.members.get(channel)
+            if members is None:
+                continue
+            members.discard(member)
+            if not members:
+                # The subscription (and its ready event) stays until the listener drops it,
+                # so a member that joins again meanwhile is served at once.
+                del self.members[channel]
+                self._changed.set()
 
-    def all_clients(self) -> list[Client]:
-        return [c for members in self.clients.values() for c in members]
+    def history(self, channels: Iterable[str], since: str) -> list[str]:
+        """What was published on ``channels`` after ``since``, as envelopes, oldest first."""
+        return realtime.history(self._side, channels, since, self.history_limits[0])
 
-    def client_count(self) -> int:
-        return sum(len(members) for members in self.clients.values())
+    def publish(self, channel: str, data_json: str) -> None:
+        realtime.publish_json(self._side, channel, data_json, self.history_limits)
+
+    def all_members(self) -> set[Member]:
+        return {m for members in self.members.values() for m in members}
 
     def _ping_forever(self) -> None:
-        """Ping every client; drop those silent for two intervals (a dead peer, a lost route)."""
+        """Ping every member; drop those silent for two intervals (a dead peer, a lost route)."""
         while not self.stopping:
             gevent.sleep(self.ping_interval)
             deadline = time.monotonic() - 2 * self.ping_interval
-            for client in self.all_clients():
-                if client.last_heard < deadline:
-                    client.abort()
+            for member in self.all_members():
+                if member.last_heard < deadline:
+                    member.abort()
                 else:
-                    client.send_frame(PING_FRAME)
+                    member.keepalive()
 
     def fan_out(self, channel: str, text: str) -> None:
-        frame = encode_text_frame(text)
-        for client in list(self.clients.get(channel, ())):
-            client.send_frame(frame)
+        delivery = Delivery(text)
+        for member in list(self.members.get(channel, ())):
+            member.deliver(delivery)
 
     # --- the listener greenlet ------------------------------------------------------------
 
@@ -136,13 +229,13 @@ class Hub:
         # The connection is gone, and its subscriptions with it: joiners wait again until
         # the next connection confirms them.
         for channel in list(self.ready):
-            if channel in self.clients:
+            if channel in self.members:
                 self.ready[channel].clear()
             else:
                 del self.ready[channel]
 
     def _reconcile(self, pubsub: Any, subscribed: set[str]) -> set[str]:
-        wanted = set(self.clients)
+        wanted = set(self.members)
         if wanted - subscribed:
             pubsub.subscribe(*(CHANNEL_PREFIX + c for c in wanted - subscribed))
         if subscribed - wanted:

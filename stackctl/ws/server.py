@@ -15,50 +15,96 @@ import resource
 import signal
 import socket
 import sys
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
 from typing import Any
-from urllib.parse import unquote
 
 import gevent
+import redis
 from chaussette.backend import _gevent as chaussette_gevent
 from gevent.pywsgi import WSGIServer
 from wsproto.utilities import generate_accept_token
 
-from stackctl.realtime import CHANNEL_PATTERN, REDIS_URL_VARIABLE
+from stackctl import realtime
+from stackctl.realtime import REDIS_URL_VARIABLE
+from stackctl.ws.access import Refused, Rules, subscription
 from stackctl.ws.client import SERVICE_RESTART, Client
+from stackctl.ws.fallbacks import EventStream, poll_answer, poll_wait, sse_headers
 from stackctl.ws.hub import Hub
 
 log = logging.getLogger("stackctl.ws")
 
 
+@dataclass
 class Worker:
-    """What the handler needs: the URL prefix, the limits and the hub. One per process."""
+    """What the handlers need: URL prefixes, limits, rules and the hub. One per process."""
 
-    prefix = "/ws/"
-    max_message = 65536
-    max_connections = 10000
-    queue_limit = 256
-    hub: Hub | None = None
-
-
-def channel_of(path: str) -> str | None:
-    if not path.startswith(Worker.prefix):
-        return None
-    channel = unquote(path[len(Worker.prefix) :])
-    return channel if CHANNEL_PATTERN.fullmatch(channel) else None
+    hub: Hub
+    rules: Rules
+    prefix: str = "/ws/"
+    sse_prefix: str = "/events/"
+    poll_prefix: str = "/poll/"
+    max_message: int = 65536
+    max_connections: int = 10000
+    queue_limit: int = 256
+    connections: int = 0
 
 
-def plain_http(environ: dict[str, Any], start_response: Any) -> list[bytes]:
-    """Answers requests that are not websocket upgrades."""
-    body = b"this endpoint speaks websocket: connect with Upgrade: websocket\n"
-    start_response(
-        "426 Upgrade Required",
-        [
-            ("Content-Type", "text/plain"),
-            ("Upgrade", "websocket"),
-            ("Content-Length", str(len(body))),
-        ],
-    )
+worker: Worker | None = None
+
+
+def current_worker() -> Worker:
+    assert worker is not None, "main() sets up the worker before serving"
+    return worker
+
+
+def answer(start_response: Any, status: str, body: bytes,
+           content_type: str = "text/plain") -> list[bytes]:  # fmt: skip
+    start_response(status, [("Content-Type", content_type), ("Content-Length", str(len(body)))])
     return [body]
+
+
+def application(environ: dict[str, Any], start_response: Any) -> Iterable[bytes]:
+    """Plain HTTP requests: the SSE and long-poll fallbacks; anything else wants a websocket."""
+    w = current_worker()
+    path = environ.get("PATH_INFO", "")
+    if path.startswith(w.sse_prefix) or path.startswith(w.poll_prefix):
+        try:
+            if path.startswith(w.sse_prefix):
+                return serve_events(w, environ, start_response)
+            sub = subscription(environ, w.poll_prefix, w.rules)
+            body = poll_answer(w.hub, sub, poll_wait(environ))
+            return answer(start_response, "200 OK", body, "application/json")
+        except Refused as e:
+            return answer(start_response, e.status, f"{e.reason}\n".encode())
+        except redis.RedisError:
+            return answer(start_response, "503 Service Unavailable", BUS_DOWN)
+    return answer(start_response, "426 Upgrade Required",
+                  b"this endpoint speaks websocket: connect with Upgrade: websocket\n")  # fmt: skip
+
+
+def serve_events(w: Worker, environ: dict[str, Any], start_response: Any) -> Iterable[bytes]:
+    sub = subscription(environ, w.sse_prefix, w.rules, environ.get("HTTP_LAST_EVENT_ID"))
+    if w.connections >= w.max_connections:
+        return answer(start_response, "503 Service Unavailable", FULL)
+    stream = EventStream(w.queue_limit, sub.since)
+    if not w.hub.join(sub.channels, stream):
+        w.hub.leave(sub.channels, stream)
+        return answer(start_response, "503 Service Unavailable", BUS_DOWN)
+    start_response("200 OK", sse_headers())
+    return counted(w, stream.events(w.hub, sub))
+
+
+def counted(w: Worker, chunks: Iterator[bytes]) -> Iterator[bytes]:
+    w.connections += 1
+    try:
+        yield from chunks
+    finally:
+        w.connections -= 1
+
+
+BUS_DOWN = b"the message bus is not reachable\n"
+FULL = b"this worker holds its maximum of clients\n"
 
 
 class WebSocketHandler(chaussette_gevent.CustomWSGIHandler):
@@ -68,22 +114,24 @@ class WebSocketHandler(chaussette_gevent.CustomWSGIHandler):
             super().run_application()
             return
         self.close_connection = True
-        channel = channel_of(environ.get("PATH_INFO", ""))
+        w = current_worker()
         key = environ.get("HTTP_SEC_WEBSOCKET_KEY")
-        if channel is None or key is None or environ.get("HTTP_SEC_WEBSOCKET_VERSION") != "13":
-            self._reject(
-                "400 Bad Request", b"expected a websocket handshake for /<prefix>/<channel>\n"
-            )
+        if key is None or environ.get("HTTP_SEC_WEBSOCKET_VERSION") != "13":
+            self._reject("400 Bad Request", b"expected a version 13 websocket handshake\n")
             return
-        hub = Worker.hub
-        assert hub is not None
-        if hub.client_count() >= Worker.max_connections:
-            self._reject("503 Service Unavailable", b"this worker holds its maximum of clients\n")
-            return
-        client = Client(self.socket, channel, Worker.queue_limit, Worker.max_message)
         try:
-            if not hub.join(channel, client):
-                self._reject("503 Service Unavailable", b"the message bus is not reachable\n")
+            sub = subscription(environ, w.prefix, w.rules)
+        except Refused as e:
+            self._reject(e.status, f"{e.reason}\n".encode())
+            return
+        if w.connections >= w.max_connections:
+            self._reject("503 Service Unavailable", FULL)
+            return
+        client = Client(self.socket, sub, w.hub, w.rules, w.queue_limit, w.max_message)
+        w.connections += 1
+        try:
+            if not w.hub.join(sub.channels, client):
+                self._reject("503 Service Unavailable", BUS_DOWN)
                 return
             self.status = "101 Switching Protocols"
             self.socket.sendall(
@@ -92,7 +140,8 @@ class WebSocketHandler(chaussette_gevent.CustomWSGIHandler):
             )
             client.serve()
         finally:
-            hub.leave(channel, client)
+            w.connections -= 1
+            w.hub.leave(sub.channels, client)
 
     def _reject(self, status: str, body: bytes) -> None:
         self.start_response(
@@ -130,17 +179,17 @@ class WebSocketServer(chaussette_gevent.Server):
         gevent.spawn(self._shut_down)
 
     def _shut_down(self) -> None:
-        log.info(
-            "stopping: closing %d websocket clients",
-            len(Worker.hub.all_clients()) if Worker.hub else 0,
-        )
+        hub = current_worker().hub
+        members = hub.all_members()
+        log.info("stopping: closing %d realtime clients", len(members))
         self.close()  # stop accepting: the next process takes the Circus socket's queue
-        if Worker.hub is not None:
-            for client in Worker.hub.all_clients():
-                client.close(SERVICE_RESTART, "server restarting")
+        for member in members:
+            if isinstance(member, Client):
+                member.close(SERVICE_RESTART, "server restarting")
+            else:
+                member.abort()  # SSE and long-poll clients reconnect by themselves
         self.stop(timeout=self.stop_timeout)
-        if Worker.hub is not None:
-            Worker.hub.stop()
+        hub.stop()
 
 
 def raise_open_files_limit() -> None:
@@ -151,26 +200,34 @@ def raise_open_files_limit() -> None:
 
 
 def main(argv: list[str]) -> int:
+    global worker
     parser = argparse.ArgumentParser(prog="python -m stackctl.ws")
     parser.add_argument("--fd", type=int, required=True, help="listening socket held by circusd")
     parser.add_argument("--prefix", default="/ws/")
+    parser.add_argument("--sse-prefix", default="/events/")
+    parser.add_argument("--poll-prefix", default="/poll/")
     parser.add_argument("--graceful-timeout", type=int, default=30)
     parser.add_argument("--ping-interval", type=float, default=20)
     parser.add_argument("--max-message", type=int, default=65536)
     parser.add_argument("--max-connections", type=int, default=10000)
     parser.add_argument("--queue-limit", type=int, default=256)
+    parser.add_argument("--token-max-age", type=int, default=3600)
+    parser.add_argument("--allowed-origin", action="append", default=[])
+    parser.add_argument("--client-publish", action="append", default=[])
     args = parser.parse_args(argv)
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s ws[%(process)d] %(levelname)s %(message)s"
     )
 
     raise_open_files_limit()
-    Worker.prefix = args.prefix
-    Worker.max_message = args.max_message
-    Worker.max_connections = args.max_connections
-    Worker.queue_limit = args.queue_limit
-    Worker.hub = Hub(os.environ[REDIS_URL_VARIABLE], args.ping_interval)
-    Worker.hub.start()
+    rules = Rules(secret=realtime.secret(), token_max_age=args.token_max_age,
+                  allowed_origins=tuple(args.allowed_origin),
+                  client_publish=tuple(args.client_publish))  # fmt: skip
+    hub = Hub(os.environ[REDIS_URL_VARIABLE], args.ping_interval, realtime.history_limits())
+    worker = Worker(hub, rules, prefix=args.prefix, sse_prefix=args.sse_prefix,
+                    poll_prefix=args.poll_prefix, max_message=args.max_message,
+                    max_connections=args.max_connections, queue_limit=args.queue_limit)  # fmt: skip
+    hub.start()
 
     from chaussette import backend
     from chaussette.server import main as chaussette_main
@@ -184,7 +241,7 @@ def main(argv: list[str]) -> int:
         "gevent",
         "--graceful-timeout",
         str(args.graceful_timeout),
-        "stackctl.ws.server.plain_http",
+        "stackctl.ws.server.application",
     ]
     chaussette_main()
     return 0

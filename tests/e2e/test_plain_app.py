@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from websockets.sync.client import connect
 
-from tests.conftest import running_stack, stackctl
+from tests.conftest import data_of, running_stack, stackctl
 
 pytestmark = pytest.mark.e2e
 
@@ -52,6 +52,6 @@ def test_init_app_next_to_its_module_and_embedded_redis_from_the_wheel(short_tmp
                 assert response.read() == b"hello from a plain app"
             with connect(stack.url().replace("http", "ws", 1) + "ws/news") as ws:
                 stackctl("publish", "news", "through valkey", cwd=site, env=env)
-                assert ws.recv(timeout=2) == "through valkey"
+                assert data_of(ws.recv(timeout=2)) == "through valkey"
     finally:
         os.environ["PATH"] = saved

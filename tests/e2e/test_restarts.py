@@ -17,7 +17,7 @@ import pytest
 from stackctl import processes
 from stackctl.errors import EXIT_STACK_ERROR
 from stackctl.stack import Stack
-from tests.conftest import REPO, running_stack, stackctl, wait_for
+from tests.conftest import REPO, data_of, running_stack, stackctl, wait_for
 from tests.load import Load
 
 pytestmark = pytest.mark.e2e
@@ -255,7 +255,7 @@ def test_redis_killed_comes_back_and_the_ws_worker_resubscribes(stack: Stack) ->
     url = stack.url().replace("http", "ws", 1) + "ws/alerts"
     with connect(url) as client:
         stackctl("publish", "alerts", "before", cwd=stack.stack_dir)
-        assert client.recv(timeout=2) == "before"
+        assert data_of(client.recv(timeout=2)) == "before"
         (redis_pid,) = watcher_pids(stack, "redis")
         os.kill(redis_pid, signal.SIGKILL)
         wait_for(lambda: watcher_pids(stack, "redis") not in (set(), {redis_pid}), timeout=20,
@@ -267,7 +267,7 @@ def test_redis_killed_comes_back_and_the_ws_worker_resubscribes(stack: Stack) ->
             return "(1 worker(s) listening)" in out
 
         wait_for(delivered, timeout=20, what="the ws worker to subscribe again")
-        assert client.recv(timeout=2) == "after"
+        assert data_of(client.recv(timeout=2)) == "after"
     assert watcher_pids(stack, "ws") == ws_pid, "the ws worker was not restarted"
 
 

@@ -15,7 +15,7 @@ from wsproto import ConnectionType, WSConnection
 from wsproto.events import AcceptConnection, Ping, Request
 
 from stackctl.stack import Stack
-from tests.conftest import running_stack, stackctl
+from tests.conftest import data_of, running_stack, stackctl
 
 pytestmark = pytest.mark.e2e
 
@@ -57,7 +57,7 @@ def test_a_client_that_answers_pings_stays_and_one_that_does_not_is_dropped(stac
         assert any(isinstance(e, Ping) for e in events)
         assert 1.5 < held < 6, f"dropped after {held:.1f} s with a 1 s ping interval"
         stackctl("publish", "live", "still here", cwd=stack.stack_dir)
-        assert answering.recv(timeout=2) == "still here"
+        assert data_of(answering.recv(timeout=2)) == "still here"
 
 
 def test_oversized_message_closes_with_1009(stack: Stack) -> None:
@@ -85,4 +85,4 @@ def test_reloading_the_ws_worker_closes_clients_with_1012(stack: Stack) -> None:
     assert closed.value.rcvd is not None and closed.value.rcvd.code == 1012
     with connect(ws_url(stack, "restart")) as again:  # the new worker serves
         stackctl("publish", "restart", "back", cwd=stack.stack_dir)
-        assert again.recv(timeout=2) == "back"
+        assert data_of(again.recv(timeout=2)) == "back"

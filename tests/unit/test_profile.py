@@ -100,6 +100,12 @@ def test_unknown_profile_lists_known_ones(stack_dir: Path) -> None:
         ('[server]\nlisten = "127.0.0.1:70000"\n', "server.listen: expected HOST:PORT"),
         ('[ws]\nprefix = "ws"\n', 'ws.prefix: expected a URL path that starts and ends with "/"'),
         ('[redis]\nurl = "mysql://x"\n', 'redis.url: expected "embedded" or a URL'),
+        (
+            '[ws]\nallowed_origins = "example.com"\n',
+            "ws.allowed_origins: expected a list of origins such as [\"https://example.com\"], "
+            "or [] for the site itself, got 'example.com'",
+        ),
+        ('[ws]\nclient_publish = ["a b"]\n', "ws.client_publish: expected a list of channel"),
         ("wsgi = 3\n", "wsgi: expected a table of settings, got 3"),
         ("[wsgi\n", "not valid TOML"),
     ],

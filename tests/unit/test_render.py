@@ -103,7 +103,8 @@ def test_nginx_routes_static_websockets_and_the_pool(tmp_path: Path) -> None:
     conf = files(make_stack(tmp_path))["nginx.conf"]
     assert "listen 127.0.0.1:8000;" in conf
     assert 'location "/static/" {\n            alias "%s/";' % (tmp_path / "static") in conf
-    assert 'location "/ws/" {\n            proxy_pass http://ws_worker;' in conf
+    for prefix in ("/ws/", "/events/", "/poll/"):
+        assert f'location "{prefix}" {{\n            proxy_pass http://ws_worker;' in conf
     assert "proxy_set_header Upgrade $http_upgrade;" in conf
     assert f'server "unix:{tmp_path / "run" / "wsgi.sock"}";' in conf
     assert "uwsgi_pass wsgi_pool;" in conf
@@ -113,7 +114,8 @@ def test_nginx_routes_static_websockets_and_the_pool(tmp_path: Path) -> None:
 
 def test_nginx_without_static_dir_has_no_static_location(tmp_path: Path) -> None:
     conf = files(make_stack(tmp_path, static_dir=None))["nginx.conf"]
-    assert "alias" not in conf
+    assert 'location "/static/"' not in conf
+    assert 'location /_stackctl/' in conf  # realtime.js is stackctl's own, always served
 
 
 def test_nginx_user_only_when_given(tmp_path: Path) -> None:
