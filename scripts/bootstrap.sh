@@ -4,7 +4,8 @@
 #   bash scripts/bootstrap.sh demo    the demo stack in ./demo-site, in the foreground
 #   bash scripts/bootstrap.sh test    the whole test suite
 #   bash scripts/bootstrap.sh bench   the benchmarks
-# NGiNX (and wrk, for the benchmarks) come from apt; everything else goes into ./.venv.
+# NGiNX (wrk for the benchmarks, Chromium for the tests) come from apt; everything else goes
+# into ./.venv.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 job="${1:-demo}"
@@ -13,6 +14,8 @@ export PATH="$PATH:/usr/sbin:/sbin"
 packages=()
 command -v nginx >/dev/null || packages+=(nginx-light)
 if [ "$job" = bench ]; then command -v wrk >/dev/null || packages+=(wrk); fi
+# The browser test opens the demo page in headless Chromium.
+if [ "$job" = test ]; then command -v chromium >/dev/null || packages+=(chromium); fi
 if [ "${#packages[@]}" -gt 0 ]; then
     if [ "$(id -u)" != 0 ]; then
         echo "stackctl needs ${packages[*]} from apt; run this as root, or first:" >&2

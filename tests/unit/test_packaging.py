@@ -43,3 +43,4 @@ def test_wheel_ships_templates_profiles_and_demo(tmp_path: Path) -> None:
         "demo/static/board.js",
     ):
         assert f"stackctl/_data/{name}" in names
+    assert "stackctl/static/realtime.js" in names  # the browser client NGiNX serves
