@@ -218,7 +218,7 @@ def nginx_gunicorn(run: Path, app: str, workers: int) -> AbstractContextManager[
 
 
 @contextmanager
-def stackctl_stack(run: Path, app: str, workers: int) -> Iterator[Server]:
+def stackctl_stack(run: Path, app: str, workers: int, *options: str) -> Iterator[Server]:
     """The product: `stackctl up --detach` on the same app, stopped with `stackctl down`."""
     site = Path(tempfile.mkdtemp(prefix=f"site-{app}-", dir=run))
     (site / "bench_apps.py").write_text(APPS)
@@ -238,6 +238,7 @@ def stackctl_stack(run: Path, app: str, workers: int) -> Iterator[Server]:
             str(workers),
             "--profile",
             "prod",
+            *options,
         ],
         cwd=site,
         check=True,

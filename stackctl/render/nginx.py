@@ -13,8 +13,9 @@ from stackctl.stack import Stack
 INCLUDES = ("uwsgi_params", "mime.types")
 TEMP_PATHS = ("body", "proxy", "uwsgi", "fastcgi", "scgi")
 
-# Each proxied websocket holds two connections in an NGiNX worker (client and upstream), and
-# NGiNX needs some descriptors of its own for logs and listeners.
+# A connection is a descriptor, so each worker may have as many as its open-files limit
+# allows, less some for logs and listeners. (A proxied websocket holds two: client and
+# upstream.)
 SPARE_FDS = 1024
 
 
@@ -24,7 +25,7 @@ def render(stack: Stack) -> list[File]:
         "nginx/nginx.conf.j2",
         profile=profile.name,
         rlimit_nofile=stack.open_files,
-        worker_connections=(stack.open_files - SPARE_FDS) // 2,
+        worker_connections=stack.open_files - SPARE_FDS,
         pid_file=stack.run_dir / "nginx.pid",
         error_log=stack.nginx_error_log,
         access_log=stack.log_dir / "nginx-access.log",

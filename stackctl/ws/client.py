@@ -1,26 +1,28 @@
-"""One websocket client of the gevent worker: framing by wsproto, writes through a bounded queue.
+"""One websocket client of the gevent worker, driven by event-loop callbacks.
 
-A client follows one or more channels. One that reconnects with ``?since=<last id>`` first
-gets what it missed from the channels' history, then the live flow: live messages that arrive
-during the replay are held back and sent after it, skipping any the replay already sent, so
-nothing is lost or doubled.
+After the handshake (and the replay of what a reconnecting client missed) the client needs no
+greenlet of its own: a read watcher on its socket feeds wsproto, and the fan-out writes the
+broadcast frame, encoded once for everyone, straight to the socket. Only what the kernel will
+not take at once waits in a short per-client queue, flushed by a write watcher. That keeps an
+idle connection down to a few objects, so that one process holds ten thousand of them.
 
-A client whose queue is full is too far behind: it is closed (1013) rather than allowed to
-grow the worker's memory; one that sends a message over the limit is closed (1009).
+A client whose queue passes the limit is too far behind: it is closed (1013) rather than
+allowed to grow the worker's memory; one that sends a message over the limit is closed (1009).
 """
 
 from __future__ import annotations
 
+import _socket
+import errno
 import json
 import logging
-import socket
 import time
-from contextlib import suppress
+from collections import deque
+from collections.abc import Callable
 from typing import Any
 
 import gevent
 import redis
-from gevent.queue import Full, Queue
 from wsproto import ConnectionType
 from wsproto.connection import Connection, ConnectionState
 from wsproto.events import CloseConnection, Message, Ping, TextMessage
@@ -38,118 +40,192 @@ INTERNAL_ERROR = 1011
 SERVICE_RESTART = 1012
 TRY_AGAIN_LATER = 1013
 CLOSE_WAIT = 5.0
+READ_SIZE = 65536
 PING_FRAME = bytes(FrameProtocol(client=False, extensions=[]).ping())
-_STOP = b""
+WOULD_BLOCK = (errno.EAGAIN, errno.EWOULDBLOCK)
+READ, WRITE = 1, 2  # libev's event masks
 
 
 class Client:
-    def __init__(self, sock: socket.socket, subscription: Subscription, hub: Hub, rules: Rules,
-                 queue_limit: int, max_message: int) -> None:  # fmt: skip
-        self.sock = sock
+    __slots__ = ("sock", "fd", "subscription", "hub", "rules", "queue_limit", "max_message",
+                 "protocol", "pending", "resume", "closing", "closed", "last_heard",
+                 "incoming", "incoming_size", "reader", "writer", "on_close")  # fmt: skip
+
+    def __init__(self, subscription: Subscription, hub: Hub, rules: Rules, queue_limit: int,
+                 max_message: int) -> None:  # fmt: skip
+        self.sock: _socket.socket | None = None  # until the handshake is done: see start()
+        self.fd = -1
         self.subscription = subscription
         self.hub = hub
         self.rules = rules
+        self.queue_limit = queue_limit
         self.max_message = max_message
         self.protocol = Connection(ConnectionType.SERVER)
-        self.outbox: Queue[bytes] = Queue(maxsize=queue_limit)
-        self.resume = Resume(subscription.since)
-        self.closing = False
+        self.pending: deque[bytes] = deque()  # what the socket did not take yet
+        self.resume: Resume | None = Resume(subscription.since)
+        self.closing = False  # our close frame is queued: send nothing more
+        self.closed = False
         self.last_heard = time.monotonic()
         self.incoming: list[str] = []  # the parts of the message being received
         self.incoming_size = 0
+        self.reader: Any = None
+        self.writer: Any = None
+        self.on_close: Callable[[Client], None] | None = None
 
     # --- what the hub calls -----------------------------------------------------------------
 
     def deliver(self, delivery: Delivery) -> None:
-        if self.resume.admit(delivery):
-            self.send_frame(delivery.ws_frame)
-        elif self.resume.held is not None and len(self.resume.held) > self.outbox.maxsize:
-            self._fell_behind()
+        resume = self.resume
+        if resume is not None:
+            if not resume.admit(delivery):
+                if resume.held is not None and len(resume.held) > self.queue_limit:
+                    self._fell_behind()
+                return
+            if resume.caught_up:
+                self.resume = None  # from now on, every delivery goes straight out
+        self.send_frame(delivery.ws_frame)
 
     def keepalive(self) -> None:
         self.send_frame(PING_FRAME)
 
     def abort(self) -> None:
-        self.closing = True
-        with suppress(OSError):
-            self.sock.shutdown(socket.SHUT_RDWR)
+        """Drop the connection now, without a closing handshake."""
+        if self.closed:
+            return
+        self.closed = self.closing = True
+        for watcher in (self.reader, self.writer):
+            if watcher is not None:
+                watcher.stop()
+                watcher.close()
+        self.reader = self.writer = None
+        self.pending.clear()
+        if self.sock is not None:
+            self.sock.close()
+        if self.on_close is not None:
+            self.on_close(self)
 
     # --- sending ----------------------------------------------------------------------------
 
     def send_frame(self, frame: bytes) -> None:
-        """Queue an encoded frame without ever blocking the caller (the fan-out loop)."""
+        """Write a frame now if the socket takes it; never block the caller (the fan-out).
+
+        Called for every client of a channel for every message: the usual case (nothing
+        pending, the kernel takes the whole frame) costs one system call.
+        """
         if self.closing:
             return
-        try:
-            self.outbox.put_nowait(frame)
-        except Full:
+        if self.pending and len(self.pending) >= self.queue_limit:
             self._fell_behind()
+            return
+        self._send(frame)
+
+    def _send(self, frame: bytes) -> None:
+        if self.pending or self.sock is None:
+            self.pending.append(frame)
+            return
+        try:
+            sent = self.sock.send(frame)
+        except BlockingIOError:
+            sent = 0
+        except OSError:
+            self.abort()
+            return
+        if sent < len(frame):
+            self.pending.append(frame[sent:])
+            self._start_writer()
+
+    def _start_writer(self) -> None:
+        if self.writer is None and not self.closed:
+            self.writer = gevent.get_hub().loop.io(self.fd, WRITE)
+            self.writer.start(self._flush)
+
+    def _flush(self) -> None:
+        """The socket can take more: send what waits, in order."""
+        assert self.sock is not None
+        try:
+            while self.pending:
+                frame = self.pending[0]
+                sent = self.sock.send(frame)
+                if sent < len(frame):
+                    self.pending[0] = frame[sent:]
+                    return
+                self.pending.popleft()
+        except BlockingIOError:
+            return
+        except OSError:
+            self.abort()
+            return
+        if self.writer is not None:
+            self.writer.stop()
+            self.writer.close()
+            self.writer = None
 
     def _fell_behind(self) -> None:
         log.warning("closing a client of %s that fell %d messages behind",
-                    ",".join(self.subscription.channels), self.outbox.maxsize)  # fmt: skip
+                    ",".join(self.subscription.channels), self.queue_limit)  # fmt: skip
+        # Drop every pending message, not just the oldest: a gap in the middle could never be
+        # seen by a client that resumes from the last id it received.
+        if self.pending:
+            self.pending = deque([self.pending[0]])  # a partly sent frame must be finished
         self.close(TRY_AGAIN_LATER, "too far behind")
 
     def close(self, code: int, reason: str = "") -> None:
-        """Start the closing handshake; the reader loop ends when the client answers."""
+        """Start the closing handshake; the connection is dropped when the client answers,
+        or after CLOSE_WAIT seconds."""
         if self.closing or self.protocol.state != ConnectionState.OPEN:
             return
         frame = self.protocol.send(CloseConnection(code=code, reason=reason))
         self.closing = True
-        self._force_put(frame)
+        self._send(frame)
         gevent.spawn_later(CLOSE_WAIT, self.abort)
-
-    def _force_put(self, frame: bytes) -> None:
-        """Queue a control frame even when the queue is full, by dropping *every* pending
-        message: dropping only the oldest would leave a gap that the client, resuming from
-        the last id it got, could never see."""
-        try:
-            self.outbox.put_nowait(frame)
-        except Full:
-            while not self.outbox.empty():
-                self.outbox.get_nowait()
-            self.outbox.put_nowait(frame)
 
     # --- the connection's life --------------------------------------------------------------
 
-    def serve(self) -> None:
-        """Replay what the client missed, then read until it leaves."""
-        writer = gevent.spawn(self._write_loop)
-        try:
-            self._replay()
-            self._read_loop()
-        except (OSError, ProtocolError):
-            pass
-        finally:
-            self.closing = True
-            self._force_put(_STOP)
-            writer.join(timeout=CLOSE_WAIT)
-            writer.kill(block=False)
-
-    def _replay(self) -> None:
+    def start(self, sock: _socket.socket) -> None:
+        """Take the socket once the handshake is sent; replay what the client missed (in the
+        handshake's greenlet), then hand the socket to the event loop."""
+        sock.setblocking(False)
+        self.sock, self.fd = sock, sock.fileno()
+        if self.pending:  # a close decided during the handshake
+            self._start_writer()
+        assert self.resume is not None
         try:
             self.resume.replay(self.hub, self.subscription.channels,
                                lambda delivery: self.send_frame(delivery.ws_frame))  # fmt: skip
         except redis.RedisError as e:
             log.warning("replay failed: %s", e)
             self.close(INTERNAL_ERROR, "history unavailable, reconnect")
+        if self.resume.caught_up:
+            self.resume = None
+        if not self.closed:
+            self.reader = gevent.get_hub().loop.io(self.fd, READ)
+            self.reader.start(self._on_readable)
 
-    def _read_loop(self) -> None:
-        while True:
-            data = self.sock.recv(65536)
-            self.last_heard = time.monotonic()
+    def _on_readable(self) -> None:
+        assert self.sock is not None
+        try:
+            data = self.sock.recv(READ_SIZE)
+        except OSError as e:
+            if e.errno not in WOULD_BLOCK:
+                self.abort()
+            return
+        self.last_heard = time.monotonic()
+        try:
             self.protocol.receive_data(data or None)
             for event in self.protocol.events():
                 self._handle(event)
-            if not data or self.protocol.state == ConnectionState.CLOSED:
-                return
+        except ProtocolError:
+            self.abort()
+            return
+        if not data or self.protocol.state == ConnectionState.CLOSED:
+            self.abort()
 
     def _handle(self, event: Any) -> None:
         if isinstance(event, Ping) or (
             isinstance(event, CloseConnection)
             and self.protocol.state == ConnectionState.REMOTE_CLOSING
         ):
-            self._force_put(self.protocol.send(event.response()))
+            self._send(self.protocol.send(event.response()))
         elif isinstance(event, Message):
             self.incoming_size += len(event.data)
             if self.incoming_size > self.max_message:
@@ -161,7 +237,8 @@ class Client:
             if event.message_finished:
                 text = "".join(self.incoming)
                 self.incoming, self.incoming_size = [], 0
-                self._publish(text)
+                # Publishing talks to Redis: not in an event-loop callback.
+                gevent.spawn(self._publish, text)
 
     def _publish(self, text: str) -> None:
         """A client's message: {"channel": ..., "data": ...}, if the profile lets it publish."""
@@ -183,13 +260,3 @@ class Client:
 
     def _tell(self, error: str) -> None:
         self.send_frame(encode_text_frame(json.dumps({"error": error})))
-
-    def _write_loop(self) -> None:
-        try:
-            while True:
-                frame = self.outbox.get()
-                if frame is _STOP:
-                    return
-                self.sock.sendall(frame)
-        except OSError:
-            self.abort()

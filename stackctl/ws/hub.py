@@ -76,18 +76,24 @@ class Member(Protocol):
 
 
 class Resume:
-    """The live flow of a member that reconnected with the last id it saw.
+    """The live flow of a member, held until the member is ready to send, and the replay of
+    what it missed if it reconnected with the last id it saw.
 
     It must exist before the member joins its channels: from then on every new message is
-    in the history the replay reads, or arrives live, or both. Live ones are held while the
-    replay runs; after it, those the replay already sent are skipped (the history can be ahead
-    of the live flow, which reaches this process a little later).
+    in the history the replay reads, or arrives live, or both. Live ones are held until
+    :meth:`replay`; after it, those the replay already sent are skipped (the history can be
+    ahead of the live flow, which reaches this process a little later).
     """
 
     def __init__(self, since: str | None) -> None:
         self.since = since
-        self.held: list[Delivery] | None = [] if since is not None else None
+        self.held: list[Delivery] | None = []
         self.sent_up_to: tuple[int, int] | None = None
+
+    @property
+    def caught_up(self) -> bool:
+        """Nothing held, nothing to skip: live deliveries need no more checks."""
+        return self.held is None and self.sent_up_to is None
 
     def admit(self, delivery: Delivery) -> bool:
         """True if a live delivery is to be sent now."""
@@ -101,16 +107,16 @@ class Resume:
         return True
 
     def replay(self, hub: Hub, channels: Iterable[str], send: Callable[[Delivery], None]) -> None:
-        """Send what was published after ``since``, then what was held meanwhile."""
-        if self.since is None or self.held is None:
-            return
-        last = realtime.id_key(self.since)
+        """Send what was published after ``since`` (if given), then what was held meanwhile;
+        from then on live deliveries are admitted."""
+        last = None if self.since is None else realtime.id_key(self.since)
         try:
-            for text in hub.history(channels, self.since):
-                delivery = Delivery(text)
-                last = max(last, delivery.key)
-                send(delivery)
-            held = self.held
+            if self.since is not None:
+                for text in hub.history(channels, self.since):
+                    delivery = Delivery(text)
+                    last = max(last, delivery.key) if last else delivery.key
+                    send(delivery)
+            held = self.held or []
         finally:
             self.held = None
         self.sent_up_to = last

@@ -8,6 +8,7 @@ Circus socket by fd.
 
 from __future__ import annotations
 
+import _socket
 import argparse
 import logging
 import os
@@ -15,6 +16,7 @@ import resource
 import signal
 import socket
 import sys
+import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -107,7 +109,15 @@ BUS_DOWN = b"the message bus is not reachable\n"
 FULL = b"this worker holds its maximum of clients\n"
 
 
+def forget(client: Client) -> None:
+    w = current_worker()
+    w.connections -= 1
+    w.hub.leave(client.subscription.channels, client)
+
+
 class WebSocketHandler(chaussette_gevent.CustomWSGIHandler):
+    socket: Any  # gevent's, while pywsgi owns the connection; None once a client took it
+
     def run_application(self) -> None:
         environ = self.environ
         if environ.get("HTTP_UPGRADE", "").lower() != "websocket":
@@ -127,21 +137,24 @@ class WebSocketHandler(chaussette_gevent.CustomWSGIHandler):
         if w.connections >= w.max_connections:
             self._reject("503 Service Unavailable", FULL)
             return
-        client = Client(self.socket, sub, w.hub, w.rules, w.queue_limit, w.max_message)
+        client = Client(sub, w.hub, w.rules, w.queue_limit, w.max_message)
         w.connections += 1
-        try:
-            if not w.hub.join(sub.channels, client):
-                self._reject("503 Service Unavailable", BUS_DOWN)
-                return
-            self.status = "101 Switching Protocols"
-            self.socket.sendall(
-                b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
-                b"Sec-WebSocket-Accept: " + generate_accept_token(key.encode()) + b"\r\n\r\n"
-            )
-            client.serve()
-        finally:
+        if not w.hub.join(sub.channels, client):
             w.connections -= 1
             w.hub.leave(sub.channels, client)
+            self._reject("503 Service Unavailable", BUS_DOWN)
+            return
+        self.status = "101 Switching Protocols"
+        self.socket.sendall(
+            b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+            b"Sec-WebSocket-Accept: " + generate_accept_token(key.encode()) + b"\r\n\r\n"
+        )
+        # From here the client lives on event-loop callbacks: take its descriptor from pywsgi
+        # (which would close it when this greenlet ends) into a plain non-blocking socket.
+        sock = _socket.socket(fileno=self.socket.detach())
+        self.socket = None
+        client.on_close = forget
+        client.start(sock)
 
     def _reject(self, status: str, body: bytes) -> None:
         self.start_response(
@@ -168,7 +181,9 @@ class WebSocketServer(chaussette_gevent.Server):
             self.socket,
             application,
             handler_class=self.handler_class,
-            log=kwargs.get("log", "default"),
+            # No line per request: NGiNX's access log has them, and at thousands of
+            # connections a second the worker has better things to do.
+            log=None,
         )
         self.stop_timeout = kwargs.get("graceful_timeout") or 30
         # gevent runs these callbacks in the event loop, not in signal context.
@@ -189,6 +204,11 @@ class WebSocketServer(chaussette_gevent.Server):
             else:
                 member.abort()  # SSE and long-poll clients reconnect by themselves
         self.stop(timeout=self.stop_timeout)
+        # Websocket clients are not greenlets that stop() waits for: wait until each answered
+        # its close frame (or was dropped after CLOSE_WAIT).
+        deadline = time.monotonic() + self.stop_timeout
+        while current_worker().connections > 0 and time.monotonic() < deadline:
+            gevent.sleep(0.05)
         hub.stop()
 
 

@@ -109,7 +109,10 @@ def test_resuming_sends_the_missed_then_the_live_each_once_in_order() -> None:
     assert sent + live == ["100-1", "100-2", "100-3", "100-4", "100-5"]
 
 
-def test_a_client_without_a_last_id_gets_the_live_flow_at_once() -> None:
+def test_a_client_without_a_last_id_gets_what_came_during_its_handshake_then_the_flow() -> None:
     resume = Resume(since=None)
-    assert resume.admit(message(1))
-    assert resume.held is None
+    assert not resume.admit(message(1))  # joined, but not ready to send yet
+    sent: list[str] = []
+    resume.replay(History([], [], resume), ["c"], lambda d: sent.append(d.id))
+    assert sent == ["100-1"]
+    assert resume.admit(message(2))

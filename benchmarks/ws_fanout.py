@@ -1,0 +1,434 @@
+"""Broadcast to thousands of websocket clients: stackctl's one gevent worker against Channels.
+
+    python benchmarks/ws_fanout.py [--clients 1000,5000,10000] [--messages 20]
+
+For each N, N clients subscribe to one channel, then M messages (one every 200 ms) are
+published through each server's app-side API: ``stackctl.realtime.publish`` for stackctl,
+``channel_layer.group_send`` for Django Channels (daphne + channels_redis). Measured: delivery
+latency (publish to receipt, p50/p99/max), lost and doubled deliveries, connect rate, the
+server process's RSS and fds per connection, and Redis connections.
+
+Paths: stackctl through NGiNX (the real one) and directly on the worker's unix socket;
+Channels directly on daphne's unix socket. All clients live in this one process, on asyncio
+with a minimal frame reader: the load generator must cost less than the servers it measures,
+and it runs on the same 2 cores.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import json
+import os
+import resource
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import psutil  # noqa: E402
+import redis  # noqa: E402
+from common import stackctl_stack, started, workdir  # noqa: E402
+
+from stackctl import processes, realtime  # noqa: E402
+from stackctl.stack import find_redis_server  # noqa: E402
+
+CHANNEL = "bench"
+INTERVAL = 0.2
+CONNECT_CONCURRENCY = 256
+DRAIN_SECONDS = 30.0
+CONNECT_PATIENCE = 60.0
+HANDSHAKE = (
+    "GET {target} HTTP/1.1\r\nHost: localhost\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+    "Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n"
+)
+PONG_EMPTY = bytes([0x8A, 0x80, 0, 0, 0, 0])  # a masked, empty pong (mask 0: payload as is)
+
+CHANNELS_SETTINGS = """
+SECRET_KEY = "bench"
+INSTALLED_APPS = ["channels"]
+ASGI_APPLICATION = "bench_asgi.application"
+CHANNEL_LAYERS = {{"default": {{"BACKEND": "channels_redis.core.RedisChannelLayer",
+                               "CONFIG": {{"hosts": ["unix://{redis}"]}}}}}}
+"""
+CHANNELS_ASGI = """
+import django
+django.setup()
+from channels.generic.websocket import AsyncWebsocketConsumer
+from channels.routing import ProtocolTypeRouter, URLRouter
+from django.urls import path
+
+class Bench(AsyncWebsocketConsumer):
+    async def connect(self):
+        await self.channel_layer.group_add("bench", self.channel_name)
+        await self.accept()
+
+    async def disconnect(self, code):
+        await self.channel_layer.group_discard("bench", self.channel_name)
+
+    async def bench_message(self, event):
+        await self.send(text_data=event["text"])
+
+application = ProtocolTypeRouter({"websocket": URLRouter([path("ws/bench", Bench.as_asgi())])})
+"""
+
+
+@dataclass
+class Tally:
+    """What every client received, per message number."""
+
+    messages: int
+    latencies: list[float] = field(default_factory=list)
+    counts: list[int] = field(default_factory=list)
+    parsed: dict[bytes, tuple[int, float]] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.counts = [0] * self.messages
+
+    def received(self, payload: bytes) -> None:
+        now = time.time()
+        # Every client gets the same bytes: parse each message once, not once per client.
+        parsed = self.parsed.get(payload)
+        if parsed is None:
+            message = json.loads(payload)
+            data = message.get("data", message)  # stackctl wraps it in an envelope
+            parsed = self.parsed[payload] = (data["n"], data["t"])
+        self.latencies.append(now - parsed[1])
+        self.counts[parsed[0]] += 1
+
+
+class Receiver(asyncio.Protocol):
+    """One client: the handshake, then unmasked server frames, answering pings."""
+
+    def __init__(self, tally: Tally, target: str, opened: asyncio.Future[bool]) -> None:
+        self.tally = tally
+        key = base64.b64encode(os.urandom(16)).decode()
+        self.request = HANDSHAKE.format(target=target, key=key).encode()
+        self.opened = opened
+        self.buffer = bytearray()
+        self.upgraded = False
+        self.transport: asyncio.Transport | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+        transport.write(self.request)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if not self.opened.done():
+            self.opened.set_result(False)
+
+    def data_received(self, data: bytes) -> None:
+        if self.upgraded and not self.buffer and len(data) > 2 and data[0] == 0x81 \
+                and data[1] < 126 and len(data) == 2 + data[1]:  # fmt: skip
+            self.tally.received(data[2:])  # the usual case: exactly one small text frame
+            return
+        self.buffer += data
+        if not self.upgraded:
+            end = self.buffer.find(b"\r\n\r\n")
+            if end < 0:
+                return
+            self.upgraded = self.buffer.startswith(b"HTTP/1.1 101")
+            del self.buffer[: end + 4]
+            self.opened.set_result(self.upgraded)
+            if not self.upgraded:
+                assert self.transport is not None
+                self.transport.close()
+                return
+        self.read_frames()
+
+    def read_frames(self) -> None:
+        buffer, pos = self.buffer, 0
+        while len(buffer) - pos >= 2:
+            opcode, length, head = buffer[pos] & 0x0F, buffer[pos + 1] & 0x7F, 2
+            if length == 126:
+                length, head = int.from_bytes(buffer[pos + 2 : pos + 4], "big"), 4
+            elif length == 127:
+                length, head = int.from_bytes(buffer[pos + 2 : pos + 10], "big"), 10
+            if len(buffer) - pos < head + length:
+                break
+            payload = bytes(buffer[pos + head : pos + head + length])
+            pos += head + length
+            if opcode == 0x1:
+                self.tally.received(payload)
+            elif opcode == 0x9 and self.transport is not None:
+                self.transport.write(PONG_EMPTY)
+        del buffer[:pos]
+
+
+@dataclass(frozen=True)
+class Target:
+    """Where the clients connect, what publishes, and which processes to weigh."""
+
+    name: str
+    connect: Callable[[Callable[[], asyncio.Protocol]], Any]
+    path: str
+    publish: Callable[[int], Any]
+    server_pids: Callable[[], list[int]]
+    redis_url: str
+    fresh_server: Callable[[], None] = lambda: None
+    """Restart the server, so that each run weighs a process that served no one before."""
+
+
+@dataclass(frozen=True)
+class Row:
+    name: str
+    clients: int
+    connected: int
+    connect_rate: float
+    p50: float
+    p99: float
+    worst: float
+    lost: int
+    doubled: int
+    rss_per_client: float
+    fds_per_client: float
+    redis_before: int
+    redis_during: int
+
+
+def weigh(pids: list[int]) -> tuple[int, int]:
+    procs = [psutil.Process(pid) for pid in pids]
+    return sum(p.memory_info().rss for p in procs), sum(p.num_fds() for p in procs)
+
+
+def redis_clients(url: str) -> int:
+    connection = redis.Redis.from_url(url)
+    try:
+        return int(connection.info("clients")["connected_clients"]) - 1  # not this one
+    finally:
+        connection.close()
+
+
+async def run_once(target: Target, clients: int, messages: int) -> Row:
+    loop = asyncio.get_running_loop()
+    tally = Tally(messages)
+    await asyncio.to_thread(target.fresh_server)
+    redis_before = redis_clients(target.redis_url)
+    rss_before, fds_before = weigh(target.server_pids())
+    gate = asyncio.Semaphore(CONNECT_CONCURRENCY)
+    transports: list[asyncio.BaseTransport] = []
+
+    async def open_one() -> bool:
+        # A full listen queue refuses a unix-socket connect at once: retry, as a browser's
+        # reconnect would, for up to CONNECT_PATIENCE seconds.
+        give_up = time.monotonic() + CONNECT_PATIENCE
+        async with gate:
+            while time.monotonic() < give_up:
+                opened: asyncio.Future[bool] = loop.create_future()
+                try:
+                    transport, _ = await asyncio.wait_for(
+                        target.connect(partial(Receiver, tally, target.path, opened)), 30
+                    )
+                except (TimeoutError, OSError):
+                    await asyncio.sleep(0.05)
+                    continue
+                transports.append(transport)
+                try:
+                    return await asyncio.wait_for(opened, 30)
+                except TimeoutError:
+                    return False
+            return False
+
+    started_at = time.monotonic()
+    results = await asyncio.gather(*(open_one() for _ in range(clients)))
+    connect_seconds = time.monotonic() - started_at
+    connected = sum(results)
+    await asyncio.sleep(1.0)  # let subscriptions settle before the first message
+    rss_after, fds_after = weigh(target.server_pids())
+    redis_during = redis_clients(target.redis_url)
+
+    for n in range(messages):
+        await target.publish(n)
+        await asyncio.sleep(INTERVAL)
+    expected = connected * messages
+    deadline = time.monotonic() + DRAIN_SECONDS
+    while len(tally.latencies) < expected and time.monotonic() < deadline:
+        await asyncio.sleep(0.1)
+    for transport in transports:
+        transport.close()
+    await asyncio.sleep(0.5)
+
+    latencies = sorted(tally.latencies) or [float("nan")]
+    return Row(
+        name=target.name, clients=clients, connected=connected,
+        connect_rate=connected / connect_seconds,
+        p50=statistics.median(latencies), p99=latencies[int(0.99 * (len(latencies) - 1))],
+        worst=latencies[-1],
+        lost=sum(max(0, connected - c) for c in tally.counts),
+        doubled=sum(max(0, c - connected) for c in tally.counts),
+        rss_per_client=(rss_after - rss_before) / max(1, connected),
+        fds_per_client=(fds_after - fds_before) / max(1, connected),
+        redis_before=redis_before, redis_during=redis_during,
+    )  # fmt: skip
+
+
+def stackctl_targets(site: Path, port: int) -> list[Target]:
+    from stackctl import profile
+    from stackctl.stack import plan
+
+    stack = plan(profile.load(site, "prod", []))
+    run_dir = stack.run_dir.resolve()
+    url = stack.redis_url
+
+    def ws_pids() -> list[int]:
+        return [p.pid for p in processes.find(run_dir) if "stackctl.ws" in " ".join(p.cmdline())]
+
+    async def publish(n: int) -> None:
+        message = {"n": n, "t": time.time()}
+        await asyncio.to_thread(realtime.publish, CHANNEL, message, url)
+
+    def fresh_worker() -> None:
+        subprocess.run([sys.executable, "-m", "stackctl", "reload", "ws"], cwd=site, check=True,
+                       capture_output=True)  # fmt: skip
+        time.sleep(1.0)  # its imports done, its subscription open
+
+    loop = asyncio.get_event_loop()
+    through_nginx = Target(
+        "stackctl via NGiNX",
+        lambda factory: loop.create_connection(factory, "127.0.0.1", port),
+        f"/ws/{CHANNEL}", publish, ws_pids, url, fresh_worker,
+    )  # fmt: skip
+    direct = Target(
+        "stackctl direct",
+        lambda factory: loop.create_unix_connection(factory, str(stack.ws_socket)),
+        f"/ws/{CHANNEL}", publish, ws_pids, url, fresh_worker,
+    )  # fmt: skip
+    return [through_nginx, direct]
+
+
+async def bench_channels(run: Path, sizes: list[int], messages: int) -> list[Row]:
+    redis_sock, daphne_sock = run / "channels-redis.sock", run / "daphne.sock"
+    (run / "bench_settings.py").write_text(CHANNELS_SETTINGS.format(redis=redis_sock))
+    (run / "bench_asgi.py").write_text(CHANNELS_ASGI)
+    env = {"DJANGO_SETTINGS_MODULE": "bench_settings", "PYTHONPATH": str(run)}
+    redis_cmd = [find_redis_server(), "--port", "0", "--unixsocket", str(redis_sock),
+                 "--save", "", "--appendonly", "no"]  # fmt: skip
+    daphne = shutil.which("daphne", path=str(Path(sys.executable).parent)) or "daphne"
+    with started(redis_cmd, [daphne, "-u", str(daphne_sock), "bench_asgi:application"],
+                 cwd=run, env=env) as procs:  # fmt: skip
+        await wait_for_path(daphne_sock)
+        sys.path.insert(0, str(run))
+        os.environ["DJANGO_SETTINGS_MODULE"] = "bench_settings"
+        import django
+        from channels.layers import get_channel_layer
+
+        django.setup()
+        layer = get_channel_layer()
+        assert layer is not None
+
+        async def publish(n: int) -> None:
+            text = json.dumps({"n": n, "t": time.time()})
+            await layer.group_send(CHANNEL, {"type": "bench.message", "text": text})
+
+        loop = asyncio.get_running_loop()
+        target = Target(
+            "Channels (daphne)",
+            lambda factory: loop.create_unix_connection(factory, str(daphne_sock)),
+            "/ws/bench", publish, lambda: [procs[1].pid], f"unix://{redis_sock}",
+        )  # fmt: skip
+        rows = []
+        for size in sizes:
+            rows.append(await run_once(target, size, messages))
+            print_row(rows[-1])
+        await layer.close_pools()
+        return rows
+
+
+async def wait_for_path(path: Path, timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while not path.exists():
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"{path} did not appear")
+        await asyncio.sleep(0.1)
+
+
+def print_row(row: Row) -> None:
+    print(
+        f"  {row.name:<19} {row.clients:>6} {row.connected:>6} {row.connect_rate:>7.0f}/s "
+        f"{row.p50 * 1000:>7.0f} {row.p99 * 1000:>7.0f} {row.worst * 1000:>7.0f} "
+        f"{row.lost:>6} {row.doubled:>5} {row.rss_per_client / 1024:>6.1f}K "
+        f"{row.fds_per_client:>4.1f} {row.redis_before:>3}->{row.redis_during:<3}",
+        flush=True,
+    )
+
+
+HEADER = (
+    f"  {'':<19} {'N':>6} {'conn.':>6} {'rate':>9} {'p50 ms':>7} {'p99 ms':>7} {'max ms':>7} "
+    f"{'lost':>6} {'dup':>5} {'RSS/c':>7} {'fd/c':>4} redis"
+)
+
+
+def raise_open_files_limit() -> None:
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
+def check_targets(rows: list[Row]) -> bool:
+    """The issue's targets for stackctl, and the ratio to Channels at the same N."""
+    ok = True
+    channels = {r.clients: r for r in rows if r.name.startswith("Channels")}
+    print("\ntargets (stackctl): no loss; p99 < 250 ms direct, < 400 ms via NGiNX at 10,000;")
+    print("  RSS < 16 KiB and 1 fd per client in the worker; >= 2,500 connects/s; Redis flat")
+    for row in rows:
+        if not row.name.startswith("stackctl"):
+            continue
+        limit = 0.250 if "direct" in row.name else 0.400
+        checks = {
+            "all connected": row.connected == row.clients,
+            "no loss": row.lost == 0 and row.doubled == 0,
+            "p99": row.clients < 10000 or row.p99 < limit,
+            "RSS": row.rss_per_client < 16 * 1024,
+            "fds": row.fds_per_client <= 1.05,
+            "connect rate": row.connect_rate >= 2500,
+            "redis flat": row.redis_during <= row.redis_before + 1,
+        }
+        missed = [name for name, good in checks.items() if not good]
+        peer = channels.get(row.clients)
+        ratio = f"p99 {peer.p99 / row.p99:.1f}x better than Channels" if peer else ""
+        verdict = "ok" if not missed else "MISSED " + ", ".join(missed)
+        print(f"  {row.name:<19} {row.clients:>6}: {verdict}  {ratio}")
+        ok &= not missed
+    return ok
+
+
+async def main_async(args: argparse.Namespace) -> int:
+    sizes = [int(n) for n in args.clients.split(",")]
+    rows: list[Row] = []
+    print(f"{args.messages} messages, one every {INTERVAL * 1000:.0f} ms, to N clients of one "
+          f"channel\n{HEADER}")  # fmt: skip
+    with workdir() as run:
+        if "stackctl" in args.peers:
+            options = ["--set", f"ws.max_connections={max(sizes) + 1000}"]
+            with stackctl_stack(run, "hello", 1, *options) as server:
+                assert server.stack_dir is not None
+                for target in stackctl_targets(server.stack_dir, server.port):
+                    for size in sizes:
+                        rows.append(await run_once(target, size, args.messages))
+                        print_row(rows[-1])
+        if "channels" in args.peers:
+            rows += await bench_channels(run, sizes, args.messages)
+    return 0 if check_targets(rows) else 1
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--clients", default="1000,5000,10000")
+    parser.add_argument("--messages", type=int, default=20)
+    parser.add_argument("--peers", default="stackctl,channels")
+    args = parser.parse_args()
+    raise_open_files_limit()
+    return asyncio.run(main_async(args))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
