@@ -9,9 +9,9 @@ latency (publish to receipt, p50/p99/max), lost and doubled deliveries, connect 
 server process's RSS and fds per connection, and Redis connections.
 
 Paths: stackctl through NGiNX (the real one) and directly on the worker's unix socket;
-Channels directly on daphne's unix socket. All clients live in this one process, on asyncio
-with a minimal frame reader: the load generator must cost less than the servers it measures,
-and it runs on the same 2 cores.
+Channels directly on daphne's unix socket. All clients live in this one process, on a bare
+epoll loop with a minimal frame reader: the load generator must cost less than the servers it
+measures, and it runs on the same 2 cores.
 """
 
 from __future__ import annotations
@@ -22,16 +22,18 @@ import base64
 import json
 import os
 import resource
+import select
 import shutil
+import socket
 import statistics
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable
+from contextlib import suppress
 from dataclasses import dataclass, field
-from functools import partial
 from pathlib import Path
-from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
@@ -45,6 +47,9 @@ from stackctl.stack import find_redis_server  # noqa: E402
 CHANNEL = "bench"
 INTERVAL = 0.2
 CONNECT_CONCURRENCY = 256
+# channels_redis opens at most 100 Redis connections per process and fails the handshakes
+# past that ("Too many connections"), so Channels gets gentler connecting.
+CHANNELS_CONNECT_CONCURRENCY = 50
 DRAIN_SECONDS = 30.0
 CONNECT_PATIENCE = 60.0
 HANDSHAKE = (
@@ -106,47 +111,44 @@ class Tally:
         self.counts[parsed[0]] += 1
 
 
-class Receiver(asyncio.Protocol):
+class Conn:
     """One client: the handshake, then unmasked server frames, answering pings."""
 
-    def __init__(self, tally: Tally, target: str, opened: asyncio.Future[bool]) -> None:
-        self.tally = tally
-        key = base64.b64encode(os.urandom(16)).decode()
-        self.request = HANDSHAKE.format(target=target, key=key).encode()
-        self.opened = opened
+    __slots__ = ("sock", "buffer", "upgraded")
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
         self.buffer = bytearray()
         self.upgraded = False
-        self.transport: asyncio.Transport | None = None
 
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
-        transport.write(self.request)
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        if not self.opened.done():
-            self.opened.set_result(False)
-
-    def data_received(self, data: bytes) -> None:
+    def read(self, tally: Tally) -> bool | None:
+        """Take what arrived; None while the handshake is not answered, else whether the
+        connection is (still) open."""
+        try:
+            data = self.sock.recv(65536)
+        except BlockingIOError:
+            return None if not self.upgraded else True
+        except OSError:
+            return False
+        if not data:
+            return False
         if self.upgraded and not self.buffer and len(data) > 2 and data[0] == 0x81 \
                 and data[1] < 126 and len(data) == 2 + data[1]:  # fmt: skip
-            self.tally.received(data[2:])  # the usual case: exactly one small text frame
-            return
+            tally.received(data[2:])  # the usual case: exactly one small text frame
+            return True
         self.buffer += data
         if not self.upgraded:
             end = self.buffer.find(b"\r\n\r\n")
             if end < 0:
-                return
-            self.upgraded = self.buffer.startswith(b"HTTP/1.1 101")
+                return None
+            if not self.buffer.startswith(b"HTTP/1.1 101"):
+                return False
+            self.upgraded = True
             del self.buffer[: end + 4]
-            self.opened.set_result(self.upgraded)
-            if not self.upgraded:
-                assert self.transport is not None
-                self.transport.close()
-                return
-        self.read_frames()
+        self.read_frames(tally)
+        return True
 
-    def read_frames(self) -> None:
+    def read_frames(self, tally: Tally) -> None:
         buffer, pos = self.buffer, 0
         while len(buffer) - pos >= 2:
             opcode, length, head = buffer[pos] & 0x0F, buffer[pos + 1] & 0x7F, 2
@@ -159,10 +161,100 @@ class Receiver(asyncio.Protocol):
             payload = bytes(buffer[pos + head : pos + head + length])
             pos += head + length
             if opcode == 0x1:
-                self.tally.received(payload)
-            elif opcode == 0x9 and self.transport is not None:
-                self.transport.write(PONG_EMPTY)
+                tally.received(payload)
+            elif opcode == 0x9:
+                with suppress(OSError):
+                    self.sock.send(PONG_EMPTY)
         del buffer[:pos]
+
+
+class Crowd:
+    """N clients on one epoll loop in this thread: far cheaper per frame than asyncio, so
+    that the latencies measured are the server's more than this process's."""
+
+    def __init__(self, address: str | tuple[str, int], target: str, tally: Tally) -> None:
+        self.address = address
+        self.family = socket.AF_UNIX if isinstance(address, str) else socket.AF_INET
+        self.target = target
+        self.tally = tally
+        self.poller = select.epoll()
+        self.conns: dict[int, Conn] = {}
+        self.opening: dict[int, Conn] = {}
+
+    def _start_one(self) -> bool:
+        sock = socket.socket(self.family, socket.SOCK_STREAM)
+        sock.setblocking(False)
+        try:
+            sock.connect(self.address)
+        except BlockingIOError:
+            if self.family == socket.AF_UNIX:  # the listen queue is full: try again later
+                sock.close()
+                return False
+        except OSError:
+            sock.close()
+            return False
+        conn = Conn(sock)
+        self.opening[sock.fileno()] = conn
+        self.poller.register(sock.fileno(), select.EPOLLOUT | select.EPOLLIN)
+        return True
+
+    def _handshake(self, conn: Conn) -> None:
+        key = base64.b64encode(os.urandom(16)).decode()
+        conn.sock.send(HANDSHAKE.format(target=self.target, key=key).encode())
+        self.poller.modify(conn.sock.fileno(), select.EPOLLIN)
+
+    def connect(self, count: int, concurrency: int, patience: float) -> int:
+        """Open ``count`` connections, at most ``concurrency`` at a time; returns how many
+        completed their handshake within ``patience`` seconds."""
+        deadline = time.monotonic() + patience
+        started = 0
+        sent: set[int] = set()
+        while (started < count or self.opening) and time.monotonic() < deadline:
+            while started < count and len(self.opening) < concurrency:
+                if not self._start_one():
+                    break
+                started += 1
+            for fd, events in self.poller.poll(0.01):
+                conn = self.opening.get(fd)
+                if conn is None:
+                    continue
+                if events & select.EPOLLOUT and fd not in sent:
+                    sent.add(fd)
+                    try:
+                        self._handshake(conn)
+                    except OSError:
+                        self._drop(fd, conn)
+                    continue
+                state = conn.read(self.tally)
+                if state is None:
+                    continue
+                del self.opening[fd]
+                if state:
+                    self.conns[fd] = conn
+                else:
+                    self._drop(fd, conn)
+        for fd, conn in list(self.opening.items()):
+            self._drop(fd, conn)
+        return len(self.conns)
+
+    def _drop(self, fd: int, conn: Conn) -> None:
+        self.opening.pop(fd, None)
+        self.conns.pop(fd, None)
+        with suppress(OSError):
+            self.poller.unregister(fd)
+        conn.sock.close()
+
+    def receive_until(self, done: Callable[[], bool], deadline: float) -> None:
+        while not done() and time.monotonic() < deadline:
+            for fd, _ in self.poller.poll(0.05):
+                conn = self.conns.get(fd)
+                if conn is not None and conn.read(self.tally) is False:
+                    self._drop(fd, conn)
+
+    def close(self) -> None:
+        for fd, conn in list(self.conns.items()):
+            self._drop(fd, conn)
+        self.poller.close()
 
 
 @dataclass(frozen=True)
@@ -170,11 +262,13 @@ class Target:
     """Where the clients connect, what publishes, and which processes to weigh."""
 
     name: str
-    connect: Callable[[Callable[[], asyncio.Protocol]], Any]
+    address: str | tuple[str, int]
     path: str
-    publish: Callable[[int], Any]
+    publish_all: Callable[[int], None]
+    """Publish messages 0..M-1, one every INTERVAL, through the server's own API."""
     server_pids: Callable[[], list[int]]
     redis_url: str
+    connect_concurrency: int = CONNECT_CONCURRENCY
     fresh_server: Callable[[], None] = lambda: None
     """Restart the server, so that each run weighs a process that served no one before."""
 
@@ -209,54 +303,29 @@ def redis_clients(url: str) -> int:
         connection.close()
 
 
-async def run_once(target: Target, clients: int, messages: int) -> Row:
-    loop = asyncio.get_running_loop()
+def run_once(target: Target, clients: int, messages: int) -> Row:
     tally = Tally(messages)
-    await asyncio.to_thread(target.fresh_server)
+    target.fresh_server()
     redis_before = redis_clients(target.redis_url)
     rss_before, fds_before = weigh(target.server_pids())
-    gate = asyncio.Semaphore(CONNECT_CONCURRENCY)
-    transports: list[asyncio.BaseTransport] = []
+    crowd = Crowd(target.address, target.path, tally)
+    try:
+        started_at = time.monotonic()
+        connected = crowd.connect(clients, target.connect_concurrency, CONNECT_PATIENCE)
+        connect_seconds = time.monotonic() - started_at
+        crowd.receive_until(lambda: False, time.monotonic() + 1.0)  # subscriptions settle
+        rss_after, fds_after = weigh(target.server_pids())
+        redis_during = redis_clients(target.redis_url)
 
-    async def open_one() -> bool:
-        # A full listen queue refuses a unix-socket connect at once: retry, as a browser's
-        # reconnect would, for up to CONNECT_PATIENCE seconds.
-        give_up = time.monotonic() + CONNECT_PATIENCE
-        async with gate:
-            while time.monotonic() < give_up:
-                opened: asyncio.Future[bool] = loop.create_future()
-                try:
-                    transport, _ = await asyncio.wait_for(
-                        target.connect(partial(Receiver, tally, target.path, opened)), 30
-                    )
-                except (TimeoutError, OSError):
-                    await asyncio.sleep(0.05)
-                    continue
-                transports.append(transport)
-                try:
-                    return await asyncio.wait_for(opened, 30)
-                except TimeoutError:
-                    return False
-            return False
-
-    started_at = time.monotonic()
-    results = await asyncio.gather(*(open_one() for _ in range(clients)))
-    connect_seconds = time.monotonic() - started_at
-    connected = sum(results)
-    await asyncio.sleep(1.0)  # let subscriptions settle before the first message
-    rss_after, fds_after = weigh(target.server_pids())
-    redis_during = redis_clients(target.redis_url)
-
-    for n in range(messages):
-        await target.publish(n)
-        await asyncio.sleep(INTERVAL)
-    expected = connected * messages
-    deadline = time.monotonic() + DRAIN_SECONDS
-    while len(tally.latencies) < expected and time.monotonic() < deadline:
-        await asyncio.sleep(0.1)
-    for transport in transports:
-        transport.close()
-    await asyncio.sleep(0.5)
+        publisher = threading.Thread(target=target.publish_all, args=(messages,))
+        publisher.start()
+        expected = connected * messages
+        crowd.receive_until(lambda: len(tally.latencies) >= expected,
+                            time.monotonic() + messages * INTERVAL + DRAIN_SECONDS)  # fmt: skip
+        publisher.join()
+    finally:
+        crowd.close()
+    time.sleep(0.5)
 
     latencies = sorted(tally.latencies) or [float("nan")]
     return Row(
@@ -283,30 +352,26 @@ def stackctl_targets(site: Path, port: int) -> list[Target]:
     def ws_pids() -> list[int]:
         return [p.pid for p in processes.find(run_dir) if "stackctl.ws" in " ".join(p.cmdline())]
 
-    async def publish(n: int) -> None:
-        message = {"n": n, "t": time.time()}
-        await asyncio.to_thread(realtime.publish, CHANNEL, message, url)
+    def publish_all(messages: int) -> None:
+        for n in range(messages):
+            realtime.publish(CHANNEL, {"n": n, "t": time.time()}, url)
+            time.sleep(INTERVAL)
 
     def fresh_worker() -> None:
         subprocess.run([sys.executable, "-m", "stackctl", "reload", "ws"], cwd=site, check=True,
                        capture_output=True)  # fmt: skip
         time.sleep(1.0)  # its imports done, its subscription open
 
-    loop = asyncio.get_event_loop()
-    through_nginx = Target(
-        "stackctl via NGiNX",
-        lambda factory: loop.create_connection(factory, "127.0.0.1", port),
-        f"/ws/{CHANNEL}", publish, ws_pids, url, fresh_worker,
-    )  # fmt: skip
-    direct = Target(
-        "stackctl direct",
-        lambda factory: loop.create_unix_connection(factory, str(stack.ws_socket)),
-        f"/ws/{CHANNEL}", publish, ws_pids, url, fresh_worker,
-    )  # fmt: skip
-    return [through_nginx, direct]
+    path = f"/ws/{CHANNEL}"
+    return [
+        Target("stackctl via NGiNX", ("127.0.0.1", port), path, publish_all, ws_pids, url,
+               fresh_server=fresh_worker),
+        Target("stackctl direct", str(stack.ws_socket), path, publish_all, ws_pids, url,
+               fresh_server=fresh_worker),
+    ]  # fmt: skip
 
 
-async def bench_channels(run: Path, sizes: list[int], messages: int) -> list[Row]:
+def bench_channels(run: Path, sizes: list[int], messages: int) -> list[Row]:
     redis_sock, daphne_sock = run / "channels-redis.sock", run / "daphne.sock"
     (run / "bench_settings.py").write_text(CHANNELS_SETTINGS.format(redis=redis_sock))
     (run / "bench_asgi.py").write_text(CHANNELS_ASGI)
@@ -316,40 +381,42 @@ async def bench_channels(run: Path, sizes: list[int], messages: int) -> list[Row
     daphne = shutil.which("daphne", path=str(Path(sys.executable).parent)) or "daphne"
     with started(redis_cmd, [daphne, "-u", str(daphne_sock), "bench_asgi:application"],
                  cwd=run, env=env) as procs:  # fmt: skip
-        await wait_for_path(daphne_sock)
+        wait_for_path(daphne_sock)
         sys.path.insert(0, str(run))
         os.environ["DJANGO_SETTINGS_MODULE"] = "bench_settings"
         import django
         from channels.layers import get_channel_layer
 
         django.setup()
-        layer = get_channel_layer()
-        assert layer is not None
 
-        async def publish(n: int) -> None:
-            text = json.dumps({"n": n, "t": time.time()})
-            await layer.group_send(CHANNEL, {"type": "bench.message", "text": text})
+        def publish_all(messages: int) -> None:
+            async def send_all() -> None:
+                layer = get_channel_layer()  # one per event loop
+                assert layer is not None
+                for n in range(messages):
+                    text = json.dumps({"n": n, "t": time.time()})
+                    await layer.group_send(CHANNEL, {"type": "bench.message", "text": text})
+                    await asyncio.sleep(INTERVAL)
+                await layer.close_pools()
 
-        loop = asyncio.get_running_loop()
-        target = Target(
-            "Channels (daphne)",
-            lambda factory: loop.create_unix_connection(factory, str(daphne_sock)),
-            "/ws/bench", publish, lambda: [procs[1].pid], f"unix://{redis_sock}",
-        )  # fmt: skip
+            asyncio.run(send_all())
+
+        target = Target("Channels (daphne)", str(daphne_sock), "/ws/bench", publish_all,
+                        lambda: [procs[1].pid], f"unix://{redis_sock}",
+                        connect_concurrency=CHANNELS_CONNECT_CONCURRENCY)  # fmt: skip
         rows = []
         for size in sizes:
-            rows.append(await run_once(target, size, messages))
+            rows.append(run_once(target, size, messages))
             print_row(rows[-1])
-        await layer.close_pools()
         return rows
 
 
-async def wait_for_path(path: Path, timeout: float = 30) -> None:
+def wait_for_path(path: Path, timeout: float = 30) -> None:
     deadline = time.monotonic() + timeout
     while not path.exists():
         if time.monotonic() > deadline:
             raise RuntimeError(f"{path} did not appear")
-        await asyncio.sleep(0.1)
+        time.sleep(0.1)
 
 
 def print_row(row: Row) -> None:
@@ -401,7 +468,7 @@ def check_targets(rows: list[Row]) -> bool:
     return ok
 
 
-async def main_async(args: argparse.Namespace) -> int:
+def run_all(args: argparse.Namespace) -> int:
     sizes = [int(n) for n in args.clients.split(",")]
     rows: list[Row] = []
     print(f"{args.messages} messages, one every {INTERVAL * 1000:.0f} ms, to N clients of one "
@@ -413,10 +480,10 @@ async def main_async(args: argparse.Namespace) -> int:
                 assert server.stack_dir is not None
                 for target in stackctl_targets(server.stack_dir, server.port):
                     for size in sizes:
-                        rows.append(await run_once(target, size, args.messages))
+                        rows.append(run_once(target, size, args.messages))
                         print_row(rows[-1])
         if "channels" in args.peers:
-            rows += await bench_channels(run, sizes, args.messages)
+            rows += bench_channels(run, sizes, args.messages)
     return 0 if check_targets(rows) else 1
 
 
@@ -427,7 +494,7 @@ def main() -> int:
     parser.add_argument("--peers", default="stackctl,channels")
     args = parser.parse_args()
     raise_open_files_limit()
-    return asyncio.run(main_async(args))
+    return run_all(args)
 
 
 if __name__ == "__main__":
