@@ -180,27 +180,37 @@ class Crowd:
         self.poller = select.epoll()
         self.conns: dict[int, Conn] = {}
         self.opening: dict[int, Conn] = {}
+        self.sent: set[int] = set()  # connections whose handshake request is out
+        # One key for all: the server only hashes it into its answer.
+        key = base64.b64encode(os.urandom(16)).decode()
+        self.request = HANDSHAKE.format(target=target, key=key).encode()
 
     def _start_one(self) -> bool:
         sock = socket.socket(self.family, socket.SOCK_STREAM)
         sock.setblocking(False)
         try:
             sock.connect(self.address)
+            in_progress = False
         except BlockingIOError:
             if self.family == socket.AF_UNIX:  # the listen queue is full: try again later
                 sock.close()
                 return False
+            in_progress = True  # TCP: writable once connected
         except OSError:
             sock.close()
             return False
-        conn = Conn(sock)
-        self.opening[sock.fileno()] = conn
-        self.poller.register(sock.fileno(), select.EPOLLOUT | select.EPOLLIN)
+        fd = sock.fileno()
+        self.opening[fd] = Conn(sock)
+        if in_progress:
+            self.poller.register(fd, select.EPOLLOUT | select.EPOLLIN)
+        else:
+            self.poller.register(fd, select.EPOLLIN)
+            self.sent.add(fd)
+            sock.send(self.request)
         return True
 
     def _handshake(self, conn: Conn) -> None:
-        key = base64.b64encode(os.urandom(16)).decode()
-        conn.sock.send(HANDSHAKE.format(target=self.target, key=key).encode())
+        conn.sock.send(self.request)
         self.poller.modify(conn.sock.fileno(), select.EPOLLIN)
 
     def connect(self, count: int, concurrency: int, patience: float) -> int:
@@ -208,7 +218,7 @@ class Crowd:
         completed their handshake within ``patience`` seconds."""
         deadline = time.monotonic() + patience
         started = 0
-        sent: set[int] = set()
+        sent = self.sent
         while (started < count or self.opening) and time.monotonic() < deadline:
             while started < count and len(self.opening) < concurrency:
                 if not self._start_one():
@@ -229,6 +239,7 @@ class Crowd:
                 if state is None:
                     continue
                 del self.opening[fd]
+                sent.discard(fd)
                 if state:
                     self.conns[fd] = conn
                 else:
@@ -239,6 +250,7 @@ class Crowd:
 
     def _drop(self, fd: int, conn: Conn) -> None:
         self.opening.pop(fd, None)
+        self.sent.discard(fd)
         self.conns.pop(fd, None)
         with suppress(OSError):
             self.poller.unregister(fd)
