@@ -43,7 +43,8 @@ USER_PREFIX, GROUP_PREFIX = "user:", "group:"
 TOKEN_SALT = "stackctl.realtime.token"
 
 # KEYS: stream, last-id counter. ARGV: pubsub channel, channel name, data (JSON),
-# max length, max age in ms (0: none). Returns {id, number of subscribers}.
+# max length, max age in ms (0: none). Returns {id, number of subscribers}. Trimming is exact
+# (no "~"): one entry out per entry in costs little, and the profile's cap is the cap.
 PUBLISH_SCRIPT = """
 local now = redis.call('TIME')
 local ms = tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000)
@@ -56,10 +57,10 @@ if last then
 end
 local id = string.format('%d-%d', ms, seq)
 redis.call('SET', KEYS[2], id)
-redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[4], id, 'd', ARGV[3])
+redis.call('XADD', KEYS[1], 'MAXLEN', ARGV[4], id, 'd', ARGV[3])
 local age = tonumber(ARGV[5])
 if age > 0 then
-  redis.call('XTRIM', KEYS[1], 'MINID', '~', string.format('%d-0', ms - age))
+  redis.call('XTRIM', KEYS[1], 'MINID', string.format('%d-0', ms - age))
   redis.call('PEXPIRE', KEYS[1], age)
 end
 local envelope = '{"id":"' .. id .. '","channel":"' .. ARGV[2] .. '","data":' .. ARGV[3] .. '}'

@@ -134,6 +134,19 @@ def test_a_client_that_reconnects_with_its_last_id_gets_what_it_missed_once(
     assert realtime.id_key(ids[0]) > realtime.id_key(seen["id"])
 
 
+def test_history_keeps_what_the_profile_says_by_count_and_by_age(stack: Stack) -> None:
+    connection = redis.Redis.from_url(stack.redis_url)
+    for n in range(12):
+        realtime.publish_json(connection, "capped", str(n), (5, 0))
+    kept = realtime.history(connection, ["capped"], "0-0", 100)
+    assert [json.loads(m)["data"] for m in kept] == [7, 8, 9, 10, 11]
+
+    realtime.publish_json(connection, "aged", '"old"', (100, 1))
+    time.sleep(1.2)
+    realtime.publish_json(connection, "aged", '"new"', (100, 1))
+    assert [data_of(m) for m in realtime.history(connection, ["aged"], "0-0", 100)] == ["new"]
+
+
 def test_reloading_the_ws_worker_mid_flow_loses_and_doubles_nothing(stack: Stack) -> None:
     followers = [Follower(ws_url(stack, "flow")) for _ in range(5)]
     for follower in followers:

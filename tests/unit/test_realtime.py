@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from collections.abc import Iterable
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -116,3 +120,52 @@ def test_a_client_without_a_last_id_gets_what_came_during_its_handshake_then_the
     resume.replay(History([], [], resume), ["c"], lambda d: sent.append(d.id))
     assert sent == ["100-1"]
     assert resume.admit(message(2))
+
+
+def test_token_app_hands_out_a_token_for_the_user_the_app_names(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    secret = tmp_path / "secret"
+    realtime.ensure_secret(secret)
+    assert secret.stat().st_mode & 0o777 == 0o600
+    monkeypatch.setenv(realtime.SECRET_FILE_VARIABLE, str(secret))
+    app = realtime.token_app(lambda environ: (environ["REMOTE_USER"], ["staff"]))
+    statuses: list[str] = []
+    body = b"".join(app({"REMOTE_USER": "alice"}, lambda status, headers: statuses.append(status)))
+    assert statuses == ["200 OK"]
+    token = json.loads(body)["token"]
+    assert realtime.read_token(token, secret.read_bytes(), 60) == ("alice", {"staff"})
+
+
+DJANGO_TOKEN = """
+import django
+from django.conf import settings
+settings.configure(
+    INSTALLED_APPS=["django.contrib.auth", "django.contrib.contenttypes"],
+    DATABASES={"default": {"ENGINE": "django.db.backends.sqlite3", "NAME": ":memory:"}},
+)
+django.setup()
+from django.contrib.auth.models import AnonymousUser, Group, User
+from django.core.management import call_command
+from django.test import RequestFactory
+from stackctl import realtime
+
+call_command("migrate", verbosity=0)
+alice = User.objects.create_user("alice")
+alice.groups.add(Group.objects.create(name="staff"))
+request = RequestFactory().get("/")
+for user in (alice, AnonymousUser()):
+    request.user = user
+    print(realtime.read_token(realtime.django_token(request), realtime.secret(), 60))
+"""
+
+
+def test_django_token_names_the_logged_in_user_and_groups(tmp_path: Path) -> None:
+    secret = tmp_path / "secret"
+    realtime.ensure_secret(secret)
+    # Django's settings are process-wide: configure them in a process of their own.
+    out = subprocess.run(
+        [sys.executable, "-c", DJANGO_TOKEN], capture_output=True, text=True, check=True,
+        env={**os.environ, realtime.SECRET_FILE_VARIABLE: str(secret)}, timeout=60,
+    ).stdout.splitlines()  # fmt: skip
+    assert out == ["('alice', frozenset({'staff'}))", "(None, frozenset())"]
