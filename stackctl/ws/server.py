@@ -115,8 +115,42 @@ def forget(client: Client) -> None:
     w.hub.leave(client.subscription.channels, client)
 
 
+class RequestHead:
+    """A request's headers, read without the email package: pywsgi's default reader costs
+    more than the rest of a websocket handshake, and reconnect storms are made of those."""
+
+    MAX_LINE, MAX_LINES = 8192, 100
+    status = ""  # pywsgi refuses the request when this is set
+
+    def __init__(self, rfile: Any, *_: Any) -> None:
+        self.headers: list[str] = []  # raw lines, as pywsgi builds the environ from them
+        self.values: dict[str, str] = {}
+        while True:
+            line = rfile.readline(self.MAX_LINE + 1)
+            if line in (b"\r\n", b"\n", b""):
+                return
+            if len(line) > self.MAX_LINE or len(self.headers) >= self.MAX_LINES:
+                self.status = "request head too large"
+                return
+            text = line.decode("latin-1")
+            self.headers.append(text)
+            name, colon, value = text.partition(":")
+            if colon:
+                self.values[name.strip().lower()] = value.strip()
+
+    def get(self, name: str, default: str | None = None) -> str | None:
+        return self.values.get(name.lower(), default)
+
+    getheader = get
+
+    @property
+    def typeheader(self) -> str | None:
+        return self.get("content-type")
+
+
 class WebSocketHandler(chaussette_gevent.CustomWSGIHandler):
     socket: Any  # gevent's, while pywsgi owns the connection; None once a client took it
+    MessageClass = RequestHead
 
     def run_application(self) -> None:
         environ = self.environ

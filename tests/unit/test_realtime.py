@@ -169,3 +169,17 @@ def test_django_token_names_the_logged_in_user_and_groups(tmp_path: Path) -> Non
         env={**os.environ, realtime.SECRET_FILE_VARIABLE: str(secret)}, timeout=60,
     ).stdout.splitlines()  # fmt: skip
     assert out == ["('alice', frozenset({'staff'}))", "(None, frozenset())"]
+
+
+def test_the_worker_reads_request_heads_as_pywsgi_expects() -> None:
+    from io import BytesIO
+
+    from stackctl.ws.server import RequestHead
+
+    raw = b"Host: a.test\r\nUpgrade: websocket\r\nX-Long: one\r\n  two\r\n\r\nbody"
+    head = RequestHead(BytesIO(raw), 0)
+    assert (head.status, head.get("upgrade"), head.get("HOST"), head.get("missing", "-")) == (
+        "", "websocket", "a.test", "-")  # fmt: skip
+    assert head.headers == ["Host: a.test\r\n", "Upgrade: websocket\r\n", "X-Long: one\r\n",
+                            "  two\r\n"]  # fmt: skip
+    assert RequestHead(BytesIO(b"X: " + b"y" * 9000 + b"\r\n\r\n"), 0).status
