@@ -16,6 +16,7 @@ Channels: ``news`` is a broadcast channel anyone may follow; ``user:<name>`` and
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -66,6 +67,8 @@ end
 local envelope = '{"id":"' .. id .. '","channel":"' .. ARGV[2] .. '","data":' .. ARGV[3] .. '}'
 return {id, redis.call('PUBLISH', ARGV[1], envelope)}
 """
+
+PUBLISH_SHA = hashlib.sha1(PUBLISH_SCRIPT.encode()).hexdigest()
 
 _clients: dict[str, redis.Redis] = {}
 _lock = threading.Lock()
@@ -139,11 +142,12 @@ def publish_json(connection: redis.Redis, channel: str, data_json: str,
                  limits: tuple[int, int]) -> int:  # fmt: skip
     """Publish an already encoded message, keeping at most ``limits`` (messages, seconds)."""
     length, seconds = limits
-    script = connection.register_script(PUBLISH_SCRIPT)
-    _, receivers = script(
-        keys=[stream_key(channel), LAST_ID_KEY],
-        args=[redis_key(channel), channel, data_json, length, seconds * 1000],
-    )
+    keys_and_args = (stream_key(channel), LAST_ID_KEY,
+                     redis_key(channel), channel, data_json, length, seconds * 1000)  # fmt: skip
+    try:
+        _, receivers = connection.evalsha(PUBLISH_SHA, 2, *keys_and_args)
+    except redis.exceptions.NoScriptError:  # a new (or restarted) Redis: send it the script
+        _, receivers = connection.eval(PUBLISH_SCRIPT, 2, *keys_and_args)
     return int(receivers)
 
 
