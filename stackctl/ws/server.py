@@ -1,4 +1,5 @@
-"""The websocket worker: chaussette's gevent server with a handler that speaks websocket.
+"""The realtime worker: chaussette's gevent server, with a handler that speaks websocket and
+a WSGI app for the Server-Sent Events and long-poll fallbacks.
 
 Chaussette 1.3 registers its gevent backends only on Python 2, but its gevent ``Server``
 works on Python 3; we register a subclass of it under the name ``gevent`` (so that chaussette
@@ -35,6 +36,9 @@ from stackctl.ws.fallbacks import EventStream, poll_answer, poll_wait, sse_heade
 from stackctl.ws.hub import Hub
 
 log = logging.getLogger("stackctl.ws")
+
+BUS_DOWN = b"the message bus is not reachable\n"
+FULL = b"this worker holds its maximum of clients\n"
 
 
 @dataclass
@@ -103,10 +107,6 @@ def counted(w: Worker, chunks: Iterator[bytes]) -> Iterator[bytes]:
         yield from chunks
     finally:
         w.connections -= 1
-
-
-BUS_DOWN = b"the message bus is not reachable\n"
-FULL = b"this worker holds its maximum of clients\n"
 
 
 def forget(client: Client) -> None:
