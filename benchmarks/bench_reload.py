@@ -10,9 +10,10 @@ workers are reloaded N times, one reload every INTERVAL seconds, for
   uwsgi                `kill -HUP` to a uWSGI --master behind NGiNX (its graceful reload)
 Printed: requests, failures and p99 at rest and during the reloads, and their ratio.
 
-Each peer gets a discarded warm-up run, then rest, reloads, rest again: on these machines the
-first run after a start is markedly faster than the ones after it (p99 329 ms, then about
-545 ms, with no reload at all), so "at rest" is the mean of the runs on either side.
+Each peer gets a discarded warm-up run, then rest, reloads, rest again, and "at rest" is the
+mean of the runs on either side. Between runs the server is left to finish the requests the
+last run abandoned (see common.SETTLE_SECONDS): back-to-back runs made every run after the
+first look slower (p99 545 ms instead of 329 ms), which passed for a property of the machine.
 """
 
 from __future__ import annotations
