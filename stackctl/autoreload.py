@@ -1,8 +1,8 @@
 """Code reload for development: a worker restarts itself when a file of the app changes.
 
 A daemon thread compares the modification times of the modules loaded from the stack
-directory. On a change, the worker sends itself SIGHUP, which a master-less uWSGI worker
-takes as "finish the current request, then exit"; Circus starts a fresh one on the new code
+directory. On a change, the worker stops itself gracefully (:mod:`stackctl.graceful`: it
+finishes the current request, then exits); Circus starts a fresh one on the new code
 while the socket it holds queues the requests. A random pause spreads the workers out, so
 the others keep serving meanwhile. A change that does not compile is reported and waited
 out: the workers keep the code they have until the file is fixed.
@@ -12,11 +12,12 @@ from __future__ import annotations
 
 import os
 import random
-import signal
 import sys
 import threading
 import time
 from pathlib import Path
+
+from stackctl import graceful
 
 INTERVAL = 1.0
 SPREAD = 1.5
@@ -71,7 +72,7 @@ def watch(root: Path) -> None:
             continue
         time.sleep(random.uniform(0, SPREAD))
         print(f"stackctl: {paths[0]} changed; worker {os.getpid()} restarts", file=sys.stderr)
-        os.kill(os.getpid(), signal.SIGHUP)
+        graceful.request_stop()
         return
 
 

@@ -4,8 +4,8 @@ The uWSGI pool is replaced in three steps: a *canary* (one worker on the new con
 Circus, on a scratch socket) must load the app, or the reload is refused before anything is
 touched; then Circus adds the new workers (``incr``) and stackctl waits until each has marked
 itself ready (:mod:`stackctl.wsgi`); only then does Circus retire as many of the oldest
-(``decr``), each with SIGHUP, which lets a master-less uWSGI worker finish its request before
-it exits. The listening socket stays open in circusd throughout, so nothing is refused.
+(``decr``), each stopped by :mod:`stackctl.graceful`, which lets a worker finish its request
+before it exits. The listening socket stays open in circusd throughout, so nothing is refused.
 ``sequential`` does the same one worker at a time.
 """
 

@@ -8,9 +8,10 @@ files (see :mod:`stackctl.autoreload`).
 import os
 from pathlib import Path
 
-from stackctl import autoreload
+from stackctl import autoreload, graceful
 from stackctl.readiness import APP_VARIABLE, load, mark_ready
 
+graceful.install()
 application = load(os.environ[APP_VARIABLE])
 mark_ready()
 if os.environ.get("STACKCTL_AUTORELOAD") == "1":

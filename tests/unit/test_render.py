@@ -58,7 +58,7 @@ def test_circus_holds_the_sockets_and_hands_them_to_the_pools(tmp_path: Path) ->
     assert wsgi["use_sockets"] == "True"
     assert wsgi["numprocesses"] == "4"
     assert wsgi["cmd"].endswith("--uwsgi-socket fd://$(circus.sockets.wsgi)")
-    assert wsgi["stop_signal"] == "HUP"  # a master-less uWSGI worker's graceful stop
+    assert wsgi["stop_signal"] == "USR2"  # stackctl.graceful, then uWSGI's own graceful HUP
     ws = ini["watcher:ws"]
     assert ws["numprocesses"] == "1"
     assert ws["cmd"].startswith("/opt/bin/python -m stackctl.ws --prefix /ws/")
