@@ -6,8 +6,8 @@ workers recycled after ``max_requests``, would look like a crash loop. Here only
 *unstable* exit counts: a uWSGI worker that exits before it marked itself ready
 (:mod:`stackctl.readiness`), or any other process that exits within ``min_uptime`` seconds
 of its start. After ``max_restarts`` unstable exits in a row the watcher is stopped, and
-the reason, with the end of its log, is written to ``<run_dir>/failed/<watcher>`` for
-``stackctl status``.
+the reason is written to ``<run_dir>/failed/<watcher>``, for ``stackctl up`` and
+``stackctl status`` to show with the end of the watcher's log.
 """
 
 from __future__ import annotations
@@ -102,10 +102,9 @@ class Flapping(CircusPlugin):
     def stop(self, watcher: str) -> None:
         note = failure_note(self.run_dir, watcher)
         note.parent.mkdir(exist_ok=True)
-        note.write_text(
-            f"stopped after {self.judge.max_restarts} crashes in a row at start; "
-            f"the end of its log:\n{log_tail(self.log_dir / f'{watcher}.log')}\n"
-        )
+        # Only the reason: whoever reports it reads the log then, when circusd has written
+        # out the last crash's output (it may not have when this reap arrives).
+        note.write_text(f"stopped after {self.judge.max_restarts} crashes in a row at start\n")
         answer = self.call("stop", name=watcher)
         for _ in range(CONFLICT_RETRIES):
             # circusd refuses commands while it runs another (a crash loop keeps it busy).

@@ -175,9 +175,8 @@ class FailureWatch:
 def failure_reason(stack: Stack, watcher: str) -> str:
     """Why a watcher stopped by itself: the flapping plugin's note, or the end of its log."""
     note = failure_note(stack.run_dir, watcher)
-    if note.is_file():
-        return note.read_text().strip()
-    return f"stopped after crashing; the end of its log:\n{log_tail(stack, watcher)}"
+    reason = note.read_text().strip() if note.is_file() else "stopped after crashing"
+    return f"{reason}; the end of its log:\n{log_tail(stack, watcher)}"
 
 
 def log_tail(stack: Stack, watcher: str) -> str:
@@ -346,8 +345,8 @@ def status(stack: Stack) -> list[WatcherInfo]:
                     int(pid), float(info.get("age", 0)), _number(info.get("cpu")), _rss(int(pid))
                 )
             )
-        note = failure_note(stack.run_dir, name)
-        failure = note.read_text().strip() if states[name] == "stopped" and note.is_file() else None
+        stopped_itself = states[name] == "stopped" and failure_note(stack.run_dir, name).is_file()
+        failure = failure_reason(stack, name) if stopped_itself else None
         result.append(WatcherInfo(name, states[name], procs, failure))
     return result
 
