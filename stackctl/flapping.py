@@ -69,6 +69,22 @@ def log_tail(path: Path, lines: int = 15) -> str:
         return f"(no log at {path})"
 
 
+def last_crash(path: Path, lines: int = 15, search: int = 400) -> str:
+    """The last Python traceback near the end of a log, else the log's last lines.
+
+    When a crash-looping watcher is stopped, Circus has often started the next process
+    already: the end of the log is its start-up banner, not the error that matters.
+    """
+    try:
+        recent = path.read_text(errors="replace").splitlines()[-search:]
+    except OSError:
+        return f"(no log at {path})"
+    starts = [i for i, line in enumerate(recent) if line.startswith("Traceback (most recent")]
+    if not starts:
+        return "\n".join(recent[-lines:])
+    return "\n".join(recent[starts[-1] :][: 2 * lines])
+
+
 class Flapping(CircusPlugin):
     """The Circus plugin around :class:`RestartJudge`."""
 

@@ -173,10 +173,11 @@ class FailureWatch:
 
 
 def failure_reason(stack: Stack, watcher: str) -> str:
-    """Why a watcher stopped by itself: the flapping plugin's note, or the end of its log."""
+    """Why a watcher stopped by itself (the flapping plugin's note), with its last traceback."""
     note = failure_note(stack.run_dir, watcher)
     reason = note.read_text().strip() if note.is_file() else "stopped after crashing"
-    return f"{reason}; the end of its log:\n{log_tail(stack, watcher)}"
+    excerpt = flapping.last_crash(stack.log_dir / f"{watcher}.log")
+    return f"{reason}; from its log:\n{textwrap.indent(excerpt, '    ')}"
 
 
 def log_tail(stack: Stack, watcher: str) -> str:

@@ -1,8 +1,10 @@
-"""Which exits count as a crash loop (PM2's min_uptime and max_restarts)."""
+"""Which exits count as a crash loop (PM2's min_uptime and max_restarts), and what is shown."""
 
 from __future__ import annotations
 
-from stackctl.flapping import RestartJudge
+from pathlib import Path
+
+from stackctl.flapping import RestartJudge, last_crash
 
 
 def judge(ready: set[int] = frozenset()) -> RestartJudge:  # type: ignore[assignment]
@@ -49,3 +51,14 @@ def test_watchers_are_counted_separately() -> None:
         j.spawned(pid, at=0.0)
         j.exited("ws", pid, at=0.1)
     assert not j.exited("wsgi", 3, at=0.1)
+
+
+def test_a_crash_report_shows_the_last_traceback_not_the_next_start_up_banner(
+    tmp_path: Path,
+) -> None:
+    log = tmp_path / "wsgi.log"
+    traceback = ["Traceback (most recent call last):", '  File "app.py"', "RuntimeError: boom"]
+    log.write_text("\n".join(["banner"] * 5 + traceback + ["GAME OVER"] + ["banner"] * 60))
+    assert last_crash(log).splitlines()[:4] == [*traceback, "GAME OVER"]
+    log.write_text("\n".join(f"line {n}" for n in range(30)))
+    assert last_crash(log).splitlines() == [f"line {n}" for n in range(15, 30)]
