@@ -52,8 +52,9 @@ def epoll_instances() -> list[int]:
 
 def stop_accepting() -> None:
     libc = ctypes.CDLL(None, use_errno=True)
+    listeners = listening_sockets()
     for instance in epoll_instances():
-        for fd in listening_sockets():
+        for fd in listeners:
             libc.epoll_ctl(instance, EPOLL_CTL_DEL, fd, None)  # ENOENT when not in this set
 
 
