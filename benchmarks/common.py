@@ -224,6 +224,40 @@ def nginx_gunicorn(run: Path, app: str, workers: int) -> AbstractContextManager[
     return behind_nginx(run, location, gunicorn)
 
 
+CIRCUS_INI = """
+[circus]
+endpoint = ipc://{run}/circus.sock
+pubsub_endpoint = ipc://{run}/circus-pubsub.sock
+check_delay = 0.25
+
+[socket:web]
+path = {run}/circus-web.sock
+backlog = 1024
+
+[watcher:web]
+cmd = {uwsgi} --uwsgi-socket fd://$(circus.sockets.web) --disable-logging {app_options}
+use_sockets = True
+numprocesses = {processes}
+"""
+
+
+def nginx_circus_uwsgi(run: Path, app: str, processes: int) -> AbstractContextManager[Server]:
+    """Circus holding the socket for master-less uWSGI workers, every other setting Circus's
+    default: among them the stop signal, SIGTERM."""
+    app_options = f"--module bench_apps:{app} --chdir {run} --home {sys.prefix}"
+    ini = CIRCUS_INI.format(run=run, processes=processes, uwsgi=_program("uwsgi"),
+                            app_options=app_options)  # fmt: skip
+    (run / "circus.ini").write_text(ini)
+    circusd = [_program("circusd"), str(run / "circus.ini")]
+    location = f"include {_uwsgi_params()}; uwsgi_pass unix:{run}/circus-web.sock;"
+    return behind_nginx(run, location, circusd)
+
+
+def circusctl(run: Path, *args: str) -> None:
+    subprocess.run([_program("circusctl"), "--endpoint", f"ipc://{run}/circus.sock", *args],
+                   check=True, capture_output=True)  # fmt: skip
+
+
 @contextmanager
 def stackctl_stack(run: Path, app: str, workers: int, *options: str) -> Iterator[Server]:
     """The product: `stackctl up --detach` on the same app, stopped with `stackctl down`."""

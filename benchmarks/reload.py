@@ -1,6 +1,6 @@
 """Requests lost and latency during graceful reloads, against peers in the same run.
 
-    python benchmarks/bench_reload.py [--reloads 5] [--connections 64]
+    python benchmarks/reload.py [--reloads 5] [--connections 64]
 
 An app that sleeps 20 ms per request, 4 workers, under wrk: first at rest, then while the
 workers are reloaded N times, one reload every INTERVAL seconds, for
@@ -8,6 +8,8 @@ workers are reloaded N times, one reload every INTERVAL seconds, for
   stackctl rolling     `stackctl reload wsgi --sequential` (one worker at a time)
   gunicorn             `kill -HUP` to the gunicorn master behind NGiNX
   uwsgi                `kill -HUP` to a uWSGI --master behind NGiNX (its graceful reload)
+  circus TERM          `circusctl reload` of master-less uWSGI workers under a Circus left at
+                       its defaults, whose stop signal (SIGTERM) kills a worker mid-request
 Printed: requests, failures and p99 at rest and during the reloads, and their ratio.
 
 Each peer gets a discarded warm-up run, then rest, reloads, rest again, and "at rest" is the
@@ -30,7 +32,17 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import Result, Server, nginx_gunicorn, nginx_uwsgi, stackctl_stack, workdir, wrk  # noqa: E402
+from common import (  # noqa: E402
+    Result,
+    Server,
+    circusctl,
+    nginx_circus_uwsgi,
+    nginx_gunicorn,
+    nginx_uwsgi,
+    stackctl_stack,
+    workdir,
+    wrk,
+)
 
 WORKERS = 4
 INTERVAL = 2.0
@@ -72,17 +84,18 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--reloads", type=int, default=5)
     parser.add_argument("--connections", type=int, default=64)
-    parser.add_argument("--peers", default="stackctl,stackctl rolling,gunicorn,uwsgi",
+    parser.add_argument("--peers", default="stackctl,stackctl rolling,gunicorn,uwsgi,circus TERM",
                         help="comma-separated subset of the peers to run")  # fmt: skip
     args = parser.parse_args()
-    peers = [
-        ("stackctl", stackctl_stack, stackctl_reload()),
-        ("stackctl rolling", stackctl_stack, stackctl_reload("--sequential")),
-        ("gunicorn", nginx_gunicorn, hup),
-        ("uwsgi", nginx_uwsgi, hup),
-    ]
     rows = []
     with workdir() as run:
+        peers = [
+            ("stackctl", stackctl_stack, stackctl_reload()),
+            ("stackctl rolling", stackctl_stack, stackctl_reload("--sequential")),
+            ("gunicorn", nginx_gunicorn, hup),
+            ("uwsgi", nginx_uwsgi, hup),
+            ("circus TERM", nginx_circus_uwsgi, lambda server: circusctl(run, "reload", "web")),
+        ]
         for name, start, reload in peers:
             if name not in args.peers.split(","):
                 continue
