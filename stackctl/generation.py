@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
+from collections.abc import Callable
 from pathlib import Path
 
 from stackctl.errors import StackError
@@ -107,10 +108,17 @@ def check_static(stack: Stack) -> None:
         )
 
 
-def write(stack: Stack, files: list[File], target: Path | None = None) -> None:
+def write(
+    stack: Stack,
+    files: list[File],
+    target: Path | None = None,
+    trial: Callable[[Path], None] | None = None,
+) -> None:
     """Validate ``files`` as a whole generation, then put each in ``target`` atomically.
 
     ``target`` is the run directory unless ``stackctl render --out DIR`` names another.
+    ``trial``, given the staging directory, may run what the configs there start (a reload's
+    canary worker) and raise StackError to refuse them.
     """
     target = target or stack.run_dir
     check_static(stack)
@@ -122,6 +130,8 @@ def write(stack: Stack, files: list[File], target: Path | None = None) -> None:
         stage(files, staging)
         check_circus(staging / stack.circus_ini.name)
         check_nginx(stack, staging / stack.nginx_conf.name)
+        if trial is not None:
+            trial(staging)
         for file in files:
             os.replace(staging / file.name, target / file.name)
     finally:

@@ -32,6 +32,11 @@ POLL = 0.05
 CANARY_NICENESS = 10
 
 
+def patience(stack: Stack) -> float:
+    """How long a reload step may take: a worker's graceful stop, and then some to start."""
+    return float(stack.profile.wsgi.graceful_timeout + 30)
+
+
 def wsgi_pids(stack: Stack) -> set[int]:
     return {int(pid) for pid in call(stack, "list", name="wsgi")["pids"]}
 
@@ -43,15 +48,16 @@ def forget_dead_marks(stack: Stack) -> None:
             mark.unlink(missing_ok=True)
 
 
-def canary(stack: Stack, timeout: float) -> None:
-    """Start one worker on the rendered config, outside Circus; refuse if it cannot serve."""
+def canary(stack: Stack, timeout: float, ini: Path | None = None) -> None:
+    """Start one worker on ``ini`` (the running uWSGI config unless told), outside Circus;
+    refuse the reload if it cannot serve."""
     socket_path = stack.run_dir / "canary.sock"
     output = stack.log_dir / "wsgi-canary.log"
     with output.open("wb") as out:
         args = [
             stack.programs.uwsgi,
             "--ini",
-            str(stack.uwsgi_ini),
+            str(ini or stack.uwsgi_ini),
             "--uwsgi-socket",
             str(socket_path),
         ]
@@ -111,7 +117,7 @@ def replace_workers(stack: Stack, sequential: bool) -> int:
     forget_dead_marks(stack)
     old = wsgi_pids(stack)
     step = 1 if sequential else len(old)
-    timeout = float(stack.profile.wsgi.graceful_timeout + 30)
+    timeout = patience(stack)
     for _ in range(0, len(old), step):
         before = wsgi_pids(stack)
         call(stack, "incr", name="wsgi", nb=step)
@@ -123,7 +129,7 @@ def replace_workers(stack: Stack, sequential: bool) -> int:
 
 def reload_watcher(stack: Stack, watcher: str, sequential: bool) -> str:
     """Reload one watcher's processes; returns what was done."""
-    timeout = stack.profile.wsgi.graceful_timeout + 30
+    timeout = patience(stack)
     if watcher != "wsgi":
         call(stack, "reload", name=watcher, graceful=True, waiting=True, timeout=timeout)
         return f"reloaded {watcher}"
@@ -175,21 +181,24 @@ def apply_config(stack: Stack) -> list[str]:
     if not changed:
         return []
     old_circus = stack.circus_ini.read_text()
-    generation.write(stack, files)
+    timeout = patience(stack)
+
+    def try_new_workers(staged: Path) -> None:
+        # Before the swap: a uWSGI config its workers cannot start on must not reach the disk,
+        # where Circus would give it to the next worker it respawns.
+        if "uwsgi.ini" in changed:
+            canary(stack, timeout, ini=staged / stack.uwsgi_ini.name)
+
+    generation.write(stack, files, trial=try_new_workers)
     done = []
     if "circus.ini" in changed:
         differences = circus_differences(old_circus, stack.circus_ini.read_text())
         if differences == {("watcher:wsgi", "numprocesses")}:
             call(stack, "set", name="wsgi", options={"numprocesses": stack.workers}, waiting=True,
-                 timeout=stack.profile.wsgi.graceful_timeout + 30)  # fmt: skip
+                 timeout=timeout)  # fmt: skip
             done.append(f"wsgi now runs {stack.workers} workers")
         else:
-            call(
-                stack,
-                "reloadconfig",
-                waiting=True,
-                timeout=stack.profile.wsgi.graceful_timeout + 30,
-            )
+            call(stack, "reloadconfig", waiting=True, timeout=timeout)
             done.append(
                 "Circus reloaded its config: "
                 + ", ".join(sorted(f"{s} {k}" for s, k in differences))
@@ -198,7 +207,6 @@ def apply_config(stack: Stack) -> list[str]:
         call(stack, "signal", name="nginx", signum=int(signal.SIGHUP))
         done.append("NGiNX reloaded its config (HUP)")
     if "uwsgi.ini" in changed:
-        canary(stack, timeout=stack.profile.wsgi.graceful_timeout + 30)
         done.append(f"wsgi: {replace_workers(stack, sequential=False)} workers replaced")
     if "redis.conf" in changed:
         call(stack, "reload", name="redis", graceful=True, waiting=True)

@@ -248,6 +248,27 @@ def test_bad_profile_change_touches_nothing(stack: Stack, local_profile: Path) -
     assert {name: watcher_pids(stack, name) for name in pids} == pids
 
 
+def test_uwsgi_change_its_workers_cannot_start_on_is_not_written(
+    stack: Stack, local_profile: Path
+) -> None:
+    app = stack.stack_dir / "loadapp.py"
+    good = app.read_text()
+    uwsgi_ini = stack.uwsgi_ini.read_text()
+    before = wsgi_pids(stack)
+    try:
+        app.write_text("try:\n    import uwsgi\nexcept ImportError:\n    pass\nelse:\n"
+                       "    raise RuntimeError('crash at start')\n" + good)  # fmt: skip
+        local_profile.write_text('extends = "dev"\n[wsgi]\nmax_requests = 4000\n')
+        result = stackctl("reload", cwd=stack.stack_dir, check=False)
+    finally:
+        app.write_text(good)
+    assert result.returncode == EXIT_STACK_ERROR
+    assert "RuntimeError: crash at start" in result.stderr
+    # Not on disk, so a worker Circus respawns later still starts on the running config.
+    assert stack.uwsgi_ini.read_text() == uwsgi_ini
+    assert wsgi_pids(stack) == before
+
+
 def test_redis_killed_comes_back_and_the_ws_worker_resubscribes(stack: Stack) -> None:
     from websockets.sync.client import connect
 
