@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -21,6 +22,17 @@ from stackctl.cli import NO_PROGRAMS
 from stackctl.stack import Stack, plan
 
 REPO = Path(__file__).resolve().parent.parent
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    # A CI timeout or a `kill` sends SIGTERM, which would end pytest with no teardown at all:
+    # make it the Ctrl-C pytest handles, so that fixtures and `with running_stack(...)` blocks
+    # still stop the processes they started.
+    signal.signal(signal.SIGTERM, _interrupt)
 
 
 def free_port() -> int:
