@@ -8,7 +8,8 @@ Every message goes into a capped Redis stream per channel *and* out to the live 
 in one Lua script, so that a message is in the history exactly when it was delivered live. Its
 id comes from one counter for all channels ("<ms>-<seq>", increasing across the whole stack),
 so a single "last id seen" tells the workers what a reconnecting client missed on every
-channel it follows.
+channel it follows, and whether some of it is older than the history keeps (a *gap*: the
+client is told, so that it can fetch the state afresh).
 
 Channels: ``news`` is a broadcast channel anyone may follow; ``user:<name>`` and
 ``group:<name>`` are followed only with a token (:func:`token`) naming that user or group.
@@ -23,6 +24,7 @@ import re
 import secrets
 import threading
 from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -46,6 +48,10 @@ TOKEN_SALT = "stackctl.realtime.token"
 # KEYS: stream, last-id counter. ARGV: pubsub channel, channel name, data (JSON),
 # max length, max age in ms (0: none). Returns {id, number of subscribers}. Trimming is exact
 # (no "~"): one entry out per entry in costs little, and the profile's cap is the cap.
+# Each trim keeps ONE entry beyond the history, never replayed: the *marker*. A client whose
+# last id is at or after it missed nothing that was trimmed; one whose last id is before it
+# has a gap. With an age limit the stream outlives its last message by a day (MARKER_TTL), so
+# that the marker still answers a client that reconnects after a quiet spell.
 PUBLISH_SCRIPT = """
 local now = redis.call('TIME')
 local ms = tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000)
@@ -58,17 +64,19 @@ if last then
 end
 local id = string.format('%d-%d', ms, seq)
 redis.call('SET', KEYS[2], id)
-redis.call('XADD', KEYS[1], 'MAXLEN', ARGV[4], id, 'd', ARGV[3])
+redis.call('XADD', KEYS[1], 'MAXLEN', tonumber(ARGV[4]) + 1, id, 'd', ARGV[3])
 local age = tonumber(ARGV[5])
 if age > 0 then
-  redis.call('XTRIM', KEYS[1], 'MINID', string.format('%d-0', ms - age))
-  redis.call('PEXPIRE', KEYS[1], age)
+  local marker = redis.call('XREVRANGE', KEYS[1], string.format('(%d-0', ms - age), '-', 'COUNT', 1)
+  if marker[1] then redis.call('XTRIM', KEYS[1], 'MINID', marker[1][1]) end
+  redis.call('PEXPIRE', KEYS[1], age + tonumber(ARGV[6]))
 end
 local envelope = '{"id":"' .. id .. '","channel":"' .. ARGV[2] .. '","data":' .. ARGV[3] .. '}'
 return {id, redis.call('PUBLISH', ARGV[1], envelope)}
 """
 
 PUBLISH_SHA = hashlib.sha1(PUBLISH_SCRIPT.encode()).hexdigest()
+MARKER_TTL_MS = 86_400_000
 
 _clients: dict[str, redis.Redis] = {}
 _lock = threading.Lock()
@@ -142,8 +150,8 @@ def publish_json(connection: redis.Redis, channel: str, data_json: str,
                  limits: tuple[int, int]) -> int:  # fmt: skip
     """Publish an already encoded message, keeping at most ``limits`` (messages, seconds)."""
     length, seconds = limits
-    keys_and_args = (stream_key(channel), LAST_ID_KEY,
-                     redis_key(channel), channel, data_json, length, seconds * 1000)  # fmt: skip
+    keys_and_args = (stream_key(channel), LAST_ID_KEY, redis_key(channel), channel, data_json,
+                     length, seconds * 1000, MARKER_TTL_MS)  # fmt: skip
     try:
         _, receivers = connection.evalsha(PUBLISH_SHA, 2, *keys_and_args)
     except redis.exceptions.NoScriptError:  # a new (or restarted) Redis: send it the script
@@ -161,18 +169,51 @@ def publish_group(group: str, message: Any, url: str | None = None) -> int:
     return publish(GROUP_PREFIX + group, message, url)
 
 
+def gap_notice(channel: str) -> str:
+    """Sent instead of messages a client missed that the history no longer holds."""
+    return f'{{"channel":"{channel}","gap":true}}'
+
+
+@dataclass(frozen=True)
+class Missed:
+    """What a client that saw everything up to some id missed."""
+
+    envelopes: list[str]
+    """The messages the history still holds, oldest first."""
+    gaps: list[str]
+    """The channels where some of what it missed is no longer held."""
+
+
 def history(connection: redis.Redis, channels: Iterable[str], since: str,
-            limit: int) -> list[str]:  # fmt: skip
-    """Envelopes published on ``channels`` after the id ``since``, oldest first."""
+            limits: tuple[int, int]) -> Missed:  # fmt: skip
+    """What was published on ``channels`` after the id ``since``, kept as ``limits`` say."""
+    length, seconds = limits
+    now_s, now_us = connection.time()  # the clock the ids come from
+    now_ms = int(now_s) * 1000 + int(now_us) // 1000
+    oldest_kept = (now_ms - seconds * 1000, 0)
     found: list[tuple[tuple[int, int], str]] = []
+    gaps = []
     for channel in channels:
-        entries: list[tuple[bytes, dict[bytes, bytes]]] = connection.xrange(
-            stream_key(channel), min=f"({since}", count=limit
-        )  # type: ignore[assignment]
-        for raw_id, fields in entries:
+        key = stream_key(channel)
+        pipe = connection.pipeline(transaction=False)
+        pipe.exists(key)
+        # Newest first: one more than the history holds means the client missed more than it.
+        pipe.xrevrange(key, min=f"({since}", count=length + 1)
+        exists, entries = pipe.execute()
+        gap = len(entries) > length
+        if not exists and seconds:
+            # Gone after a day without a message: if the client's last id is older, there
+            # may have been messages since, and the marker that would tell is gone too.
+            gap = id_key(since)[0] < now_ms - seconds * 1000 - MARKER_TTL_MS
+        for raw_id, fields in entries[:length]:
             message_id = raw_id.decode()
+            if seconds and id_key(message_id) < oldest_kept:
+                gap = True
+                continue
             found.append((id_key(message_id), envelope(message_id, channel, fields[b"d"].decode())))
-    return [text for _, text in sorted(found)]
+        if gap:
+            gaps.append(channel)
+    return Missed([text for _, text in sorted(found)], gaps)
 
 
 # --- tokens: who a connection belongs to ---------------------------------------------------

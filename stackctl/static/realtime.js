@@ -5,6 +5,8 @@
 //   const feed = new StackctlFeed(["news", "user:alice"], {
 //     token: () => fetch("/realtime-token").then((r) => r.json()).then((j) => j.token),
 //     onmessage: (data, message) => console.log(message.channel, message.id, data),
+//     // Some of what was missed while away is older than the history keeps: fetch afresh.
+//     ongap: (channel) => reloadFromServer(channel),
 //   });
 //   feed.publish("chat", {text: "hi"});   // only to channels the profile opens to clients
 "use strict";
@@ -16,6 +18,7 @@ class StackctlFeed {
     this.token = options.token || null;
     this.onmessage = options.onmessage || (() => {});
     this.onstatus = options.onstatus || (() => {});
+    this.ongap = options.ongap || (() => {});
     this.lastId = options.since || null;
     this.minDelay = options.minDelay || 250;
     this.maxDelay = options.maxDelay || 10000;
@@ -52,6 +55,10 @@ class StackctlFeed {
       const message = JSON.parse(event.data);
       if (message.error) {
         this.onstatus(`error: ${message.error}`);
+        return;
+      }
+      if (message.gap) {
+        this.ongap(message.channel);
         return;
       }
       this.lastId = message.id;

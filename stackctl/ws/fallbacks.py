@@ -3,11 +3,13 @@
 Both are plain HTTP requests served by the same gevent worker from the same hub, and both
 resume from a message id: SSE from the ``Last-Event-ID`` header the browser sends when it
 reconnects (or ``?since=``), a long poll from ``?since=`` (the ``last_id`` of its previous
-answer).
+answer). Where the history no longer reaches back that far, SSE sends a ``gap`` event and a
+long poll's answer lists the channel under ``gaps``.
 """
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -17,6 +19,7 @@ import redis
 from gevent.event import Event
 from gevent.queue import Full, Queue
 
+from stackctl.realtime import Missed
 from stackctl.ws.access import Subscription
 from stackctl.ws.hub import Delivery, Hub, Resume
 
@@ -58,8 +61,13 @@ class EventStream:
     def events(self, hub: Hub, subscription: Subscription) -> Iterator[bytes]:
         try:
             yield f"retry: {SSE_RETRY_MS}\n\n".encode()
+            # The replay is written out as one piece, not through the queue: it may be larger
+            # than the queue's limit, and a client cut off during it would ask for it again.
+            replayed: list[bytes] = []
             self.resume.replay(hub, subscription.channels,
-                               lambda delivery: self._put(delivery.sse_event))  # fmt: skip
+                               lambda delivery: replayed.append(delivery.sse_event))  # fmt: skip
+            if replayed:
+                yield b"".join(replayed)
             while (chunk := self.queue.get()) is not _END:
                 yield chunk
         finally:
@@ -100,17 +108,18 @@ def poll_answer(hub: Hub, subscription: Subscription, wait: float) -> bytes:
         raise redis.ConnectionError("the message bus is not reachable")
     try:
         since = subscription.since
-        missed = hub.history(subscription.channels, since) if since else []
+        missed = hub.history(subscription.channels, since) if since else Missed([], [])
+        texts = missed.envelopes
         # What arrives live from now is in the history too: the next poll gets it.
-        texts = missed or (
-            [d.text for d in waiter.received] if waiter.arrived.wait(wait) else []
-        )
+        if not (texts or missed.gaps) and waiter.arrived.wait(wait):
+            texts = [d.text for d in waiter.received]
     finally:
         hub.leave(subscription.channels, waiter)
     last_id = Delivery(texts[-1]).id if texts else subscription.since
     return (
         b'{"messages":[' + ",".join(texts).encode() + b'],"last_id":'
-        + (f'"{last_id}"' if last_id else "null").encode() + b"}"
+        + (f'"{last_id}"' if last_id else "null").encode()
+        + b',"gaps":' + json.dumps(missed.gaps).encode() + b"}"
     )
 
 

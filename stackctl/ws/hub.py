@@ -65,6 +65,19 @@ class Delivery:
         return f"id: {self.id}\ndata: {self.text}\n\n".encode()
 
 
+class GapNotice(Delivery):
+    """Tells a resuming client that some of what it missed on a channel is older than the
+    history keeps. It has no id: the client's last id stays where it was."""
+
+    def __init__(self, channel: str) -> None:
+        super().__init__(realtime.gap_notice(channel))
+
+    @cached_property
+    def sse_event(self) -> bytes:
+        # A named event: a page listening to plain "message" events never mistakes it.
+        return f"event: gap\ndata: {self.text}\n\n".encode()
+
+
 class Member(Protocol):
     last_heard: float
 
@@ -107,12 +120,16 @@ class Resume:
         return True
 
     def replay(self, hub: Hub, channels: Iterable[str], send: Callable[[Delivery], None]) -> None:
-        """Send what was published after ``since`` (if given), then what was held meanwhile;
-        from then on live deliveries are admitted."""
+        """Send what was published after ``since`` (if given), after a notice for each channel
+        where the history no longer reaches back that far; then what was held meanwhile.
+        From then on live deliveries are admitted."""
         last = None if self.since is None else realtime.id_key(self.since)
         try:
             if self.since is not None:
-                for text in hub.history(channels, self.since):
+                missed = hub.history(channels, self.since)
+                for channel in missed.gaps:
+                    send(GapNotice(channel))
+                for text in missed.envelopes:
                     delivery = Delivery(text)
                     last = max(last, delivery.key) if last else delivery.key
                     send(delivery)
@@ -172,9 +189,9 @@ class Hub:
                 del self.members[channel]
                 self._changed.set()
 
-    def history(self, channels: Iterable[str], since: str) -> list[str]:
-        """What was published on ``channels`` after ``since``, as envelopes, oldest first."""
-        return realtime.history(self._side, channels, since, self.history_limits[0])
+    def history(self, channels: Iterable[str], since: str) -> realtime.Missed:
+        """What was published on ``channels`` after ``since``, and where the history fell short."""
+        return realtime.history(self._side, channels, since, self.history_limits)
 
     def publish(self, channel: str, data_json: str) -> None:
         realtime.publish_json(self._side, channel, data_json, self.history_limits)

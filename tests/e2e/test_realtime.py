@@ -32,6 +32,7 @@ pytestmark = pytest.mark.e2e
 
 TOKEN_MAX_AGE = 2
 QUEUE_LIMIT = 16
+HISTORY = 100
 
 
 @pytest.fixture(scope="module")
@@ -39,7 +40,7 @@ def stack() -> Iterator[Stack]:
     root = Path(tempfile.mkdtemp(prefix="sc", dir="/tmp"))
     stackctl("init", str(root / "site"), "--demo", cwd=root)
     settings = [f"ws.token_max_age={TOKEN_MAX_AGE}", f"ws.queue_limit={QUEUE_LIMIT}",
-                'ws.client_publish=["chat", "room.*"]']  # fmt: skip
+                'ws.client_publish=["chat", "room.*"]', f"ws.history={HISTORY}"]  # fmt: skip
     args = [arg for setting in settings for arg in ("--set", setting)]
     with running_stack(root / "site", "--workers", "1", *args) as running:
         yield running
@@ -138,13 +139,58 @@ def test_history_keeps_what_the_profile_says_by_count_and_by_age(stack: Stack) -
     connection = redis.Redis.from_url(stack.redis_url)
     for n in range(12):
         realtime.publish_json(connection, "capped", str(n), (5, 0))
-    kept = realtime.history(connection, ["capped"], "0-0", 100)
-    assert [json.loads(m)["data"] for m in kept] == [7, 8, 9, 10, 11]
+    ids = [raw.decode() for raw, _ in connection.xrange(realtime.stream_key("capped"))]
+    assert len(ids) == 6  # 7 to 11, and 6 marking where the history starts
+    kept = realtime.history(connection, ["capped"], "0-0", (5, 0))
+    assert [data_of(m) for m in kept.envelopes] == [7, 8, 9, 10, 11]
+    assert kept.gaps == ["capped"]
+    assert realtime.history(connection, ["capped"], ids[0], (5, 0)).gaps == []  # saw 6
+    saw_7 = realtime.history(connection, ["capped"], ids[1], (5, 0))
+    assert [data_of(m) for m in saw_7.envelopes] == [8, 9, 10, 11]
 
     realtime.publish_json(connection, "aged", '"old"', (100, 1))
     time.sleep(1.2)
     realtime.publish_json(connection, "aged", '"new"', (100, 1))
-    assert [data_of(m) for m in realtime.history(connection, ["aged"], "0-0", 100)] == ["new"]
+    aged = realtime.history(connection, ["aged"], "0-0", (100, 1))
+    assert [data_of(m) for m in aged.envelopes] == ["new"]
+    assert aged.gaps == ["aged"]
+    # Nothing published for longer than the age: the stream is kept, and still tells.
+    time.sleep(1.2)
+    assert realtime.history(connection, ["aged"], "0-0", (100, 1)) == realtime.Missed([], ["aged"])
+
+
+def test_a_client_away_for_longer_than_the_history_is_told_of_the_gap(stack: Stack) -> None:
+    with connect(ws_url(stack, "busy,calm")) as ws:
+        publish(stack, "busy", "seen")
+        seen = json.loads(ws.recv(timeout=2))["id"]
+    publish(stack, "calm", "kept")
+    connection = redis.Redis.from_url(stack.redis_url)
+    for n in range(HISTORY + 1):  # one more than the history holds: the first one is lost
+        realtime.publish_json(connection, "busy", str(n), (HISTORY, 0))
+    expected = ["kept", *range(1, HISTORY + 1)]
+
+    with connect(ws_url(stack, "busy,calm", since=seen)) as ws:
+        notice = json.loads(ws.recv(timeout=2))
+        got = [data_of(ws.recv(timeout=2)) for _ in expected]
+    assert notice == {"channel": "busy", "gap": True}
+    assert got == expected
+
+    request = urllib.request.Request(stack.url() + "events/busy,calm",
+                                     headers={"Last-Event-ID": seen})  # fmt: skip
+    with urllib.request.urlopen(request, timeout=10) as response:
+        gap, *events = sse_events(response, 1 + len(expected))
+    assert gap == {"event": "gap", "data": '{"channel":"busy","gap":true}'}
+    assert [data_of(e["data"]) for e in events] == expected
+
+    with urllib.request.urlopen(stack.url() + f"poll/busy,calm?since={seen}", timeout=10) as r:
+        answer = json.loads(r.read())
+    assert answer["gaps"] == ["busy"]
+    assert [m["data"] for m in answer["messages"]] == expected
+    # A client that saw the latest message misses nothing, and no gap is claimed.
+    with urllib.request.urlopen(
+        stack.url() + f"poll/busy,calm?since={answer['last_id']}&timeout=0.2", timeout=10
+    ) as r:
+        assert json.loads(r.read()) == {"messages": [], "last_id": answer["last_id"], "gaps": []}
 
 
 def test_reloading_the_ws_worker_mid_flow_loses_and_doubles_nothing(stack: Stack) -> None:
@@ -181,7 +227,9 @@ def sse_events(response: Any, count: int) -> list[dict[str, str]]:
     events: list[dict[str, str]] = []
     fields: dict[str, str] = {}
     while len(events) < count:
-        line = response.readline().decode().rstrip("\n")
+        raw = response.readline()
+        assert raw, f"the stream ended after {len(events)} of {count} events"
+        line = raw.decode().rstrip("\n")
         if not line:
             if "data" in fields:
                 events.append(fields)

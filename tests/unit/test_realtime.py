@@ -86,15 +86,16 @@ class History(Hub):
     """A hub whose history is given, and grows while a replay reads it, as Redis's can."""
 
     def __init__(self, texts: list[str], published_meanwhile: list[Delivery],
-                 resume: Resume) -> None:  # fmt: skip
+                 resume: Resume, gaps: list[str] | None = None) -> None:  # fmt: skip
         self.texts = texts
+        self.gaps = gaps or []
         self.meanwhile = published_meanwhile
         self.resume = resume
 
-    def history(self, channels: Iterable[str], since: str) -> list[str]:
+    def history(self, channels: Iterable[str], since: str) -> realtime.Missed:
         for delivery in self.meanwhile:
             self.resume.admit(delivery)  # arrives live during the replay
-        return self.texts
+        return realtime.Missed(self.texts, self.gaps)
 
 
 def message(n: int) -> Delivery:
@@ -111,6 +112,17 @@ def test_resuming_sends_the_missed_then_the_live_each_once_in_order() -> None:
     resume.replay(hub, ["c"], lambda d: sent.append(d.id))
     live = [m.id for m in (message(4), message(5)) if resume.admit(m)]
     assert sent + live == ["100-1", "100-2", "100-3", "100-4", "100-5"]
+
+
+def test_a_gap_is_told_before_what_the_history_still_holds() -> None:
+    resume = Resume(since="100-0")
+    hub = History([message(n).text for n in (7, 8)], [], resume, gaps=["c"])
+    sent: list[Delivery] = []
+    resume.replay(hub, ["c"], sent.append)
+    notice = '{"channel":"c","gap":true}'
+    assert [d.text for d in sent] == [notice, message(7).text, message(8).text]
+    assert sent[0].sse_event == f"event: gap\ndata: {notice}\n\n".encode()
+    assert not resume.admit(message(8)) and resume.admit(message(9))
 
 
 def test_a_client_without_a_last_id_gets_what_came_during_its_handshake_then_the_flow() -> None:
