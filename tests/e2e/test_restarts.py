@@ -69,7 +69,10 @@ def test_circusctl_reload_five_times_loses_nothing(stack: Stack) -> None:
     with Load(port(stack)) as load:
         settle(load)
         for _ in range(5):
-            assert circusctl(stack, "reload", "wsgi").stdout.strip() == "ok"
+            # Without --waiting the command returns while Circus is still reloading, and
+            # Circus refuses the next one ("arbiter is already running arbiter_reload command").
+            reload = circusctl(stack, "--timeout", "60", "reload", "wsgi", "--waiting")
+            assert reload.stdout.strip() == "ok", reload.stderr
         time.sleep(1)
     assert load.report.failures == []
     assert load.report.ok > 100
