@@ -5,9 +5,10 @@ Circus's own flapping plugin counts every exit, so that a few quick graceful rel
 workers recycled after ``max_requests``, would look like a crash loop. Here only an
 *unstable* exit counts: a uWSGI worker that exits before it marked itself ready
 (:mod:`stackctl.readiness`), or any other process that exits within ``min_uptime`` seconds
-of its start. After ``max_restarts`` unstable exits in a row the watcher is stopped, and
-the reason is written to ``<run_dir>/failed/<watcher>``, for ``stackctl up`` and
-``stackctl status`` to show with the end of the watcher's log.
+of its start; a process Circus was told to stop is never one. After ``max_restarts``
+unstable exits in a row the watcher is stopped, and the reason is written to
+``<run_dir>/failed/<watcher>``, for ``stackctl up`` and ``stackctl status`` to show with
+the end of the watcher's log.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from typing import Any
 
 from circus.plugins import CircusPlugin
 
-from stackctl.readiness import ready_mark
+from stackctl.readiness import ready_mark, reload_under_way
 
 FAILED_DIR = "failed"
 WATCHED = ("wsgi", "ws", "nginx", "redis")
@@ -34,19 +35,32 @@ class RestartJudge:
     """Counts unstable exits per watcher; says when one must be stopped."""
 
     def __init__(self, min_uptime: float, max_restarts: int,
-                 was_ready: Callable[[str, int], bool]) -> None:  # fmt: skip
+                 was_ready: Callable[[str, int], bool],
+                 reloading: Callable[[], bool] = lambda: False) -> None:  # fmt: skip
         self.min_uptime = min_uptime
         self.max_restarts = max_restarts
         self.was_ready = was_ready
+        self.reloading = reloading
         self.started: dict[int, float] = {}
+        self.stopping: set[int] = set()
         self.unstable: dict[str, int] = defaultdict(int)
 
     def spawned(self, pid: int, at: float) -> None:
         self.started[pid] = at
 
+    def stopped(self, pid: int) -> None:
+        """Circus sent the process its stop signal: its exit, however early, is no crash."""
+        self.stopping.add(pid)
+
     def exited(self, watcher: str, pid: int, at: float) -> bool:
         """Record an exit; True when the watcher has now failed ``max_restarts`` times in a row."""
         started = self.started.pop(pid, None)
+        if pid in self.stopping:
+            # Says nothing of the watcher's health either way: the count stays as it is.
+            self.stopping.discard(pid)
+            return False
+        if watcher == "wsgi" and self.reloading():
+            return False  # `stackctl reload` judges its new workers, and takes them back
         if watcher == "wsgi":
             unstable = not self.was_ready(watcher, pid)
         else:
@@ -98,6 +112,7 @@ class Flapping(CircusPlugin):
             float(config.get("min_uptime", 2)),
             int(config.get("max_restarts", 5)),
             lambda _watcher, pid: ready_mark(self.run_dir, pid).exists(),
+            lambda: reload_under_way(self.run_dir),
         )
 
     def handle_init(self) -> None:
@@ -106,12 +121,14 @@ class Flapping(CircusPlugin):
 
     def handle_recv(self, data: Any) -> None:
         watcher, action, raw = self.split_data(data)
-        if watcher not in WATCHED or action not in ("spawn", "reap"):
+        if watcher not in WATCHED or action not in ("spawn", "kill", "reap"):
             return
         message = self.load_message(raw)
         pid, at = int(message["process_pid"]), float(message["time"])
         if action == "spawn":
             self.judge.spawned(pid, at)
+        elif action == "kill":
+            self.judge.stopped(pid)
         elif self.judge.exited(watcher, pid, at):
             self.stop(watcher)
 

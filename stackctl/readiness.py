@@ -3,17 +3,24 @@
 The mark, a file named after the worker's pid in ``<run_dir>/ready/``, tells
 ``stackctl reload`` that a new worker has loaded the app and is about to accept, so that old
 workers are stopped only once their replacements can serve.
+
+While ``stackctl reload`` replaces workers it holds ``<run_dir>/reloading`` (its pid): the
+new workers are its to judge, and to take back if they fail, so the flapping plugin must not
+stop the whole pool over them.
 """
 
 from __future__ import annotations
 
 import importlib
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 APP_VARIABLE = "STACKCTL_WSGI_APP"
 READY_DIR = "ready"
+RELOADING_MARK = "reloading"
 
 
 def load(spec: str) -> Any:
@@ -35,3 +42,23 @@ def mark_ready() -> None:
         mark = ready_mark(Path(run_dir), os.getpid())
         mark.parent.mkdir(exist_ok=True)
         mark.touch()
+
+
+@contextmanager
+def reloading(run_dir: Path) -> Iterator[None]:
+    mark = run_dir / RELOADING_MARK
+    mark.write_text(str(os.getpid()))
+    try:
+        yield
+    finally:
+        mark.unlink(missing_ok=True)
+
+
+def reload_under_way(run_dir: Path) -> bool:
+    """True while a ``stackctl reload`` that is still alive replaces workers."""
+    try:
+        pid = int((run_dir / RELOADING_MARK).read_text())
+        os.kill(pid, 0)
+    except (OSError, ValueError):
+        return False  # no mark, or its reload died without removing it
+    return True

@@ -19,10 +19,13 @@ import time
 from contextlib import suppress
 from pathlib import Path
 
+import psutil
+
 from stackctl import generation
 from stackctl.errors import StackError
 from stackctl.flapping import failure_note
-from stackctl.readiness import READY_DIR, ready_mark
+from stackctl.hooks import TAKE_BACK_SIGNAL
+from stackctl.readiness import READY_DIR, ready_mark, reloading
 from stackctl.render import File
 from stackctl.render.nginx import INCLUDES as NGINX_INCLUDES
 from stackctl.stack import Stack
@@ -99,8 +102,7 @@ def wait_ready(stack: Stack, before: set[int], count: int, timeout: float) -> No
         died = {pid for pid in seen - current if not ready_mark(stack.run_dir, pid).exists()}
         if died:
             raise StackError(
-                f"new uWSGI workers {sorted(died)} exited before they were ready; the old "
-                f"workers keep serving, beside the new ones Circus restarts. Their log:\n"
+                f"new uWSGI workers {sorted(died)} exited before they were ready. Their log:\n"
                 f"{log_tail(stack, 'wsgi')}"
             )
         time.sleep(POLL)
@@ -112,16 +114,56 @@ def wait_ready(stack: Stack, before: set[int], count: int, timeout: float) -> No
     )
 
 
+def youngest(pids: set[int]) -> int | None:
+    started = {}
+    for pid in pids:
+        with suppress(psutil.NoSuchProcess):
+            started[pid] = psutil.Process(pid).create_time()
+    return max(started, key=started.__getitem__) if started else None
+
+
+def take_back(stack: Stack, before: set[int], timeout: float) -> None:
+    """Stop the workers started after ``before`` were, and keep ``before`` serving."""
+    deadline = time.monotonic() + timeout
+    while True:
+        added = wsgi_pids(stack) - before
+        count = int(call(stack, "numprocesses", name="wsgi")["numprocesses"])
+        keeper = youngest(before)
+        if keeper is None or (not added and count <= len(before)):
+            break
+        if time.monotonic() > deadline:
+            raise StackError(f"the new uWSGI workers {sorted(added)} could not be stopped")
+        # stackctl.hooks.take_back_younger_workers, in circusd, does it; asked again, it
+        # takes back only what Circus started since.
+        call(stack, "signal", name="wsgi", pid=keeper, signum=int(TAKE_BACK_SIGNAL))
+        time.sleep(5 * POLL)
+    if count < len(before):  # an old worker that exited meanwhile was taken back too
+        call(stack, "set", name="wsgi", options={"numprocesses": len(before)}, waiting=True)
+
+
 def replace_workers(stack: Stack, sequential: bool) -> int:
     """Replace every worker, ``1`` or all at a time; returns how many were replaced."""
+    with reloading(stack.run_dir):
+        return replace_each(stack, sequential)
+
+
+def replace_each(stack: Stack, sequential: bool) -> int:
     forget_dead_marks(stack)
     old = wsgi_pids(stack)
     step = 1 if sequential else len(old)
     timeout = patience(stack)
-    for _ in range(0, len(old), step):
+    for done in range(0, len(old), step):
         before = wsgi_pids(stack)
         call(stack, "incr", name="wsgi", nb=step)
-        wait_ready(stack, before, step, timeout)
+        try:
+            wait_ready(stack, before, step, timeout)
+        except StackError as e:
+            take_back(stack, before, timeout)
+            mixed = f" ({done} of {len(old)} had been replaced)" if done else ""
+            raise StackError(
+                f"{e}\nThe reload was undone: the new workers were stopped, and the workers "
+                f"that were serving{mixed} kept serving throughout."
+            ) from None
         # Circus retires the oldest processes first, each with the watcher's stop signal.
         call(stack, "decr", name="wsgi", nb=step, waiting=True, timeout=timeout)
     return len(old)

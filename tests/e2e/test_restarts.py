@@ -126,6 +126,31 @@ def test_reload_refused_when_workers_crash_at_start(stack: Stack) -> None:
     assert wsgi_pids(stack) == before
 
 
+def test_reload_whose_workers_crash_only_under_circus_is_undone(stack: Stack) -> None:
+    # The canary starts, the real workers do not: the reload must take them back.
+    app = stack.stack_dir / "loadapp.py"
+    good = app.read_text()
+    before = wsgi_pids(stack)
+    crash = ("try:\n    import uwsgi\nexcept ImportError:\n    pass\nelse:\n"
+             "    if 'canary' not in str(uwsgi.opt.get('uwsgi-socket')):\n"
+             "        raise RuntimeError('crash outside the canary')\n")  # fmt: skip
+    try:
+        with Load(port(stack)) as load:
+            settle(load)
+            app.write_text(crash + good)
+            result = stackctl("reload", "wsgi", cwd=stack.stack_dir, check=False)
+            time.sleep(1)
+    finally:
+        app.write_text(good)
+    assert result.returncode == EXIT_STACK_ERROR, result.stdout
+    assert "RuntimeError: crash outside the canary" in result.stderr
+    assert "The reload was undone" in result.stderr
+    assert load.report.failures == []
+    assert wsgi_pids(stack) == before
+    assert circusctl(stack, "status", "wsgi").stdout.strip() == "active"
+    assert circusctl(stack, "numprocesses", "wsgi").stdout.strip() == str(WORKERS)
+
+
 def test_sigkill_of_one_worker_fails_at_most_its_request(stack: Stack) -> None:
     with Load(port(stack)) as load:
         settle(load)

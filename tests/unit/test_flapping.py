@@ -33,6 +33,27 @@ def test_a_stable_exit_resets_the_count() -> None:
     assert j.exited("wsgi", 5, at=1.0)
 
 
+def test_a_worker_circus_stopped_before_it_was_ready_is_no_crash() -> None:
+    # A failed reload takes back its new workers, some of them still starting.
+    j = judge()
+    assert not j.exited("wsgi", 1, at=1.0)
+    for pid in (2, 3, 4, 5):
+        j.stopped(pid)
+        assert not j.exited("wsgi", pid, at=1.0)
+    assert not j.exited("wsgi", 6, at=1.0)  # the second crash in a row, not the sixth
+    assert j.exited("wsgi", 7, at=1.0)
+
+
+def test_new_workers_dying_during_a_stackctl_reload_are_the_reloads_to_judge() -> None:
+    under_way = True
+    j = RestartJudge(min_uptime=2, max_restarts=3, was_ready=lambda _w, _pid: False,
+                     reloading=lambda: under_way)  # fmt: skip
+    assert not any(j.exited("wsgi", pid, at=1.0) for pid in range(1, 9))
+    assert not j.exited("nginx", 9, at=1.0) and not j.exited("nginx", 10, at=1.0)
+    under_way = False
+    assert [j.exited("wsgi", pid, at=1.0) for pid in (11, 12, 13)] == [False, False, True]
+
+
 def test_other_watchers_are_judged_by_uptime() -> None:
     j = judge()
     for pid in (1, 2):
