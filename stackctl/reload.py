@@ -29,7 +29,7 @@ from stackctl.readiness import READY_DIR, ready_mark, reloading
 from stackctl.render import File
 from stackctl.render.nginx import INCLUDES as NGINX_INCLUDES
 from stackctl.stack import Stack
-from stackctl.supervisor import call, log_tail
+from stackctl.supervisor import call, crash_report, log_tail
 
 POLL = 0.05
 CANARY_NICENESS = 10
@@ -101,10 +101,7 @@ def wait_ready(stack: Stack, before: set[int], count: int, timeout: float) -> No
             return
         died = {pid for pid in seen - current if not ready_mark(stack.run_dir, pid).exists()}
         if died:
-            raise StackError(
-                f"new uWSGI workers {sorted(died)} exited before they were ready. Their log:\n"
-                f"{log_tail(stack, 'wsgi')}"
-            )
+            raise StackError(f"new uWSGI workers {sorted(died)} exited before they were ready")
         time.sleep(POLL)
     ready = sorted(pid for pid in seen if ready_mark(stack.run_dir, pid).exists())
     raise StackError(
@@ -141,6 +138,17 @@ def take_back(stack: Stack, before: set[int], timeout: float) -> None:
         call(stack, "set", name="wsgi", options={"numprocesses": len(before)}, waiting=True)
 
 
+def last_words(stack: Stack, patience: float = 2.0) -> str:
+    """The traceback of a worker that died starting: circusd writes out what a dead process
+    left in its pipe only when it gets to it, so give it a moment."""
+    deadline = time.monotonic() + patience
+    report = crash_report(stack, "wsgi")
+    while "Traceback" not in report and time.monotonic() < deadline:
+        time.sleep(POLL)
+        report = crash_report(stack, "wsgi")
+    return report
+
+
 def replace_workers(stack: Stack, sequential: bool) -> int:
     """Replace every worker, ``1`` or all at a time; returns how many were replaced."""
     with reloading(stack.run_dir):
@@ -161,7 +169,8 @@ def replace_each(stack: Stack, sequential: bool) -> int:
             take_back(stack, before, timeout)
             mixed = f" ({done} of {len(old)} had been replaced)" if done else ""
             raise StackError(
-                f"{e}\nThe reload was undone: the new workers were stopped, and the workers "
+                f"{e}; the wsgi log says:\n{last_words(stack)}\n"
+                f"The reload was undone: the new workers were stopped, and the workers "
                 f"that were serving{mixed} kept serving throughout."
             ) from None
         # Circus retires the oldest processes first, each with the watcher's stop signal.

@@ -176,8 +176,12 @@ def failure_reason(stack: Stack, watcher: str) -> str:
     """Why a watcher stopped by itself (the flapping plugin's note), with its last traceback."""
     note = failure_note(stack.run_dir, watcher)
     reason = note.read_text().strip() if note.is_file() else "stopped after crashing"
-    excerpt = flapping.last_crash(stack.log_dir / f"{watcher}.log")
-    return f"{reason}; from its log:\n{textwrap.indent(excerpt, '    ')}"
+    return f"{reason}; from its log:\n{crash_report(stack, watcher)}"
+
+
+def crash_report(stack: Stack, watcher: str) -> str:
+    """The last traceback in a watcher's log (else its last lines), indented."""
+    return textwrap.indent(flapping.last_crash(stack.log_dir / f"{watcher}.log"), "    ")
 
 
 def log_tail(stack: Stack, watcher: str) -> str:
