@@ -14,6 +14,7 @@ the end of the watcher's log.
 from __future__ import annotations
 
 import ctypes
+import re
 import signal
 import time
 from collections import defaultdict
@@ -96,7 +97,18 @@ def last_crash(path: Path, lines: int = 15, search: int = 400) -> str:
     starts = [i for i, line in enumerate(recent) if line.startswith("Traceback (most recent")]
     if not starts:
         return "\n".join(recent[-lines:])
-    return "\n".join(recent[starts[-1] :][: 2 * lines])
+    # A process stopped while circusd was still reading its pipe leaves a traceback without
+    # its last line, the exception: show the last one that has it.
+    ends = [*starts[1:], len(recent)]
+    complete = [a for a, b in zip(starts, ends, strict=True) if has_exception(recent[a:b])]
+    return "\n".join(recent[(complete or starts)[-1] :][: 2 * lines])
+
+
+EXCEPTION_LINE = re.compile(r"[A-Za-z_][\w.]*(Error|Exception|Exit|Interrupt)\b")
+
+
+def has_exception(traceback: list[str]) -> bool:
+    return any(EXCEPTION_LINE.match(line) for line in traceback[1:])
 
 
 class Flapping(CircusPlugin):

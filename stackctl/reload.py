@@ -15,6 +15,7 @@ import configparser
 import os
 import signal
 import subprocess
+import textwrap
 import time
 from contextlib import suppress
 from pathlib import Path
@@ -23,13 +24,13 @@ import psutil
 
 from stackctl import generation
 from stackctl.errors import StackError
-from stackctl.flapping import failure_note
+from stackctl.flapping import failure_note, has_exception, last_crash
 from stackctl.hooks import TAKE_BACK_SIGNAL
 from stackctl.readiness import READY_DIR, ready_mark, reloading
 from stackctl.render import File
 from stackctl.render.nginx import INCLUDES as NGINX_INCLUDES
 from stackctl.stack import Stack
-from stackctl.supervisor import call, crash_report, log_tail
+from stackctl.supervisor import call, log_tail
 
 POLL = 0.05
 CANARY_NICENESS = 10
@@ -141,12 +142,13 @@ def take_back(stack: Stack, before: set[int], timeout: float) -> None:
 def last_words(stack: Stack, patience: float = 2.0) -> str:
     """The traceback of a worker that died starting: circusd writes out what a dead process
     left in its pipe only when it gets to it, so give it a moment."""
+    log = stack.log_dir / "wsgi.log"
     deadline = time.monotonic() + patience
-    report = crash_report(stack, "wsgi")
-    while "Traceback" not in report and time.monotonic() < deadline:
+    report = last_crash(log)
+    while not has_exception(report.splitlines()) and time.monotonic() < deadline:
         time.sleep(POLL)
-        report = crash_report(stack, "wsgi")
-    return report
+        report = last_crash(log)
+    return textwrap.indent(report, "    ")
 
 
 def replace_workers(stack: Stack, sequential: bool) -> int:

@@ -83,3 +83,11 @@ def test_a_crash_report_shows_the_last_traceback_not_the_next_start_up_banner(
     assert last_crash(log).splitlines()[:4] == [*traceback, "GAME OVER"]
     log.write_text("\n".join(f"line {n}" for n in range(30)))
     assert last_crash(log).splitlines() == [f"line {n}" for n in range(15, 30)]
+
+
+def test_a_crash_report_skips_a_traceback_cut_short(tmp_path: Path) -> None:
+    # The last process was stopped while circusd still read its pipe: no exception line.
+    log = tmp_path / "wsgi.log"
+    whole = ["Traceback (most recent call last):", '  File "app.py"', "RuntimeError: boom"]
+    log.write_text("\n".join([*whole, "banner", *whole[:2], "banner"]))
+    assert last_crash(log).splitlines()[:3] == whole
