@@ -111,8 +111,9 @@ def cmd_up(args: argparse.Namespace) -> int:
     if args.detach:
         print(f'circusd pid {running.process.pid}; `eval "$(stackctl env)"` then circusctl works')
         return 0
+    stop_requested = supervisor.catch_stop_signals()
     print("Ctrl-C stops the stack")
-    return supervisor.wait_foreground(running)
+    return supervisor.wait_foreground(running, stop_requested)
 
 
 def cmd_down(args: argparse.Namespace) -> int:

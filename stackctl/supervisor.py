@@ -293,8 +293,12 @@ def terminate_circusd(pid: int, grace: float) -> None:
         return
 
 
-def wait_foreground(running: Running) -> int:
-    """``stackctl up`` in the foreground: wait for circusd; Ctrl-C or SIGTERM stop the stack."""
+def catch_stop_signals() -> list[int]:
+    """From now on Ctrl-C and SIGTERM are requests to stop the stack, listed in the result.
+
+    Call it before telling the user that Ctrl-C stops the stack: one pressed right after
+    reading that must not find Python's default handler still in place.
+    """
     stop_requested: list[int] = []
 
     def request_stop(signum: int, _frame: Any) -> None:
@@ -302,6 +306,11 @@ def wait_foreground(running: Running) -> int:
 
     signal.signal(signal.SIGINT, request_stop)
     signal.signal(signal.SIGTERM, request_stop)
+    return stop_requested
+
+
+def wait_foreground(running: Running, stop_requested: list[int]) -> int:
+    """``stackctl up`` in the foreground: wait for circusd, or for a stop request."""
     while running.process.poll() is None and not stop_requested:
         try:
             running.process.wait(timeout=0.5)
