@@ -139,11 +139,11 @@ def take_back(stack: Stack, before: set[int], timeout: float) -> None:
         call(stack, "set", name="wsgi", options={"numprocesses": len(before)}, waiting=True)
 
 
-def last_words(stack: Stack, patience: float = 2.0) -> str:
+def last_words(stack: Stack, wait: float = 2.0) -> str:
     """The traceback of a worker that died starting: circusd writes out what a dead process
     left in its pipe only when it gets to it, so give it a moment."""
     log = stack.log_dir / "wsgi.log"
-    deadline = time.monotonic() + patience
+    deadline = time.monotonic() + wait
     report = last_crash(log)
     while not has_exception(report.splitlines()) and time.monotonic() < deadline:
         time.sleep(POLL)
