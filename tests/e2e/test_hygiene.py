@@ -9,6 +9,7 @@ from collections.abc import Iterator
 
 import pytest
 
+from stackctl.readiness import ready_mark
 from stackctl.stack import Stack
 from tests.conftest import running_stack, wait_for
 from tests.e2e.test_restarts import load_site, port, wsgi_pids
@@ -76,6 +77,9 @@ def test_dev_profile_reloads_workers_when_an_app_file_changes() -> None:
         app.write_text(app.read_text().replace('f"pid {os.getpid()}"', 'f"new code {os.getpid()}"'))
         wait_for(lambda: not before & wsgi_pids(stack) and len(wsgi_pids(stack)) == 2,
                  what="every worker to restart on the new code")  # fmt: skip
+        # Loaded, not just started: a worker still importing would read the typo below.
+        wait_for(lambda: all(ready_mark(stack.run_dir, pid).exists() for pid in wsgi_pids(stack)),
+                 what="the new workers to load the app")  # fmt: skip
         with urllib.request.urlopen(stack.url(), timeout=10) as response:
             assert response.read().startswith(b"new code")
         # A file saved with a typo is waited out: the workers keep serving the code they have.
