@@ -17,7 +17,7 @@ from stackctl.settings import SETTINGS
 from stackctl.stack import Programs, Stack, plan
 
 STATE_FILE = "state.json"
-NO_PROGRAMS = Programs(circusd="", nginx="", uwsgi="", python=sys.executable, redis_server=None)
+NO_PROGRAMS = Programs(nginx="", uwsgi="", python=sys.executable, redis_server=None)
 
 
 # --- from arguments to a Stack -----------------------------------------------------------------

@@ -54,6 +54,7 @@ class WsgiConfig:
     max_rss_mb: int
     backlog: int
     graceful_timeout: int
+    check_path: str
 
 
 @dataclass(frozen=True)

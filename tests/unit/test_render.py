@@ -15,7 +15,6 @@ from stackctl.render import ini_value, nginx_quote, render_template, uwsgi_value
 from stackctl.stack import Programs, Stack
 
 PROGRAMS = Programs(
-    circusd="/opt/bin/circusd",
     nginx="/usr/sbin/nginx",
     uwsgi="/opt/bin/uwsgi",
     python="/opt/bin/python",
