@@ -69,18 +69,8 @@ def _call_once(stack: Stack, command: str, timeout: float, props: dict[str, Any]
 
 def running_pid(stack: Stack) -> int | None:
     """The pid of this stack's circusd, or None when it is not running."""
-    try:
-        pid = int(stack.circus_pidfile.read_text().strip())
-        proc = psutil.Process(pid)
-        if (
-            proc.is_running()
-            and proc.status() != psutil.STATUS_ZOMBIE
-            and "circusd" in " ".join(proc.cmdline())
-        ):
-            return pid
-    except (OSError, ValueError, psutil.NoSuchProcess, psutil.AccessDenied):
-        pass
-    return None
+    proc = processes.circusd(stack.run_dir)
+    return proc.pid if proc is not None else None
 
 
 def clean_stale(stack: Stack) -> list[int]:
