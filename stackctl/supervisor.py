@@ -252,15 +252,42 @@ def start(stack: Stack, timeout: float) -> Running:
     raise StackError(f"the stack did not start; nothing is left running.\n{why}")
 
 
+# Front to back: NGiNX first, so that no request reaches a pool that is going away; the
+# realtime worker still needs Redis while it says goodbye to its clients.
+STOP_ORDER = (("nginx",), ("wsgi", "ws"), ("redis",))
+
+
 def stop(stack: Stack, pid: int | None = None) -> list[int]:
-    """Ask circusd to stop every watcher gracefully, then make sure nothing of the stack is left.
+    """Stop the watchers gracefully, front first, then circusd; make sure nothing is left.
 
     Returns the pids that had to be killed after the graceful stop.
     """
     pid = pid or running_pid(stack)
     if pid is not None:
-        terminate_circusd(pid, stack.profile.wsgi.graceful_timeout + 5)
+        grace = stack.profile.wsgi.graceful_timeout + 5
+        stop_watchers_in_order(stack, grace)
+        terminate_circusd(pid, grace)
     return clean_stale(stack)
+
+
+def stop_watchers_in_order(stack: Stack, grace: float) -> None:
+    """Circus, told to stop, stops every watcher at once: NGiNX would keep passing requests
+    to pools that are gone, and they would wait until its own timeout, then fail. Here each
+    stage is stopped, and waited for, before the next; circusd's own stop does what is left
+    should circusd not answer."""
+    try:
+        running = call(stack, "status", timeout=5)["statuses"]
+    except StackError:
+        return
+    for stage in STOP_ORDER:
+        names = [name for name in stage if running.get(name) not in (None, "stopped")]
+        if not names:
+            continue
+        pattern = "^(" + "|".join(names) + ")$"
+        try:
+            call(stack, "stop", timeout=grace, name=pattern, match="regex", waiting=True)
+        except StackError:
+            return
 
 
 def terminate_circusd(pid: int, grace: float) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
+import time
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager, suppress
 from pathlib import Path
@@ -13,8 +14,9 @@ import psutil
 import pytest
 
 from stackctl import processes
-from tests.conftest import free_port, stackctl, wait_for
-from tests.e2e.test_restarts import alive, load_site
+from tests.conftest import free_port, running_stack, stackctl, wait_for
+from tests.e2e.test_restarts import alive, load_site, port, settle
+from tests.load import Load
 
 pytestmark = pytest.mark.e2e
 
@@ -110,3 +112,20 @@ def test_down_and_crash_clean_up_stop_only_the_stacks_processes(short_tmp: Path)
             assert all(map(alive, bystanding))
             assert pids_of(other) == others
         assert "stack stopped" in down(other_site, other)
+
+
+def test_down_under_load_stops_the_front_first_and_leaves_no_request_hanging() -> None:
+    with running_stack(load_site(), "--workers", "2") as stack:
+        with Load(port(stack), connections=32) as load:
+            settle(load)
+            started = time.monotonic()
+            stackctl("down", cwd=stack.stack_dir)
+            took = time.monotonic() - started
+        print(f"down took {took:.1f} s under load; {load.report.ok} answers")
+        # Once NGiNX is gone, new connections are refused: that is how a stopped site says so.
+        # Anything else (a 5xx, a request that waited out its timeout, a wrong answer) is not.
+        failures = [f for f in load.report.failures if "Connection refused" not in f]
+        assert failures == []
+        assert load.report.ok > 50
+        assert max(load.report.latencies) < 10
+        assert took < 15  # it took 32 s when the pools stopped with NGiNX still passing to them
