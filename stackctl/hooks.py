@@ -93,3 +93,27 @@ def take_back_younger_workers(watcher: Any, arbiter: Any, hook_name: str, pid: i
     if younger:
         log.warning("taking back %d workers younger than %d", len(younger), pid)
     return False
+
+
+def check_only_between_commands(watcher: Any, arbiter: Any, hook_name: str, **_: Any) -> bool:
+    """Before a watcher starts: make circusd's periodic check skip its turn while a command
+    runs, instead of logging a traceback.
+
+    Every ``check_delay`` circusd checks its watchers under the same lock as the commands
+    (stop, decr, reload...): one that falls while a command runs raises ConflictError,
+    which the event loop logs with its traceback, some ten per reload or stop. Nothing is
+    lost by skipping: the next check comes ``check_delay`` later.
+    """
+    caller = getattr(arbiter.ctrl, "caller", None)
+    if caller is None or getattr(caller.callback, "waits_for_commands", False):
+        return True
+    check = caller.callback
+
+    def check_unless_busy() -> Any:
+        if arbiter._exclusive_running_command is not None or arbiter._restarting:
+            return None
+        return check()
+
+    check_unless_busy.waits_for_commands = True  # type: ignore[attr-defined]
+    caller.callback = check_unless_busy
+    return True

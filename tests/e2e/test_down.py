@@ -129,3 +129,15 @@ def test_down_under_load_stops_the_front_first_and_leaves_no_request_hanging() -
         assert load.report.ok > 50
         assert max(load.report.latencies) < 10
         assert took < 15  # it took 32 s when the pools stopped with NGiNX still passing to them
+
+
+def test_reload_and_down_leave_no_traceback_in_the_circusd_log() -> None:
+    site = load_site()
+    with running_stack(site, "--workers", "2") as stack:
+        stackctl("reload", cwd=site)
+        stackctl("reload", "wsgi", "--sequential", cwd=site)
+        circusd_log = stack.log_dir / "circusd.log"
+        stackctl("down", cwd=site)
+        log = circusd_log.read_text()
+        assert "Arbiter exiting" in log  # the stop is in it
+        assert "Traceback" not in log, log
