@@ -36,6 +36,12 @@ CONFLICT_PATIENCE = 10.0
 
 
 def call(stack: Stack, command: str, timeout: float = 10.0, **props: Any) -> dict[str, Any]:
+    """Send one command to the stack's circusd; see :func:`call_endpoint`."""
+    return call_endpoint(stack.circus_endpoint, command, timeout, **props)
+
+
+def call_endpoint(endpoint: str, command: str, timeout: float = 10.0,
+                  **props: Any) -> dict[str, Any]:  # fmt: skip
     """Send one command to circusd; a refusal becomes a StackError with Circus's reason.
 
     circusd refuses a command while it runs another ("arbiter is already running ...")
@@ -43,7 +49,7 @@ def call(stack: Stack, command: str, timeout: float = 10.0, **props: Any) -> dic
     """
     deadline = time.monotonic() + CONFLICT_PATIENCE
     while True:
-        answer = _call_once(stack, command, timeout, props)
+        answer = _call_once(endpoint, command, timeout, props)
         busy = "already running" in str(answer.get("reason", ""))
         if answer.get("status") == "ok" or not busy or time.monotonic() > deadline:
             break
@@ -53,11 +59,12 @@ def call(stack: Stack, command: str, timeout: float = 10.0, **props: Any) -> dic
     return answer
 
 
-def _call_once(stack: Stack, command: str, timeout: float, props: dict[str, Any]) -> dict[str, Any]:
+def _call_once(endpoint: str, command: str, timeout: float,
+               props: dict[str, Any]) -> dict[str, Any]:  # fmt: skip
     from circus.client import CircusClient
     from circus.exc import CallError
 
-    client = CircusClient(endpoint=stack.circus_endpoint, timeout=timeout)
+    client = CircusClient(endpoint=endpoint, timeout=timeout)
     try:
         answer: dict[str, Any] = client.send_message(command, **props)
     except CallError as e:
@@ -252,9 +259,10 @@ def start(stack: Stack, timeout: float) -> Running:
     raise StackError(f"the stack did not start; nothing is left running.\n{why}")
 
 
-# Front to back: NGiNX first, so that no request reaches a pool that is going away; the
-# realtime worker still needs Redis while it says goodbye to its clients.
-STOP_ORDER = (("nginx",), ("wsgi", "ws"), ("redis",))
+# Front to back: NGiNX first, so that no request reaches a pool that is going away (and the
+# dev code reload, so that it reloads nothing on the way out); the realtime worker still
+# needs Redis while it says goodbye to its clients.
+STOP_ORDER = (("autoreload", "nginx"), ("wsgi", "ws"), ("redis",))
 
 
 def stop(stack: Stack, pid: int | None = None) -> list[int]:
