@@ -20,6 +20,7 @@ directory merely starts with the same characters are none of the stack's busines
 from __future__ import annotations
 
 import os
+import time
 from contextlib import suppress
 from pathlib import Path
 
@@ -28,6 +29,7 @@ import psutil
 MARKER = "STACKCTL_RUN_DIR"
 CIRCUSD_PIDFILE = "circusd.pid"
 NGINX_PIDFILE = "nginx.pid"
+POLL_INTERVAL = 0.05
 
 
 def is_marked(proc: psutil.Process, run_dir: str) -> bool:
@@ -101,9 +103,27 @@ def kill_all(procs: list[psutil.Process], timeout: float = 5.0) -> list[psutil.P
     for proc in procs:
         with suppress(psutil.NoSuchProcess):
             proc.terminate()
-    _, alive = psutil.wait_procs(procs, timeout=timeout)
+    alive = wait_for_exit(procs, timeout)
     for proc in alive:
         with suppress(psutil.NoSuchProcess):
             proc.kill()
-    _, alive = psutil.wait_procs(alive, timeout=timeout)
-    return alive
+    return wait_for_exit(alive, timeout)
+
+
+def wait_for_exit(procs: list[psutil.Process], timeout: float) -> list[psutil.Process]:
+    """The processes still running after ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while True:
+        procs = [p for p in procs if not exited(p)]
+        if not procs or time.monotonic() > deadline:
+            return procs
+        time.sleep(POLL_INTERVAL)
+
+
+def exited(proc: psutil.Process) -> bool:
+    """Exited, even if not reaped yet: an orphan's parent is init, which may take seconds to
+    reap it (psutil's own wait waits for that)."""
+    try:
+        return proc.status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True

@@ -309,11 +309,10 @@ def terminate_circusd(pid: int, grace: float) -> None:
         proc = psutil.Process(pid)
         while time.monotonic() < deadline:
             proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(timeout=2)
+            # Exited is enough: once `stackctl up` has returned, circusd's parent is init,
+            # which may take seconds to reap it.
+            if not processes.wait_for_exit([proc], min(2.0, deadline - time.monotonic())):
                 return
-            except psutil.TimeoutExpired:
-                continue
     except psutil.NoSuchProcess:
         return
 
