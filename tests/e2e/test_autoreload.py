@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import tempfile
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -10,6 +11,7 @@ import pytest
 
 from stackctl.stack import Stack
 from tests.conftest import running_stack, stackctl, wait_for
+from tests.e2e.test_django import django_project
 from tests.e2e.test_restarts import wsgi_pids
 
 pytestmark = pytest.mark.e2e
@@ -34,9 +36,17 @@ def lazy_site() -> Path:
     return site
 
 
-def get(stack: Stack) -> str:
-    with urllib.request.urlopen(stack.url(), timeout=10) as response:
+def get(stack: Stack, path: str = "") -> str:
+    with urllib.request.urlopen(stack.url() + path, timeout=10) as response:
         return str(response.read().decode())
+
+
+def status(stack: Stack, path: str) -> int:
+    try:
+        with urllib.request.urlopen(stack.url() + path, timeout=10) as response:
+            return int(response.status)
+    except urllib.error.HTTPError as e:
+        return e.code
 
 
 def test_a_module_imported_after_start_is_reloaded_and_every_later_request_sees_it() -> None:
@@ -57,3 +67,22 @@ def test_a_module_imported_after_start_is_reloaded_and_every_later_request_sees_
                  what="the typo to be reported")  # fmt: skip
         assert wsgi_pids(stack) == serving
         assert get(stack) == "new"
+
+
+def test_a_django_url_added_while_running_answers_on_every_request_after_the_reload(
+    short_tmp: Path,
+) -> None:
+    project = django_project(short_tmp)
+    stackctl("init", cwd=project)
+    with running_stack(project, "--workers", "2", "--profile", "dev") as stack:
+        assert [status(stack, "hello/") for _ in range(6)] == [404] * 6  # urls.py imported
+        before = wsgi_pids(stack)
+        urls = project / "mysite" / "urls.py"
+        urls.write_text(
+            urls.read_text()
+            + "\nfrom django.http import HttpResponse\n"
+            + 'urlpatterns.append(path("hello/", lambda request: HttpResponse("hello")))\n'
+        )
+        wait_for(lambda: not before & wsgi_pids(stack), timeout=30,
+                 what="the pool to be reloaded")  # fmt: skip
+        assert [get(stack, "hello/") for _ in range(20)] == ["hello"] * 20
