@@ -259,10 +259,11 @@ def start(stack: Stack, timeout: float) -> Running:
     raise StackError(f"the stack did not start; nothing is left running.\n{why}")
 
 
-# Front to back: NGiNX first, so that no request reaches a pool that is going away (and the
-# dev code reload, so that it reloads nothing on the way out); the realtime worker still
-# needs Redis while it says goodbye to its clients.
-STOP_ORDER = (("autoreload", "nginx"), ("wsgi", "ws"), ("redis",))
+# Front to back. NGiNX first, so that no request reaches a pool that is going away, with the
+# realtime worker: it closes its websockets (1012), which NGiNX would otherwise wait for
+# until it is killed (and with the dev code reload, which must reload nothing on the way
+# out). Then the WSGI pool, once NGiNX is gone, and Redis last.
+STOP_ORDER = (("autoreload", "nginx", "ws"), ("wsgi",), ("redis",))
 
 
 def stop(stack: Stack, pid: int | None = None) -> list[int]:

@@ -141,3 +141,18 @@ def test_reload_and_down_leave_no_traceback_in_the_circusd_log() -> None:
         log = circusd_log.read_text()
         assert "Arbiter exiting" in log  # the stop is in it
         assert "Traceback" not in log, log
+
+
+def test_down_closes_websockets_with_1012_and_does_not_wait_for_them() -> None:
+    from websockets.exceptions import ConnectionClosed
+    from websockets.sync.client import connect
+
+    with running_stack(load_site(), "--workers", "2") as stack:
+        with connect(stack.url().replace("http", "ws", 1) + "ws/alerts") as client:
+            started = time.monotonic()
+            stackctl("down", cwd=stack.stack_dir)
+            took = time.monotonic() - started
+            with pytest.raises(ConnectionClosed) as closed:
+                client.recv(timeout=5)
+        assert closed.value.rcvd is not None and closed.value.rcvd.code == 1012
+        assert took < 15  # NGiNX waits for open websockets, until it is killed after 30 s
