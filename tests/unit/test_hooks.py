@@ -54,3 +54,20 @@ def test_taking_back_retires_the_younger_workers_and_keeps_the_count_of_the_othe
     assert ask(2) is False and watcher.numprocesses == 2
     assert {pid for pid, p in processes.items() if p.started < 1.0} == {4, 5}
     assert ask(1, signum=10) is True  # any other signal goes through untouched
+
+
+def test_circusds_periodic_check_skips_its_turn_while_a_command_runs() -> None:
+    from stackctl.hooks import check_only_between_commands
+
+    checks: list[str] = []
+    caller = SimpleNamespace(callback=lambda: checks.append("checked"))
+    arbiter = SimpleNamespace(ctrl=SimpleNamespace(caller=caller),
+                              _exclusive_running_command=None, _restarting=False)  # fmt: skip
+    assert check_only_between_commands(None, arbiter, "before_start")
+    assert check_only_between_commands(None, arbiter, "before_start")  # wraps only once
+    caller.callback()
+    arbiter._exclusive_running_command = "watcher_stop"
+    assert caller.callback() is None  # skipped: no ConflictError for the loop to log
+    arbiter._exclusive_running_command = None
+    caller.callback()
+    assert checks == ["checked", "checked"]
