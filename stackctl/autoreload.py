@@ -1,57 +1,38 @@
-"""Code reload for development: a worker restarts itself when a file of the app changes.
+"""Code reload for development: one process watches the app's files and reloads the pool.
 
-A daemon thread compares the modification times of the modules loaded from the stack
-directory. On a change, the worker stops itself gracefully (:mod:`stackctl.graceful`: it
-finishes the current request, then exits); Circus starts a fresh one on the new code
-while the socket it holds queues the requests. A random pause spreads the workers out, so
-the others keep serving meanwhile. A change that does not compile is reported and waited
-out: the workers keep the code they have until the file is fixed.
+Circus runs it as the ``autoreload`` watcher when ``wsgi.autoreload`` is on (the ``dev``
+profile). It watches every Python file under the stack directory with watchfiles (inotify,
+as uvicorn's reloader does), not just the modules a worker had loaded when it started:
+Django imports ``urls.py`` only at the first request. On a change it asks circusd to reload
+the ``wsgi`` watcher: new workers start on the new code while the old ones finish their
+requests and exit, so every request after the reload is served by the new code. A change
+that does not compile is reported and waited out: the workers keep the code they have until
+the file is fixed.
 """
 
 from __future__ import annotations
 
-import os
-import random
+import argparse
 import sys
-import threading
-import time
+from collections.abc import Iterable
 from pathlib import Path
 
-from stackctl import graceful
+from stackctl.errors import StackError
 
-INTERVAL = 1.0
-SPREAD = 1.5
-
-
-def app_files(root: Path) -> dict[Path, float]:
-    """Modification times of the loaded modules that live under ``root``."""
-    found: dict[Path, float] = {}
-    for module in list(sys.modules.values()):
-        name = getattr(module, "__file__", None)
-        if not name:
-            continue
-        path = Path(name)
-        if path.is_relative_to(root):
-            try:
-                found[path] = path.stat().st_mtime
-            except OSError:
-                continue
-    return found
+# Circus's reload waits for the old workers to finish their requests.
+RELOAD_TIMEOUT = 120.0
 
 
-def changed(before: dict[Path, float]) -> list[Path]:
-    def moved(path: Path, mtime: float) -> bool:
-        try:
-            return path.stat().st_mtime != mtime
-        except OSError:
-            return True
-
-    return [path for path, mtime in before.items() if moved(path, mtime)]
+def changed_sources(changes: Iterable[tuple[object, str]]) -> list[Path]:
+    """The files of a batch of changes, in a stable order (a batch has no order)."""
+    return sorted({Path(path) for _, path in changes})
 
 
 def compiles(paths: list[Path]) -> bool:
     """A file saved half-way, or with a typo, must not take the workers down: wait for a fix."""
     for path in paths:
+        if not path.is_file():
+            continue  # deleted: nothing to check, the reload tells whether the app still loads
         try:
             compile(path.read_bytes(), str(path), "exec")  # checks only: writes no bytecode
         except (SyntaxError, ValueError, OSError) as e:
@@ -60,21 +41,38 @@ def compiles(paths: list[Path]) -> bool:
     return True
 
 
-def watch(root: Path) -> None:
-    baseline = app_files(root)
-    while True:
-        time.sleep(INTERVAL)
-        paths = changed(baseline)
-        if not paths:
-            continue
+def reload_pool(endpoint: str) -> None:
+    from stackctl.supervisor import call_endpoint
+
+    call_endpoint(endpoint, "reload", RELOAD_TIMEOUT, name="wsgi", graceful=True, waiting=True)
+
+
+def watch(root: Path, ignored: list[Path], endpoint: str) -> None:
+    from watchfiles import PythonFilter
+    from watchfiles import watch as changes_under
+
+    only_sources = PythonFilter(ignore_paths=ignored)
+    for batch in changes_under(root, watch_filter=only_sources, raise_interrupt=False):
+        paths = changed_sources(batch)
         if not compiles(paths):
-            baseline.update({p: p.stat().st_mtime for p in paths if p.exists()})
             continue
-        time.sleep(random.uniform(0, SPREAD))
-        print(f"stackctl: {paths[0]} changed; worker {os.getpid()} restarts", file=sys.stderr)
-        graceful.request_stop()
-        return
+        print(f"stackctl: {paths[0]} changed; reloading the wsgi workers", file=sys.stderr)
+        try:
+            reload_pool(endpoint)
+        except StackError as e:
+            print(f"stackctl: the reload failed: {e}", file=sys.stderr)
 
 
-def start(root: Path) -> None:
-    threading.Thread(target=watch, args=(root.resolve(),), name="autoreload", daemon=True).start()
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m stackctl.autoreload", description=__doc__)
+    parser.add_argument("root", type=Path, help="the stack directory")
+    parser.add_argument("--endpoint", required=True, help="circusd's control endpoint")
+    parser.add_argument("--ignore", type=Path, action="append", default=[],
+                        help="a directory not to watch (the run and log directories)")  # fmt: skip
+    args = parser.parse_args(argv)
+    watch(args.root.resolve(), [p.resolve() for p in args.ignore], args.endpoint)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

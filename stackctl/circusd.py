@@ -186,7 +186,17 @@ def normalized(key: str, value: Any) -> Any:
 
 
 class StackArbiter(Arbiter):
-    """An arbiter whose ``reloadconfig`` lets stackctl's watchers adopt what they can."""
+    """An arbiter whose ``reloadconfig`` lets stackctl's watchers adopt what they can, and
+    whose periodic check waits for the command under way."""
+
+    def manage_watchers(self) -> Any:
+        # circusd checks its watchers every check_delay under the lock its commands take (stop,
+        # decr, reload...): a check that falls while one runs raises ConflictError, which the
+        # event loop logs with a traceback, some ten per reload or stop. Skipping loses
+        # nothing: the next check comes check_delay later.
+        if self._exclusive_running_command is not None or self._restarting:
+            return None
+        return super().manage_watchers()
 
     @synchronized("arbiter_reload_config")
     @gen.coroutine

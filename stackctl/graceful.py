@@ -69,8 +69,3 @@ def install() -> None:
     """Call on the request thread before uWSGI starts any other: threads inherit the mask."""
     signal.pthread_sigmask(signal.SIG_BLOCK, {STOP_SIGNAL})
     threading.Thread(target=_wait_for_stop, name="stackctl-graceful", daemon=True).start()
-
-
-def request_stop() -> None:
-    """Stop this worker gracefully, from inside it (the dev autoreload)."""
-    os.kill(os.getpid(), STOP_SIGNAL)

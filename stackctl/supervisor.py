@@ -36,6 +36,12 @@ CONFLICT_PATIENCE = 10.0
 
 
 def call(stack: Stack, command: str, timeout: float = 10.0, **props: Any) -> dict[str, Any]:
+    """Send one command to the stack's circusd; see :func:`call_endpoint`."""
+    return call_endpoint(stack.circus_endpoint, command, timeout, **props)
+
+
+def call_endpoint(endpoint: str, command: str, timeout: float = 10.0,
+                  **props: Any) -> dict[str, Any]:  # fmt: skip
     """Send one command to circusd; a refusal becomes a StackError with Circus's reason.
 
     circusd refuses a command while it runs another ("arbiter is already running ...")
@@ -43,7 +49,7 @@ def call(stack: Stack, command: str, timeout: float = 10.0, **props: Any) -> dic
     """
     deadline = time.monotonic() + CONFLICT_PATIENCE
     while True:
-        answer = _call_once(stack, command, timeout, props)
+        answer = _call_once(endpoint, command, timeout, props)
         busy = "already running" in str(answer.get("reason", ""))
         if answer.get("status") == "ok" or not busy or time.monotonic() > deadline:
             break
@@ -53,11 +59,12 @@ def call(stack: Stack, command: str, timeout: float = 10.0, **props: Any) -> dic
     return answer
 
 
-def _call_once(stack: Stack, command: str, timeout: float, props: dict[str, Any]) -> dict[str, Any]:
+def _call_once(endpoint: str, command: str, timeout: float,
+               props: dict[str, Any]) -> dict[str, Any]:  # fmt: skip
     from circus.client import CircusClient
     from circus.exc import CallError
 
-    client = CircusClient(endpoint=stack.circus_endpoint, timeout=timeout)
+    client = CircusClient(endpoint=endpoint, timeout=timeout)
     try:
         answer: dict[str, Any] = client.send_message(command, **props)
     except CallError as e:
@@ -69,18 +76,8 @@ def _call_once(stack: Stack, command: str, timeout: float, props: dict[str, Any]
 
 def running_pid(stack: Stack) -> int | None:
     """The pid of this stack's circusd, or None when it is not running."""
-    try:
-        pid = int(stack.circus_pidfile.read_text().strip())
-        proc = psutil.Process(pid)
-        if (
-            proc.is_running()
-            and proc.status() != psutil.STATUS_ZOMBIE
-            and "circusd" in " ".join(proc.cmdline())
-        ):
-            return pid
-    except (OSError, ValueError, psutil.NoSuchProcess, psutil.AccessDenied):
-        pass
-    return None
+    proc = processes.circusd(stack.run_dir)
+    return proc.pid if proc is not None else None
 
 
 def clean_stale(stack: Stack) -> list[int]:
@@ -262,15 +259,44 @@ def start(stack: Stack, timeout: float) -> Running:
     raise StackError(f"the stack did not start; nothing is left running.\n{why}")
 
 
+# Front to back. NGiNX first, so that no request reaches a pool that is going away, with the
+# realtime worker: it closes its websockets (1012), which NGiNX would otherwise wait for
+# until it is killed (and with the dev code reload, which must reload nothing on the way
+# out). Then the WSGI pool, once NGiNX is gone, and Redis last.
+STOP_ORDER = (("autoreload", "nginx", "ws"), ("wsgi",), ("redis",))
+
+
 def stop(stack: Stack, pid: int | None = None) -> list[int]:
-    """Ask circusd to stop every watcher gracefully, then make sure nothing of the stack is left.
+    """Stop the watchers gracefully, front first, then circusd; make sure nothing is left.
 
     Returns the pids that had to be killed after the graceful stop.
     """
     pid = pid or running_pid(stack)
     if pid is not None:
-        terminate_circusd(pid, stack.profile.wsgi.graceful_timeout + 5)
+        grace = stack.profile.wsgi.graceful_timeout + 5
+        stop_watchers_in_order(stack, grace)
+        terminate_circusd(pid, grace)
     return clean_stale(stack)
+
+
+def stop_watchers_in_order(stack: Stack, grace: float) -> None:
+    """Circus, told to stop, stops every watcher at once: NGiNX would keep passing requests
+    to pools that are gone, and they would wait until its own timeout, then fail. Here each
+    stage is stopped, and waited for, before the next; circusd's own stop does what is left
+    should circusd not answer."""
+    try:
+        running = call(stack, "status", timeout=5)["statuses"]
+    except StackError:
+        return
+    for stage in STOP_ORDER:
+        names = [name for name in stage if running.get(name) not in (None, "stopped")]
+        if not names:
+            continue
+        pattern = "^(" + "|".join(names) + ")$"
+        try:
+            call(stack, "stop", timeout=grace, name=pattern, match="regex", waiting=True)
+        except StackError:
+            return
 
 
 def terminate_circusd(pid: int, grace: float) -> None:
@@ -284,11 +310,10 @@ def terminate_circusd(pid: int, grace: float) -> None:
         proc = psutil.Process(pid)
         while time.monotonic() < deadline:
             proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(timeout=2)
+            # Exited is enough: once `stackctl up` has returned, circusd's parent is init,
+            # which may take seconds to reap it.
+            if not processes.wait_for_exit([proc], min(2.0, deadline - time.monotonic())):
                 return
-            except psutil.TimeoutExpired:
-                continue
     except psutil.NoSuchProcess:
         return
 

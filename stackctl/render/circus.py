@@ -58,6 +58,15 @@ def redis_command(stack: Stack) -> str:
     return shlex.join(tied_to_circusd(stack, [stack.programs.redis_server, str(stack.redis_conf)]))
 
 
+def autoreload_command(stack: Stack) -> str:
+    if not stack.profile.wsgi.autoreload:
+        return ""
+    args = [stack.programs.python, "-m", "stackctl.autoreload", str(stack.stack_dir),
+            "--endpoint", stack.circus_endpoint,
+            "--ignore", str(stack.run_dir), "--ignore", str(stack.log_dir)]  # fmt: skip
+    return shlex.join(tied_to_circusd(stack, args))
+
+
 def render(stack: Stack) -> list[File]:
     content = render_template(
         "circus.ini.j2",
@@ -77,6 +86,7 @@ def render(stack: Stack) -> list[File]:
         wsgi_cmd=wsgi_command(stack),
         ws_cmd=ws_command(stack),
         nginx_cmd=nginx_command(stack),
+        autoreload_cmd=autoreload_command(stack),
         workers=stack.workers,
         graceful_timeout=stack.profile.wsgi.graceful_timeout,
         worker_env=stack.worker_env(),

@@ -20,7 +20,6 @@ def render(stack: Stack) -> list[File]:
         disable_logging=str(not profile.wsgi.log_requests).lower(),
         # One second after NGiNX has answered 504, so that the client sees the timeout.
         harakiri=profile.server.timeout + 1,
-        autoreload=int(profile.wsgi.autoreload),
         max_requests=profile.wsgi.max_requests,
         max_rss_mb=profile.wsgi.max_rss_mb,
     )

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import inspect
 from importlib.metadata import version
+from types import SimpleNamespace
 
 import circus.arbiter
 import circus.circusd
@@ -51,3 +52,10 @@ def test_the_arbiter_pieces_a_config_reload_uses() -> None:
 
 def test_the_controller_takes_stackctl_s_reload_command() -> None:
     assert type(get_commands()["reload"]) is circusd.ReloadCommand
+
+
+def test_the_periodic_check_skips_its_turn_while_a_command_runs() -> None:
+    busy = SimpleNamespace(_exclusive_running_command="watcher_stop", _restarting=False)
+    assert circusd.StackArbiter.manage_watchers(busy) is None  # no ConflictError to log
+    source = inspect.getsource(circus.arbiter.Arbiter.manage_watchers)
+    assert '@synchronized("manage_watchers")' in source

@@ -89,6 +89,18 @@ def test_workers_get_the_redis_url_and_the_cleanup_marker(tmp_path: Path) -> Non
     assert env["PYTHONPATH"] == str(tmp_path)
 
 
+def test_dev_code_reload_is_one_watcher_that_watches_the_stack_but_not_its_run_dirs(
+    tmp_path: Path,
+) -> None:
+    watcher = circus_ini(make_stack(tmp_path))["watcher:autoreload"]  # the dev profile
+    assert watcher["cmd"] == (
+        f"/opt/bin/python -m stackctl.autoreload {tmp_path} --endpoint ipc://{tmp_path}/run/"
+        f"circus.ctl --ignore {tmp_path}/run --ignore {tmp_path}/log"
+    )
+    prod = dataclasses.replace(make_stack(tmp_path), profile=profile.load(tmp_path, "prod", []))
+    assert not circus_ini(prod).has_section("watcher:autoreload")
+
+
 def test_external_redis_has_no_redis_watcher(tmp_path: Path) -> None:
     stack = make_stack(tmp_path, '[redis]\nurl = "redis://10.0.0.5:6379/1"\n')
     rendered = files(stack)
@@ -133,7 +145,6 @@ def test_uwsgi_runs_one_masterless_worker_per_process(tmp_path: Path) -> None:
     assert (uwsgi["master"], uwsgi["processes"], uwsgi["threads"]) == ("false", "1", "3")
     assert uwsgi["module"] == "stackctl.wsgi:application"
     assert "\nenv = STACKCTL_WSGI_APP=hello:application\n" in text
-    assert "\nenv = STACKCTL_AUTORELOAD=1\n" in text  # the dev profile
     assert f"\nharakiri = {61}\n" in text
     assert uwsgi["need-app"] == "true"
     assert uwsgi["chdir"] == str(tmp_path)
