@@ -66,6 +66,8 @@ class Result:
     p99_ms: float
     requests: int
     errors: int
+    error_kinds: str = ""
+    """wrk's own words for the errors, e.g. "read 3, non-2xx 1"."""
 
 
 def free_port() -> int:
@@ -109,10 +111,12 @@ def wrk(name: str, url: str, connections: int, seconds: int, threads: int = 2) -
     if not (p99 and total and rps):
         raise RuntimeError(f"cannot read wrk's output:\n{out}")
     time.sleep(SETTLE_SECONDS)
-    errors = sum(int(n) for n in re.findall(r"(?:connect|read|write|timeout) (\d+)", out))
+    kinds = {kind: int(n) for kind, n in re.findall(r"(connect|read|write|timeout) (\d+)", out)}
     non2xx = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
-    errors += int(non2xx.group(1)) if non2xx else 0
-    return Result(name, float(rps.group(1)), _ms(*p99.groups()), int(total.group(1)), errors)
+    kinds["non-2xx"] = int(non2xx.group(1)) if non2xx else 0
+    described = ", ".join(f"{kind} {n}" for kind, n in kinds.items() if n)
+    return Result(name, float(rps.group(1)), _ms(*p99.groups()), int(total.group(1)),
+                  sum(kinds.values()), described)  # fmt: skip
 
 
 def wait_http(port: int, timeout: float = 30.0) -> None:

@@ -149,7 +149,7 @@ def main() -> int:
     for name, rest_p99, rest_errors, busy in rows:
         ratio = busy.p99_ms / rest_p99
         print(f"  {name:<17} {busy.requests:>9} {busy.errors:>9} {rest_p99:>8.0f}ms "
-              f"{busy.p99_ms:>10.0f}ms {ratio:>6.2f}")  # fmt: skip
+              f"{busy.p99_ms:>10.0f}ms {ratio:>6.2f}  {busy.error_kinds}")  # fmt: skip
         if name.startswith(("stackctl", "circusctl")):
             failed |= busy.errors > 0 or rest_errors > 0 or ratio > target
     print(f"targets for stackctl and circusctl: 0 failures, p99 during reloads <= {target} x "
