@@ -165,6 +165,10 @@ def cmd_reload(args: argparse.Namespace) -> int:
     overrides = [tuple(p) for p in state["overrides"]] + overrides_from(args)
     chosen = profile.load(args.stack, args.profile or state["profile"], overrides)
     stack = plan(chosen)
+    # The rest of what `up` checks runs on the new generation in apply_config; the port, only
+    # when it changes, since the running NGiNX holds the old one.
+    if stack.profile.server.listen != running.profile.server.listen:
+        supervisor.check_port_free(stack)
     done = reload.apply_config(stack)
     save_state(stack, overrides)
     for line in done:

@@ -18,7 +18,7 @@ import difflib
 import fnmatch
 import tomllib
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -114,6 +114,11 @@ class Profile:
     static: StaticConfig
     redis: RedisConfig
     paths: PathsConfig
+    sources: Mapping[str, str] = field(default_factory=dict, compare=False)
+    """Which file (or the command line, or the defaults) gave each key its value."""
+
+    def source(self, key: str) -> str:
+        return self.sources.get(key, "defaults")
 
 
 @dataclass(frozen=True)
@@ -308,6 +313,7 @@ def merge(layers: Iterable[Layer]) -> dict[str, Any]:
 
 def build(name: str, reason: str, stack_dir: Path, layers: list[Layer]) -> Profile:
     values = merge(layers)
+    sources = {key: layer.source for layer in layers for key in layer.values}
     for setting in SETTINGS:
         if setting.key not in values:
             flag = f" or pass {setting.flag}" if setting.flag else ""
@@ -321,7 +327,7 @@ def build(name: str, reason: str, stack_dir: Path, layers: list[Layer]) -> Profi
         )
         for section, cls in _SECTION_TYPES.items()
     }
-    return Profile(name=name, reason=reason, stack_dir=stack_dir, **sections)
+    return Profile(name=name, reason=reason, stack_dir=stack_dir, sources=sources, **sections)
 
 
 def load(

@@ -8,10 +8,13 @@ raises :class:`Invalid` saying what is allowed.
 
 from __future__ import annotations
 
+import ipaddress
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 
 class Invalid(ValueError):
@@ -42,35 +45,96 @@ def boolean(value: Any) -> bool:
     return value
 
 
-def positive_int(value: Any) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise _expect("a positive integer", value)
-    return value
+def _whole(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
-def non_negative_int(value: Any) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise _expect("a whole number, 0 or more", value)
-    return value
+def int_range(low: int, high: int, unit: str = "") -> Callable[[Any], int]:
+    """A parser for whole numbers from ``low`` to ``high``: a number too large for the program
+    that reads it (circusd crashed on a backlog of 99999999999) is refused here, named."""
+    first = "a positive integer" if low == 1 else "a whole number, 0 or more"
+    what = f"{first} up to {high}{unit}"
+
+    def parse(value: Any) -> int:
+        if not _whole(value) or not low <= value <= high:
+            raise _expect(what, value)
+        return int(value)
+
+    parse.__doc__ = what
+    return parse
+
+
+SOMAXCONN = Path("/proc/sys/net/core/somaxconn")
+
+
+def kernel_backlog_limit() -> int:
+    """The kernel caps every listen backlog at net.core.somaxconn; asking more is pointless."""
+    try:
+        return int(SOMAXCONN.read_text())
+    except (OSError, ValueError):
+        return 4096  # Linux's default since 5.4
+
+
+def backlog(value: Any) -> int:
+    limit = kernel_backlog_limit()
+    if not _whole(value) or not 1 <= value <= limit:
+        raise _expect(
+            f"a positive integer up to {limit} (this kernel's limit, from {SOMAXCONN}; "
+            "raise it with sysctl net.core.somaxconn first)",
+            value,
+        )
+    return int(value)
+
+
+MAX_WORKERS = 512
 
 
 def workers(value: Any) -> int | str:
     if value == "auto":
         return "auto"
+    if not _whole(value) or not 1 <= value <= MAX_WORKERS:
+        raise _expect(f'a positive integer up to {MAX_WORKERS}, or "auto"', value)
+    return int(value)
+
+
+# One DNS label: letters, digits and inner hyphens, at most 63 characters.
+_LABEL = r"(?!-)[A-Za-z0-9-]{1,63}(?<!-)"
+_HOSTNAME = re.compile(rf"{_LABEL}(\.{_LABEL})*\.?")
+
+
+def is_hostname(text: str) -> bool:
+    return len(text) <= 253 and _HOSTNAME.fullmatch(text) is not None
+
+
+def is_ip_address(text: str) -> bool:
     try:
-        return positive_int(value)
-    except Invalid:
-        raise _expect('a positive integer or "auto"', value) from None
+        ipaddress.ip_address(text)
+    except ValueError:
+        return False
+    return True
 
 
 def listen(value: Any) -> Listen:
-    form = 'HOST:PORT with a port from 1 to 65535, e.g. "127.0.0.1:8000"'
+    form = (
+        "HOST:PORT, where HOST is a host name, an IP address ([::1] for IPv6) or *, and PORT "
+        'is from 1 to 65535, e.g. "127.0.0.1:8000"'
+    )
     if not isinstance(value, str):
         raise _expect(form, value)
-    match = re.fullmatch(r"\[?([^\[\]]*?)\]?:(\d{1,5})", value)
-    if not match or not match.group(1) or not 0 < int(match.group(2)) < 65536:
+    match = re.fullmatch(r"\[([0-9A-Fa-f:.]+)\]:(\d{1,5})|([^:\[\]]+):(\d{1,5})", value)
+    if not match:
         raise _expect(form, value)
-    return Listen(match.group(1), int(match.group(2)))
+    host = match.group(1) or match.group(3)
+    port = int(match.group(2) or match.group(4))
+    bracketed = match.group(1) is not None
+    valid_host = (
+        is_ip_address(host) and ":" in host
+        if bracketed
+        else host == "*" or is_ip_address(host) or is_hostname(host)
+    )
+    if not valid_host or not 0 < port < 65536:
+        raise _expect(form, value)
+    return Listen(host, port)
 
 
 def wsgi_callable(value: Any) -> str:
@@ -87,13 +151,16 @@ def module_name(value: Any) -> str:
 
 
 def url_prefix(value: Any) -> str:
+    form = 'a URL path that starts and ends with "/", e.g. "/ws/"'
     if not isinstance(value, str) or not re.fullmatch(r"/([\w.~-]+/)+", value):
-        raise _expect('a URL path that starts and ends with "/", e.g. "/ws/"', value)
+        raise _expect(form, value)
+    if any(part.strip(".") == "" for part in value.strip("/").split("/")):
+        raise _expect(form + ', without "." or ".." segments', value)
     return value
 
 
 def _list_of(value: Any, item: str, form: str) -> tuple[str, ...]:
-    if not isinstance(value, list) or not all(
+    if not isinstance(value, list | tuple) or not all(
         isinstance(v, str) and re.fullmatch(item, v) for v in value
     ):
         raise _expect(form, value)
@@ -102,7 +169,12 @@ def _list_of(value: Any, item: str, form: str) -> tuple[str, ...]:
 
 def origins(value: Any) -> tuple[str, ...]:
     form = 'a list of origins such as ["https://example.com"], or [] for the site itself'
-    return _list_of(value, r"https?://[\w.-]+(:\d{1,5})?", form)
+    found = _list_of(value, r"https?://[\w.-]+(:\d{1,5})?", form)
+    for origin in found:
+        host = origin.split("://", 1)[1].rsplit(":", 1)[0]
+        if not (is_hostname(host) or is_ip_address(host)):
+            raise _expect(form, value)
+    return found
 
 
 def channel_patterns(value: Any) -> tuple[str, ...]:
@@ -111,33 +183,100 @@ def channel_patterns(value: Any) -> tuple[str, ...]:
 
 
 def redis_url(value: Any) -> str:
+    """``embedded``, or a URL taken apart and checked piece by piece: it reaches the workers'
+    environment in circus.ini, where a stray character would be read as config."""
+    form = (
+        '"embedded", redis://[:PASSWORD@]HOST[:PORT][/DB], rediss://... or unix:///PATH, '
+        'e.g. "redis://127.0.0.1:6379/0"'
+    )
     if value == "embedded":
         return value
-    if not isinstance(value, str) or not re.match(r"(redis|rediss|unix)://", value):
-        raise _expect('"embedded" or a URL such as "redis://127.0.0.1:6379/0"', value)
+    if not isinstance(value, str) or not value.isprintable() or " " in value:
+        raise _expect(form, _without_password(value) if isinstance(value, str) else value)
+    try:
+        url = urlsplit(value)
+        port = url.port
+    except ValueError:
+        raise _expect(form, _without_password(value)) from None
+    if url.scheme == "unix":
+        ok = not url.netloc and _is_clean_path(url.path) and url.path.startswith("/")
+    elif url.scheme in ("redis", "rediss"):
+        host = url.hostname or ""
+        ok = (
+            (is_hostname(host) or is_ip_address(host))
+            and (port is None or 0 < port < 65536)
+            and re.fullmatch(r"(/\d{0,5})?", url.path) is not None
+            and not url.fragment
+            and re.fullmatch(r"[\w.=&%-]*", url.query) is not None
+            and all(_URL_SAFE.fullmatch(part or "") for part in (url.username, url.password))
+        )
+    else:
+        ok = False
+    if not ok or "$" in value or "%(" in value:
+        raise _expect(form, _without_password(value))
     return value
 
 
+def _without_password(url: str) -> str:
+    # An error message may end up in a terminal log or a CI transcript: no password in it.
+    return re.sub(r"(://[^/@]*?:)[^/@]*@", r"\1***@", url)
+
+
+# Percent-encoded user info: what a URL allows there, minus what a config would read.
+_URL_SAFE = re.compile(r"[\w.~!*+,=%-]*")
+
+# Path characters that the configs stackctl writes (NGiNX, uWSGI, Circus ini, Redis) read as
+# syntax or expand: quotes, ; { } # $ % \\ and backticks, and every control character.
+_PATH_FORBIDDEN = set(";{}\"'`$%\\#")
+
+
+def _is_clean_path(text: str) -> bool:
+    return text.isprintable() and not _PATH_FORBIDDEN & set(text)
+
+
+_PATH_RULE = "without quotes, control characters or any of ; { } # $ % \\ `"
+
+
 def path(value: Any) -> str:
-    if not isinstance(value, str) or not value or "\0" in value:
-        raise _expect("a non-empty path", value)
+    if not isinstance(value, str) or not value or not _is_clean_path(value):
+        raise _expect(f"a non-empty path {_PATH_RULE}", value)
     return value
 
 
 def optional_path(value: Any) -> str:
-    if not isinstance(value, str) or "\0" in value:
-        raise _expect('a path, or "" for none', value)
+    if not isinstance(value, str) or not _is_clean_path(value):
+        raise _expect(f'a path {_PATH_RULE}, or "" for none', value)
     return value
 
 
+def check_clean_path(what: str, value: Path) -> None:
+    """For paths that come from the file system (the stack directory itself)."""
+    if not _is_clean_path(str(value)):
+        raise Invalid(
+            f"{what} {str(value)!r} cannot be written into the configs; move it to a path "
+            f"{_PATH_RULE}"
+        )
+
+
+# A server name: a host name, optionally with a leading "*." or "." or a trailing ".*"
+# (NGiNX's wildcards), or "_" for any. NGiNX's regular-expression names are not offered.
+_SERVER_NAME = re.compile(rf"(\*\.|\.)?{_LABEL}(\.{_LABEL})*(\.\*)?")
+
+
 def server_names(value: Any) -> str:
-    if not isinstance(value, str) or not re.fullmatch(r"[\w.*~-]+( [\w.*~-]+)*", value):
-        raise _expect('host names separated by spaces, or "_" for any', value)
+    form = 'host names separated by spaces (*.example.com and example.* allowed), or "_" for any'
+    if not isinstance(value, str) or not value or value != value.strip():
+        raise _expect(form, value)
+    for name in value.split(" "):
+        if name == "_":
+            continue
+        if len(name) > 253 or not _SERVER_NAME.fullmatch(name):
+            raise _expect(form, value)
     return value
 
 
 def size(value: Any) -> str:
-    if not isinstance(value, str) or not re.fullmatch(r"\d+[kKmMgG]?", value):
+    if not isinstance(value, str) or not re.fullmatch(r"\d{1,6}[kKmMgG]?", value):
         raise _expect('a size such as "10m", "512k" or "0" (no limit)', value)
     return value
 
@@ -182,7 +321,7 @@ SETTINGS: tuple[Setting, ...] = (
     Setting(
         "server.timeout",
         60,
-        positive_int,
+        int_range(1, 3600),
         "Seconds a request may take: NGiNX then answers 504, and a second later uWSGI "
         "kills the worker still running it (harakiri); Circus starts a fresh one.",
     ),
@@ -206,7 +345,7 @@ SETTINGS: tuple[Setting, ...] = (
         "uWSGI processes; auto = 2 x the CPUs this process may use.",
         "--workers",
     ),
-    Setting("wsgi.threads", 1, positive_int, "Threads per uWSGI process.", "--threads"),
+    Setting("wsgi.threads", 1, int_range(1, 256), "Threads per uWSGI process.", "--threads"),
     Setting(
         "wsgi.log_requests",
         True,
@@ -222,26 +361,26 @@ SETTINGS: tuple[Setting, ...] = (
     Setting(
         "wsgi.max_requests",
         0,
-        non_negative_int,
+        int_range(0, 100_000_000),
         "Recycle a worker after this many requests (0: never); it finishes its request first.",
     ),
     Setting(
         "wsgi.max_rss_mb",
         0,
-        non_negative_int,
+        int_range(0, 1_048_576),
         "Recycle a worker whose resident memory passes this many MiB (0: no limit).",
     ),
     Setting(
         "wsgi.backlog",
         1024,
-        positive_int,
+        backlog,
         "Listen backlog of the Circus-held WSGI socket: connections queued while all "
         "workers are busy, or while they restart.",
     ),
     Setting(
         "wsgi.graceful_timeout",
         30,
-        positive_int,
+        int_range(1, 3600),
         "Seconds a stopping worker may take to finish its requests before it is killed.",
     ),
     Setting(
@@ -253,43 +392,43 @@ SETTINGS: tuple[Setting, ...] = (
     Setting(
         "ws.ping_interval",
         20,
-        positive_int,
+        int_range(1, 3600),
         "Seconds between the websocket worker's pings; a client silent for two is dropped.",
     ),
     Setting(
         "ws.max_message",
         65536,
-        positive_int,
+        int_range(1, 64 * 2**20),
         "Largest message in bytes a websocket client may send; a larger one closes it (1009).",
     ),
     Setting(
         "ws.max_connections",
         10000,
-        positive_int,
+        int_range(1, 1_000_000),
         "Websocket clients one worker accepts; the next ones get 503.",
     ),
     Setting(
         "ws.queue_limit",
         256,
-        positive_int,
+        int_range(1, 100_000),
         "Messages queued for one slow client before it is disconnected (1013).",
     ),
     Setting(
         "ws.history",
         1000,
-        positive_int,
+        int_range(1, 1_000_000),
         "Messages kept per channel (a capped Redis stream) for clients that reconnect.",
     ),
     Setting(
         "ws.history_seconds",
         0,
-        non_negative_int,
+        int_range(0, 30 * 86400),
         "Seconds a message is kept for replay; 0 keeps the last ws.history messages.",
     ),
     Setting(
         "ws.token_max_age",
         3600,
-        positive_int,
+        int_range(1, 30 * 86400),
         "Seconds a token from stackctl.realtime.token() is accepted after it was made.",
     ),
     Setting(

@@ -15,6 +15,7 @@ from pathlib import Path
 
 from stackctl.errors import StackError
 from stackctl.profile import Profile
+from stackctl.settings import Invalid, check_clean_path
 
 # sun_path in struct sockaddr_un is 108 bytes, including the terminating NUL.
 _UNIX_PATH_MAX = 107
@@ -201,6 +202,25 @@ def check_socket_paths(stack: Stack) -> None:
         )
 
 
+def check_written_paths(stack: Stack) -> None:
+    """The settings refuse paths that would break the configs; this checks what they resolve
+    to (a symlink may lead elsewhere) and the stack directory, which no setting gives."""
+    paths = {
+        "the stack directory": (None, stack.stack_dir),
+        "paths.run_dir": ("paths.run_dir", stack.run_dir),
+        "paths.log_dir": ("paths.log_dir", stack.log_dir),
+        "static.dir": ("static.dir", stack.static_dir),
+    }
+    for what, (key, path) in paths.items():
+        if path is None:
+            continue
+        try:
+            check_clean_path(what if key is None else f"{key} resolves to", path)
+        except Invalid as e:
+            where = "" if key is None else f"{stack.profile.source(key)}: {key}: "
+            raise StackError(f"{where}{e}") from None
+
+
 def open_files_limit(wanted: int = 65536) -> int:
     # Without the privilege to raise it, the hard limit is the ceiling for every process.
     hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
@@ -234,5 +254,6 @@ def plan(profile: Profile, programs: Programs | None = None) -> Stack:
         open_files=open_files_limit(),
         nginx_user=nginx_worker_user(base),
     )
+    check_written_paths(stack)
     check_socket_paths(stack)
     return stack

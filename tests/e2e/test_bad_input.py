@@ -6,6 +6,9 @@ import os
 import shutil
 import socket
 import sys
+import urllib.error
+import urllib.request
+from collections.abc import Callable
 from contextlib import closing
 from pathlib import Path
 
@@ -54,13 +57,15 @@ def test_wrong_type(site: Path) -> None:
     with (site / "stack.toml").open("a") as f:
         f.write('\n[wsgi]\nthreads = "four"\n')
     assert up_fails(site).strip() == (
-        f"stackctl: {site / 'stack.toml'}: wsgi.threads: expected a positive integer, got 'four'"
+        f"stackctl: {site / 'stack.toml'}: wsgi.threads: expected a positive integer up to 256, "
+        "got 'four'"
     )
 
 
 def test_negative_worker_count(site: Path) -> None:
     assert up_fails(site, "--workers", "-2").strip() == (
-        'stackctl: command line: wsgi.workers: expected a positive integer or "auto", got -2'
+        "stackctl: command line: wsgi.workers: expected a positive integer up to 512, "
+        'or "auto", got -2'
     )
 
 
@@ -124,3 +129,36 @@ def test_app_crashing_at_start_is_reported_and_nothing_is_left(site: Path) -> No
     assert "the stack did not start; nothing is left running" in message
     assert "wsgi: stopped after 5 crashes in a row at start" in message
     assert "RuntimeError: boom at start" in message
+
+
+def test_reload_refuses_a_listen_address_that_injects_nginx_config(
+    site: Path, no_leaks: Callable[[Path], None]
+) -> None:
+    no_leaks(site)
+    port, other = free_port(), free_port()
+    stackctl("up", "--detach", "--listen", f"127.0.0.1:{port}", cwd=site)
+    before = (site / ".stackctl" / "run" / "nginx.conf").read_text()
+    hostile = f"{other}; location /x {{ alias /etc/; }} listen 127.0.0.1:{port}"
+    result = stackctl("reload", "--listen", hostile, cwd=site, check=False)
+    assert result.returncode == EXIT_STACK_ERROR, result.stdout + result.stderr
+    assert result.stderr.startswith(
+        "stackctl: command line: server.listen: expected HOST:PORT, where HOST is a host name"
+    )
+    assert "Traceback" not in result.stderr
+    assert (site / ".stackctl" / "run" / "nginx.conf").read_text() == before
+    with pytest.raises(urllib.error.HTTPError) as answer:
+        urllib.request.urlopen(f"http://127.0.0.1:{port}/x/hostname", timeout=10)
+    answer.value.close()
+    assert answer.value.code == 404  # the app's answer: no alias of /etc/
+    with pytest.raises(ConnectionRefusedError):
+        socket.create_connection(("127.0.0.1", other), timeout=10).close()
+
+
+def test_backlog_above_the_kernel_limit_is_refused_before_anything_starts(site: Path) -> None:
+    limit = int(Path("/proc/sys/net/core/somaxconn").read_text())
+    message = up_fails(site, "--set", "wsgi.backlog=99999999999")
+    assert message.strip() == (
+        f"stackctl: command line: wsgi.backlog: expected a positive integer up to {limit} "
+        "(this kernel's limit, from /proc/sys/net/core/somaxconn; raise it with sysctl "
+        "net.core.somaxconn first), got 99999999999"
+    )

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import configparser
 import dataclasses
+import shlex
+import shutil
+import subprocess
 from pathlib import Path
 
 import jinja2
@@ -11,8 +14,17 @@ import pytest
 
 from stackctl import generation, profile
 from stackctl.errors import StackError
-from stackctl.render import ini_value, nginx_quote, render_template, uwsgi_value
+from stackctl.render import (
+    ini_env,
+    ini_value,
+    nginx_quote,
+    redis_value,
+    render_template,
+    uwsgi_value,
+)
 from stackctl.stack import Programs, Stack
+
+NGINX = shutil.which("nginx") or "/usr/sbin/nginx"
 
 PROGRAMS = Programs(
     circusd="/opt/bin/circusd",
@@ -115,7 +127,7 @@ def test_nginx_routes_static_websockets_and_the_pool(tmp_path: Path) -> None:
 def test_nginx_without_static_dir_has_no_static_location(tmp_path: Path) -> None:
     conf = files(make_stack(tmp_path, static_dir=None))["nginx.conf"]
     assert 'location "/static/"' not in conf
-    assert 'location /_stackctl/' in conf  # realtime.js is stackctl's own, always served
+    assert "location /_stackctl/" in conf  # realtime.js is stackctl's own, always served
 
 
 def test_nginx_user_only_when_given(tmp_path: Path) -> None:
@@ -177,6 +189,84 @@ class TestEscaping:
         for bad in ("/srv/100%", "/srv/$(HOME)"):
             with pytest.raises(StackError, match="uWSGI"):
                 uwsgi_value(bad)
+
+
+HOSTILE = [
+    '"; alias /etc/; "',
+    'x\\"; alias /etc/; #',
+    "} server { listen 9; ",
+    "a;b{c}d#e'f",
+]
+
+
+class TestEscapingAgainstHostileValues:
+    """Each filter against values written to break out of its syntax, read back by the program
+    (or the parser) that consumes that syntax."""
+
+    @pytest.mark.parametrize("value", HOSTILE)
+    def test_nginx_reads_a_quoted_value_as_one_argument(self, tmp_path: Path, value: str) -> None:
+        # default_type takes exactly one argument and alias is not allowed in http{}: a value
+        # that broke out of its quotes would make `nginx -t` fail.
+        conf = tmp_path / "nginx.conf"
+        conf.write_text(
+            f"pid {tmp_path}/nginx.pid;\nerror_log {tmp_path}/error.log;\nevents {{}}\n"
+            f"http {{\n    default_type {nginx_quote(value)};\n}}\n"
+        )
+
+        def nginx(option: str) -> subprocess.CompletedProcess[str]:
+            args = ["-q", "-p", str(tmp_path), "-c", str(conf), "-e", str(tmp_path / "e.log")]
+            return subprocess.run([NGINX, option, *args], capture_output=True, text=True)
+
+        result = nginx("-t")
+        assert result.returncode == 0, result.stderr
+        dumped = nginx("-T").stdout
+        assert f"default_type {nginx_quote(value)};" in dumped
+
+    @pytest.mark.parametrize("value", ["$request_uri", "a\nalias /etc/;", "a\rb", "a\0b"])
+    def test_nginx_refuses_variables_and_line_breaks(self, value: str) -> None:
+        with pytest.raises(StackError, match="cannot be written into the NGiNX config"):
+            nginx_quote(value)
+
+    @pytest.mark.parametrize("value", HOSTILE)
+    def test_circus_ini_value_stays_one_value(self, value: str) -> None:
+        parser = configparser.RawConfigParser()
+        parser.read_string(f"[watcher:x]\ncmd = {ini_value(value)}\n")
+        assert parser.sections() == ["watcher:x"]
+        assert parser["watcher:x"]["cmd"] == value.strip()
+
+    @pytest.mark.parametrize("value", ["a\n[watcher:evil]\ncmd = rm -rf /", "a\rb", "x\0"])
+    def test_circus_ini_refuses_line_breaks(self, value: str) -> None:
+        with pytest.raises(StackError, match="Circus"):
+            ini_value(value)
+
+    def test_circus_env_cannot_add_a_section(self) -> None:
+        with pytest.raises(StackError, match="Circus"):
+            ini_env({"A": "1\n[watcher:evil]"})
+
+    @pytest.mark.parametrize(
+        "value", ["/srv/%(home)", "/srv/%d", "/srv/$(HOME)", "/srv/@(exec://id)\nx", "a\rb"]
+    )
+    def test_uwsgi_refuses_what_it_would_expand(self, value: str) -> None:
+        with pytest.raises(StackError, match="uWSGI"):
+            uwsgi_value(value)
+
+    @pytest.mark.parametrize("value", HOSTILE)
+    def test_uwsgi_value_is_kept_verbatim(self, tmp_path: Path, value: str) -> None:
+        ini = configparser.RawConfigParser()
+        ini.read_string(f"[uwsgi]\nchdir = {uwsgi_value(value)}\n")
+        assert ini["uwsgi"]["chdir"] == value.strip()
+
+    @pytest.mark.parametrize("value", [*HOSTILE, 'a"b\\c', "x\\"])
+    def test_redis_reads_a_quoted_value_as_one_argument(self, value: str) -> None:
+        # Redis splits config lines the way its CLI does (sdssplitargs): shlex in POSIX mode
+        # reads a double-quoted string with backslash escapes the same way.
+        quoted = redis_value(value)
+        assert shlex.split(f"unixsocket {quoted}") == ["unixsocket", value]
+
+    @pytest.mark.parametrize("value", ["a\nport 6379", "a\rb", "a\0b"])
+    def test_redis_refuses_line_breaks(self, value: str) -> None:
+        with pytest.raises(StackError, match="Redis"):
+            redis_value(value)
 
 
 def test_stack_url_for_wildcard_listen(tmp_path: Path) -> None:
