@@ -221,6 +221,37 @@ def check_written_paths(stack: Stack) -> None:
             raise StackError(f"{where}{e}") from None
 
 
+def check_static_dir(stack: Stack) -> None:
+    """NGiNX serves every file under static.dir: it must not hold the stack's own files (the
+    key that signs tokens, the rendered configs, the app's source)."""
+    static = stack.static_dir
+    if static is None:
+        return
+    # The static directory may sit inside the stack directory, not the other way round; it
+    # may not overlap the private directories at all.
+    private = {
+        "the stack directory": (stack.stack_dir, False),
+        "the stack's .stackctl directory": (stack.stack_dir / ".stackctl", True),
+        "paths.run_dir": (stack.run_dir, True),
+        "paths.log_dir": (stack.log_dir, True),
+    }
+    for what, (directory, nor_inside) in private.items():
+        relation = (
+            "is" if static == directory
+            else "contains" if static in directory.parents
+            else "is inside" if nor_inside and directory in static.parents
+            else None
+        )  # fmt: skip
+        if relation:
+            raise StackError(
+                f"{stack.profile.source('static.dir')}: static.dir: {stack.profile.static.dir!r} "
+                f"resolves to {static}, which {relation} {what} ({directory}): NGiNX would "
+                "serve the stack's configs, logs or the key that signs tokens. Allowed: a "
+                'directory of static files only, such as "static" beside stack.toml, or "" '
+                "for none"
+            )
+
+
 def open_files_limit(wanted: int = 65536) -> int:
     # Without the privilege to raise it, the hard limit is the ceiling for every process.
     hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
@@ -255,5 +286,6 @@ def plan(profile: Profile, programs: Programs | None = None) -> Stack:
         nginx_user=nginx_worker_user(base),
     )
     check_written_paths(stack)
+    check_static_dir(stack)
     check_socket_paths(stack)
     return stack

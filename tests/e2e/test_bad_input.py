@@ -162,3 +162,17 @@ def test_backlog_above_the_kernel_limit_is_refused_before_anything_starts(site: 
         "(this kernel's limit, from /proc/sys/net/core/somaxconn; raise it with sysctl "
         "net.core.somaxconn first), got 99999999999"
     )
+
+
+@pytest.mark.parametrize("static_dir", [".", "..", ".stackctl", ".stackctl/run"])
+def test_static_dir_may_not_expose_the_stack(site: Path, static_dir: str) -> None:
+    text = (site / "stack.toml").read_text()
+    assert 'dir = "static"' in text
+    (site / "stack.toml").write_text(text.replace('dir = "static"', f'dir = "{static_dir}"'))
+    message = up_fails(site)
+    assert message.startswith(
+        f"stackctl: {site / 'stack.toml'}: static.dir: {static_dir!r} resolves to "
+        f"{(site / static_dir).resolve()}, which "
+    )
+    assert "NGiNX would serve the stack's configs, logs or the key that signs tokens" in message
+    assert 'Allowed: a directory of static files only, such as "static"' in message

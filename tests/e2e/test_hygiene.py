@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
+import shutil
+import tempfile
 import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
 from stackctl.readiness import ready_mark
 from stackctl.stack import Stack
-from tests.conftest import running_stack, wait_for
+from tests.conftest import running_stack, stackctl, wait_for
 from tests.e2e.test_restarts import load_site, port, wsgi_pids
 from tests.load import Load
 
@@ -100,3 +103,31 @@ def test_prod_profile_does_not_reload_by_itself() -> None:
         app.write_text(app.read_text().replace('f"pid {os.getpid()}"', 'f"new code {os.getpid()}"'))
         time.sleep(4)  # several autoreload intervals: nothing may happen
         assert wsgi_pids(stack) == before
+
+
+@pytest.fixture(scope="module")
+def demo() -> Iterator[Stack]:
+    site = Path(tempfile.mkdtemp(prefix="sc", dir="/tmp")) / "site"
+    stackctl("init", str(site), "--demo", cwd=site.parent)
+    (site / "static" / ".env").write_text("SECRET_KEY=do-not-serve\n")
+    (site / "static" / "sub" / ".git").mkdir(parents=True)
+    (site / "static" / "sub" / ".git" / "config").write_text("[core]\n")
+    with running_stack(site, "--workers", "1") as running:
+        yield running
+    shutil.rmtree(site.parent, ignore_errors=True)
+
+
+def status_of(url: str) -> int:
+    try:
+        with urllib.request.urlopen(url, timeout=10) as response:
+            return int(response.status)
+    except urllib.error.HTTPError as e:
+        e.close()
+        return e.code
+
+
+def test_nginx_never_serves_dotfiles_from_the_static_dir(demo: Stack) -> None:
+    assert status_of(demo.url() + "static/board.css") == 200
+    assert status_of(demo.url() + "static/.env") == 403
+    assert status_of(demo.url() + "static/sub/.git/config") == 403
+    assert status_of(demo.url() + "static/%2eenv") == 403  # decoded before it is matched
