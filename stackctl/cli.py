@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shlex
 import sys
 import time
@@ -99,6 +100,9 @@ def cmd_up(args: argparse.Namespace) -> int:
     if stale:
         print(f"cleaned up after a stack that died: stopped pids {stale}")
     supervisor.check_port_free(stack)
+    # Everything the stack creates from here on (logs, pid files, sockets) is the stack
+    # user's alone; the processes circusd starts inherit this.
+    os.umask(0o077)
     realtime.ensure_secret(stack.secret_file)
     generation.write(stack, generation.render_all(stack))
     save_state(stack, overrides_from(args))

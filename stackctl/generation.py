@@ -31,6 +31,16 @@ def make_dirs(stack: Stack) -> None:
     # The run directory holds the Circus control sockets: only the owner may reach them.
     os.chmod(stack.run_dir, 0o700)
     (stack.run_dir / "nginx-temp").mkdir(exist_ok=True)
+    make_logs_private(stack.log_dir)
+
+
+def make_logs_private(log_dir: Path) -> None:
+    """Logs show who asked for what: the stack's user alone may read them. NGiNX creates its
+    logs 0644 whatever Circus's umask, and older stacks left theirs so: both are fixed here."""
+    os.chmod(log_dir, 0o700)
+    for path in log_dir.iterdir():
+        if path.is_file() and not path.is_symlink():
+            os.chmod(path, 0o600)
 
 
 def stage(files: list[File], directory: Path) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shutil
+import stat
 import tempfile
 import time
 import urllib.error
@@ -131,3 +132,37 @@ def test_nginx_never_serves_dotfiles_from_the_static_dir(demo: Stack) -> None:
     assert status_of(demo.url() + "static/.env") == 403
     assert status_of(demo.url() + "static/sub/.git/config") == 403
     assert status_of(demo.url() + "static/%2eenv") == 403  # decoded before it is matched
+
+
+def test_no_token_in_any_log_and_logs_are_private(demo: Stack) -> None:
+    secret = "SECRET4f9a"
+    referer = f"http://127.0.0.1/page?token={secret}"
+    for path in ("", "static/board.css", "poll/news", "events/news", "nothing-here"):
+        url = f"{demo.url()}{path}?token={secret}&since=0"
+        request = urllib.request.Request(url, headers={"Referer": referer})
+        try:
+            with urllib.request.urlopen(request, timeout=2) as response:
+                response.read(1)
+        except (urllib.error.HTTPError, TimeoutError) as e:
+            if isinstance(e, urllib.error.HTTPError):
+                e.close()
+    # A request whose lines mark the end of what the logs must hold.
+    status_of(demo.url() + "flush-marker?token=" + secret)
+
+    def logged() -> bool:
+        wsgi = (demo.log_dir / "wsgi.log").read_text(errors="replace")
+        access = (demo.log_dir / "nginx-access.log").read_text(errors="replace")
+        return "GET /flush-marker " in wsgi and "GET /flush-marker " in access
+
+    wait_for(logged, what="the marker request in the wsgi and NGiNX access logs")
+    access = (demo.log_dir / "nginx-access.log").read_text()
+    assert '"GET /nothing-here HTTP/1.1" 404' in access
+    assert '"http://127.0.0.1/page"' in access  # the referer, without its query string
+    files = [p for p in demo.log_dir.rglob("*") if p.is_file()]
+    assert len(files) >= 5
+    for path in files:
+        assert secret not in path.read_text(errors="replace"), f"the token is in {path}"
+    assert stat.S_IMODE(demo.log_dir.stat().st_mode) == 0o700
+    for path in files:
+        mode = stat.S_IMODE(path.stat().st_mode)
+        assert mode & 0o077 == 0, f"{path} is {oct(mode)}: others may read it"

@@ -283,3 +283,17 @@ def test_every_watcher_dies_with_circusd_when_setpriv_is_there(tmp_path: Path) -
     ini = circus_ini(make_stack(tmp_path, programs=programs))
     for name in ("redis", "wsgi", "ws", "nginx"):
         assert ini[f"watcher:{name}"]["cmd"].startswith("/usr/bin/setpriv --pdeathsig TERM -- ")
+
+
+def test_request_logs_have_paths_never_query_strings(tmp_path: Path) -> None:
+    rendered = files(make_stack(tmp_path))
+    nginx_conf = rendered["nginx.conf"]
+    assert f'access_log "{tmp_path / "log" / "nginx-access.log"}" path_only;' in nginx_conf
+    log_format = nginx_conf[nginx_conf.index("log_format path_only") :].split(";", 1)[0]
+    assert '"$request_method $uri $server_protocol"' in log_format
+    for leaky in ("$request ", "$request_uri", "$args", "$query_string", "$http_referer"):
+        assert leaky not in log_format
+    uwsgi_ini = rendered["uwsgi.ini"]
+    log_line = next(line for line in uwsgi_ini.splitlines() if line.startswith("log-format"))
+    assert "%(method) %(var.PATH_INFO) %(proto)" in log_line
+    assert "%(uri)" not in log_line and "%(referer)" not in log_line
