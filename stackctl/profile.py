@@ -24,80 +24,27 @@ from typing import Any
 
 from stackctl import resources
 from stackctl.errors import StackError
-from stackctl.settings import BY_KEY, REQUIRED, SECTIONS, SETTINGS, Invalid, Listen
+from stackctl.settings import (
+    BY_KEY,
+    REQUIRED,
+    SECTION_TYPES,
+    SECTIONS,
+    SETTINGS,
+    AppConfig,
+    Invalid,
+    PathsConfig,
+    RedisConfig,
+    ServerConfig,
+    StaticConfig,
+    WsConfig,
+    WsgiConfig,
+)
+from stackctl.settings import (
+    Listen as Listen,  # re-exported: a Profile's server.listen is one
+)
 
 STACK_FILE = "stack.toml"
 DEFAULT_PROFILE = "dev"
-
-
-@dataclass(frozen=True)
-class ServerConfig:
-    listen: Listen
-    names: str
-    max_body: str
-    timeout: int
-
-
-@dataclass(frozen=True)
-class AppConfig:
-    wsgi: str
-    django_settings: str
-
-
-@dataclass(frozen=True)
-class WsgiConfig:
-    workers: int | str
-    threads: int
-    log_requests: bool
-    autoreload: bool
-    max_requests: int
-    max_rss_mb: int
-    backlog: int
-    graceful_timeout: int
-
-
-@dataclass(frozen=True)
-class WsConfig:
-    prefix: str
-    ping_interval: int
-    max_message: int
-    max_connections: int
-    queue_limit: int
-    history: int
-    history_seconds: int
-    token_max_age: int
-    allowed_origins: tuple[str, ...]
-    client_publish: tuple[str, ...]
-    sse_prefix: str
-    poll_prefix: str
-
-
-@dataclass(frozen=True)
-class StaticConfig:
-    url: str
-    dir: str
-
-
-@dataclass(frozen=True)
-class RedisConfig:
-    url: str
-
-
-@dataclass(frozen=True)
-class PathsConfig:
-    run_dir: str
-    log_dir: str
-
-
-_SECTION_TYPES: dict[str, type] = {
-    "server": ServerConfig,
-    "app": AppConfig,
-    "wsgi": WsgiConfig,
-    "ws": WsConfig,
-    "static": StaticConfig,
-    "redis": RedisConfig,
-    "paths": PathsConfig,
-}
 
 
 @dataclass(frozen=True)
@@ -301,7 +248,9 @@ def command_line_layer(overrides: Iterable[tuple[str, Any]]) -> Layer:
 
 
 def defaults_layer() -> Layer:
-    return Layer("defaults", {s.key: s.default for s in SETTINGS if s.default is not REQUIRED})
+    """The declared defaults, parsed like any other layer: a default that skipped its parser
+    (server.listen as a plain string) crashed `up` for a profile that did not set it."""
+    return validate("defaults", {s.key: s.default for s in SETTINGS if s.default is not REQUIRED})
 
 
 def merge(layers: Iterable[Layer]) -> dict[str, Any]:
@@ -325,7 +274,7 @@ def build(name: str, reason: str, stack_dir: Path, layers: list[Layer]) -> Profi
         section: cls(
             **{k.split(".", 1)[1]: v for k, v in values.items() if k.startswith(f"{section}.")}
         )
-        for section, cls in _SECTION_TYPES.items()
+        for section, cls in SECTION_TYPES.items()
     }
     return Profile(name=name, reason=reason, stack_dir=stack_dir, sources=sources, **sections)
 

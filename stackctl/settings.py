@@ -8,6 +8,7 @@ raises :class:`Invalid` saying what is allowed.
 
 from __future__ import annotations
 
+import dataclasses
 import ipaddress
 import re
 from collections.abc import Callable
@@ -281,8 +282,14 @@ def size(value: Any) -> str:
     return value
 
 
+REQUIRED: Any = object()
+"""Default of a setting that has none: the stack file or a profile must give it."""
+
+
 @dataclass(frozen=True)
 class Setting:
+    """One profile key as declared in its section class: the key's only declaration."""
+
     key: str
     default: Any
     parse: Callable[[Any], Any]
@@ -298,187 +305,197 @@ class Setting:
         return self.key.split(".", 1)[1]
 
 
-REQUIRED = object()
-"""Default of a setting that has none: the stack file or a profile must give it."""
+def setting(default: Any, parse: Callable[[Any], Any], help: str, flag: str | None = None) -> Any:
+    """Declare a field of a section class as a profile key, with all there is to know of it.
 
-SETTINGS: tuple[Setting, ...] = (
-    Setting(
-        "server.listen",
-        "127.0.0.1:8000",
-        listen,
-        "Address NGiNX listens on, HOST:PORT.",
-        "--listen",
-    ),
-    Setting(
-        "server.names",
-        "_",
-        server_names,
-        "NGiNX server_name: host names separated by spaces, _ for any.",
-    ),
-    Setting(
-        "server.max_body", "10m", size, "Largest request body NGiNX accepts (client_max_body_size)."
-    ),
-    Setting(
-        "server.timeout",
+    The field's annotation is the type of the parsed value; the default goes through ``parse``
+    like any other value. (The declaration is the dataclass field, not a separate table, so
+    that mypy knows ``profile.server.listen`` is a :class:`Listen`.)
+    """
+    return dataclasses.field(metadata={"setting": (default, parse, help, flag)})
+
+
+# --- the profile keys, section by section --------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    listen: Listen = setting(
+        "127.0.0.1:8000", listen, "Address NGiNX listens on, HOST:PORT.", "--listen"
+    )
+    names: str = setting(
+        "_", server_names, "NGiNX server_name: host names separated by spaces, _ for any."
+    )
+    max_body: str = setting(
+        "10m", size, "Largest request body NGiNX accepts (client_max_body_size)."
+    )
+    timeout: int = setting(
         60,
         int_range(1, 3600),
         "Seconds a request may take: NGiNX then answers 504, and a second later uWSGI "
         "kills the worker still running it (harakiri); Circus starts a fresh one.",
-    ),
-    Setting(
-        "app.wsgi",
+    )
+
+
+@dataclass(frozen=True)
+class AppConfig:
+    wsgi: str = setting(
         REQUIRED,
         wsgi_callable,
         "The WSGI callable, package.module:callable, importable from the stack directory.",
         "--app",
-    ),
-    Setting(
-        "app.django_settings",
-        "",
-        module_name,
-        "DJANGO_SETTINGS_MODULE for the workers, empty for a non-Django app.",
-    ),
-    Setting(
-        "wsgi.workers",
-        "auto",
-        workers,
-        "uWSGI processes; auto = 2 x the CPUs this process may use.",
-        "--workers",
-    ),
-    Setting("wsgi.threads", 1, int_range(1, 256), "Threads per uWSGI process.", "--threads"),
-    Setting(
-        "wsgi.log_requests",
+    )
+    django_settings: str = setting(
+        "", module_name, "DJANGO_SETTINGS_MODULE for the workers, empty for a non-Django app."
+    )
+
+
+@dataclass(frozen=True)
+class WsgiConfig:
+    workers: int | str = setting(
+        "auto", workers, "uWSGI processes; auto = 2 x the CPUs this process may use.", "--workers"
+    )
+    threads: int = setting(1, int_range(1, 256), "Threads per uWSGI process.", "--threads")
+    log_requests: bool = setting(
         True,
         boolean,
         "uWSGI logs every request; NGiNX's access log has them too, so prod turns it off.",
-    ),
-    Setting(
-        "wsgi.autoreload",
+    )
+    autoreload: bool = setting(
         False,
         boolean,
         "Restart workers by themselves when a Python file of the app changes (dev does).",
-    ),
-    Setting(
-        "wsgi.max_requests",
+    )
+    max_requests: int = setting(
         0,
         int_range(0, 100_000_000),
         "Recycle a worker after this many requests (0: never); it finishes its request first.",
-    ),
-    Setting(
-        "wsgi.max_rss_mb",
+    )
+    max_rss_mb: int = setting(
         0,
         int_range(0, 1_048_576),
         "Recycle a worker whose resident memory passes this many MiB (0: no limit).",
-    ),
-    Setting(
-        "wsgi.backlog",
+    )
+    backlog: int = setting(
         1024,
         backlog,
         "Listen backlog of the Circus-held WSGI socket: connections queued while all "
         "workers are busy, or while they restart.",
-    ),
-    Setting(
-        "wsgi.graceful_timeout",
+    )
+    graceful_timeout: int = setting(
         30,
         int_range(1, 3600),
         "Seconds a stopping worker may take to finish its requests before it is killed.",
-    ),
-    Setting(
-        "ws.prefix",
+    )
+
+
+@dataclass(frozen=True)
+class WsConfig:
+    prefix: str = setting(
         "/ws/",
         url_prefix,
         "URL prefix routed to the websocket worker; /ws/CHANNEL subscribes to CHANNEL.",
-    ),
-    Setting(
-        "ws.ping_interval",
+    )
+    ping_interval: int = setting(
         20,
         int_range(1, 3600),
         "Seconds between the websocket worker's pings; a client silent for two is dropped.",
-    ),
-    Setting(
-        "ws.max_message",
+    )
+    max_message: int = setting(
         65536,
         int_range(1, 64 * 2**20),
         "Largest message in bytes a websocket client may send; a larger one closes it (1009).",
-    ),
-    Setting(
-        "ws.max_connections",
+    )
+    max_connections: int = setting(
         10000,
         int_range(1, 1_000_000),
         "Websocket clients one worker accepts; the next ones get 503.",
-    ),
-    Setting(
-        "ws.queue_limit",
+    )
+    queue_limit: int = setting(
         256,
         int_range(1, 100_000),
         "Messages queued for one slow client before it is disconnected (1013).",
-    ),
-    Setting(
-        "ws.history",
+    )
+    history: int = setting(
         1000,
         int_range(1, 1_000_000),
         "Messages kept per channel (a capped Redis stream) for clients that reconnect.",
-    ),
-    Setting(
-        "ws.history_seconds",
+    )
+    history_seconds: int = setting(
         0,
         int_range(0, 30 * 86400),
         "Seconds a message is kept for replay; 0 keeps the last ws.history messages.",
-    ),
-    Setting(
-        "ws.token_max_age",
+    )
+    token_max_age: int = setting(
         3600,
         int_range(1, 30 * 86400),
         "Seconds a token from stackctl.realtime.token() is accepted after it was made.",
-    ),
-    Setting(
-        "ws.allowed_origins",
+    )
+    allowed_origins: tuple[str, ...] = setting(
         (),
         origins,
         "Origins whose pages may connect; [] allows only the site itself (Origin = Host).",
-    ),
-    Setting(
-        "ws.client_publish",
+    )
+    client_publish: tuple[str, ...] = setting(
         (),
         channel_patterns,
         "Channels (fnmatch patterns) that clients may publish to; [] for none.",
-    ),
-    Setting(
-        "ws.sse_prefix",
-        "/events/",
-        url_prefix,
-        "URL prefix of the Server-Sent Events fallback: /events/CHANNEL.",
-    ),
-    Setting(
-        "ws.poll_prefix",
-        "/poll/",
-        url_prefix,
-        "URL prefix of the long-poll fallback: /poll/CHANNEL?since=ID.",
-    ),
-    Setting("static.url", "/static/", url_prefix, "URL prefix NGiNX serves from static.dir."),
-    Setting(
-        "static.dir",
+    )
+    sse_prefix: str = setting(
+        "/events/", url_prefix, "URL prefix of the Server-Sent Events fallback: /events/CHANNEL."
+    )
+    poll_prefix: str = setting(
+        "/poll/", url_prefix, "URL prefix of the long-poll fallback: /poll/CHANNEL?since=ID."
+    )
+
+
+@dataclass(frozen=True)
+class StaticConfig:
+    url: str = setting("/static/", url_prefix, "URL prefix NGiNX serves from static.dir.")
+    dir: str = setting(
         "static",
         optional_path,
         "Directory of static files, relative to the stack directory; empty for none.",
-    ),
-    Setting(
-        "redis.url",
+    )
+
+
+@dataclass(frozen=True)
+class RedisConfig:
+    url: str = setting(
         "embedded",
         redis_url,
         "embedded (a Redis server run by the stack) or the URL of an existing one.",
-    ),
-    Setting(
-        "paths.run_dir",
+    )
+
+
+@dataclass(frozen=True)
+class PathsConfig:
+    run_dir: str = setting(
         ".stackctl/run",
         path,
         "Rendered configs, sockets and pid files, relative to the stack directory.",
-    ),
-    Setting(
-        "paths.log_dir", ".stackctl/log", path, "Per-watcher logs, relative to the stack directory."
-    ),
-)
+    )
+    log_dir: str = setting(
+        ".stackctl/log", path, "Per-watcher logs, relative to the stack directory."
+    )
 
+
+SECTION_TYPES: dict[str, type] = {
+    "server": ServerConfig,
+    "app": AppConfig,
+    "wsgi": WsgiConfig,
+    "ws": WsConfig,
+    "static": StaticConfig,
+    "redis": RedisConfig,
+    "paths": PathsConfig,
+}
+"""Each section of a profile and the class its keys are declared in, in the README's order."""
+
+SETTINGS: tuple[Setting, ...] = tuple(
+    Setting(f"{section}.{f.name}", *f.metadata["setting"])
+    for section, cls in SECTION_TYPES.items()
+    for f in dataclasses.fields(cls)
+)
 BY_KEY: dict[str, Setting] = {s.key: s for s in SETTINGS}
 SECTIONS: tuple[str, ...] = tuple(dict.fromkeys(s.section for s in SETTINGS))
 

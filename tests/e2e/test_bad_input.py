@@ -176,3 +176,21 @@ def test_static_dir_may_not_expose_the_stack(site: Path, static_dir: str) -> Non
     )
     assert "NGiNX would serve the stack's configs, logs or the key that signs tokens" in message
     assert 'Allowed: a directory of static files only, such as "static"' in message
+
+
+def test_profile_that_only_extends_base_starts(
+    site: Path, no_leaks: Callable[[Path], None]
+) -> None:
+    # Nothing sets server.listen, so its default (127.0.0.1:8000) is used: it crashed `up`
+    # with an AttributeError before defaults went through their parsers. Port 8000 may be
+    # taken on a shared machine; then the answer must be the clear one.
+    (site / "profiles").mkdir()
+    (site / "profiles" / "bare.toml").write_text('extends = "base"\n')
+    no_leaks(site)
+    result = stackctl("up", "--detach", "--profile", "bare", cwd=site, check=False)
+    assert "Traceback" not in result.stderr, result.stderr
+    if result.returncode == 0:
+        assert "stack up: http://127.0.0.1:8000/" in result.stdout
+    else:
+        assert result.returncode == EXIT_STACK_ERROR, result.stderr
+        assert "server.listen: 127.0.0.1:8000 is not available" in result.stderr

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import dataclasses
+import types
+import typing
 from pathlib import Path
 
 import pytest
 
-from stackctl import profile
+from stackctl import profile, settings
 from stackctl.errors import StackError
-from stackctl.settings import SETTINGS, Listen
+from stackctl.settings import REQUIRED, SECTION_TYPES, SETTINGS, Listen, Setting
 
 
 def write(path: Path, text: str) -> Path:
@@ -249,13 +252,35 @@ class TestChooseProfile:
             load(stack_dir)
 
 
-def test_every_setting_is_a_field_of_the_model() -> None:
-    fields = {
-        f"{section}.{name}"
-        for section, cls in profile._SECTION_TYPES.items()
-        for name in cls.__dataclass_fields__
-    }
-    assert fields == {s.key for s in SETTINGS}
+def test_a_profile_that_sets_nothing_gets_parsed_defaults(stack_dir: Path) -> None:
+    # Defaults skipped their parsers: server.listen stayed the string "127.0.0.1:8000" and
+    # `up` crashed on listen.host for a profile that left it out.
+    write(stack_dir / "profiles" / "bare.toml", 'extends = "base"\n')
+    p = load(stack_dir, "bare")
+    assert p.server.listen == Listen("127.0.0.1", 8000)
+    assert p.ws.allowed_origins == ()
+    assert p.source("server.listen") == "defaults"
+
+
+@pytest.mark.parametrize("setting", [s for s in SETTINGS if s.default is not REQUIRED])
+def test_every_default_passes_its_parser_into_the_declared_type(setting: Setting) -> None:
+    section = SECTION_TYPES[setting.section]
+    declared = typing.get_type_hints(section, globalns=vars(settings))[setting.field]
+    value = setting.parse(setting.default)
+    union = isinstance(declared, types.UnionType)
+    allowed = typing.get_args(declared) if union else (declared,)
+    assert isinstance(value, tuple(typing.get_origin(t) or t for t in allowed))
+
+
+def test_the_model_is_the_declaration() -> None:
+    # One declaration per key: the profile's section classes are the ones SETTINGS is read
+    # from, with no field that is not a setting.
+    assert profile.ServerConfig is settings.ServerConfig
+    assert typing.get_type_hints(profile.Profile)["wsgi"] is settings.WsgiConfig
+    for cls in SECTION_TYPES.values():
+        assert all("setting" in f.metadata for f in dataclasses.fields(cls))
+    assert [s.key for s in SETTINGS][:2] == ["server.listen", "server.names"]
+    assert len(SETTINGS) == sum(len(dataclasses.fields(c)) for c in SECTION_TYPES.values())
 
 
 @pytest.mark.parametrize(
