@@ -1,4 +1,5 @@
-"""The ``stackctl`` command. Each subcommand is a small function; errors are StackErrors."""
+"""stackctl runs a Python web app the production way: NGiNX in front of a pool of uWSGI
+workers, a websocket worker and Redis, all supervised by Circus."""
 
 from __future__ import annotations
 
@@ -15,9 +16,10 @@ from typing import Any
 from stackctl import generation, profile, realtime, supervisor
 from stackctl.errors import EXIT_STACK_ERROR, StackError
 from stackctl.settings import SETTINGS
-from stackctl.stack import Programs, Stack, plan
+from stackctl.stack import Programs, Stack, check_port_allowed, plan
 
 STATE_FILE = "state.json"
+EXIT_BROKEN_PIPE = 128 + 13  # what a shell reports for a command ended by SIGPIPE
 NO_PROGRAMS = Programs(circusd="", nginx="", uwsgi="", python=sys.executable, redis_server=None)
 
 
@@ -99,6 +101,7 @@ def cmd_up(args: argparse.Namespace) -> int:
     stale = supervisor.clean_stale(stack) if stack.run_dir.is_dir() else []
     if stale:
         print(f"cleaned up after a stack that died: stopped pids {stale}")
+    check_port_allowed(stack)
     supervisor.check_port_free(stack)
     # Everything the stack creates from here on (logs, pid files, sockets) is the stack
     # user's alone; the processes circusd starts inherit this.
@@ -116,8 +119,13 @@ def cmd_up(args: argparse.Namespace) -> int:
         print(f'circusd pid {running.process.pid}; `eval "$(stackctl env)"` then circusctl works')
         return 0
     stop_requested = supervisor.catch_stop_signals()
-    print("Ctrl-C stops the stack")
-    return supervisor.wait_foreground(running, stop_requested)
+    print("Ctrl-C stops the stack", flush=True)
+    status = supervisor.wait_foreground(running, stop_requested)
+    if stop_requested:
+        print("stack stopped")
+    else:
+        print(f"circusd exited by itself (status {running.process.returncode}); stack stopped")
+    return status
 
 
 def cmd_down(args: argparse.Namespace) -> int:
@@ -172,6 +180,7 @@ def cmd_reload(args: argparse.Namespace) -> int:
     # The rest of what `up` checks runs on the new generation in apply_config; the port, only
     # when it changes, since the running NGiNX holds the old one.
     if stack.profile.server.listen != running.profile.server.listen:
+        check_port_allowed(stack)
         supervisor.check_port_free(stack)
     done = reload.apply_config(stack)
     save_state(stack, overrides)
@@ -227,7 +236,11 @@ def cmd_env(args: argparse.Namespace) -> int:
 
 
 def cmd_publish(args: argparse.Namespace) -> int:
+    import redis
+
     stack = load_running_stack(args)
+    if stack.embedded_redis:
+        require_running(stack)  # its Redis runs only while the stack does
     ws = stack.profile.ws
     data = args.message if args.json else json.dumps(args.message)
     try:
@@ -235,8 +248,12 @@ def cmd_publish(args: argparse.Namespace) -> int:
     except ValueError as e:
         raise StackError(f"--json: the message is not JSON ({e})") from None
     connection = realtime.client(stack.redis_url)
-    receivers = realtime.publish_json(connection, realtime.check_channel(args.channel), data,
-                                      (ws.history, ws.history_seconds))  # fmt: skip
+    try:
+        receivers = realtime.publish_json(connection, realtime.check_channel(args.channel),
+                                          data, (ws.history, ws.history_seconds))  # fmt: skip
+    except redis.ConnectionError as e:
+        where = "the stack's Redis" if stack.embedded_redis else "the Redis of redis.url"
+        raise StackError(f"cannot reach {where} to publish: {e}") from None
     print(f"published to {args.channel!r} ({receivers} worker(s) listening)")
     return 0
 
@@ -277,6 +294,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=Path("."),
         help="the stack directory, where stack.toml is (default: .)",
     )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {package_version()}")
     commands = parser.add_subparsers(dest="command", required=True)
 
     def command(
@@ -330,13 +348,31 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def package_version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("stackctl")
+    except PackageNotFoundError:  # run from a checkout that was never installed
+        from stackctl import __version__
+
+        return __version__
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        return int(args.handler(args))
+        status = int(args.handler(args))
+        sys.stdout.flush()  # a closed pipe shows here, where it is handled, not at exit
+        return status
     except StackError as e:
         print(f"stackctl: {e}", file=sys.stderr)
         return EXIT_STACK_ERROR
+    except BrokenPipeError:
+        # `stackctl status | head -1`: the reader has all it wants. Point stdout at /dev/null
+        # so that Python's final flush does not complain a second time.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_BROKEN_PIPE
 
 
 if __name__ == "__main__":

@@ -87,7 +87,10 @@ def check_circus(conf: Path) -> None:
 
 def check_app(stack: Stack) -> None:
     """Import the WSGI callable the way a worker will, in a separate interpreter."""
-    code = f"from stackctl.readiness import load; load({stack.profile.app.wsgi!r})"
+    code = (
+        "from stackctl.readiness import load_or_explain; "
+        f"load_or_explain({stack.profile.app.wsgi!r})"
+    )
     env = {**os.environ, **stack.worker_env()}
     try:
         result = subprocess.run(
@@ -103,7 +106,7 @@ def check_app(stack: Stack) -> None:
             f"app.wsgi: importing {stack.profile.app.wsgi!r} took over 120 s"
         ) from None
     if result.returncode != 0:
-        tail = "\n".join(result.stderr.strip().splitlines()[-12:])
+        tail = "\n".join(result.stderr.strip().splitlines()[-30:])
         raise StackError(
             f"app.wsgi: {stack.profile.app.wsgi!r} cannot be imported from "
             f"{stack.stack_dir}:\n{tail}"

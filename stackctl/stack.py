@@ -15,7 +15,7 @@ from pathlib import Path
 
 from stackctl.errors import StackError
 from stackctl.profile import Profile
-from stackctl.settings import Invalid, check_clean_path
+from stackctl.settings import Invalid, Listen, check_clean_path
 
 # sun_path in struct sockaddr_un is 108 bytes, including the terminating NUL.
 _UNIX_PATH_MAX = 107
@@ -151,15 +151,20 @@ def usable_cpus() -> int:
     return cpus
 
 
-def find_program(name: str, *, hint: str) -> str:
+# A normal user's PATH often lacks the sbin directories, where Debian installs nginx.
+SBIN_DIRS = ("/usr/local/sbin", "/usr/sbin", "/sbin")
+
+
+def find_program(name: str, *, hint: str, also: tuple[str, ...] = SBIN_DIRS) -> str:
     # Look beside the running interpreter first: in a virtualenv, circusd and uwsgi live
     # there even when the venv is not activated.
     beside = Path(sys.executable).parent / name
     if beside.is_file() and os.access(beside, os.X_OK):
         return str(beside)
-    found = shutil.which(name)
+    found = shutil.which(name) or (shutil.which(name, path=os.pathsep.join(also)) if also else None)
     if not found:
-        raise StackError(f"no {name} on PATH; {hint}")
+        where = f"on PATH or in {', '.join(also)}" if also else "on PATH"
+        raise StackError(f"no {name} {where}; {hint}")
     return found
 
 
@@ -186,6 +191,31 @@ def find_programs(embedded_redis: bool) -> Programs:
         python=sys.executable,
         redis_server=find_redis_server() if embedded_redis else None,
         setpriv=shutil.which("setpriv"),
+    )
+
+
+UNPRIVILEGED_PORT_START = Path("/proc/sys/net/ipv4/ip_unprivileged_port_start")
+
+
+def first_unprivileged_port() -> int:
+    try:
+        return int(UNPRIVILEGED_PORT_START.read_text())
+    except (OSError, ValueError):
+        return 1024
+
+
+def check_port_allowed(stack: Stack) -> None:
+    """NGiNX binds server.listen itself, as the user who starts the stack: below the kernel's
+    first unprivileged port, only root can (binding would fail with EACCES)."""
+    listen = stack.profile.server.listen
+    first = first_unprivileged_port()
+    if listen.port >= first or os.geteuid() == 0:
+        return
+    raise StackError(
+        f"{stack.profile.source('server.listen')}: server.listen: {listen} is a privileged "
+        f"port (below {first}), which only root may listen on. Pick a port from {first} up, "
+        f"e.g. --listen {Listen(listen.host, 8080)}, and forward port {listen.port} to it; "
+        "or start the stack as root (NGiNX's workers then run as the stack directory's owner)"
     )
 
 

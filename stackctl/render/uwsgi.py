@@ -23,5 +23,6 @@ def render(stack: Stack) -> list[File]:
         autoreload=int(profile.wsgi.autoreload),
         max_requests=profile.wsgi.max_requests,
         max_rss_mb=profile.wsgi.max_rss_mb,
+        backlog=profile.wsgi.backlog,
     )
     return [File(stack.uwsgi_ini.name, content)]

@@ -214,8 +214,22 @@ def test_foreground_up_stops_everything_on_ctrl_c(short_tmp: Path) -> None:
                 break
         assert f"stack up: http://127.0.0.1:{port}/" in "".join(lines)
         assert get(f"http://127.0.0.1:{port}/")[0] == 200
+        # `stackctl status | head -1` once head has gone: quiet, no BrokenPipeError.
+        read_end, write_end = os.pipe()
+        os.close(read_end)
+        status = subprocess.run(
+            [sys.executable, "-m", "stackctl", "status"],
+            cwd=site,
+            stdout=write_end,
+            stderr=subprocess.PIPE,
+            text=True,
+            timeout=60,
+        )
+        os.close(write_end)
+        assert (status.returncode, status.stderr) == (141, "")
         up.send_signal(signal.SIGINT)
         assert up.wait(timeout=60) == 130
+        assert up.stdout.read().strip().endswith("stack stopped")  # not silence
     finally:
         if up.poll() is None:
             up.kill()

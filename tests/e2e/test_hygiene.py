@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import shutil
 import stat
+import subprocess
 import tempfile
 import time
 import urllib.error
@@ -106,6 +107,9 @@ def test_prod_profile_does_not_reload_by_itself() -> None:
         assert wsgi_pids(stack) == before
 
 
+BACKLOG = 777
+
+
 @pytest.fixture(scope="module")
 def demo() -> Iterator[Stack]:
     site = Path(tempfile.mkdtemp(prefix="sc", dir="/tmp")) / "site"
@@ -113,7 +117,7 @@ def demo() -> Iterator[Stack]:
     (site / "static" / ".env").write_text("SECRET_KEY=do-not-serve\n")
     (site / "static" / "sub" / ".git").mkdir(parents=True)
     (site / "static" / "sub" / ".git" / "config").write_text("[core]\n")
-    with running_stack(site, "--workers", "1") as running:
+    with running_stack(site, "--workers", "1", "--set", f"wsgi.backlog={BACKLOG}") as running:
         yield running
     shutil.rmtree(site.parent, ignore_errors=True)
 
@@ -166,3 +170,13 @@ def test_no_token_in_any_log_and_logs_are_private(demo: Stack) -> None:
     for path in files:
         mode = stat.S_IMODE(path.stat().st_mode)
         assert mode & 0o077 == 0, f"{path} is {oct(mode)}: others may read it"
+
+
+def test_the_wsgi_backlog_logged_is_the_one_the_socket_has(demo: Stack) -> None:
+    # circusd binds the socket with wsgi.backlog; uWSGI used to log its own default of 100.
+    log = (demo.log_dir / "wsgi.log").read_text()
+    assert f"your server socket listen backlog is limited to {BACKLOG} connections" in log
+    assert "limited to 100 connections" not in log
+    listed = subprocess.run(["ss", "-lxn"], capture_output=True, text=True, check=True).stdout
+    line = next(line for line in listed.splitlines() if str(demo.wsgi_socket) in line)
+    assert line.split()[3] == str(BACKLOG)  # Send-Q of a listening socket: its backlog

@@ -149,6 +149,7 @@ def test_uwsgi_runs_one_masterless_worker_per_process(tmp_path: Path) -> None:
     assert "\nenv = STACKCTL_AUTORELOAD=1\n" in text  # the dev profile
     assert f"\nharakiri = {61}\n" in text
     assert uwsgi["need-app"] == "true"
+    assert uwsgi["listen"] == "1024"  # what uWSGI logs as its backlog: circusd's, wsgi.backlog
     assert uwsgi["chdir"] == str(tmp_path)
 
 
