@@ -4,6 +4,7 @@ workers, a websocket worker and Redis, all supervised by Circus."""
 from __future__ import annotations
 
 import argparse
+import configparser
 import json
 import os
 import shlex
@@ -43,7 +44,43 @@ def flag_dest(flag: str) -> str:
 
 def load_stack(args: argparse.Namespace, *, programs: bool) -> Stack:
     chosen = profile.load(args.stack, args.profile, overrides_from(args))
-    return plan(chosen, None if programs else NO_PROGRAMS)
+    stack = plan(chosen, None if programs else NO_PROGRAMS)
+    check_run_dir_owner(stack)
+    return stack
+
+
+def run_dir_owner(stack: Stack) -> Path | None:
+    """The stack directory of the stack running from ``stack.run_dir``, if one is: as its
+    state file records it, or (a state file from an older stackctl) its circus.ini."""
+    if supervisor.running_pid(stack) is None:
+        return None
+    try:
+        owner = json.loads((stack.run_dir / STATE_FILE).read_text()).get("stack_dir")
+        if owner:
+            return Path(owner)
+    except (OSError, ValueError):
+        pass
+    ini = configparser.RawConfigParser()
+    try:
+        ini.read_string(stack.circus_ini.read_text())
+        return Path(ini.get("watcher:wsgi", "working_dir"))
+    except (OSError, configparser.Error):
+        return None
+
+
+def check_run_dir_owner(stack: Stack) -> None:
+    """Two stacks sharing a run directory overwrite each other's configs and sockets, and
+    `down` in one stops the other: refuse a run directory that another running stack uses."""
+    owner = run_dir_owner(stack)
+    if owner is None or owner.resolve() == stack.stack_dir:
+        return
+    raise StackError(
+        f"{stack.profile.source('paths.run_dir')}: paths.run_dir: "
+        f"{stack.profile.paths.run_dir!r} resolves to {stack.run_dir}, which the stack running "
+        f"in {owner} uses (circusd pid {supervisor.running_pid(stack)}); this stack would "
+        "overwrite its configs. Give each stack its own run directory (the default, "
+        '".stackctl/run", is inside the stack directory)'
+    )
 
 
 def load_running_stack(args: argparse.Namespace) -> Stack:
@@ -59,7 +96,11 @@ def load_running_stack(args: argparse.Namespace) -> Stack:
 
 
 def save_state(stack: Stack, overrides: list[tuple[str, Any]]) -> None:
-    state = {"profile": stack.profile.name, "overrides": overrides}
+    state = {
+        "profile": stack.profile.name,
+        "overrides": overrides,
+        "stack_dir": str(stack.stack_dir),  # whose run directory this is
+    }
     (stack.run_dir / STATE_FILE).write_text(json.dumps(state))
 
 
@@ -177,6 +218,7 @@ def cmd_reload(args: argparse.Namespace) -> int:
     overrides = [tuple(p) for p in state["overrides"]] + overrides_from(args)
     chosen = profile.load(args.stack, args.profile or state["profile"], overrides)
     stack = plan(chosen)
+    check_run_dir_owner(stack)
     # The rest of what `up` checks runs on the new generation in apply_config; the port, only
     # when it changes, since the running NGiNX holds the old one.
     if stack.profile.server.listen != running.profile.server.listen:

@@ -258,3 +258,32 @@ def test_a_normal_user_finds_nginx_in_sbin_and_is_told_about_privileged_ports(
         "(NGiNX's workers then run as the stack directory's owner)\n"
     )
     assert not processes.find((site / ".stackctl" / "run").resolve())
+
+
+def test_a_run_dir_that_another_running_stack_owns_is_refused(
+    short_tmp: Path, no_leaks: Callable[[Path], None]
+) -> None:
+    first, second = short_tmp / "one", short_tmp / "two"
+    for site in (first, second):
+        stackctl("init", str(site), "--demo", cwd=short_tmp)
+        no_leaks(site)
+    port = free_port()
+    stackctl("up", "--detach", "--listen", f"127.0.0.1:{port}", cwd=first)
+    run_dir = first / ".stackctl" / "run"
+    configs = {p.name: p.read_text() for p in run_dir.glob("*.ini")}
+    with (second / "stack.toml").open("a") as f:
+        f.write(f'\n[paths]\nrun_dir = "{run_dir}"\n')
+    expected = (
+        f"stackctl: {second / 'stack.toml'}: paths.run_dir: '{run_dir}' resolves to {run_dir}, "
+        f"which the stack running in {first} uses (circusd pid "
+    )
+    for command in (["up", "--detach", "--listen", f"127.0.0.1:{free_port()}"], ["render"],
+                    ["down"], ["reload"]):  # fmt: skip
+        result = stackctl(*command, cwd=second, check=False)
+        assert result.returncode == EXIT_STACK_ERROR, (command, result.stdout, result.stderr)
+        assert result.stderr.startswith(expected), (command, result.stderr)
+        assert "this stack would overwrite its configs" in result.stderr
+    assert {p.name: p.read_text() for p in run_dir.glob("*.ini")} == configs
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=10) as response:
+        assert response.status == 200  # the first stack still runs, untouched
+    stackctl("status", cwd=first)  # and its owner still drives it
