@@ -44,6 +44,21 @@ def test_hung_request_gets_504_and_its_worker_is_replaced(stack: Stack) -> None:
              what="uWSGI to log the harakiri")  # fmt: skip
 
 
+def test_an_upstream_error_logs_no_token(stack: Stack) -> None:
+    # NGiNX's error line for a timed-out request quotes its request line, query included.
+    secret = "SECRET7c21"
+    with pytest.raises(urllib.error.HTTPError) as error:
+        urllib.request.urlopen(f"{stack.url()}hang?token={secret}", timeout=30)
+    error.value.close()
+    assert error.value.code == 504
+    nginx_log = stack.log_dir / "nginx.log"
+    wait_for(lambda: 'request: "GET /hang?[query removed] HTTP/1.1"' in nginx_log.read_text(),
+             what="NGiNX to log the timeout, without the query")  # fmt: skip
+    for path in stack.log_dir.rglob("*"):
+        if path.is_file():
+            assert secret not in path.read_text(errors="replace"), f"the token is in {path}"
+
+
 def test_max_requests_recycles_workers_without_failing_a_request() -> None:
     seen: set[int] = set()
     with (

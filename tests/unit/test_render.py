@@ -14,6 +14,7 @@ import pytest
 
 from stackctl import generation, profile
 from stackctl.errors import StackError
+from stackctl.logstream import QuerylessFileStream, without_queries
 from stackctl.render import (
     ini_env,
     ini_value,
@@ -298,3 +299,39 @@ def test_request_logs_have_paths_never_query_strings(tmp_path: Path) -> None:
     log_line = next(line for line in uwsgi_ini.splitlines() if line.startswith("log-format"))
     assert "%(method) %(var.PATH_INFO) %(proto)" in log_line
     assert "%(uri)" not in log_line and "%(referer)" not in log_line
+
+
+class TestQuerylessStream:
+    @pytest.mark.parametrize(
+        ("line", "expected"),
+        [
+            (
+                b'upstream timed out, client: 127.0.0.1, request: "GET /hang?token=abc HTTP/1.1",'
+                b' referrer: "http://h/page?token=abc&x=1"',
+                b'upstream timed out, client: 127.0.0.1, request: "GET /hang?[query removed] '
+                b'HTTP/1.1", referrer: "http://h/page?[query removed]"',
+            ),
+            (b"GET /ws/news?token=x\n", b"GET /ws/news?[query removed]\n"),
+            (b"nothing to hide? none\n", b"nothing to hide? none\n"),
+            (
+                b'upstream: "uwsgi://unix:/run/wsgi.sock:"\n',
+                b'upstream: "uwsgi://unix:/run/wsgi.sock:"\n',
+            ),
+        ],
+    )
+    def test_query_strings_are_cut(self, line: bytes, expected: bytes) -> None:
+        assert without_queries(line) == expected
+        assert without_queries(line.decode()) == expected
+
+    def test_the_stream_writes_what_it_cut(self, tmp_path: Path) -> None:
+        stream = QuerylessFileStream(filename=str(tmp_path / "nginx.log"))
+        stream({"data": b'request: "GET /?token=s3cret HTTP/1.1"\n', "pid": 1, "name": "x"})
+        stream.close()
+        assert (tmp_path / "nginx.log").read_text() == 'request: "GET /?[query removed] HTTP/1.1"\n'
+
+    def test_nginx_writes_its_errors_to_the_stream(self, tmp_path: Path) -> None:
+        stack = make_stack(tmp_path)
+        assert "\nerror_log stderr warn;\n" in files(stack)["nginx.conf"]
+        nginx = circus_ini(stack)["watcher:nginx"]
+        for stream in ("stdout_stream", "stderr_stream"):
+            assert nginx[f"{stream}.class"] == "stackctl.logstream.QuerylessFileStream"
