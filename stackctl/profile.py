@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import difflib
 import fnmatch
+import re
 import tomllib
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
@@ -44,6 +45,7 @@ from stackctl.settings import (
 )
 
 STACK_FILE = "stack.toml"
+PROFILE_NAME = re.compile(r"[\w-][\w.-]{0,99}")
 DEFAULT_PROFILE = "dev"
 
 
@@ -185,6 +187,12 @@ def load_profile_chain(name: str, stack_dir: Path) -> list[Layer]:
     seen: list[Path] = []
     wanted, skip, referrer = name, None, "profile"
     while True:
+        if not PROFILE_NAME.fullmatch(wanted):
+            # A name is a file name in profiles/, and it is written into every rendered config.
+            raise StackError(
+                f"{referrer}: {wanted!r} is not a profile name: letters, digits, '.', '_' "
+                "and '-', not starting with '.'"
+            )
         path = find_profile(wanted, stack_dir, skip)
         if path is None:
             known = ", ".join(available_profiles(stack_dir))

@@ -379,8 +379,8 @@ class WsgiConfig:
     backlog: int = setting(
         1024,
         backlog,
-        "Listen backlog of the Circus-held WSGI socket: connections queued while all "
-        "workers are busy, or while they restart.",
+        "Listen backlog of the WSGI socket (circusd holds it): connections queued while all "
+        "workers are busy, or while they restart; at most the kernel's net.core.somaxconn.",
     )
     graceful_timeout: int = setting(
         30,

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
+import json
+import re
 import types
 import typing
 from pathlib import Path
@@ -336,3 +338,12 @@ def test_a_stack_directory_that_would_break_the_configs_is_refused(tmp_path: Pat
     write(stack_dir / "stack.toml", '[app]\nwsgi = "hello:application"\n[static]\ndir = ""\n')
     with pytest.raises(StackError, match=r"the stack directory '.*a;b' cannot be written into"):
         plan(load(stack_dir), PROGRAMS)
+
+
+@pytest.mark.parametrize("name", ["../../etc/evil", ".hidden", "a b", "x\ny"])
+def test_a_profile_name_is_a_plain_file_name(stack_dir: Path, name: str) -> None:
+    with pytest.raises(StackError, match="^profile: .* is not a profile name: letters, digits"):
+        load(stack_dir, name)
+    path = write(stack_dir / "profiles" / "web.toml", f"extends = {json.dumps(name)}\n")
+    with pytest.raises(StackError, match=f"^{re.escape(str(path))}: extends: .* is not a profile"):
+        load(stack_dir, "web")
