@@ -21,6 +21,7 @@ from stackctl.stack import Programs, Stack, check_port_allowed, plan
 
 STATE_FILE = "state.json"
 EXIT_BROKEN_PIPE = 128 + 13  # what a shell reports for a command ended by SIGPIPE
+EXIT_INTERRUPTED = 128 + 2  # and for one ended by Ctrl-C (SIGINT)
 NO_PROGRAMS = Programs(circusd="", nginx="", uwsgi="", python=sys.executable, redis_server=None)
 
 
@@ -150,7 +151,13 @@ def cmd_up(args: argparse.Namespace) -> int:
     realtime.ensure_secret(stack.secret_file)
     generation.write(stack, generation.render_all(stack))
     save_state(stack, overrides_from(args))
-    running = supervisor.start(stack, timeout=args.timeout)
+    try:
+        running = supervisor.start(stack, timeout=args.timeout)
+    except KeyboardInterrupt:
+        # Ctrl-C while the stack starts: what had started must not outlive this command.
+        supervisor.stop(stack)
+        print("interrupted while starting; stack stopped")
+        return EXIT_INTERRUPTED
     print(
         f"stack up: {stack.url()}  (websockets: {stack.url().replace('http', 'ws', 1)}"
         f"{stack.profile.ws.prefix.lstrip('/')}<channel>)"
@@ -410,6 +417,9 @@ def main(argv: list[str] | None = None) -> int:
     except StackError as e:
         print(f"stackctl: {e}", file=sys.stderr)
         return EXIT_STACK_ERROR
+    except KeyboardInterrupt:
+        print("stackctl: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
     except BrokenPipeError:
         # `stackctl status | head -1`: the reader has all it wants. Point stdout at /dev/null
         # so that Python's final flush does not complain a second time.

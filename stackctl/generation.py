@@ -35,8 +35,8 @@ def make_dirs(stack: Stack) -> None:
 
 
 def make_logs_private(log_dir: Path) -> None:
-    """Logs show who asked for what: the stack's user alone may read them. NGiNX creates its
-    logs 0644 whatever Circus's umask, and older stacks left theirs so: both are fixed here."""
+    """Logs show who asked for what: the stack's user alone may read them. Older stacks left
+    theirs readable by all (NGiNX's access log was 0644 in a 0755 directory): fixed here."""
     os.chmod(log_dir, 0o700)
     for path in log_dir.iterdir():
         if path.is_file() and not path.is_symlink():

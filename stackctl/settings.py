@@ -188,7 +188,8 @@ def redis_url(value: Any) -> str:
     environment in circus.ini, where a stray character would be read as config."""
     form = (
         '"embedded", redis://[:PASSWORD@]HOST[:PORT][/DB], rediss://... or unix:///PATH, '
-        'e.g. "redis://127.0.0.1:6379/0"'
+        'e.g. "redis://127.0.0.1:6379/0" (percent-encode other characters of the password, '
+        '"$" as %24)'
     )
     if value == "embedded":
         return value

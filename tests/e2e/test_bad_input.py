@@ -6,6 +6,7 @@ import importlib.metadata
 import os
 import pwd
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -19,7 +20,7 @@ import pytest
 
 from stackctl import processes
 from stackctl.errors import EXIT_STACK_ERROR
-from tests.conftest import free_port, stackctl
+from tests.conftest import free_port, stackctl, wait_for
 
 pytestmark = pytest.mark.e2e
 
@@ -287,3 +288,30 @@ def test_a_run_dir_that_another_running_stack_owns_is_refused(
     with urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=10) as response:
         assert response.status == 200  # the first stack still runs, untouched
     stackctl("status", cwd=first)  # and its owner still drives it
+
+
+def test_ctrl_c_while_the_stack_starts_stops_it(
+    site: Path, no_leaks: Callable[[Path], None]
+) -> None:
+    no_leaks(site)
+    up = subprocess.Popen(
+        [sys.executable, "-m", "stackctl", "up", "--listen", f"127.0.0.1:{free_port()}"],
+        cwd=site,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        # state.json is written just before circusd is started and waited for.
+        state = site / ".stackctl" / "run" / "state.json"
+        wait_for(lambda: state.exists() or up.poll() is not None, timeout=60,
+                 what="up to start circusd")  # fmt: skip
+        up.send_signal(signal.SIGINT)
+        out, err = up.communicate(timeout=120)
+    finally:
+        if up.poll() is None:
+            up.kill()
+            up.communicate()
+    assert up.returncode == 130, out + err
+    assert "stack stopped" in out and "Traceback" not in err, out + err
+    assert not processes.find((site / ".stackctl" / "run").resolve())
