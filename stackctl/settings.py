@@ -50,18 +50,17 @@ def _whole(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-def int_range(low: int, high: int, unit: str = "") -> Callable[[Any], int]:
-    """A parser for whole numbers from ``low`` to ``high``: a number too large for the program
-    that reads it (circusd crashed on a backlog of 99999999999) is refused here, named."""
+def int_range(low: int, high: int) -> Callable[[Any], int]:
+    """A parser for whole numbers from ``low`` (0 or 1) to ``high``: a number too large for
+    the program that reads it (circusd crashed on a backlog of 99999999999) is refused here."""
     first = "a positive integer" if low == 1 else "a whole number, 0 or more"
-    what = f"{first} up to {high}{unit}"
+    what = f"{first} up to {high}"
 
     def parse(value: Any) -> int:
         if not _whole(value) or not low <= value <= high:
             raise _expect(what, value)
         return int(value)
 
-    parse.__doc__ = what
     return parse
 
 
@@ -208,12 +207,12 @@ def redis_url(value: Any) -> str:
             (is_hostname(host) or is_ip_address(host))
             and (port is None or 0 < port < 65536)
             and re.fullmatch(r"(/\d{0,5})?", url.path) is not None
-            and not url.fragment
-            and re.fullmatch(r"[\w.=&%-]*", url.query) is not None
             and all(_URL_SAFE.fullmatch(part or "") for part in (url.username, url.password))
         )
     else:
         ok = False
+    # Options such as ?db=1&socket_timeout=5; nothing after a "#".
+    ok = ok and not url.fragment and re.fullmatch(r"[\w.=&-]*", url.query) is not None
     if not ok or "$" in value or "%(" in value:
         raise _expect(form, _without_password(value))
     return value

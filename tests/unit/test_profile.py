@@ -143,6 +143,8 @@ def test_unknown_profile_lists_known_ones(stack_dir: Path) -> None:
         ('[redis]\nurl = "redisx://h"\n', 'redis.url: expected "embedded"'),
         ('[redis]\nurl = "redis://h:6379/$(x)"\n', 'redis.url: expected "embedded"'),
         ('[redis]\nurl = "unix://relative.sock"\n', 'redis.url: expected "embedded"'),
+        ('[redis]\nurl = "unix:///r.sock?db=1;x{"\n', 'redis.url: expected "embedded"'),
+        ('[redis]\nurl = "redis://h/0#frag"\n', 'redis.url: expected "embedded"'),
         (
             '[redis]\nurl = "redis://:hunter2@h:99999/0"\n',
             "got 'redis://:***@h:99999/0'",  # no password in an error message
@@ -305,6 +307,10 @@ def test_the_model_is_the_declaration() -> None:
         (
             '[redis]\nurl = "unix:///run/redis/redis.sock"\n',
             ("redis.url", "unix:///run/redis/redis.sock"),
+        ),
+        (
+            '[redis]\nurl = "rediss://db.internal/1?socket_timeout=5&ssl_cert_reqs=none"\n',
+            ("redis.url", "rediss://db.internal/1?socket_timeout=5&ssl_cert_reqs=none"),
         ),
         ('[static]\ndir = "my static/files-1"\n', ("static.dir", "my static/files-1")),
     ],
