@@ -50,6 +50,7 @@ case "$job" in
         status=0
         python benchmarks/bench_http.py || status=1
         python benchmarks/reload.py || status=1
+        python benchmarks/reload.py --storm || status=1
         python benchmarks/ws_fanout.py || status=1
         exit "$status"
         ;;

@@ -22,7 +22,7 @@ from stackctl.stack import Programs, Stack, check_port_allowed, plan
 STATE_FILE = "state.json"
 EXIT_BROKEN_PIPE = 128 + 13  # what a shell reports for a command ended by SIGPIPE
 EXIT_INTERRUPTED = 128 + 2  # and for one ended by Ctrl-C (SIGINT)
-NO_PROGRAMS = Programs(circusd="", nginx="", uwsgi="", python=sys.executable, redis_server=None)
+NO_PROGRAMS = Programs(nginx="", uwsgi="", python=sys.executable, redis_server=None)
 
 
 # --- from arguments to a Stack -----------------------------------------------------------------

@@ -14,9 +14,6 @@ import psutil
 
 log = logging.getLogger("stackctl.hooks")
 READ = 1  # tornado's IOLoop.READ, the event a Circus stream handler expects
-# Sent through Circus to a worker (never delivered): stop every worker younger than it.
-TAKE_BACK_SIGNAL = signal.SIGCONT
-RETIRED = 0.0  # the start time given to a process taken back: older than any other
 
 
 def flush_output_before_reap(watcher: Any, arbiter: Any, hook_name: str, process_pid: int,
@@ -66,30 +63,3 @@ def stop_orphaned_nginx_workers(watcher: Any, arbiter: Any, hook_name: str, **_:
                 proc.send_signal(signal.SIGKILL)
                 proc.wait(timeout=5)
     return True
-
-
-def take_back_younger_workers(watcher: Any, arbiter: Any, hook_name: str, pid: int,
-                              signum: int, **_: Any) -> bool:  # fmt: skip
-    """Before Circus signals a process: on TAKE_BACK_SIGNAL, retire every process younger
-    than this one and do not replace them; the signal itself is not sent.
-
-    A reload whose new workers fail must stop those and keep the old ones, but Circus can only
-    lower the count (``decr``), which stops the *oldest*. Here, in circusd's own loop (so that
-    no respawn comes in between), the younger ones are made the oldest and the count lowered
-    to the ones kept; Circus's next check stops the others with the watcher's graceful stop
-    signal.
-    """
-    if signum != TAKE_BACK_SIGNAL:
-        return True
-    keeper = watcher.processes.get(pid)
-    if keeper is None:
-        return False
-    younger = [p for p in watcher.processes.values() if p.started > keeper.started]
-    for process in younger:
-        process.started = RETIRED  # Circus stops the oldest first
-    # The count is what is kept: a new worker that died is not replaced either, and asked
-    # again, this changes nothing unless Circus started another since.
-    watcher.numprocesses = sum(p.started != RETIRED for p in watcher.processes.values())
-    if younger:
-        log.warning("taking back %d workers younger than %d", len(younger), pid)
-    return False

@@ -1,36 +1,38 @@
 """Reloads that lose nothing.
 
-The uWSGI pool is replaced in three steps: a *canary* (one worker on the new config, outside
-Circus, on a scratch socket) must load the app, or the reload is refused before anything is
-touched; then Circus adds the new workers (``incr``) and stackctl waits until each has marked
-itself ready (:mod:`stackctl.wsgi`); only then does Circus retire as many of the oldest
-(``decr``), each stopped by :mod:`stackctl.graceful`, which lets a worker finish its request
+A reload of the uWSGI pool first starts a *canary*: one worker on the new config, outside
+Circus, on a scratch socket. It must load the app and answer a real request for the check
+path no worse than the running workers do, or the reload is refused before anything is
+touched. Then Circus's own reload replaces the workers, new ones ready before old ones retire
+(:mod:`stackctl.circusd`; ``circusctl reload wsgi`` takes the same path, without the canary).
+Each old worker is stopped by :mod:`stackctl.graceful`, which lets it finish its request
 before it exits. The listening socket stays open in circusd throughout, so nothing is refused.
-``sequential`` does the same one worker at a time.
 """
 
 from __future__ import annotations
 
 import configparser
 import os
+import re
 import signal
+import socket
+import struct
 import subprocess
 import textwrap
 import time
+import urllib.parse
 from contextlib import suppress
+from dataclasses import dataclass
 from pathlib import Path
-
-import psutil
 
 from stackctl import generation
 from stackctl.errors import StackError
 from stackctl.flapping import failure_note, has_exception, last_crash
-from stackctl.hooks import TAKE_BACK_SIGNAL
-from stackctl.readiness import READY_DIR, ready_mark, reloading
+from stackctl.readiness import ready_mark
 from stackctl.render import File
 from stackctl.render.nginx import INCLUDES as NGINX_INCLUDES
 from stackctl.stack import Stack
-from stackctl.supervisor import call, log_tail
+from stackctl.supervisor import call
 
 POLL = 0.05
 CANARY_NICENESS = 10
@@ -39,17 +41,6 @@ CANARY_NICENESS = 10
 def patience(stack: Stack) -> float:
     """How long a reload step may take: a worker's graceful stop, and then some to start."""
     return float(stack.profile.wsgi.graceful_timeout + 30)
-
-
-def wsgi_pids(stack: Stack) -> set[int]:
-    return {int(pid) for pid in call(stack, "list", name="wsgi")["pids"]}
-
-
-def forget_dead_marks(stack: Stack) -> None:
-    directory = stack.run_dir / READY_DIR
-    for mark in directory.glob("*") if directory.is_dir() else ():
-        if not Path(f"/proc/{mark.name}").exists():
-            mark.unlink(missing_ok=True)
 
 
 def canary(stack: Stack, timeout: float, ini: Path | None = None) -> None:
@@ -82,6 +73,7 @@ def canary(stack: Stack, timeout: float, ini: Path | None = None) -> None:
                     f"workers keep serving. A test worker said:\n{tail}"
                 )
             time.sleep(POLL)
+        compare_answers(stack, socket_path, deadline - time.monotonic())
     finally:
         with suppress(ProcessLookupError):
             os.killpg(proc.pid, signal.SIGKILL)
@@ -90,53 +82,67 @@ def canary(stack: Stack, timeout: float, ini: Path | None = None) -> None:
         socket_path.unlink(missing_ok=True)
 
 
-def wait_ready(stack: Stack, before: set[int], count: int, timeout: float) -> None:
-    """Wait until ``count`` workers that were not in ``before`` have marked themselves ready."""
-    deadline = time.monotonic() + timeout
-    seen: set[int] = set()
-    while time.monotonic() < deadline:
-        current = wsgi_pids(stack)
-        new = current - before
-        seen |= new
-        if sum(ready_mark(stack.run_dir, pid).exists() for pid in new) >= count:
-            return
-        died = {pid for pid in seen - current if not ready_mark(stack.run_dir, pid).exists()}
-        if died:
-            raise StackError(f"new uWSGI workers {sorted(died)} exited before they were ready")
-        time.sleep(POLL)
-    ready = sorted(pid for pid in seen if ready_mark(stack.run_dir, pid).exists())
-    raise StackError(
-        f"new uWSGI workers were not ready within {timeout:.0f} s: Circus started "
-        f"{sorted(seen) or 'none'}, of which {ready or 'none'} marked themselves ready. "
-        f"The end of circusd's log:\n{log_tail(stack, 'circusd')}"
+def compare_answers(stack: Stack, canary_socket: Path, timeout: float) -> None:
+    """Refuse a canary that answers the check path with an error where the running workers
+    do not: an app that imports but cannot serve (say, a Host its settings do not allow)."""
+    path, host = stack.profile.wsgi.check_path, site_host(stack)
+    new = uwsgi_get(canary_socket, path, host, timeout)
+    if new.status < 400:
+        return
+    try:
+        old = uwsgi_get(stack.wsgi_socket, path, host, timeout)
+    except OSError:
+        return  # no running worker answered: nothing to be worse than
+    if old.status < 400:
+        raise StackError(
+            f"the new uWSGI workers answer GET {path} (Host: {host}) with {new.status_line}, "
+            f"where the running ones answer {old.status_line}, so the reload was refused; the "
+            f"running workers keep serving. The new answer began:\n"
+            + textwrap.indent(new.body[:600].decode("utf-8", "replace"), "    ")
+            + "\n(wsgi.check_path sets the path this check asks for.)"
+        )
+
+
+def site_host(stack: Stack) -> str:
+    """The Host a real visitor would send: the first plain server name, else localhost."""
+    for name in stack.profile.server.names.split():
+        if name != "_" and "*" not in name and "~" not in name:
+            return name
+    return "localhost"
+
+
+@dataclass(frozen=True)
+class Answer:
+    status: int
+    status_line: str
+    body: bytes
+
+
+def uwsgi_get(socket_path: Path, path: str, host: str, timeout: float) -> Answer:
+    """GET ``path`` straight from a uWSGI socket, in the uwsgi protocol NGiNX speaks to it."""
+    target = urllib.parse.urlsplit(path)
+    variables = {
+        "REQUEST_METHOD": "GET", "REQUEST_URI": path, "PATH_INFO": target.path,
+        "QUERY_STRING": target.query, "SERVER_PROTOCOL": "HTTP/1.1", "HTTP_HOST": host,
+        "SERVER_NAME": host, "SERVER_PORT": "80", "REMOTE_ADDR": "127.0.0.1",
+    }  # fmt: skip
+    packet = b"".join(
+        struct.pack("<H", len(k)) + k.encode() + struct.pack("<H", len(v.encode())) + v.encode()
+        for k, v in variables.items()
     )
-
-
-def youngest(pids: set[int]) -> int | None:
-    started = {}
-    for pid in pids:
-        with suppress(psutil.NoSuchProcess):
-            started[pid] = psutil.Process(pid).create_time()
-    return max(started, key=started.__getitem__) if started else None
-
-
-def take_back(stack: Stack, before: set[int], timeout: float) -> None:
-    """Stop the workers started after ``before`` were, and keep ``before`` serving."""
-    deadline = time.monotonic() + timeout
-    while True:
-        added = wsgi_pids(stack) - before
-        count = int(call(stack, "numprocesses", name="wsgi")["numprocesses"])
-        keeper = youngest(before)
-        if keeper is None or (not added and count <= len(before)):
-            break
-        if time.monotonic() > deadline:
-            raise StackError(f"the new uWSGI workers {sorted(added)} could not be stopped")
-        # stackctl.hooks.take_back_younger_workers, in circusd, does it; asked again, it
-        # takes back only what Circus started since.
-        call(stack, "signal", name="wsgi", pid=keeper, signum=int(TAKE_BACK_SIGNAL))
-        time.sleep(5 * POLL)
-    if count < len(before):  # an old worker that exited meanwhile was taken back too
-        call(stack, "set", name="wsgi", options={"numprocesses": len(before)}, waiting=True)
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as conn:
+        conn.settimeout(max(timeout, 1.0))
+        conn.connect(str(socket_path))
+        conn.sendall(struct.pack("<BHB", 0, len(packet), 0) + packet)
+        chunks = []
+        while chunk := conn.recv(65536):
+            chunks.append(chunk)
+    head, _, body = b"".join(chunks).partition(b"\r\n\r\n")
+    status_line = head.split(b"\r\n", 1)[0].decode("latin-1")
+    match = re.match(r"HTTP/\S+ (\d{3})", status_line)
+    if not match:
+        raise OSError(f"{socket_path} answered something that is not HTTP: {status_line!r}")
+    return Answer(int(match.group(1)), status_line.split(" ", 1)[1], body)
 
 
 def last_words(stack: Stack, wait: float = 2.0) -> str:
@@ -152,37 +158,26 @@ def last_words(stack: Stack, wait: float = 2.0) -> str:
 
 
 def replace_workers(stack: Stack, sequential: bool) -> int:
-    """Replace every worker, ``1`` or all at a time; returns how many were replaced."""
-    with reloading(stack.run_dir):
-        return replace_each(stack, sequential)
-
-
-def replace_each(stack: Stack, sequential: bool) -> int:
-    forget_dead_marks(stack)
-    old = wsgi_pids(stack)
-    step = 1 if sequential else len(old)
-    timeout = patience(stack)
-    for done in range(0, len(old), step):
-        before = wsgi_pids(stack)
-        call(stack, "incr", name="wsgi", nb=step)
-        try:
-            wait_ready(stack, before, step, timeout)
-        except StackError as e:
-            take_back(stack, before, timeout)
-            mixed = f" ({done} of {len(old)} had been replaced)" if done else ""
-            raise StackError(
-                f"{e}; the wsgi log says:\n{last_words(stack)}\n"
-                f"The reload was undone: the new workers were stopped, and the workers "
-                f"that were serving{mixed} kept serving throughout."
-            ) from None
-        # Circus retires the oldest processes first, each with the watcher's stop signal.
-        call(stack, "decr", name="wsgi", nb=step, waiting=True, timeout=timeout)
-    return len(old)
+    """Replace every worker, ``1`` or all at a time, through Circus's own reload (made
+    readiness-gated by :mod:`stackctl.circusd`); returns how many were replaced."""
+    try:
+        answer = call(stack, "reload", name="wsgi", sequential=sequential, waiting=True,
+                      timeout=patience(stack) * max(stack.workers, 1))  # fmt: skip
+    except StackError as e:
+        raise StackError(
+            f"{e}; the wsgi log says:\n{last_words(stack)}\n"
+            "The reload was undone: the new workers were stopped, and the workers that were "
+            "serving kept serving throughout."
+        ) from None
+    return len(answer["info"]["stopped"])
 
 
 def reload_watcher(stack: Stack, watcher: str, sequential: bool) -> str:
     """Reload one watcher's processes; returns what was done."""
     timeout = patience(stack)
+    if watcher == "redis":
+        restart_redis(stack)
+        return "restarted redis"
     if watcher != "wsgi":
         call(stack, "reload", name=watcher, graceful=True, waiting=True, timeout=timeout)
         return f"reloaded {watcher}"
@@ -192,6 +187,12 @@ def reload_watcher(stack: Stack, watcher: str, sequential: bool) -> str:
         return "wsgi had stopped after crashing; started it again"
     replaced = replace_workers(stack, sequential=sequential)
     return f"reloaded wsgi: {replaced} workers replaced, each once its successor was ready"
+
+
+def restart_redis(stack: Stack) -> None:
+    """Redis has nothing to reload: stop it, then start it (two at once would fight over its
+    socket file). The websocket worker reconnects and replays what its clients missed."""
+    call(stack, "restart", name="redis", waiting=True, timeout=patience(stack))
 
 
 def restart_if_stopped(stack: Stack, watcher: str) -> bool:
@@ -233,35 +234,36 @@ def apply_config(stack: Stack) -> list[str]:
     changed = changed_files(stack, files)
     if not changed:
         return []
-    old_circus = stack.circus_ini.read_text()
+    new_circus = next(f.content for f in files if f.name == stack.circus_ini.name)
+    differences = circus_differences(stack.circus_ini.read_text(), new_circus)
+    # Circus replaces the workers itself when their command line or environment changed.
+    workers_adopt = any(section in ("watcher:wsgi", "env:wsgi") and key != "numprocesses"
+                        for section, key in differences)  # fmt: skip
     timeout = patience(stack)
 
     def try_new_workers(staged: Path) -> None:
         # Before the swap: a uWSGI config its workers cannot start on must not reach the disk,
         # where Circus would give it to the next worker it respawns.
-        if "uwsgi.ini" in changed:
+        if "uwsgi.ini" in changed or workers_adopt:
             canary(stack, timeout, ini=staged / stack.uwsgi_ini.name)
 
     generation.write(stack, files, trial=try_new_workers)
     done = []
-    if "circus.ini" in changed:
-        differences = circus_differences(old_circus, stack.circus_ini.read_text())
-        if differences == {("watcher:wsgi", "numprocesses")}:
-            call(stack, "set", name="wsgi", options={"numprocesses": stack.workers}, waiting=True,
-                 timeout=timeout)  # fmt: skip
-            done.append(f"wsgi now runs {stack.workers} workers")
-        else:
-            call(stack, "reloadconfig", waiting=True, timeout=timeout)
-            done.append(
-                "Circus reloaded its config: "
-                + ", ".join(sorted(f"{s} {k}" for s, k in differences))
-            )
+    if differences == {("watcher:wsgi", "numprocesses")}:
+        call(stack, "set", name="wsgi", options={"numprocesses": stack.workers}, waiting=True,
+             timeout=timeout)  # fmt: skip
+        done.append(f"wsgi now runs {stack.workers} workers")
+    elif differences:
+        call(stack, "reloadconfig", waiting=True, timeout=timeout * max(stack.workers, 1))
+        done.append(
+            "Circus reloaded its config: " + ", ".join(sorted(f"{s} {k}" for s, k in differences))
+        )
     if changed & {"nginx.conf", *NGINX_INCLUDES}:
         call(stack, "signal", name="nginx", signum=int(signal.SIGHUP))
         done.append("NGiNX reloaded its config (HUP)")
-    if "uwsgi.ini" in changed:
+    if "uwsgi.ini" in changed and not workers_adopt:
         done.append(f"wsgi: {replace_workers(stack, sequential=False)} workers replaced")
     if "redis.conf" in changed:
-        call(stack, "reload", name="redis", graceful=True, waiting=True)
+        restart_redis(stack)
         done.append("Redis restarted")
     return done

@@ -159,6 +159,12 @@ def url_prefix(value: Any) -> str:
     return value
 
 
+def check_path(value: Any) -> str:
+    if not isinstance(value, str) or not re.fullmatch(r"/[\w./~%-]*(\?[\w./~%&=+-]*)?", value):
+        raise _expect('a URL path such as "/" or "/health?full=1"', value)
+    return value
+
+
 def _list_of(value: Any, item: str, form: str) -> tuple[str, ...]:
     if not isinstance(value, list | tuple) or not all(
         isinstance(v, str) and re.fullmatch(item, v) for v in value
@@ -386,6 +392,12 @@ class WsgiConfig:
         30,
         int_range(1, 3600),
         "Seconds a stopping worker may take to finish its requests before it is killed.",
+    )
+    check_path: str = setting(
+        "/",
+        check_path,
+        "Path a reload asks a trial worker for before it replaces the running ones: an error "
+        "answer where the running workers succeed refuses the reload.",
     )
 
 

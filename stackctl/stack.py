@@ -25,7 +25,6 @@ NGINX_INSTALL_HINT = "apt-get install -y nginx-light   (as root; or put an nginx
 
 @dataclass(frozen=True)
 class Programs:
-    circusd: str
     nginx: str
     uwsgi: str
     python: str
@@ -124,9 +123,9 @@ class Stack:
         host = f"[{self.local_host}]" if ":" in self.local_host else self.local_host
         return f"http://{host}:{self.profile.server.listen.port}/"
 
-    def worker_env(self) -> dict[str, str]:
+    def shared_env(self) -> dict[str, str]:
         """Environment of every watcher: how the app finds Redis, and how cleanup finds them."""
-        env = {
+        return {
             "PYTHONPATH": str(self.stack_dir),
             "STACKCTL_REDIS_URL": self.redis_url,
             "STACKCTL_SECRET_FILE": str(self.secret_file),
@@ -134,6 +133,14 @@ class Stack:
             "STACKCTL_RUN_DIR": str(self.run_dir),
             "PYTHONUNBUFFERED": "1",
         }
+
+    def worker_env(self) -> dict[str, str]:
+        """Environment of the app's workers: the shared one and the app's own settings.
+
+        Only these workers see the app's settings, so that changing them reloads the app's
+        workers and not the websocket worker.
+        """
+        env = self.shared_env()
         if self.profile.app.django_settings:
             env["DJANGO_SETTINGS_MODULE"] = self.profile.app.django_settings
         return env
@@ -185,7 +192,6 @@ def find_redis_server() -> str:
 
 def find_programs(embedded_redis: bool) -> Programs:
     return Programs(
-        circusd=find_program("circusd", hint="pip install circus"),
         nginx=find_program("nginx", hint=f"install it: {NGINX_INSTALL_HINT}"),
         uwsgi=find_program("uwsgi", hint="pip install uwsgi"),
         python=sys.executable,

@@ -231,7 +231,7 @@ def start(stack: Stack, timeout: float) -> Running:
     out = (stack.log_dir / "circusd.out").open("ab")
     env = {**os.environ, processes.MARKER: str(stack.run_dir)}
     proc = subprocess.Popen(
-        [stack.programs.circusd, str(stack.circus_ini)],
+        [stack.programs.python, "-m", "stackctl.circusd", str(stack.circus_ini)],
         stdout=out,
         stderr=subprocess.STDOUT,
         stdin=subprocess.DEVNULL,

@@ -80,5 +80,6 @@ def render(stack: Stack) -> list[File]:
         workers=stack.workers,
         graceful_timeout=stack.profile.wsgi.graceful_timeout,
         worker_env=stack.worker_env(),
+        ws_env=stack.shared_env(),
     )
     return [File(stack.circus_ini.name, content)]

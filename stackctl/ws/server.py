@@ -29,6 +29,7 @@ from gevent.pywsgi import WSGIServer
 from wsproto.utilities import generate_accept_token
 
 from stackctl import realtime
+from stackctl.readiness import mark_ready
 from stackctl.realtime import REDIS_URL_VARIABLE
 from stackctl.ws.access import Refused, Rules, subscription
 from stackctl.ws.client import SERVICE_RESTART, Client
@@ -223,6 +224,9 @@ class WebSocketServer(chaussette_gevent.Server):
         # gevent runs these callbacks in the event loop, not in signal context.
         gevent.signal_handler(signal.SIGTERM, self.shut_down)
         gevent.signal_handler(signal.SIGINT, self.shut_down)
+        # A reload retires the worker this one replaces only now (stackctl.circusd): the
+        # clients it closes find this one accepting.
+        mark_ready()
 
     def shut_down(self) -> None:
         gevent.spawn(self._shut_down)

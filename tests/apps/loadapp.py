@@ -5,9 +5,17 @@ import signal
 import time
 from urllib.parse import parse_qs
 
+# A test makes the workers slow to start, as a real app's often are.
+if os.path.exists("slow-start"):
+    with open("slow-start") as seconds:
+        time.sleep(float(seconds.read()))
+
 
 def application(environ, start_response):
     path = environ.get("PATH_INFO", "/")
+    if os.environ.get("DJANGO_SETTINGS_MODULE") == "refuse_all":  # settings that break a site
+        start_response("400 Bad Request", [("Content-Type", "text/plain")])
+        return [b"Bad Request (400): host not allowed"]
     if path == "/grow":
         return grow(environ, start_response)
     if path == "/stubborn":  # this worker now ignores the graceful stop signal

@@ -118,7 +118,8 @@ def test_circusctl_reload_wsgi_with_the_env_endpoint(demo: Stack) -> None:
     before = wsgi_pids(demo)
     env = {**os.environ, **exports}
     result = subprocess.run(
-        ["circusctl", "reload", "wsgi"], env=env, capture_output=True, text=True, timeout=120
+        ["circusctl", "reload", "wsgi", "--waiting"], env=env, capture_output=True, text=True,
+        timeout=120,
     )
     assert (result.returncode, result.stdout.strip()) == (0, "ok"), result.stderr
     after = wsgi_pids(demo)

@@ -10,7 +10,7 @@ from circus.process import Process
 from circus.stream.redirector import Redirector
 from tornado.ioloop import IOLoop
 
-from stackctl.hooks import TAKE_BACK_SIGNAL, flush_output_before_reap, take_back_younger_workers
+from stackctl.hooks import flush_output_before_reap
 
 
 def test_a_dead_process_output_reaches_the_log_and_its_pipes_leave_the_loop() -> None:
@@ -36,21 +36,3 @@ def test_a_dead_process_output_reaches_the_log_and_its_pipes_leave_the_loop() ->
     finally:
         process.stop()
         loop.close()
-
-
-def test_taking_back_retires_the_younger_workers_and_keeps_the_count_of_the_others() -> None:
-    # 1 and 2 serve; 3 and 4 are new, and 3 has died already (Circus forgot it).
-    processes = {pid: SimpleNamespace(started=float(pid)) for pid in (1, 2, 4)}
-    watcher = SimpleNamespace(processes=processes, numprocesses=4)
-
-    def ask(pid: int, signum: int = TAKE_BACK_SIGNAL) -> bool:
-        return take_back_younger_workers(watcher, None, "before_signal", pid=pid, signum=signum)
-
-    assert ask(2) is False  # the signal itself is not sent
-    assert watcher.numprocesses == 2  # 3 is not started again
-    assert min(processes, key=lambda pid: processes[pid].started) == 4  # stopped first
-    assert ask(2) is False and watcher.numprocesses == 2  # asked again: nothing changes
-    processes[5] = SimpleNamespace(started=5.0)  # started before the count was lowered
-    assert ask(2) is False and watcher.numprocesses == 2
-    assert {pid for pid, p in processes.items() if p.started < 1.0} == {4, 5}
-    assert ask(1, signum=10) is True  # any other signal goes through untouched

@@ -28,7 +28,6 @@ from stackctl.stack import Programs, Stack
 NGINX = shutil.which("nginx") or "/usr/sbin/nginx"
 
 PROGRAMS = Programs(
-    circusd="/opt/bin/circusd",
     nginx="/usr/sbin/nginx",
     uwsgi="/opt/bin/uwsgi",
     python="/opt/bin/python",

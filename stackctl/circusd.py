@@ -1,0 +1,237 @@
+"""circusd as stackctl runs it: Circus's own reload never leaves the site short of workers.
+
+``circusctl reload wsgi`` (and ``restart``, and ``reload`` of the whole stack) replaces the
+processes of a watcher whose section says ``stackctl_reload = replace`` the way
+``stackctl reload wsgi`` always has: Circus starts the new processes beside the old ones,
+waits until each has marked itself ready (:mod:`stackctl.readiness`), and only then retires
+the old ones with the watcher's graceful stop signal. If a new process dies before it is
+ready, or none is ready in time, the new ones are stopped and the old ones keep serving.
+NGiNX needs none of this: its watcher has ``send_hup``, and a HUP is NGiNX's own graceful
+reload.
+
+``circusctl reloadconfig`` applies a changed command line or environment of such a watcher
+through the same replacement, instead of Circus's stop-then-start of the whole watcher.
+
+This is the one module that reaches into Circus's internals (Watcher's process table and
+``_reload``, the module globals that name the Arbiter and Watcher classes). pyproject.toml
+pins Circus to the release it was written against, and tests/e2e/test_circus_reload.py holds
+it to that contract against the real circusd.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Generator
+from pathlib import Path
+from typing import Any
+
+import circus.arbiter
+import circus.circusd
+from circus.arbiter import Arbiter
+from circus.commands.reload import Reload
+from circus.config import get_config
+from circus.util import parse_env_dict, synchronized
+from circus.watcher import Watcher
+from tornado import gen
+
+from stackctl.readiness import ready_mark, reloading
+
+logger = logging.getLogger("circus")
+
+RELOAD_OPTION = "stackctl_reload"
+REPLACE = "replace"
+STARTUP_SECONDS = 30.0
+"""How long new processes may take to get ready, on top of the graceful timeout."""
+POLL_SECONDS = 0.05
+RETIRED = 0.0
+"""The start time given to a process being taken back: Circus stops the oldest first."""
+# What a new config may change in a watcher that replaces its processes: the rest (sockets,
+# hooks, streams...) is left to Circus's stop-then-start.
+ADOPTABLE = {"cmd", "args", "env", "numprocesses", "graceful_timeout"}
+ENV_IGNORED = circus.arbiter._ENV_EXCEPTIONS
+
+
+def startup_timeout(graceful_timeout: float) -> float:
+    return graceful_timeout + STARTUP_SECONDS
+
+
+class StackWatcher(Watcher):
+    """A Circus watcher whose reload and restart follow its ``stackctl_reload`` option."""
+
+    refused: str | None = None
+    """Why the last replacement was undone, for the answer to the reload command."""
+
+    @property
+    def policy(self) -> str | None:
+        policy: str | None = self._options.get(RELOAD_OPTION)
+        return policy
+
+    @synchronized("watcher_reload")
+    @gen.coroutine
+    def reload(self, graceful: bool = True, sequential: bool = False) -> Generator[Any, Any, None]:
+        before = set() if self.is_stopped() else set(self.processes)
+        self.refused = None
+        yield self._reload(graceful=graceful, sequential=sequential)
+        after = set(self.processes)
+        answer = {"stopped": sorted(before - after), "started": sorted(after - before),
+                  "kept": sorted(after & before)}  # fmt: skip
+        if self.refused:
+            answer["refused"] = self.refused
+        raise gen.Return(answer)
+
+    @gen.coroutine
+    def _reload(self, graceful: bool = True, sequential: bool = False) -> Generator[Any, Any, None]:
+        if not graceful or self.is_stopped() or self.policy != REPLACE:
+            yield super()._reload(graceful=graceful, sequential=sequential)
+            return
+        yield self.replace(sequential)
+        self.notify_event("reload", {"time": time.time()})
+        logger.info("%s reloaded", self.name)
+
+    @gen.coroutine
+    def _restart(self) -> Generator[Any, Any, None]:
+        if self.policy == REPLACE and not self.is_stopped():
+            yield self.replace(sequential=False)
+        else:
+            yield super()._restart()
+
+    # --- replacing processes -------------------------------------------------------------
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.env["STACKCTL_RUN_DIR"])
+
+    @gen.coroutine
+    def replace(self, sequential: bool) -> Generator[Any, Any, None]:
+        """Start new processes, ``1`` or all at a time; retire as many old ones once the new
+        ones are ready, or stop the new ones if they are not."""
+        target = self.numprocesses
+        step = 1 if sequential else max(target, 1)
+        with reloading(self.run_dir):
+            for done in range(0, max(target, 1), step):
+                before = set(self.processes)
+                yield self.set_numprocesses(target + step)
+                failure = yield self.wait_ready(before, step)
+                if failure:
+                    yield self.take_back(before, target)
+                    replaced = f" ({done} of {target} had been replaced)" if done else ""
+                    self.refused = f"{failure}; the old processes kept serving{replaced}"
+                    logger.error("%s: reload undone: %s", self.name, self.refused)
+                    return
+                yield self.set_numprocesses(target)  # Circus retires the oldest first
+
+    @gen.coroutine
+    def wait_ready(self, before: set[int], count: int) -> Generator[Any, Any, str | None]:
+        """None once ``count`` processes not in ``before`` are ready, else why not."""
+        timeout = startup_timeout(self.graceful_timeout)
+        deadline = time.monotonic() + timeout
+        seen: set[int] = set()
+        while time.monotonic() < deadline:
+            alive = {pid for pid, p in self.processes.items() if p.is_alive()}
+            seen |= alive - before
+            ready = {pid for pid in seen if ready_mark(self.run_dir, pid).exists()}
+            if len(ready & alive) >= count:
+                raise gen.Return(None)
+            died = seen - alive - ready
+            if died:
+                raise gen.Return(f"new {self.name} processes {sorted(died)} exited before "
+                                 "they were ready")  # fmt: skip
+            yield gen.sleep(POLL_SECONDS)
+        raise gen.Return(f"new {self.name} processes {sorted(seen) or 'none'} were not ready "
+                         f"within {timeout:.0f} s")  # fmt: skip
+
+    @gen.coroutine
+    def take_back(self, before: set[int], target: int) -> Generator[Any, Any, None]:
+        """Stop every process that is not in ``before``; keep the others."""
+        kept = [pid for pid in self.processes if pid in before]
+        for pid, process in self.processes.items():
+            if pid not in before:
+                process.started = RETIRED
+        yield self.set_numprocesses(len(kept))
+        # An old process that died meanwhile is replaced, as Circus always would.
+        yield self.set_numprocesses(target)
+
+    # --- adopting a new config without a stop ----------------------------------------------
+
+    def adoptable_changes(self, new: dict[str, Any]) -> set[str] | None:
+        """The options ``new`` changes, if this watcher can apply them itself, else None."""
+        if self.policy != REPLACE or self.is_stopped():
+            return None
+        changed = {k for k in new.keys() | self._cfg.keys()
+                   if normalized(k, new.get(k)) != normalized(k, self._cfg.get(k))}  # fmt: skip
+        return changed if changed <= ADOPTABLE else None
+
+    @gen.coroutine
+    def adopt(self, new: dict[str, Any], changed: set[str]) -> Generator[Any, Any, None]:
+        if "env" in new:
+            new = {**new, "env": parse_env_dict(new["env"])}
+        self.cmd, self.args = new["cmd"], new.get("args")
+        if "env" in new:
+            self.env = {**(os.environ if self.copy_env else {}), **new["env"]}
+        self.graceful_timeout = float(new.get("graceful_timeout", 30.0))
+        self._cfg = new.copy()
+        if changed & {"cmd", "args", "env"}:
+            yield self.replace(sequential=False)
+        self.numprocesses = int(new.get("numprocesses", 1))
+        yield self.manage_processes()
+
+
+def normalized(key: str, value: Any) -> Any:
+    if key == "env" and isinstance(value, dict):
+        env = parse_env_dict(value)
+        return {k: v for k, v in env.items() if k not in ENV_IGNORED}
+    return value
+
+
+class StackArbiter(Arbiter):
+    """An arbiter whose ``reloadconfig`` lets stackctl's watchers adopt what they can."""
+
+    @synchronized("arbiter_reload_config")
+    @gen.coroutine
+    def reload_from_config(self, config_file: str | None = None,
+                           inside_circusd: bool = False) -> Generator[Any, Any, None]:  # fmt: skip
+        new_cfg = get_config(config_file or self.config_file)
+        if self.get_arbiter_config(new_cfg) == self._cfg:
+            for watcher in self.iter_watchers():
+                new = self.get_watcher_config(new_cfg, watcher.name)
+                changed = watcher.adoptable_changes(new) if isinstance(
+                    watcher, StackWatcher) and new else None  # fmt: skip
+                if changed:
+                    logger.info("%s adopts its new %s", watcher.name, ", ".join(sorted(changed)))
+                    yield watcher.adopt(new, changed)
+        # Circus's own reloadconfig, for everything else (it finds the adopted ones unchanged).
+        yield Arbiter.reload_from_config.__wrapped__(self, config_file, inside_circusd)
+
+
+class ReloadCommand(Reload):
+    """Reload the arbiter or a watcher (see ``circusctl help reload``).
+
+    As Circus's own, except that a reload that was undone answers with an error and says why,
+    so that ``circusctl reload wsgi --waiting`` fails when the old workers were kept.
+    """
+
+    name = "reload"  # defined later than Circus's, so the controller takes this one
+
+    def execute(self, arbiter: Any, props: dict[str, Any]) -> Any:
+        answer = super().execute(arbiter, props)
+        if props.get("waiting") and "name" in props:
+            answer.set_transform_function(reload_answer)
+        return answer
+
+
+def reload_answer(info: dict[str, Any]) -> dict[str, Any]:
+    if info.get("refused"):
+        return {"status": "error", "reason": f"reload undone: {info['refused']}", "info": info}
+    return {"info": info}
+
+
+def main() -> None:
+    circus.arbiter.Watcher = StackWatcher
+    circus.circusd.Arbiter = StackArbiter
+    circus.circusd.main()
+
+
+if __name__ == "__main__":
+    main()

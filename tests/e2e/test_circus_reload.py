@@ -1,0 +1,204 @@
+"""Circus's own commands (`circusctl reload`, `restart`, `reloadconfig`) against the real
+circusd that stackctl runs (stackctl.circusd): as lossless as `stackctl reload`."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import psutil
+import pytest
+
+from stackctl.errors import EXIT_STACK_ERROR
+from stackctl.readiness import ready_mark
+from stackctl.realtime import publish
+from stackctl.stack import Stack
+from stackctl.supervisor import call
+from tests.conftest import running_stack, stackctl
+from tests.e2e.test_restarts import (
+    NO_AUTORELOAD,
+    WORKERS,
+    app_edited,
+    circusctl,
+    crash_in_uwsgi,
+    load_site,
+    port,
+    settle,
+    wsgi_pids,
+)
+from tests.followers import Follower
+from tests.load import Load
+
+pytestmark = pytest.mark.e2e
+
+SLOW_START = "1.5"  # seconds each new worker takes to load the app
+
+
+@pytest.fixture(scope="module")
+def stack() -> Iterator[Stack]:
+    with running_stack(load_site(), "--workers", str(WORKERS), *NO_AUTORELOAD) as running:
+        yield running
+
+
+def ws_pid(stack: Stack) -> int:
+    (pid,) = call(stack, "list", name="ws")["pids"]
+    return int(pid)
+
+
+def nginx_master(stack: Stack) -> int:
+    (pid,) = call(stack, "list", name="nginx")["pids"]
+    return int(pid)
+
+
+class ReadyCount(threading.Thread):
+    """Samples, while it runs, how many of the pool's workers have loaded the app."""
+
+    def __init__(self, stack: Stack) -> None:
+        super().__init__(daemon=True)
+        self.stack = stack
+        self.samples: list[int] = []
+        self.done = threading.Event()
+
+    def run(self) -> None:
+        while not self.done.is_set():
+            pids = wsgi_pids(self.stack)
+            self.samples.append(sum(ready_mark(self.stack.run_dir, p).exists() for p in pids))
+            time.sleep(0.02)
+
+    def __enter__(self) -> ReadyCount:
+        self.start()
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.done.set()
+        self.join(timeout=10)
+
+
+def slow_start(stack: Stack) -> Path:
+    marker = stack.stack_dir / "slow-start"
+    marker.write_text(SLOW_START)
+    return marker
+
+
+@pytest.mark.parametrize("command", ["reload", "restart"])
+def test_circusctl_replaces_workers_only_once_the_new_ones_are_ready(
+    stack: Stack, command: str
+) -> None:
+    before = wsgi_pids(stack)
+    marker = slow_start(stack)
+    try:
+        with Load(port(stack)) as load, ReadyCount(stack) as ready:
+            settle(load)
+            result = circusctl(stack, "--timeout", "120", command, "wsgi", "--waiting")
+            time.sleep(0.5)
+    finally:
+        marker.unlink()
+    assert result.returncode == 0, result.stdout + result.stderr
+    after = wsgi_pids(stack)
+    assert len(after) == WORKERS and not after & before
+    # Circus's plain reload would have left the pool with no worker ready for SLOW_START.
+    assert min(ready.samples) >= WORKERS, ready.samples
+    assert load.report.failures == []
+
+
+def test_circusctl_reload_of_workers_that_crash_is_undone(stack: Stack) -> None:
+    before = wsgi_pids(stack)
+    with Load(port(stack)) as load:
+        settle(load)
+        with app_edited(stack, before=crash_in_uwsgi("crash at start")):
+            result = circusctl(stack, "--timeout", "120", "reload", "wsgi", "--waiting")
+        time.sleep(0.5)
+    assert result.returncode != 0
+    assert "reload undone" in result.stdout + result.stderr
+    assert "exited before they were ready" in result.stdout + result.stderr
+    assert wsgi_pids(stack) == before
+    assert circusctl(stack, "status", "wsgi").stdout.strip() == "active"
+    assert circusctl(stack, "numprocesses", "wsgi").stdout.strip() == str(WORKERS)
+    assert load.report.failures == []
+
+
+def test_circusctl_reload_nginx_is_its_own_graceful_reload(stack: Stack) -> None:
+    master = nginx_master(stack)
+    workers = {p.pid for p in psutil.Process(master).children()}
+    with Load(port(stack)) as load:
+        settle(load)
+        for _ in range(3):
+            assert circusctl(stack, "reload", "nginx", "--waiting").returncode == 0
+            time.sleep(1)
+    assert nginx_master(stack) == master  # HUP: the master stays, its workers are replaced
+    assert not workers & {p.pid for p in psutil.Process(master).children()}
+    assert load.report.failures == []
+
+
+def test_circusctl_reload_of_the_whole_stack_loses_nothing(stack: Stack) -> None:
+    url = f"ws://127.0.0.1:{port(stack)}{stack.profile.ws.prefix}flow"
+    followers = [Follower(url) for _ in range(3)]
+    for follower in followers:
+        follower.start()
+    wsgi_before, ws_before, master = wsgi_pids(stack), ws_pid(stack), nginx_master(stack)
+    sent: list[int] = []
+
+    def publish_flow() -> None:
+        for n in range(80):
+            publish("flow", n, url=stack.redis_url)
+            sent.append(n)
+            time.sleep(0.05)
+
+    try:
+        for follower in followers:
+            assert follower.connected.wait(10)
+        with Load(port(stack)) as load:
+            settle(load)
+            publisher = threading.Thread(target=publish_flow)
+            publisher.start()
+            result = circusctl(stack, "--timeout", "120", "reload", "--waiting")
+            publisher.join()
+            time.sleep(0.5)
+        for follower in followers:
+            follower.wait_for_count(len(sent))
+    finally:
+        for follower in followers:
+            follower.stop()
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert load.report.failures == []
+    assert not wsgi_pids(stack) & wsgi_before and ws_pid(stack) != ws_before
+    assert nginx_master(stack) == master
+    for follower in followers:
+        assert [m["data"] for m in follower.received] == list(range(80))
+
+
+def test_changed_app_settings_replace_the_workers_and_spare_the_ws_worker(stack: Stack) -> None:
+    wsgi_before, ws_before = wsgi_pids(stack), ws_pid(stack)
+    marker = slow_start(stack)
+    try:
+        with Load(port(stack)) as load, ReadyCount(stack) as ready:
+            settle(load)
+            result = stackctl("reload", "--set", "app.django_settings=site_settings",
+                              cwd=stack.stack_dir)  # fmt: skip
+            time.sleep(0.5)
+    finally:
+        marker.unlink()
+    assert "watcher:wsgi" in result.stdout or "env:wsgi" in result.stdout, result.stdout
+    assert not wsgi_pids(stack) & wsgi_before
+    assert ws_pid(stack) == ws_before
+    assert min(ready.samples) >= WORKERS, ready.samples
+    assert load.report.failures == []
+    # Circus now runs what circus.ini says: reloading its config again changes nothing.
+    pids = wsgi_pids(stack)
+    assert circusctl(stack, "reloadconfig", "--waiting").returncode == 0
+    assert wsgi_pids(stack) == pids and ws_pid(stack) == ws_before
+
+
+def test_settings_under_which_the_site_answers_errors_are_refused(stack: Stack) -> None:
+    before = wsgi_pids(stack)
+    result = stackctl("reload", "--set", "app.django_settings=refuse_all", cwd=stack.stack_dir,
+                      check=False)  # fmt: skip
+    assert result.returncode == EXIT_STACK_ERROR, result.stdout
+    assert "answer GET / (Host: localhost) with 400 Bad Request" in result.stderr
+    assert "running ones answer 200 OK" in result.stderr
+    assert "host not allowed" in result.stderr
+    assert wsgi_pids(stack) == before
+    assert "refuse_all" not in (stack.run_dir / "circus.ini").read_text()
+

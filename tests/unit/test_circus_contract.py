@@ -1,0 +1,53 @@
+"""What stackctl.circusd takes from Circus's internals is still there, as it expects.
+
+The behaviour is tested against the real circusd in tests/e2e/test_circus_reload.py; this
+names each internal piece, so that an upgrade of Circus fails here with the name of what moved.
+"""
+
+from __future__ import annotations
+
+import inspect
+from importlib.metadata import version
+
+import circus.arbiter
+import circus.circusd
+from circus.commands import get_commands
+from circus.process import Process
+from circus.watcher import Watcher
+
+from stackctl import circusd
+
+
+def test_circus_is_the_release_stackctl_circusd_was_written_for() -> None:
+    assert version("circus") == "0.19.0"
+
+
+def test_circusd_builds_its_arbiter_and_watchers_from_module_globals() -> None:
+    # stackctl.circusd.main swaps these two names for its own classes.
+    assert circus.circusd.Arbiter is circus.arbiter.Arbiter
+    assert circus.arbiter.Watcher is Watcher
+    assert "Arbiter.load_from_config" in inspect.getsource(circus.circusd.main)
+    assert "Watcher.load_from_config" in inspect.getsource(circus.arbiter.Arbiter.load_from_config)
+
+
+def test_the_watcher_pieces_a_replacement_uses() -> None:
+    for name in ("_reload", "_restart", "set_numprocesses", "manage_processes", "reload"):
+        assert callable(getattr(Watcher, name)), name
+    assert list(inspect.signature(Watcher._reload).parameters) == ["self", "graceful", "sequential"]
+    # Circus retires the oldest processes first, by their start time.
+    assert "key=lambda process: process.started" in inspect.getsource(Watcher.manage_processes)
+    assert callable(Process.is_alive)
+    # Unknown watcher options (stackctl_reload) are kept for the watcher, not rejected.
+    assert "self._options = options" in inspect.getsource(Watcher.__init__)
+
+
+def test_the_arbiter_pieces_a_config_reload_uses() -> None:
+    wrapped = circus.arbiter.Arbiter.reload_from_config.__wrapped__
+    assert list(inspect.signature(wrapped).parameters) == [
+        "self", "config_file", "inside_circusd"
+    ]  # fmt: skip
+    assert isinstance(circus.arbiter._ENV_EXCEPTIONS, tuple)
+
+
+def test_the_controller_takes_stackctl_s_reload_command() -> None:
+    assert type(get_commands()["reload"]) is circusd.ReloadCommand
