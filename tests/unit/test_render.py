@@ -7,6 +7,7 @@ import dataclasses
 import shlex
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import jinja2
@@ -230,10 +231,12 @@ class TestEscapingAgainstHostileValues:
 
     @pytest.mark.parametrize("value", HOSTILE)
     def test_circus_ini_value_stays_one_value(self, value: str) -> None:
-        parser = configparser.RawConfigParser()
+        from circus.config import DefaultConfigParser  # the parser circusd reads its ini with
+
+        parser = DefaultConfigParser()
         parser.read_string(f"[watcher:x]\ncmd = {ini_value(value)}\n")
         assert parser.sections() == ["watcher:x"]
-        assert parser["watcher:x"]["cmd"] == value.strip()
+        assert parser.get("watcher:x", "cmd") == value.strip()
 
     @pytest.mark.parametrize("value", ["a\n[watcher:evil]\ncmd = rm -rf /", "a\rb", "x\0"])
     def test_circus_ini_refuses_line_breaks(self, value: str) -> None:
@@ -252,10 +255,17 @@ class TestEscapingAgainstHostileValues:
             uwsgi_value(value)
 
     @pytest.mark.parametrize("value", HOSTILE)
-    def test_uwsgi_value_is_kept_verbatim(self, tmp_path: Path, value: str) -> None:
-        ini = configparser.RawConfigParser()
-        ini.read_string(f"[uwsgi]\nchdir = {uwsgi_value(value)}\n")
-        assert ini["uwsgi"]["chdir"] == value.strip()
+    def test_uwsgi_reads_the_value_back_verbatim(self, tmp_path: Path, value: str) -> None:
+        ini = tmp_path / "uwsgi.ini"
+        ini.write_text(f"[uwsgi]\nchdir = {uwsgi_value(value)}\nbuffer-size = 8192\n")
+        uwsgi = shutil.which("uwsgi") or str(Path(sys.executable).parent / "uwsgi")
+        result = subprocess.run(
+            [uwsgi, "--ini", str(ini), "--get", "chdir", "--get", "buffer-size"],
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+        assert result.stdout.splitlines() == [value.strip(), "8192"], result.stderr
 
     @pytest.mark.parametrize("value", [*HOSTILE, 'a"b\\c', "x\\"])
     def test_redis_reads_a_quoted_value_as_one_argument(self, value: str) -> None:
