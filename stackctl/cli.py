@@ -1,9 +1,12 @@
-"""The ``stackctl`` command. Each subcommand is a small function; errors are StackErrors."""
+"""stackctl runs a Python web app the production way: NGiNX in front of a pool of uWSGI
+workers, a websocket worker and Redis, all supervised by Circus."""
 
 from __future__ import annotations
 
 import argparse
+import configparser
 import json
+import os
 import shlex
 import sys
 import time
@@ -14,9 +17,11 @@ from typing import Any
 from stackctl import generation, profile, realtime, supervisor
 from stackctl.errors import EXIT_STACK_ERROR, StackError
 from stackctl.settings import SETTINGS
-from stackctl.stack import Programs, Stack, plan
+from stackctl.stack import Programs, Stack, check_port_allowed, plan
 
 STATE_FILE = "state.json"
+EXIT_BROKEN_PIPE = 128 + 13  # what a shell reports for a command ended by SIGPIPE
+EXIT_INTERRUPTED = 128 + 2  # and for one ended by Ctrl-C (SIGINT)
 NO_PROGRAMS = Programs(nginx="", uwsgi="", python=sys.executable, redis_server=None)
 
 
@@ -40,7 +45,43 @@ def flag_dest(flag: str) -> str:
 
 def load_stack(args: argparse.Namespace, *, programs: bool) -> Stack:
     chosen = profile.load(args.stack, args.profile, overrides_from(args))
-    return plan(chosen, None if programs else NO_PROGRAMS)
+    stack = plan(chosen, None if programs else NO_PROGRAMS)
+    check_run_dir_owner(stack)
+    return stack
+
+
+def run_dir_owner(stack: Stack) -> Path | None:
+    """The stack directory of the stack running from ``stack.run_dir``, if one is: as its
+    state file records it, or (a state file from an older stackctl) its circus.ini."""
+    if supervisor.running_pid(stack) is None:
+        return None
+    try:
+        owner = json.loads((stack.run_dir / STATE_FILE).read_text()).get("stack_dir")
+        if owner:
+            return Path(owner)
+    except (OSError, ValueError):
+        pass
+    ini = configparser.RawConfigParser()
+    try:
+        ini.read_string(stack.circus_ini.read_text())
+        return Path(ini.get("watcher:wsgi", "working_dir"))
+    except (OSError, configparser.Error):
+        return None
+
+
+def check_run_dir_owner(stack: Stack) -> None:
+    """Two stacks sharing a run directory overwrite each other's configs and sockets, and
+    `down` in one stops the other: refuse a run directory that another running stack uses."""
+    owner = run_dir_owner(stack)
+    if owner is None or owner.resolve() == stack.stack_dir:
+        return
+    raise StackError(
+        f"{stack.profile.source('paths.run_dir')}: paths.run_dir: "
+        f"{stack.profile.paths.run_dir!r} resolves to {stack.run_dir}, which the stack running "
+        f"in {owner} uses (circusd pid {supervisor.running_pid(stack)}); this stack would "
+        "overwrite its configs. Give each stack its own run directory (the default, "
+        '".stackctl/run", is inside the stack directory)'
+    )
 
 
 def load_running_stack(args: argparse.Namespace) -> Stack:
@@ -56,7 +97,11 @@ def load_running_stack(args: argparse.Namespace) -> Stack:
 
 
 def save_state(stack: Stack, overrides: list[tuple[str, Any]]) -> None:
-    state = {"profile": stack.profile.name, "overrides": overrides}
+    state = {
+        "profile": stack.profile.name,
+        "overrides": overrides,
+        "stack_dir": str(stack.stack_dir),  # whose run directory this is
+    }
     (stack.run_dir / STATE_FILE).write_text(json.dumps(state))
 
 
@@ -98,11 +143,21 @@ def cmd_up(args: argparse.Namespace) -> int:
     stale = supervisor.clean_stale(stack) if stack.run_dir.is_dir() else []
     if stale:
         print(f"cleaned up after a stack that died: stopped pids {stale}")
+    check_port_allowed(stack)
     supervisor.check_port_free(stack)
+    # Everything the stack creates from here on (logs, pid files, sockets) is the stack
+    # user's alone; the processes circusd starts inherit this.
+    os.umask(0o077)
     realtime.ensure_secret(stack.secret_file)
     generation.write(stack, generation.render_all(stack))
     save_state(stack, overrides_from(args))
-    running = supervisor.start(stack, timeout=args.timeout)
+    try:
+        running = supervisor.start(stack, timeout=args.timeout)
+    except KeyboardInterrupt:
+        # Ctrl-C while the stack starts: what had started must not outlive this command.
+        supervisor.stop(stack)
+        print("interrupted while starting; stack stopped")
+        return EXIT_INTERRUPTED
     print(
         f"stack up: {stack.url()}  (websockets: {stack.url().replace('http', 'ws', 1)}"
         f"{stack.profile.ws.prefix.lstrip('/')}<channel>)"
@@ -112,8 +167,13 @@ def cmd_up(args: argparse.Namespace) -> int:
         print(f'circusd pid {running.process.pid}; `eval "$(stackctl env)"` then circusctl works')
         return 0
     stop_requested = supervisor.catch_stop_signals()
-    print("Ctrl-C stops the stack")
-    return supervisor.wait_foreground(running, stop_requested)
+    print("Ctrl-C stops the stack", flush=True)
+    status = supervisor.wait_foreground(running, stop_requested)
+    if stop_requested:
+        print("stack stopped")
+    else:
+        print(f"circusd exited by itself (status {running.process.returncode}); stack stopped")
+    return status
 
 
 def cmd_down(args: argparse.Namespace) -> int:
@@ -165,6 +225,12 @@ def cmd_reload(args: argparse.Namespace) -> int:
     overrides = [tuple(p) for p in state["overrides"]] + overrides_from(args)
     chosen = profile.load(args.stack, args.profile or state["profile"], overrides)
     stack = plan(chosen)
+    check_run_dir_owner(stack)
+    # The rest of what `up` checks runs on the new generation in apply_config; the port, only
+    # when it changes, since the running NGiNX holds the old one.
+    if stack.profile.server.listen != running.profile.server.listen:
+        check_port_allowed(stack)
+        supervisor.check_port_free(stack)
     done = reload.apply_config(stack)
     save_state(stack, overrides)
     for line in done:
@@ -219,7 +285,11 @@ def cmd_env(args: argparse.Namespace) -> int:
 
 
 def cmd_publish(args: argparse.Namespace) -> int:
+    import redis
+
     stack = load_running_stack(args)
+    if stack.embedded_redis:
+        require_running(stack)  # its Redis runs only while the stack does
     ws = stack.profile.ws
     data = args.message if args.json else json.dumps(args.message)
     try:
@@ -227,8 +297,12 @@ def cmd_publish(args: argparse.Namespace) -> int:
     except ValueError as e:
         raise StackError(f"--json: the message is not JSON ({e})") from None
     connection = realtime.client(stack.redis_url)
-    receivers = realtime.publish_json(connection, realtime.check_channel(args.channel), data,
-                                      (ws.history, ws.history_seconds))  # fmt: skip
+    try:
+        receivers = realtime.publish_json(connection, realtime.check_channel(args.channel),
+                                          data, (ws.history, ws.history_seconds))  # fmt: skip
+    except redis.ConnectionError as e:
+        where = "the stack's Redis" if stack.embedded_redis else "the Redis of redis.url"
+        raise StackError(f"cannot reach {where} to publish: {e}") from None
     print(f"published to {args.channel!r} ({receivers} worker(s) listening)")
     return 0
 
@@ -269,6 +343,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=Path("."),
         help="the stack directory, where stack.toml is (default: .)",
     )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {package_version()}")
     commands = parser.add_subparsers(dest="command", required=True)
 
     def command(
@@ -322,13 +397,34 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def package_version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("stackctl")
+    except PackageNotFoundError:  # run from a checkout that was never installed
+        from stackctl import __version__
+
+        return __version__
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        return int(args.handler(args))
+        status = int(args.handler(args))
+        sys.stdout.flush()  # a closed pipe shows here, where it is handled, not at exit
+        return status
     except StackError as e:
         print(f"stackctl: {e}", file=sys.stderr)
         return EXIT_STACK_ERROR
+    except KeyboardInterrupt:
+        print("stackctl: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except BrokenPipeError:
+        # `stackctl status | head -1`: the reader has all it wants. Point stdout at /dev/null
+        # so that Python's final flush does not complain a second time.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_BROKEN_PIPE
 
 
 if __name__ == "__main__":

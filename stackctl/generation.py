@@ -31,6 +31,16 @@ def make_dirs(stack: Stack) -> None:
     # The run directory holds the Circus control sockets: only the owner may reach them.
     os.chmod(stack.run_dir, 0o700)
     (stack.run_dir / "nginx-temp").mkdir(exist_ok=True)
+    make_logs_private(stack.log_dir)
+
+
+def make_logs_private(log_dir: Path) -> None:
+    """Logs show who asked for what: the stack's user alone may read them. Older stacks left
+    theirs readable by all (NGiNX's access log was 0644 in a 0755 directory): fixed here."""
+    os.chmod(log_dir, 0o700)
+    for path in log_dir.iterdir():
+        if path.is_file() and not path.is_symlink():
+            os.chmod(path, 0o600)
 
 
 def stage(files: list[File], directory: Path) -> None:
@@ -77,7 +87,10 @@ def check_circus(conf: Path) -> None:
 
 def check_app(stack: Stack) -> None:
     """Import the WSGI callable the way a worker will, in a separate interpreter."""
-    code = f"from stackctl.readiness import load; load({stack.profile.app.wsgi!r})"
+    code = (
+        "from stackctl.readiness import load_or_explain; "
+        f"load_or_explain({stack.profile.app.wsgi!r})"
+    )
     env = {**os.environ, **stack.worker_env()}
     try:
         result = subprocess.run(
@@ -93,7 +106,7 @@ def check_app(stack: Stack) -> None:
             f"app.wsgi: importing {stack.profile.app.wsgi!r} took over 120 s"
         ) from None
     if result.returncode != 0:
-        tail = "\n".join(result.stderr.strip().splitlines()[-12:])
+        tail = "\n".join(result.stderr.strip().splitlines()[-30:])
         raise StackError(
             f"app.wsgi: {stack.profile.app.wsgi!r} cannot be imported from "
             f"{stack.stack_dir}:\n{tail}"

@@ -62,21 +62,32 @@ def django_facts(stack_dir: Path) -> AppFacts:
     module, _, attr = str(found["wsgi"]).rpartition(".")
     static_url = "/" + found["static_url"].strip("/") + "/" if found["static_url"] else "/static/"
     static_root = found["static_root"]
-    note = (
-        ""
-        if static_root
-        else (
-            "STATIC_ROOT is not set: static files are not served until you set it, run "
-            "`manage.py collectstatic` and set static.dir in stack.toml"
-        )
-    )
+    note = static_root_problem(stack_dir, static_root)
     return AppFacts(
         wsgi=f"{module}:{attr}",
         static_url=static_url,
-        static_dir=os.path.relpath(static_root, stack_dir) if static_root else "",
+        static_dir="" if note else os.path.relpath(static_root, stack_dir),
         django_settings=settings,
         note=note,
     )
+
+
+def static_root_problem(stack_dir: Path, static_root: str) -> str:
+    """Why STATIC_ROOT cannot be the stack's static.dir, or "" when it can."""
+    if not static_root:
+        return (
+            "STATIC_ROOT is not set: static files are not served until you set it, run "
+            "`manage.py collectstatic` and set static.dir in stack.toml"
+        )
+    root = (stack_dir / static_root).resolve()
+    if root == stack_dir.resolve() or root in stack_dir.resolve().parents:
+        return (
+            f"STATIC_ROOT is {root}, which holds the whole project: NGiNX would serve its "
+            "source and settings, so static files are not served. Give STATIC_ROOT a directory "
+            'of its own (e.g. BASE_DIR / "collected"), run `manage.py collectstatic` and set '
+            "static.dir in stack.toml"
+        )
+    return ""
 
 
 def app_facts(stack_dir: Path, app: str | None) -> AppFacts:

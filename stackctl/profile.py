@@ -16,89 +16,37 @@ from __future__ import annotations
 
 import difflib
 import fnmatch
+import re
 import tomllib
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from stackctl import resources
 from stackctl.errors import StackError
-from stackctl.settings import BY_KEY, REQUIRED, SECTIONS, SETTINGS, Invalid, Listen
+from stackctl.settings import (
+    BY_KEY,
+    REQUIRED,
+    SECTION_TYPES,
+    SECTIONS,
+    SETTINGS,
+    AppConfig,
+    Invalid,
+    PathsConfig,
+    RedisConfig,
+    ServerConfig,
+    StaticConfig,
+    WsConfig,
+    WsgiConfig,
+)
+from stackctl.settings import (
+    Listen as Listen,  # re-exported: a Profile's server.listen is one
+)
 
 STACK_FILE = "stack.toml"
+PROFILE_NAME = re.compile(r"[\w-][\w.-]{0,99}")
 DEFAULT_PROFILE = "dev"
-
-
-@dataclass(frozen=True)
-class ServerConfig:
-    listen: Listen
-    names: str
-    max_body: str
-    timeout: int
-
-
-@dataclass(frozen=True)
-class AppConfig:
-    wsgi: str
-    django_settings: str
-
-
-@dataclass(frozen=True)
-class WsgiConfig:
-    workers: int | str
-    threads: int
-    log_requests: bool
-    autoreload: bool
-    max_requests: int
-    max_rss_mb: int
-    backlog: int
-    graceful_timeout: int
-    check_path: str
-
-
-@dataclass(frozen=True)
-class WsConfig:
-    prefix: str
-    ping_interval: int
-    max_message: int
-    max_connections: int
-    queue_limit: int
-    history: int
-    history_seconds: int
-    token_max_age: int
-    allowed_origins: tuple[str, ...]
-    client_publish: tuple[str, ...]
-    sse_prefix: str
-    poll_prefix: str
-
-
-@dataclass(frozen=True)
-class StaticConfig:
-    url: str
-    dir: str
-
-
-@dataclass(frozen=True)
-class RedisConfig:
-    url: str
-
-
-@dataclass(frozen=True)
-class PathsConfig:
-    run_dir: str
-    log_dir: str
-
-
-_SECTION_TYPES: dict[str, type] = {
-    "server": ServerConfig,
-    "app": AppConfig,
-    "wsgi": WsgiConfig,
-    "ws": WsConfig,
-    "static": StaticConfig,
-    "redis": RedisConfig,
-    "paths": PathsConfig,
-}
 
 
 @dataclass(frozen=True)
@@ -115,6 +63,11 @@ class Profile:
     static: StaticConfig
     redis: RedisConfig
     paths: PathsConfig
+    sources: Mapping[str, str] = field(default_factory=dict, compare=False)
+    """Which file (or the command line, or the defaults) gave each key its value."""
+
+    def source(self, key: str) -> str:
+        return self.sources.get(key, "defaults")
 
 
 @dataclass(frozen=True)
@@ -234,6 +187,12 @@ def load_profile_chain(name: str, stack_dir: Path) -> list[Layer]:
     seen: list[Path] = []
     wanted, skip, referrer = name, None, "profile"
     while True:
+        if not PROFILE_NAME.fullmatch(wanted):
+            # A name is a file name in profiles/, and it is written into every rendered config.
+            raise StackError(
+                f"{referrer}: {wanted!r} is not a profile name: letters, digits, '.', '_' "
+                "and '-', not starting with '.'"
+            )
         path = find_profile(wanted, stack_dir, skip)
         if path is None:
             known = ", ".join(available_profiles(stack_dir))
@@ -297,7 +256,9 @@ def command_line_layer(overrides: Iterable[tuple[str, Any]]) -> Layer:
 
 
 def defaults_layer() -> Layer:
-    return Layer("defaults", {s.key: s.default for s in SETTINGS if s.default is not REQUIRED})
+    """The declared defaults, parsed like any other layer: a default that skipped its parser
+    (server.listen as a plain string) crashed `up` for a profile that did not set it."""
+    return validate("defaults", {s.key: s.default for s in SETTINGS if s.default is not REQUIRED})
 
 
 def merge(layers: Iterable[Layer]) -> dict[str, Any]:
@@ -309,6 +270,7 @@ def merge(layers: Iterable[Layer]) -> dict[str, Any]:
 
 def build(name: str, reason: str, stack_dir: Path, layers: list[Layer]) -> Profile:
     values = merge(layers)
+    sources = {key: layer.source for layer in layers for key in layer.values}
     for setting in SETTINGS:
         if setting.key not in values:
             flag = f" or pass {setting.flag}" if setting.flag else ""
@@ -320,9 +282,9 @@ def build(name: str, reason: str, stack_dir: Path, layers: list[Layer]) -> Profi
         section: cls(
             **{k.split(".", 1)[1]: v for k, v in values.items() if k.startswith(f"{section}.")}
         )
-        for section, cls in _SECTION_TYPES.items()
+        for section, cls in SECTION_TYPES.items()
     }
-    return Profile(name=name, reason=reason, stack_dir=stack_dir, **sections)
+    return Profile(name=name, reason=reason, stack_dir=stack_dir, sources=sources, **sections)
 
 
 def load(

@@ -32,6 +32,36 @@ def load(spec: str) -> Any:
     return target
 
 
+def load_or_explain(spec: str) -> None:
+    """Load the app as a worker will; if that fails, print the app's part of the traceback
+    and the error, then exit with status 1.
+
+    ``stackctl up`` runs this in a separate interpreter before it starts anything. The frames
+    of stackctl and of importlib only hide, to the app's author, where the error is.
+    """
+    import sys
+    import traceback
+
+    try:
+        load(spec)
+    except Exception as e:
+        hidden = (
+            str(Path(__file__).resolve().parent),
+            str(Path(importlib.__file__ or "").parent),
+            "<frozen importlib",
+        )
+        frames = [
+            frame
+            for frame in traceback.extract_tb(e.__traceback__)
+            if not frame.filename.startswith(hidden)
+        ]
+        if frames:
+            sys.stderr.write("Traceback (most recent call last):\n")
+            sys.stderr.write("".join(traceback.format_list(frames)))
+        sys.stderr.write("".join(traceback.format_exception_only(e)))
+        raise SystemExit(1) from None
+
+
 def ready_mark(run_dir: Path, pid: int) -> Path:
     return run_dir / READY_DIR / str(pid)
 

@@ -1,7 +1,7 @@
 """Where the shipped templates, profiles and demo app live.
 
 An installed wheel carries them in ``stackctl/_data``; a source checkout (or an editable
-install) keeps them at the top of the repository, as the design card lays them out.
+install) keeps them at the top of the repository, where a reader of the project finds them first.
 """
 
 from pathlib import Path

@@ -8,10 +8,14 @@ raises :class:`Invalid` saying what is allowed.
 
 from __future__ import annotations
 
+import dataclasses
+import ipaddress
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 
 class Invalid(ValueError):
@@ -42,35 +46,95 @@ def boolean(value: Any) -> bool:
     return value
 
 
-def positive_int(value: Any) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise _expect("a positive integer", value)
-    return value
+def _whole(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
-def non_negative_int(value: Any) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise _expect("a whole number, 0 or more", value)
-    return value
+def int_range(low: int, high: int) -> Callable[[Any], int]:
+    """A parser for whole numbers from ``low`` (0 or 1) to ``high``: a number too large for
+    the program that reads it (circusd crashed on a backlog of 99999999999) is refused here."""
+    first = "a positive integer" if low == 1 else "a whole number, 0 or more"
+    what = f"{first} up to {high}"
+
+    def parse(value: Any) -> int:
+        if not _whole(value) or not low <= value <= high:
+            raise _expect(what, value)
+        return int(value)
+
+    return parse
+
+
+SOMAXCONN = Path("/proc/sys/net/core/somaxconn")
+
+
+def kernel_backlog_limit() -> int:
+    """The kernel caps every listen backlog at net.core.somaxconn; asking more is pointless."""
+    try:
+        return int(SOMAXCONN.read_text())
+    except (OSError, ValueError):
+        return 4096  # Linux's default since 5.4
+
+
+def backlog(value: Any) -> int:
+    limit = kernel_backlog_limit()
+    if not _whole(value) or not 1 <= value <= limit:
+        raise _expect(
+            f"a positive integer up to {limit} (this kernel's limit, from {SOMAXCONN}; "
+            "raise it with sysctl net.core.somaxconn first)",
+            value,
+        )
+    return int(value)
+
+
+MAX_WORKERS = 512
 
 
 def workers(value: Any) -> int | str:
     if value == "auto":
         return "auto"
+    if not _whole(value) or not 1 <= value <= MAX_WORKERS:
+        raise _expect(f'a positive integer up to {MAX_WORKERS}, or "auto"', value)
+    return int(value)
+
+
+# One DNS label: letters, digits and inner hyphens, at most 63 characters.
+_LABEL = r"(?!-)[A-Za-z0-9-]{1,63}(?<!-)"
+_HOSTNAME = re.compile(rf"{_LABEL}(\.{_LABEL})*\.?")
+
+
+def is_hostname(text: str) -> bool:
+    return len(text) <= 253 and _HOSTNAME.fullmatch(text) is not None
+
+
+def is_ip_address(text: str) -> bool:
     try:
-        return positive_int(value)
-    except Invalid:
-        raise _expect('a positive integer or "auto"', value) from None
+        ipaddress.ip_address(text)
+    except ValueError:
+        return False
+    return True
 
 
 def listen(value: Any) -> Listen:
-    form = 'HOST:PORT with a port from 1 to 65535, e.g. "127.0.0.1:8000"'
+    form = (
+        "HOST:PORT, where HOST is a host name, an IP address ([::1] for IPv6) or *, and PORT "
+        'is from 1 to 65535, e.g. "127.0.0.1:8000"'
+    )
     if not isinstance(value, str):
         raise _expect(form, value)
-    match = re.fullmatch(r"\[?([^\[\]]*?)\]?:(\d{1,5})", value)
-    if not match or not match.group(1) or not 0 < int(match.group(2)) < 65536:
+    match = re.fullmatch(r"\[([0-9A-Fa-f:.]+)\]:(\d{1,5})|([^:\[\]]+):(\d{1,5})", value)
+    if not match:
         raise _expect(form, value)
-    return Listen(match.group(1), int(match.group(2)))
+    host = match.group(1) or match.group(3)
+    port = int(match.group(2) or match.group(4))
+    bracketed = match.group(1) is not None
+    valid_host = (
+        is_ip_address(host) and ":" in host
+        if bracketed
+        else host == "*" or is_ip_address(host) or is_hostname(host)
+    )
+    if not valid_host or not 0 < port < 65536:
+        raise _expect(form, value)
+    return Listen(host, port)
 
 
 def wsgi_callable(value: Any) -> str:
@@ -87,8 +151,11 @@ def module_name(value: Any) -> str:
 
 
 def url_prefix(value: Any) -> str:
+    form = 'a URL path that starts and ends with "/", e.g. "/ws/"'
     if not isinstance(value, str) or not re.fullmatch(r"/([\w.~-]+/)+", value):
-        raise _expect('a URL path that starts and ends with "/", e.g. "/ws/"', value)
+        raise _expect(form, value)
+    if any(part.strip(".") == "" for part in value.strip("/").split("/")):
+        raise _expect(form + ', without "." or ".." segments', value)
     return value
 
 
@@ -99,7 +166,7 @@ def check_path(value: Any) -> str:
 
 
 def _list_of(value: Any, item: str, form: str) -> tuple[str, ...]:
-    if not isinstance(value, list) or not all(
+    if not isinstance(value, list | tuple) or not all(
         isinstance(v, str) and re.fullmatch(item, v) for v in value
     ):
         raise _expect(form, value)
@@ -108,7 +175,12 @@ def _list_of(value: Any, item: str, form: str) -> tuple[str, ...]:
 
 def origins(value: Any) -> tuple[str, ...]:
     form = 'a list of origins such as ["https://example.com"], or [] for the site itself'
-    return _list_of(value, r"https?://[\w.-]+(:\d{1,5})?", form)
+    found = _list_of(value, r"https?://[\w.-]+(:\d{1,5})?", form)
+    for origin in found:
+        host = origin.split("://", 1)[1].rsplit(":", 1)[0]
+        if not (is_hostname(host) or is_ip_address(host)):
+            raise _expect(form, value)
+    return found
 
 
 def channel_patterns(value: Any) -> tuple[str, ...]:
@@ -117,39 +189,113 @@ def channel_patterns(value: Any) -> tuple[str, ...]:
 
 
 def redis_url(value: Any) -> str:
+    """``embedded``, or a URL taken apart and checked piece by piece: it reaches the workers'
+    environment in circus.ini, where a stray character would be read as config."""
+    form = (
+        '"embedded", redis://[:PASSWORD@]HOST[:PORT][/DB], rediss://... or unix:///PATH, '
+        'e.g. "redis://127.0.0.1:6379/0" (percent-encode other characters of the password, '
+        '"$" as %24)'
+    )
     if value == "embedded":
         return value
-    if not isinstance(value, str) or not re.match(r"(redis|rediss|unix)://", value):
-        raise _expect('"embedded" or a URL such as "redis://127.0.0.1:6379/0"', value)
+    if not isinstance(value, str) or not value.isprintable() or " " in value:
+        raise _expect(form, _without_password(value) if isinstance(value, str) else value)
+    try:
+        url = urlsplit(value)
+        port = url.port
+    except ValueError:
+        raise _expect(form, _without_password(value)) from None
+    if url.scheme == "unix":
+        ok = not url.netloc and _is_clean_path(url.path) and url.path.startswith("/")
+    elif url.scheme in ("redis", "rediss"):
+        host = url.hostname or ""
+        ok = (
+            (is_hostname(host) or is_ip_address(host))
+            and (port is None or 0 < port < 65536)
+            and re.fullmatch(r"(/\d{0,5})?", url.path) is not None
+            and all(_URL_SAFE.fullmatch(part or "") for part in (url.username, url.password))
+        )
+    else:
+        ok = False
+    # Options such as ?db=1&socket_timeout=5; nothing after a "#".
+    ok = ok and not url.fragment and re.fullmatch(r"[\w.=&-]*", url.query) is not None
+    if not ok or "$" in value or "%(" in value:
+        raise _expect(form, _without_password(value))
     return value
 
 
+def _without_password(url: str) -> str:
+    # An error message may end up in a terminal log or a CI transcript: no password in it.
+    return re.sub(r"(://[^/@]*?:)[^/@]*@", r"\1***@", url)
+
+
+# Percent-encoded user info: what a URL allows there, minus what a config would read.
+_URL_SAFE = re.compile(r"[\w.~!*+,=%-]*")
+
+# Path characters that the configs stackctl writes (NGiNX, uWSGI, Circus ini, Redis) read as
+# syntax or expand: quotes, ; { } # $ % \\ and backticks, and every control character.
+_PATH_FORBIDDEN = set(";{}\"'`$%\\#")
+
+
+def _is_clean_path(text: str) -> bool:
+    return text.isprintable() and not _PATH_FORBIDDEN & set(text)
+
+
+_PATH_RULE = "without quotes, control characters or any of ; { } # $ % \\ `"
+
+
 def path(value: Any) -> str:
-    if not isinstance(value, str) or not value or "\0" in value:
-        raise _expect("a non-empty path", value)
+    if not isinstance(value, str) or not value or not _is_clean_path(value):
+        raise _expect(f"a non-empty path {_PATH_RULE}", value)
     return value
 
 
 def optional_path(value: Any) -> str:
-    if not isinstance(value, str) or "\0" in value:
-        raise _expect('a path, or "" for none', value)
+    if not isinstance(value, str) or not _is_clean_path(value):
+        raise _expect(f'a path {_PATH_RULE}, or "" for none', value)
     return value
 
 
+def check_clean_path(what: str, value: Path) -> None:
+    """For paths that come from the file system (the stack directory itself)."""
+    if not _is_clean_path(str(value)):
+        raise Invalid(
+            f"{what} {str(value)!r} cannot be written into the configs; move it to a path "
+            f"{_PATH_RULE}"
+        )
+
+
+# A server name: a host name, optionally with a leading "*." or "." or a trailing ".*"
+# (NGiNX's wildcards), or "_" for any. NGiNX's regular-expression names are not offered.
+_SERVER_NAME = re.compile(rf"(\*\.|\.)?{_LABEL}(\.{_LABEL})*(\.\*)?")
+
+
 def server_names(value: Any) -> str:
-    if not isinstance(value, str) or not re.fullmatch(r"[\w.*~-]+( [\w.*~-]+)*", value):
-        raise _expect('host names separated by spaces, or "_" for any', value)
+    form = 'host names separated by spaces (*.example.com and example.* allowed), or "_" for any'
+    if not isinstance(value, str) or not value or value != value.strip():
+        raise _expect(form, value)
+    for name in value.split(" "):
+        if name == "_":
+            continue
+        if len(name) > 253 or not _SERVER_NAME.fullmatch(name):
+            raise _expect(form, value)
     return value
 
 
 def size(value: Any) -> str:
-    if not isinstance(value, str) or not re.fullmatch(r"\d+[kKmMgG]?", value):
+    if not isinstance(value, str) or not re.fullmatch(r"\d{1,6}[kKmMgG]?", value):
         raise _expect('a size such as "10m", "512k" or "0" (no limit)', value)
     return value
 
 
+REQUIRED: Any = object()
+"""Default of a setting that has none: the stack file or a profile must give it."""
+
+
 @dataclass(frozen=True)
 class Setting:
+    """One profile key as declared in its section class: the key's only declaration."""
+
     key: str
     default: Any
     parse: Callable[[Any], Any]
@@ -165,194 +311,203 @@ class Setting:
         return self.key.split(".", 1)[1]
 
 
-REQUIRED = object()
-"""Default of a setting that has none: the stack file or a profile must give it."""
+def setting(default: Any, parse: Callable[[Any], Any], help: str, flag: str | None = None) -> Any:
+    """Declare a field of a section class as a profile key, with all there is to know of it.
 
-SETTINGS: tuple[Setting, ...] = (
-    Setting(
-        "server.listen",
-        "127.0.0.1:8000",
-        listen,
-        "Address NGiNX listens on, HOST:PORT.",
-        "--listen",
-    ),
-    Setting(
-        "server.names",
-        "_",
-        server_names,
-        "NGiNX server_name: host names separated by spaces, _ for any.",
-    ),
-    Setting(
-        "server.max_body", "10m", size, "Largest request body NGiNX accepts (client_max_body_size)."
-    ),
-    Setting(
-        "server.timeout",
+    The field's annotation is the type of the parsed value; the default goes through ``parse``
+    like any other value. (The declaration is the dataclass field, not a separate table, so
+    that mypy knows ``profile.server.listen`` is a :class:`Listen`.)
+    """
+    return dataclasses.field(metadata={"setting": (default, parse, help, flag)})
+
+
+# --- the profile keys, section by section --------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    listen: Listen = setting(
+        "127.0.0.1:8000", listen, "Address NGiNX listens on, HOST:PORT.", "--listen"
+    )
+    names: str = setting(
+        "_", server_names, "NGiNX server_name: host names separated by spaces, _ for any."
+    )
+    max_body: str = setting(
+        "10m", size, "Largest request body NGiNX accepts (client_max_body_size)."
+    )
+    timeout: int = setting(
         60,
-        positive_int,
+        int_range(1, 3600),
         "Seconds a request may take: NGiNX then answers 504, and a second later uWSGI "
         "kills the worker still running it (harakiri); Circus starts a fresh one.",
-    ),
-    Setting(
-        "app.wsgi",
+    )
+
+
+@dataclass(frozen=True)
+class AppConfig:
+    wsgi: str = setting(
         REQUIRED,
         wsgi_callable,
         "The WSGI callable, package.module:callable, importable from the stack directory.",
         "--app",
-    ),
-    Setting(
-        "app.django_settings",
-        "",
-        module_name,
-        "DJANGO_SETTINGS_MODULE for the workers, empty for a non-Django app.",
-    ),
-    Setting(
-        "wsgi.workers",
-        "auto",
-        workers,
-        "uWSGI processes; auto = 2 x the CPUs this process may use.",
-        "--workers",
-    ),
-    Setting("wsgi.threads", 1, positive_int, "Threads per uWSGI process.", "--threads"),
-    Setting(
-        "wsgi.log_requests",
+    )
+    django_settings: str = setting(
+        "", module_name, "DJANGO_SETTINGS_MODULE for the workers, empty for a non-Django app."
+    )
+
+
+@dataclass(frozen=True)
+class WsgiConfig:
+    workers: int | str = setting(
+        "auto", workers, "uWSGI processes; auto = 2 x the CPUs this process may use.", "--workers"
+    )
+    threads: int = setting(1, int_range(1, 256), "Threads per uWSGI process.", "--threads")
+    log_requests: bool = setting(
         True,
         boolean,
         "uWSGI logs every request; NGiNX's access log has them too, so prod turns it off.",
-    ),
-    Setting(
-        "wsgi.autoreload",
+    )
+    autoreload: bool = setting(
         False,
         boolean,
         "Restart workers by themselves when a Python file of the app changes (dev does).",
-    ),
-    Setting(
-        "wsgi.max_requests",
+    )
+    max_requests: int = setting(
         0,
-        non_negative_int,
+        int_range(0, 100_000_000),
         "Recycle a worker after this many requests (0: never); it finishes its request first.",
-    ),
-    Setting(
-        "wsgi.max_rss_mb",
+    )
+    max_rss_mb: int = setting(
         0,
-        non_negative_int,
+        int_range(0, 1_048_576),
         "Recycle a worker whose resident memory passes this many MiB (0: no limit).",
-    ),
-    Setting(
-        "wsgi.backlog",
+    )
+    backlog: int = setting(
         1024,
-        positive_int,
-        "Listen backlog of the Circus-held WSGI socket: connections queued while all "
-        "workers are busy, or while they restart.",
-    ),
-    Setting(
-        "wsgi.graceful_timeout",
+        backlog,
+        "Listen backlog of the WSGI socket (circusd holds it): connections queued while all "
+        "workers are busy, or while they restart; at most the kernel's net.core.somaxconn.",
+    )
+    graceful_timeout: int = setting(
         30,
-        positive_int,
+        int_range(1, 3600),
         "Seconds a stopping worker may take to finish its requests before it is killed.",
-    ),
-    Setting(
-        "wsgi.check_path",
+    )
+    check_path: str = setting(
         "/",
         check_path,
         "Path a reload asks a trial worker for before it replaces the running ones: an error "
         "answer where the running workers succeed refuses the reload.",
-    ),
-    Setting(
-        "ws.prefix",
+    )
+
+
+@dataclass(frozen=True)
+class WsConfig:
+    prefix: str = setting(
         "/ws/",
         url_prefix,
         "URL prefix routed to the websocket worker; /ws/CHANNEL subscribes to CHANNEL.",
-    ),
-    Setting(
-        "ws.ping_interval",
+    )
+    ping_interval: int = setting(
         20,
-        positive_int,
+        int_range(1, 3600),
         "Seconds between the websocket worker's pings; a client silent for two is dropped.",
-    ),
-    Setting(
-        "ws.max_message",
+    )
+    max_message: int = setting(
         65536,
-        positive_int,
+        int_range(1, 64 * 2**20),
         "Largest message in bytes a websocket client may send; a larger one closes it (1009).",
-    ),
-    Setting(
-        "ws.max_connections",
+    )
+    max_connections: int = setting(
         10000,
-        positive_int,
+        int_range(1, 1_000_000),
         "Websocket clients one worker accepts; the next ones get 503.",
-    ),
-    Setting(
-        "ws.queue_limit",
+    )
+    queue_limit: int = setting(
         256,
-        positive_int,
+        int_range(1, 100_000),
         "Messages queued for one slow client before it is disconnected (1013).",
-    ),
-    Setting(
-        "ws.history",
+    )
+    history: int = setting(
         1000,
-        positive_int,
+        int_range(1, 1_000_000),
         "Messages kept per channel (a capped Redis stream) for clients that reconnect.",
-    ),
-    Setting(
-        "ws.history_seconds",
+    )
+    history_seconds: int = setting(
         0,
-        non_negative_int,
+        int_range(0, 30 * 86400),
         "Seconds a message is kept for replay; 0 keeps the last ws.history messages.",
-    ),
-    Setting(
-        "ws.token_max_age",
+    )
+    token_max_age: int = setting(
         3600,
-        positive_int,
+        int_range(1, 30 * 86400),
         "Seconds a token from stackctl.realtime.token() is accepted after it was made.",
-    ),
-    Setting(
-        "ws.allowed_origins",
+    )
+    allowed_origins: tuple[str, ...] = setting(
         (),
         origins,
         "Origins whose pages may connect; [] allows only the site itself (Origin = Host).",
-    ),
-    Setting(
-        "ws.client_publish",
+    )
+    client_publish: tuple[str, ...] = setting(
         (),
         channel_patterns,
         "Channels (fnmatch patterns) that clients may publish to; [] for none.",
-    ),
-    Setting(
-        "ws.sse_prefix",
-        "/events/",
-        url_prefix,
-        "URL prefix of the Server-Sent Events fallback: /events/CHANNEL.",
-    ),
-    Setting(
-        "ws.poll_prefix",
-        "/poll/",
-        url_prefix,
-        "URL prefix of the long-poll fallback: /poll/CHANNEL?since=ID.",
-    ),
-    Setting("static.url", "/static/", url_prefix, "URL prefix NGiNX serves from static.dir."),
-    Setting(
-        "static.dir",
+    )
+    sse_prefix: str = setting(
+        "/events/", url_prefix, "URL prefix of the Server-Sent Events fallback: /events/CHANNEL."
+    )
+    poll_prefix: str = setting(
+        "/poll/", url_prefix, "URL prefix of the long-poll fallback: /poll/CHANNEL?since=ID."
+    )
+
+
+@dataclass(frozen=True)
+class StaticConfig:
+    url: str = setting("/static/", url_prefix, "URL prefix NGiNX serves from static.dir.")
+    dir: str = setting(
         "static",
         optional_path,
         "Directory of static files, relative to the stack directory; empty for none.",
-    ),
-    Setting(
-        "redis.url",
+    )
+
+
+@dataclass(frozen=True)
+class RedisConfig:
+    url: str = setting(
         "embedded",
         redis_url,
         "embedded (a Redis server run by the stack) or the URL of an existing one.",
-    ),
-    Setting(
-        "paths.run_dir",
+    )
+
+
+@dataclass(frozen=True)
+class PathsConfig:
+    run_dir: str = setting(
         ".stackctl/run",
         path,
         "Rendered configs, sockets and pid files, relative to the stack directory.",
-    ),
-    Setting(
-        "paths.log_dir", ".stackctl/log", path, "Per-watcher logs, relative to the stack directory."
-    ),
-)
+    )
+    log_dir: str = setting(
+        ".stackctl/log", path, "Per-watcher logs, relative to the stack directory."
+    )
 
+
+SECTION_TYPES: dict[str, type] = {
+    "server": ServerConfig,
+    "app": AppConfig,
+    "wsgi": WsgiConfig,
+    "ws": WsConfig,
+    "static": StaticConfig,
+    "redis": RedisConfig,
+    "paths": PathsConfig,
+}
+"""Each section of a profile and the class its keys are declared in, in the README's order."""
+
+SETTINGS: tuple[Setting, ...] = tuple(
+    Setting(f"{section}.{f.name}", *f.metadata["setting"])
+    for section, cls in SECTION_TYPES.items()
+    for f in dataclasses.fields(cls)
+)
 BY_KEY: dict[str, Setting] = {s.key: s for s in SETTINGS}
 SECTIONS: tuple[str, ...] = tuple(dict.fromkeys(s.section for s in SETTINGS))
 

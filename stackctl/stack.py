@@ -15,6 +15,7 @@ from pathlib import Path
 
 from stackctl.errors import StackError
 from stackctl.profile import Profile
+from stackctl.settings import Invalid, Listen, check_clean_path
 
 # sun_path in struct sockaddr_un is 108 bytes, including the terminating NUL.
 _UNIX_PATH_MAX = 107
@@ -157,15 +158,20 @@ def usable_cpus() -> int:
     return cpus
 
 
-def find_program(name: str, *, hint: str) -> str:
+# A normal user's PATH often lacks the sbin directories, where Debian installs nginx.
+SBIN_DIRS = ("/usr/local/sbin", "/usr/sbin", "/sbin")
+
+
+def find_program(name: str, *, hint: str, also: tuple[str, ...] = SBIN_DIRS) -> str:
     # Look beside the running interpreter first: in a virtualenv, circusd and uwsgi live
     # there even when the venv is not activated.
     beside = Path(sys.executable).parent / name
     if beside.is_file() and os.access(beside, os.X_OK):
         return str(beside)
-    found = shutil.which(name)
+    found = shutil.which(name) or (shutil.which(name, path=os.pathsep.join(also)) if also else None)
     if not found:
-        raise StackError(f"no {name} on PATH; {hint}")
+        where = f"on PATH or in {', '.join(also)}" if also else "on PATH"
+        raise StackError(f"no {name} {where}; {hint}")
     return found
 
 
@@ -194,6 +200,31 @@ def find_programs(embedded_redis: bool) -> Programs:
     )
 
 
+UNPRIVILEGED_PORT_START = Path("/proc/sys/net/ipv4/ip_unprivileged_port_start")
+
+
+def first_unprivileged_port() -> int:
+    try:
+        return int(UNPRIVILEGED_PORT_START.read_text())
+    except (OSError, ValueError):
+        return 1024
+
+
+def check_port_allowed(stack: Stack) -> None:
+    """NGiNX binds server.listen itself, as the user who starts the stack: below the kernel's
+    first unprivileged port, only root can (binding would fail with EACCES)."""
+    listen = stack.profile.server.listen
+    first = first_unprivileged_port()
+    if listen.port >= first or os.geteuid() == 0:
+        return
+    raise StackError(
+        f"{stack.profile.source('server.listen')}: server.listen: {listen} is a privileged "
+        f"port (below {first}), which only root may listen on. Pick a port from {first} up, "
+        f"e.g. --listen {Listen(listen.host, 8080)}, and forward port {listen.port} to it; "
+        "or start the stack as root (NGiNX's workers then run as the stack directory's owner)"
+    )
+
+
 def check_socket_paths(stack: Stack) -> None:
     longest = max(
         (stack.wsgi_socket, stack.ws_socket, stack.redis_socket, stack.run_dir / "circus.ctl"),
@@ -205,6 +236,56 @@ def check_socket_paths(stack: Stack) -> None:
             f"({longest} is {len(str(longest))} bytes, the limit is {_UNIX_PATH_MAX}); "
             "set paths.run_dir to a shorter path"
         )
+
+
+def check_written_paths(stack: Stack) -> None:
+    """The settings refuse paths that would break the configs; this checks what they resolve
+    to (a symlink may lead elsewhere) and the stack directory, which no setting gives."""
+    paths = {
+        "the stack directory": (None, stack.stack_dir),
+        "paths.run_dir": ("paths.run_dir", stack.run_dir),
+        "paths.log_dir": ("paths.log_dir", stack.log_dir),
+        "static.dir": ("static.dir", stack.static_dir),
+    }
+    for what, (key, path) in paths.items():
+        if path is None:
+            continue
+        try:
+            check_clean_path(what if key is None else f"{key} resolves to", path)
+        except Invalid as e:
+            where = "" if key is None else f"{stack.profile.source(key)}: {key}: "
+            raise StackError(f"{where}{e}") from None
+
+
+def check_static_dir(stack: Stack) -> None:
+    """NGiNX serves every file under static.dir: it must not hold the stack's own files (the
+    key that signs tokens, the rendered configs, the app's source)."""
+    static = stack.static_dir
+    if static is None:
+        return
+    # The static directory may sit inside the stack directory, not the other way round; it
+    # may not overlap the private directories at all.
+    private = {
+        "the stack directory": (stack.stack_dir, False),
+        "the stack's .stackctl directory": (stack.stack_dir / ".stackctl", True),
+        "paths.run_dir": (stack.run_dir, True),
+        "paths.log_dir": (stack.log_dir, True),
+    }
+    for what, (directory, nor_inside) in private.items():
+        relation = (
+            "is" if static == directory
+            else "contains" if static in directory.parents
+            else "is inside" if nor_inside and directory in static.parents
+            else None
+        )  # fmt: skip
+        if relation:
+            raise StackError(
+                f"{stack.profile.source('static.dir')}: static.dir: {stack.profile.static.dir!r} "
+                f"resolves to {static}, which {relation} {what} ({directory}): NGiNX would "
+                "serve the stack's configs, logs or the key that signs tokens. Allowed: a "
+                'directory of static files only, such as "static" beside stack.toml, or "" '
+                "for none"
+            )
 
 
 def open_files_limit(wanted: int = 65536) -> int:
@@ -240,5 +321,7 @@ def plan(profile: Profile, programs: Programs | None = None) -> Stack:
         open_files=open_files_limit(),
         nginx_user=nginx_worker_user(base),
     )
+    check_written_paths(stack)
+    check_static_dir(stack)
     check_socket_paths(stack)
     return stack

@@ -27,7 +27,6 @@ def render(stack: Stack) -> list[File]:
         rlimit_nofile=stack.open_files,
         worker_connections=stack.open_files - SPARE_FDS,
         pid_file=stack.run_dir / "nginx.pid",
-        error_log=stack.nginx_error_log,
         access_log=stack.log_dir / "nginx-access.log",
         user=stack.nginx_user,
         max_body=profile.server.max_body,

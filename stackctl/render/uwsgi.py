@@ -22,5 +22,6 @@ def render(stack: Stack) -> list[File]:
         harakiri=profile.server.timeout + 1,
         max_requests=profile.wsgi.max_requests,
         max_rss_mb=profile.wsgi.max_rss_mb,
+        backlog=profile.wsgi.backlog,
     )
     return [File(stack.uwsgi_ini.name, content)]

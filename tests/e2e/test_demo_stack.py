@@ -6,6 +6,7 @@ import os
 import re
 import subprocess
 import time
+import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
@@ -49,13 +50,16 @@ def test_static_files_are_served_by_nginx_not_the_app(demo: Stack) -> None:
     assert status == 200
     assert headers["Content-Type"] == "application/javascript"
     assert body == (demo.stack_dir / "static" / "board.js").read_bytes()
-    get(demo.url() + "?marker=after-static")  # a request the app does see, to flush its log
+    # A request the app does see, to flush its log (which has paths, never query strings).
+    with pytest.raises(urllib.error.HTTPError) as missing:
+        get(demo.url() + "marker-after-static")
+    missing.value.close()
     wait_for(
-        lambda: "marker=after-static" in (demo.log_dir / "wsgi.log").read_text(),
+        lambda: "GET /marker-after-static " in (demo.log_dir / "wsgi.log").read_text(),
         what="the app's request log",
     )
     new_lines = (demo.log_dir / "wsgi.log").read_text()[len(before) :]
-    assert "GET /?marker=after-static" in new_lines
+    assert "GET /marker-after-static " in new_lines
     assert "/static/board.js" not in new_lines
 
 
@@ -211,8 +215,22 @@ def test_foreground_up_stops_everything_on_ctrl_c(short_tmp: Path) -> None:
                 break
         assert f"stack up: http://127.0.0.1:{port}/" in "".join(lines)
         assert get(f"http://127.0.0.1:{port}/")[0] == 200
+        # `stackctl status | head -1` once head has gone: quiet, no BrokenPipeError.
+        read_end, write_end = os.pipe()
+        os.close(read_end)
+        status = subprocess.run(
+            [sys.executable, "-m", "stackctl", "status"],
+            cwd=site,
+            stdout=write_end,
+            stderr=subprocess.PIPE,
+            text=True,
+            timeout=60,
+        )
+        os.close(write_end)
+        assert (status.returncode, status.stderr) == (141, "")
         up.send_signal(signal.SIGINT)
         assert up.wait(timeout=60) == 130
+        assert up.stdout.read().strip().endswith("stack stopped")  # not silence
     finally:
         if up.poll() is None:
             up.kill()

@@ -2,16 +2,21 @@
 
 from __future__ import annotations
 
+import shutil
+import stat
+import subprocess
+import tempfile
 import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
 from stackctl.readiness import ready_mark
 from stackctl.stack import Stack
-from tests.conftest import running_stack, wait_for
+from tests.conftest import running_stack, stackctl, wait_for
 from tests.e2e.test_restarts import load_site, port, wsgi_pids
 from tests.load import Load
 
@@ -37,6 +42,21 @@ def test_hung_request_gets_504_and_its_worker_is_replaced(stack: Stack) -> None:
              what="the hung worker to be killed and replaced")  # fmt: skip
     wait_for(lambda: "Killing the current process" in (stack.log_dir / "wsgi.log").read_text(),
              what="uWSGI to log the harakiri")  # fmt: skip
+
+
+def test_an_upstream_error_logs_no_token(stack: Stack) -> None:
+    # NGiNX's error line for a timed-out request quotes its request line, query included.
+    secret = "SECRET7c21"
+    with pytest.raises(urllib.error.HTTPError) as error:
+        urllib.request.urlopen(f"{stack.url()}hang?token={secret}", timeout=30)
+    error.value.close()
+    assert error.value.code == 504
+    nginx_log = stack.log_dir / "nginx.log"
+    wait_for(lambda: 'request: "GET /hang?[query removed] HTTP/1.1"' in nginx_log.read_text(),
+             what="NGiNX to log the timeout, without the query")  # fmt: skip
+    for path in stack.log_dir.rglob("*"):
+        if path.is_file():
+            assert secret not in path.read_text(errors="replace"), f"the token is in {path}"
 
 
 def test_max_requests_recycles_workers_without_failing_a_request() -> None:
@@ -100,3 +120,78 @@ def test_prod_profile_does_not_reload_by_itself() -> None:
         app.write_text(app.read_text().replace('f"pid {os.getpid()}"', 'f"new code {os.getpid()}"'))
         time.sleep(4)  # several autoreload intervals: nothing may happen
         assert wsgi_pids(stack) == before
+
+
+BACKLOG = 777
+
+
+@pytest.fixture(scope="module")
+def demo() -> Iterator[Stack]:
+    site = Path(tempfile.mkdtemp(prefix="sc", dir="/tmp")) / "site"
+    stackctl("init", str(site), "--demo", cwd=site.parent)
+    (site / "static" / ".env").write_text("SECRET_KEY=do-not-serve\n")
+    (site / "static" / "sub" / ".git").mkdir(parents=True)
+    (site / "static" / "sub" / ".git" / "config").write_text("[core]\n")
+    with running_stack(site, "--workers", "1", "--set", f"wsgi.backlog={BACKLOG}") as running:
+        yield running
+    shutil.rmtree(site.parent, ignore_errors=True)
+
+
+def status_of(url: str) -> int:
+    try:
+        with urllib.request.urlopen(url, timeout=10) as response:
+            return int(response.status)
+    except urllib.error.HTTPError as e:
+        e.close()
+        return e.code
+
+
+def test_nginx_never_serves_dotfiles_from_the_static_dir(demo: Stack) -> None:
+    assert status_of(demo.url() + "static/board.css") == 200
+    assert status_of(demo.url() + "static/.env") == 403
+    assert status_of(demo.url() + "static/sub/.git/config") == 403
+    assert status_of(demo.url() + "static/%2eenv") == 403  # decoded before it is matched
+
+
+def test_no_token_in_any_log_and_logs_are_private(demo: Stack) -> None:
+    secret = "SECRET4f9a"
+    referer = f"http://127.0.0.1/page?token={secret}"
+    for path in ("", "static/board.css", "poll/news", "events/news", "nothing-here"):
+        url = f"{demo.url()}{path}?token={secret}&since=0"
+        request = urllib.request.Request(url, headers={"Referer": referer})
+        try:
+            with urllib.request.urlopen(request, timeout=2) as response:
+                response.read(1)
+        except (urllib.error.HTTPError, TimeoutError) as e:
+            if isinstance(e, urllib.error.HTTPError):
+                e.close()
+    # A request whose lines mark the end of what the logs must hold.
+    status_of(demo.url() + "flush-marker?token=" + secret)
+
+    def logged() -> bool:
+        wsgi = (demo.log_dir / "wsgi.log").read_text(errors="replace")
+        access = (demo.log_dir / "nginx-access.log").read_text(errors="replace")
+        return "GET /flush-marker " in wsgi and "GET /flush-marker " in access
+
+    wait_for(logged, what="the marker request in the wsgi and NGiNX access logs")
+    access = (demo.log_dir / "nginx-access.log").read_text()
+    assert '"GET /nothing-here HTTP/1.1" 404' in access
+    assert '"http://127.0.0.1/page"' in access  # the referer, without its query string
+    files = [p for p in demo.log_dir.rglob("*") if p.is_file()]
+    assert len(files) >= 5
+    for path in files:
+        assert secret not in path.read_text(errors="replace"), f"the token is in {path}"
+    assert stat.S_IMODE(demo.log_dir.stat().st_mode) == 0o700
+    for path in files:
+        mode = stat.S_IMODE(path.stat().st_mode)
+        assert mode & 0o077 == 0, f"{path} is {oct(mode)}: others may read it"
+
+
+def test_the_wsgi_backlog_logged_is_the_one_the_socket_has(demo: Stack) -> None:
+    # circusd binds the socket with wsgi.backlog; uWSGI used to log its own default of 100.
+    log = (demo.log_dir / "wsgi.log").read_text()
+    assert f"your server socket listen backlog is limited to {BACKLOG} connections" in log
+    assert "limited to 100 connections" not in log
+    listed = subprocess.run(["ss", "-lxn"], capture_output=True, text=True, check=True).stdout
+    line = next(line for line in listed.splitlines() if str(demo.wsgi_socket) in line)
+    assert line.split()[3] == str(BACKLOG)  # Send-Q of a listening socket: its backlog

@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import dataclasses
+import json
+import re
+import types
+import typing
 from pathlib import Path
 
 import pytest
 
-from stackctl import profile
+from stackctl import profile, settings
 from stackctl.errors import StackError
-from stackctl.settings import SETTINGS, Listen
+from stackctl.settings import REQUIRED, SECTION_TYPES, SETTINGS, Listen, Setting
 
 
 def write(path: Path, text: str) -> Path:
@@ -88,25 +93,76 @@ def test_unknown_profile_lists_known_ones(stack_dir: Path) -> None:
 @pytest.mark.parametrize(
     ("text", "message"),
     [
-        ("[wsgi]\nworkers = -2\n", 'wsgi.workers: expected a positive integer or "auto", got -2'),
+        (
+            "[wsgi]\nworkers = -2\n",
+            'wsgi.workers: expected a positive integer up to 512, or "auto", got -2',
+        ),
         (
             '[wsgi]\nworkers = "many"\n',
-            "wsgi.workers: expected a positive integer or \"auto\", got 'many'",
+            "wsgi.workers: expected a positive integer up to 512, or \"auto\", got 'many'",
         ),
         ("[wsgi]\nworker = 4\n", "wsgi.worker: unknown key; did you mean wsgi.workers?"),
         ("[wsgii]\nworkers = 4\n", "wsgii: unknown section; did you mean wsgi?"),
-        ("[wsgi]\nthreads = true\n", "wsgi.threads: expected a positive integer, got True"),
+        (
+            "[wsgi]\nthreads = true\n",
+            "wsgi.threads: expected a positive integer up to 256, got True",
+        ),
         ('[server]\nlisten = "localhost"\n', "server.listen: expected HOST:PORT"),
         ('[server]\nlisten = "127.0.0.1:70000"\n', "server.listen: expected HOST:PORT"),
         ('[ws]\nprefix = "ws"\n', 'ws.prefix: expected a URL path that starts and ends with "/"'),
-        ('[redis]\nurl = "mysql://x"\n', 'redis.url: expected "embedded" or a URL'),
+        ('[redis]\nurl = "mysql://x"\n', 'redis.url: expected "embedded", redis://'),
         (
             '[ws]\nallowed_origins = "example.com"\n',
-            "ws.allowed_origins: expected a list of origins such as [\"https://example.com\"], "
+            'ws.allowed_origins: expected a list of origins such as ["https://example.com"], '
             "or [] for the site itself, got 'example.com'",
         ),
         ('[ws]\nclient_publish = ["a b"]\n', "ws.client_publish: expected a list of channel"),
         ("wsgi = 3\n", "wsgi: expected a table of settings, got 3"),
+        # Values that would break out of the rendered configs.
+        (
+            '[server]\nlisten = "9151; location /x { alias /etc/; } listen 127.0.0.1:9150"\n',
+            "server.listen: expected HOST:PORT, where HOST is a host name, an IP address",
+        ),
+        ('[server]\nlisten = "a b:80"\n', "server.listen: expected HOST:PORT"),
+        ('[server]\nlisten = "[::1:80"\n', "server.listen: expected HOST:PORT"),
+        ('[server]\nnames = "x; alias /etc/"\n', "server.names: expected host names"),
+        ('[server]\nnames = "~^(.*)$"\n', "server.names: expected host names"),
+        ('[server]\nnames = "a\\nb"\n', "server.names: expected host names"),
+        ('[server]\nmax_body = "10m; alias /"\n', "server.max_body: expected a size"),
+        ('[static]\ndir = "s; alias /etc"\n', "static.dir: expected a path without quotes"),
+        ('[static]\ndir = "s}"\n', "static.dir: expected a path without quotes"),
+        ('[static]\ndir = "s\\"x"\n', "static.dir: expected a path without quotes"),
+        ('[static]\ndir = "$HOME"\n', "static.dir: expected a path without quotes"),
+        ('[static]\ndir = "100%"\n', "static.dir: expected a path without quotes"),
+        ('[paths]\nrun_dir = "a\\nb"\n', "paths.run_dir: expected a non-empty path without"),
+        ('[paths]\nlog_dir = "l{x}"\n', "paths.log_dir: expected a non-empty path without"),
+        ('[static]\nurl = "/../"\n', "static.url: expected a URL path that starts and ends"),
+        ('[redis]\nurl = "redis://"\n', 'redis.url: expected "embedded"'),
+        ('[redis]\nurl = "redis://h:1/0\\n[x]"\n', 'redis.url: expected "embedded"'),
+        ('[redis]\nurl = "redis://a;b:6379/0"\n', 'redis.url: expected "embedded"'),
+        ('[redis]\nurl = "redisx://h"\n', 'redis.url: expected "embedded"'),
+        ('[redis]\nurl = "redis://h:6379/$(x)"\n', 'redis.url: expected "embedded"'),
+        ('[redis]\nurl = "unix://relative.sock"\n', 'redis.url: expected "embedded"'),
+        ('[redis]\nurl = "unix:///r.sock?db=1;x{"\n', 'redis.url: expected "embedded"'),
+        ('[redis]\nurl = "redis://h/0#frag"\n', 'redis.url: expected "embedded"'),
+        (
+            '[redis]\nurl = "redis://:hunter2@h:99999/0"\n',
+            "got 'redis://:***@h:99999/0'",  # no password in an error message
+        ),
+        ('[ws]\nallowed_origins = ["https://a;b"]\n', "ws.allowed_origins: expected a list"),
+        # Numbers have upper bounds.
+        ("[wsgi]\nworkers = 100000\n", "wsgi.workers: expected a positive integer up to 512"),
+        ("[wsgi]\nthreads = 5000\n", "wsgi.threads: expected a positive integer up to 256"),
+        ("[server]\ntimeout = 999999\n", "server.timeout: expected a positive integer up to"),
+        ("[wsgi]\ngraceful_timeout = 86401\n", "wsgi.graceful_timeout: expected a positive"),
+        ("[wsgi]\nmax_rss_mb = 99999999999\n", "wsgi.max_rss_mb: expected a whole number"),
+        ("[ws]\nmax_message = 99999999999\n", "ws.max_message: expected a positive integer"),
+        ("[ws]\nmax_connections = 99999999\n", "ws.max_connections: expected a positive"),
+        ("[ws]\nqueue_limit = 99999999\n", "ws.queue_limit: expected a positive integer"),
+        ("[ws]\nhistory = 99999999\n", "ws.history: expected a positive integer up to"),
+        ("[ws]\nping_interval = 99999999\n", "ws.ping_interval: expected a positive integer"),
+        ("[ws]\ntoken_max_age = 99999999\n", "ws.token_max_age: expected a positive integer"),
+        ("[ws]\nhistory_seconds = 99999999\n", "ws.history_seconds: expected a whole number"),
         ("[wsgi\n", "not valid TOML"),
     ],
 )
@@ -200,10 +256,100 @@ class TestChooseProfile:
             load(stack_dir)
 
 
-def test_every_setting_is_a_field_of_the_model() -> None:
-    fields = {
-        f"{section}.{name}"
-        for section, cls in profile._SECTION_TYPES.items()
-        for name in cls.__dataclass_fields__
-    }
-    assert fields == {s.key for s in SETTINGS}
+def test_a_profile_that_sets_nothing_gets_parsed_defaults(stack_dir: Path) -> None:
+    # Defaults skipped their parsers: server.listen stayed the string "127.0.0.1:8000" and
+    # `up` crashed on listen.host for a profile that left it out.
+    write(stack_dir / "profiles" / "bare.toml", 'extends = "base"\n')
+    p = load(stack_dir, "bare")
+    assert p.server.listen == Listen("127.0.0.1", 8000)
+    assert p.ws.allowed_origins == ()
+    assert p.source("server.listen") == "defaults"
+
+
+@pytest.mark.parametrize("setting", [s for s in SETTINGS if s.default is not REQUIRED])
+def test_every_default_passes_its_parser_into_the_declared_type(setting: Setting) -> None:
+    section = SECTION_TYPES[setting.section]
+    declared = typing.get_type_hints(section, globalns=vars(settings))[setting.field]
+    value = setting.parse(setting.default)
+    union = isinstance(declared, types.UnionType)
+    allowed = typing.get_args(declared) if union else (declared,)
+    assert isinstance(value, tuple(typing.get_origin(t) or t for t in allowed))
+
+
+def test_the_model_is_the_declaration() -> None:
+    # One declaration per key: the profile's section classes are the ones SETTINGS is read
+    # from, with no field that is not a setting.
+    assert profile.ServerConfig is settings.ServerConfig
+    assert typing.get_type_hints(profile.Profile)["wsgi"] is settings.WsgiConfig
+    for cls in SECTION_TYPES.values():
+        assert all("setting" in f.metadata for f in dataclasses.fields(cls))
+    assert [s.key for s in SETTINGS][:2] == ["server.listen", "server.names"]
+    assert len(SETTINGS) == sum(len(dataclasses.fields(c)) for c in SECTION_TYPES.values())
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ('[server]\nlisten = "[::1]:8080"\n', ("server.listen", Listen("::1", 8080))),
+        ('[server]\nlisten = "*:8080"\n', ("server.listen", Listen("*", 8080))),
+        (
+            '[server]\nlisten = "web1.example.com:80"\n',
+            ("server.listen", Listen("web1.example.com", 80)),
+        ),
+        (
+            '[server]\nnames = "example.com *.example.com www.*"\n',
+            ("server.names", "example.com *.example.com www.*"),
+        ),
+        (
+            '[redis]\nurl = "redis://:p%40ss@db.internal:6380/2"\n',
+            ("redis.url", "redis://:p%40ss@db.internal:6380/2"),
+        ),
+        (
+            '[redis]\nurl = "unix:///run/redis/redis.sock"\n',
+            ("redis.url", "unix:///run/redis/redis.sock"),
+        ),
+        (
+            '[redis]\nurl = "rediss://db.internal/1?socket_timeout=5&ssl_cert_reqs=none"\n',
+            ("redis.url", "rediss://db.internal/1?socket_timeout=5&ssl_cert_reqs=none"),
+        ),
+        ('[static]\ndir = "my static/files-1"\n', ("static.dir", "my static/files-1")),
+    ],
+)
+def test_strict_values_still_accept_ordinary_ones(stack_dir: Path, text: str, expected) -> None:
+    write(stack_dir / "profiles" / "ok.toml", text)
+    key, value = expected
+    section, name = key.split(".")
+    assert getattr(getattr(load(stack_dir, "ok"), section), name) == value
+
+
+def test_backlog_is_bounded_by_the_kernel_limit(stack_dir: Path) -> None:
+    limit = int(Path("/proc/sys/net/core/somaxconn").read_text())
+    write(stack_dir / "profiles" / "ok.toml", f"[wsgi]\nbacklog = {limit}\n")
+    assert load(stack_dir, "ok").wsgi.backlog == limit
+    path = write(stack_dir / "profiles" / "big.toml", "[wsgi]\nbacklog = 99999999999\n")
+    with pytest.raises(StackError) as error:
+        load(stack_dir, "big")
+    assert str(error.value) == (
+        f"{path}: wsgi.backlog: expected a positive integer up to {limit} (this kernel's limit, "
+        "from /proc/sys/net/core/somaxconn; raise it with sysctl net.core.somaxconn first), "
+        "got 99999999999"
+    )
+
+
+def test_a_stack_directory_that_would_break_the_configs_is_refused(tmp_path: Path) -> None:
+    from stackctl.stack import plan
+    from tests.unit.test_render import PROGRAMS
+
+    stack_dir = tmp_path / "a;b"
+    write(stack_dir / "stack.toml", '[app]\nwsgi = "hello:application"\n[static]\ndir = ""\n')
+    with pytest.raises(StackError, match=r"the stack directory '.*a;b' cannot be written into"):
+        plan(load(stack_dir), PROGRAMS)
+
+
+@pytest.mark.parametrize("name", ["../../etc/evil", ".hidden", "a b", "x\ny"])
+def test_a_profile_name_is_a_plain_file_name(stack_dir: Path, name: str) -> None:
+    with pytest.raises(StackError, match="^profile: .* is not a profile name: letters, digits"):
+        load(stack_dir, name)
+    path = write(stack_dir / "profiles" / "web.toml", f"extends = {json.dumps(name)}\n")
+    with pytest.raises(StackError, match=f"^{re.escape(str(path))}: extends: .* is not a profile"):
+        load(stack_dir, "web")

@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import configparser
 import dataclasses
+import shlex
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import jinja2
@@ -11,8 +15,18 @@ import pytest
 
 from stackctl import generation, profile
 from stackctl.errors import StackError
-from stackctl.render import ini_value, nginx_quote, render_template, uwsgi_value
+from stackctl.logstream import QuerylessFileStream, without_queries
+from stackctl.render import (
+    ini_env,
+    ini_value,
+    nginx_quote,
+    redis_value,
+    render_template,
+    uwsgi_value,
+)
 from stackctl.stack import Programs, Stack
+
+NGINX = shutil.which("nginx") or "/usr/sbin/nginx"
 
 PROGRAMS = Programs(
     nginx="/usr/sbin/nginx",
@@ -126,7 +140,7 @@ def test_nginx_routes_static_websockets_and_the_pool(tmp_path: Path) -> None:
 def test_nginx_without_static_dir_has_no_static_location(tmp_path: Path) -> None:
     conf = files(make_stack(tmp_path, static_dir=None))["nginx.conf"]
     assert 'location "/static/"' not in conf
-    assert 'location /_stackctl/' in conf  # realtime.js is stackctl's own, always served
+    assert "location /_stackctl/" in conf  # realtime.js is stackctl's own, always served
 
 
 def test_nginx_user_only_when_given(tmp_path: Path) -> None:
@@ -147,6 +161,7 @@ def test_uwsgi_runs_one_masterless_worker_per_process(tmp_path: Path) -> None:
     assert "\nenv = STACKCTL_WSGI_APP=hello:application\n" in text
     assert f"\nharakiri = {61}\n" in text
     assert uwsgi["need-app"] == "true"
+    assert uwsgi["listen"] == "1024"  # what uWSGI logs as its backlog: circusd's, wsgi.backlog
     assert uwsgi["chdir"] == str(tmp_path)
 
 
@@ -189,6 +204,93 @@ class TestEscaping:
                 uwsgi_value(bad)
 
 
+HOSTILE = [
+    '"; alias /etc/; "',
+    'x\\"; alias /etc/; #',
+    "} server { listen 9; ",
+    "a;b{c}d#e'f",
+]
+
+
+class TestEscapingAgainstHostileValues:
+    """Each filter against values written to break out of its syntax, read back by the program
+    (or the parser) that consumes that syntax."""
+
+    @pytest.mark.parametrize("value", HOSTILE)
+    def test_nginx_reads_a_quoted_value_as_one_argument(self, tmp_path: Path, value: str) -> None:
+        # default_type takes exactly one argument and alias is not allowed in http{}: a value
+        # that broke out of its quotes would make `nginx -t` fail.
+        conf = tmp_path / "nginx.conf"
+        conf.write_text(
+            f"pid {tmp_path}/nginx.pid;\nerror_log {tmp_path}/error.log;\nevents {{}}\n"
+            f"http {{\n    default_type {nginx_quote(value)};\n}}\n"
+        )
+
+        def nginx(option: str) -> subprocess.CompletedProcess[str]:
+            args = ["-q", "-p", str(tmp_path), "-c", str(conf), "-e", str(tmp_path / "e.log")]
+            return subprocess.run([NGINX, option, *args], capture_output=True, text=True)
+
+        result = nginx("-t")
+        assert result.returncode == 0, result.stderr
+        dumped = nginx("-T").stdout
+        assert f"default_type {nginx_quote(value)};" in dumped
+
+    @pytest.mark.parametrize("value", ["$request_uri", "a\nalias /etc/;", "a\rb", "a\0b"])
+    def test_nginx_refuses_variables_and_line_breaks(self, value: str) -> None:
+        with pytest.raises(StackError, match="cannot be written into the NGiNX config"):
+            nginx_quote(value)
+
+    @pytest.mark.parametrize("value", HOSTILE)
+    def test_circus_ini_value_stays_one_value(self, value: str) -> None:
+        from circus.config import DefaultConfigParser  # the parser circusd reads its ini with
+
+        parser = DefaultConfigParser()
+        parser.read_string(f"[watcher:x]\ncmd = {ini_value(value)}\n")
+        assert parser.sections() == ["watcher:x"]
+        assert parser.get("watcher:x", "cmd") == value.strip()
+
+    @pytest.mark.parametrize("value", ["a\n[watcher:evil]\ncmd = rm -rf /", "a\rb", "x\0"])
+    def test_circus_ini_refuses_line_breaks(self, value: str) -> None:
+        with pytest.raises(StackError, match="Circus"):
+            ini_value(value)
+
+    def test_circus_env_cannot_add_a_section(self) -> None:
+        with pytest.raises(StackError, match="Circus"):
+            ini_env({"A": "1\n[watcher:evil]"})
+
+    @pytest.mark.parametrize(
+        "value", ["/srv/%(home)", "/srv/%d", "/srv/$(HOME)", "/srv/@(exec://id)\nx", "a\rb"]
+    )
+    def test_uwsgi_refuses_what_it_would_expand(self, value: str) -> None:
+        with pytest.raises(StackError, match="uWSGI"):
+            uwsgi_value(value)
+
+    @pytest.mark.parametrize("value", HOSTILE)
+    def test_uwsgi_reads_the_value_back_verbatim(self, tmp_path: Path, value: str) -> None:
+        ini = tmp_path / "uwsgi.ini"
+        ini.write_text(f"[uwsgi]\nchdir = {uwsgi_value(value)}\nbuffer-size = 8192\n")
+        uwsgi = shutil.which("uwsgi") or str(Path(sys.executable).parent / "uwsgi")
+        result = subprocess.run(
+            [uwsgi, "--ini", str(ini), "--get", "chdir", "--get", "buffer-size"],
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+        assert result.stdout.splitlines() == [value.strip(), "8192"], result.stderr
+
+    @pytest.mark.parametrize("value", [*HOSTILE, 'a"b\\c', "x\\"])
+    def test_redis_reads_a_quoted_value_as_one_argument(self, value: str) -> None:
+        # Redis splits config lines the way its CLI does (sdssplitargs): shlex in POSIX mode
+        # reads a double-quoted string with backslash escapes the same way.
+        quoted = redis_value(value)
+        assert shlex.split(f"unixsocket {quoted}") == ["unixsocket", value]
+
+    @pytest.mark.parametrize("value", ["a\nport 6379", "a\rb", "a\0b"])
+    def test_redis_refuses_line_breaks(self, value: str) -> None:
+        with pytest.raises(StackError, match="Redis"):
+            redis_value(value)
+
+
 def test_stack_url_for_wildcard_listen(tmp_path: Path) -> None:
     stack = make_stack(tmp_path)
     wildcard = dataclasses.replace(
@@ -203,3 +305,53 @@ def test_every_watcher_dies_with_circusd_when_setpriv_is_there(tmp_path: Path) -
     ini = circus_ini(make_stack(tmp_path, programs=programs))
     for name in ("redis", "wsgi", "ws", "nginx"):
         assert ini[f"watcher:{name}"]["cmd"].startswith("/usr/bin/setpriv --pdeathsig TERM -- ")
+
+
+def test_request_logs_have_paths_never_query_strings(tmp_path: Path) -> None:
+    rendered = files(make_stack(tmp_path))
+    nginx_conf = rendered["nginx.conf"]
+    assert f'access_log "{tmp_path / "log" / "nginx-access.log"}" path_only;' in nginx_conf
+    log_format = nginx_conf[nginx_conf.index("log_format path_only") :].split(";", 1)[0]
+    assert '"$request_method $uri $server_protocol"' in log_format
+    for leaky in ("$request ", "$request_uri", "$args", "$query_string", "$http_referer"):
+        assert leaky not in log_format
+    uwsgi_ini = rendered["uwsgi.ini"]
+    log_line = next(line for line in uwsgi_ini.splitlines() if line.startswith("log-format"))
+    assert "%(method) %(var.PATH_INFO) %(proto)" in log_line
+    assert "%(uri)" not in log_line and "%(referer)" not in log_line
+
+
+class TestQuerylessStream:
+    @pytest.mark.parametrize(
+        ("line", "expected"),
+        [
+            (
+                b'upstream timed out, client: 127.0.0.1, request: "GET /hang?token=abc HTTP/1.1",'
+                b' referrer: "http://h/page?token=abc&x=1"',
+                b'upstream timed out, client: 127.0.0.1, request: "GET /hang?[query removed] '
+                b'HTTP/1.1", referrer: "http://h/page?[query removed]"',
+            ),
+            (b"GET /ws/news?token=x\n", b"GET /ws/news?[query removed]\n"),
+            (b"nothing to hide? none\n", b"nothing to hide? none\n"),
+            (
+                b'upstream: "uwsgi://unix:/run/wsgi.sock:"\n',
+                b'upstream: "uwsgi://unix:/run/wsgi.sock:"\n',
+            ),
+        ],
+    )
+    def test_query_strings_are_cut(self, line: bytes, expected: bytes) -> None:
+        assert without_queries(line) == expected
+        assert without_queries(line.decode()) == expected
+
+    def test_the_stream_writes_what_it_cut(self, tmp_path: Path) -> None:
+        stream = QuerylessFileStream(filename=str(tmp_path / "nginx.log"))
+        stream({"data": b'request: "GET /?token=s3cret HTTP/1.1"\n', "pid": 1, "name": "x"})
+        stream.close()
+        assert (tmp_path / "nginx.log").read_text() == 'request: "GET /?[query removed] HTTP/1.1"\n'
+
+    def test_nginx_writes_its_errors_to_the_stream(self, tmp_path: Path) -> None:
+        stack = make_stack(tmp_path)
+        assert "\nerror_log stderr warn;\n" in files(stack)["nginx.conf"]
+        nginx = circus_ini(stack)["watcher:nginx"]
+        for stream in ("stdout_stream", "stderr_stream"):
+            assert nginx[f"{stream}.class"] == "stackctl.logstream.QuerylessFileStream"

@@ -41,4 +41,4 @@ def test_run_dir_too_long_for_unix_sockets(tmp_path: Path) -> None:
 def test_missing_program_says_how_to_install(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("PATH", "/nonexistent")
     with pytest.raises(StackError, match=r"no nginx on PATH; install it: apt-get install"):
-        stack.find_program("nginx", hint=f"install it: {stack.NGINX_INSTALL_HINT}")
+        stack.find_program("nginx", hint=f"install it: {stack.NGINX_INSTALL_HINT}", also=())
