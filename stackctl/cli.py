@@ -18,6 +18,7 @@ from stackctl import generation, profile, realtime, supervisor
 from stackctl.errors import EXIT_STACK_ERROR, StackError
 from stackctl.settings import SETTINGS
 from stackctl.stack import Programs, Stack, check_port_allowed, plan
+from stackctl.watchers import LOGS, WATCHERS
 
 STATE_FILE = "state.json"
 EXIT_BROKEN_PIPE = 128 + 13  # what a shell reports for a command ended by SIGPIPE
@@ -242,7 +243,7 @@ def cmd_reload(args: argparse.Namespace) -> int:
 
 def cmd_logs(args: argparse.Namespace) -> int:
     stack = load_running_stack(args)
-    names = [args.watcher] if args.watcher else ["circusd", "redis", "wsgi", "ws", "nginx"]
+    names = [args.watcher] if args.watcher else LOGS
     paths = [stack.log_dir / f"{n}.log" for n in names]
     for path in paths:
         if path.is_file():
@@ -380,11 +381,11 @@ def build_parser() -> argparse.ArgumentParser:
     reload = command(
         "reload", cmd_reload, "apply profile changes, then gracefully replace the workers"
     )
-    reload.add_argument("watcher", nargs="?", choices=["wsgi", "ws", "nginx", "redis"])
+    reload.add_argument("watcher", nargs="?", choices=WATCHERS)
     reload.add_argument("--sequential", action="store_true", help="one process at a time")
 
     logs = command("logs", cmd_logs, "show the watchers' logs")
-    logs.add_argument("watcher", nargs="?", choices=["circusd", "redis", "wsgi", "ws", "nginx"])
+    logs.add_argument("watcher", nargs="?", choices=LOGS)
     logs.add_argument("-f", "--follow", action="store_true")
     logs.add_argument("-n", "--lines", type=int, default=40)
 

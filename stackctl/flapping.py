@@ -25,9 +25,9 @@ from typing import Any
 from circus.plugins import CircusPlugin
 
 from stackctl.readiness import ready_mark, reload_under_way
+from stackctl.watchers import WATCHERS
 
 FAILED_DIR = "failed"
-WATCHED = ("wsgi", "ws", "nginx", "redis")
 PR_SET_PDEATHSIG = 1
 CONFLICT_RETRIES = 100
 
@@ -133,7 +133,7 @@ class Flapping(CircusPlugin):
 
     def handle_recv(self, data: Any) -> None:
         watcher, action, raw = self.split_data(data)
-        if watcher not in WATCHED or action not in ("spawn", "kill", "reap"):
+        if watcher not in WATCHERS or action not in ("spawn", "kill", "reap"):
             return
         message = self.load_message(raw)
         pid, at = int(message["process_pid"]), float(message["time"])

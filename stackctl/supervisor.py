@@ -25,8 +25,8 @@ import psutil
 from stackctl import flapping, processes
 from stackctl.errors import StackError
 from stackctl.flapping import FAILED_DIR, failure_note
-from stackctl.render.circus import WATCHERS
 from stackctl.stack import Stack
+from stackctl.watchers import WATCHERS
 
 POLL_INTERVAL = 0.1
 CONFLICT_PATIENCE = 10.0

@@ -6,8 +6,7 @@ import shlex
 
 from stackctl.render import File, render_template
 from stackctl.stack import Stack
-
-WATCHERS = ("redis", "wsgi", "ws", "nginx")
+from stackctl.watchers import WATCHERS
 
 
 def log_files(stack: Stack) -> dict[str, str]:

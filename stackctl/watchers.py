@@ -1,0 +1,12 @@
+"""The programs Circus supervises for a stack, named once.
+
+The Circus config has a section per name, each has a log ``<log_dir>/<name>.log``, and
+``stackctl reload``, ``logs``, ``status`` and the crash check all take their names from here.
+"""
+
+from __future__ import annotations
+
+WATCHERS = ("redis", "wsgi", "ws", "nginx")
+"""In the order they start: Redis first, NGiNX once the pools behind it are up."""
+LOGS = ("circusd", *WATCHERS)
+"""Every log ``stackctl logs`` shows: circusd's own, then one per watcher."""
