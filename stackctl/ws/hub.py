@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import random
 import time
 from collections import defaultdict
@@ -35,6 +36,19 @@ IDLE_CHANNEL = CHANNEL_PREFIX + "_idle"
 SIDE_CONNECTIONS = 4
 POLL = 0.05
 BACKOFF_MIN, BACKOFF_MAX = 0.1, 5.0
+# Skipped messages are logged at most this often: a flood of them must not flood the log.
+BAD_MESSAGE_LOG_INTERVAL = 60.0
+CRASH_EXIT_STATUS = 70  # EX_SOFTWARE: Circus starts a fresh worker
+
+
+def exit_process(greenlet: gevent.Greenlet) -> None:
+    """A long-lived greenlet died: a worker that no longer hears Redis (or pings nobody) would
+    still accept clients and serve them nothing. End the process instead; Circus starts a new
+    one and the clients resume from their last id."""
+    log.critical("%s crashed (%r); exiting so that a fresh worker takes over",
+                 getattr(greenlet, "name", "a greenlet"), greenlet.exception)  # fmt: skip
+    logging.shutdown()
+    os._exit(CRASH_EXIT_STATUS)
 
 
 def encode_text_frame(text: str) -> bytes:
@@ -46,6 +60,25 @@ class Delivery:
 
     def __init__(self, text: str) -> None:
         self.text = text  # the JSON envelope: {"id": ..., "channel": ..., "data": ...}
+
+    @classmethod
+    def from_bus(cls, text: str) -> Delivery | None:
+        """A message as it came from Redis, or None if it is not an envelope with a valid id.
+
+        Anyone who can reach Redis can publish on a ``stackctl:`` channel; what did not come
+        from :func:`stackctl.realtime.publish` must not reach (or break) the clients.
+        """
+        if "\n" in text or "\r" in text:  # would break the framing of a Server-Sent Event
+            return None
+        try:
+            message_id = json.loads(text)["id"]
+        except (ValueError, TypeError, KeyError):
+            return None
+        if not isinstance(message_id, str) or not realtime.ID_PATTERN.fullmatch(message_id):
+            return None
+        delivery = cls(text)
+        vars(delivery)["id"] = message_id  # what cached_property would store: no second parse
+        return delivery
 
     @cached_property
     def id(self) -> str:
@@ -144,7 +177,8 @@ class Resume:
 
 class Hub:
     def __init__(self, redis_url: str, ping_interval: float,
-                 history_limits: tuple[int, int] = realtime.DEFAULT_HISTORY) -> None:  # fmt: skip
+                 history_limits: tuple[int, int] = realtime.DEFAULT_HISTORY,
+                 on_crash: Callable[[gevent.Greenlet], None] = exit_process) -> None:  # fmt: skip
         self.redis_url = redis_url
         self.ping_interval = ping_interval
         self.history_limits = history_limits
@@ -155,10 +189,25 @@ class Hub:
         self.stopping = False
         self._changed = Event()
         self._listener: gevent.Greenlet | None = None
+        self._on_crash = on_crash
+        self.bad_messages = 0
+        self._bad_unlogged = 0
+        self._bad_logged_at = -BAD_MESSAGE_LOG_INTERVAL
 
     def start(self) -> None:
-        self._listener = gevent.spawn(self._listen_forever)
-        gevent.spawn(self._ping_forever)
+        self._listener = self._spawn_for_life(self._listen_forever, "the Redis listener")
+        self._spawn_for_life(self._ping_forever, "the pinger")
+
+    def _spawn_for_life(self, run: Callable[[], None], name: str) -> gevent.Greenlet:
+        greenlet = gevent.Greenlet(run)
+        greenlet.name = name
+        greenlet.link_exception(self._on_crash)
+        greenlet.start()
+        return greenlet
+
+    @property
+    def listening(self) -> bool:
+        return self._listener is not None and not self._listener.dead
 
     def stop(self) -> None:
         self.stopping = True
@@ -210,8 +259,7 @@ class Hub:
                 else:
                     member.keepalive()
 
-    def fan_out(self, channel: str, text: str) -> None:
-        delivery = Delivery(text)
+    def fan_out(self, channel: str, delivery: Delivery) -> None:
         for member in list(self.members.get(channel, ())):
             member.deliver(delivery)
 
@@ -278,6 +326,20 @@ class Hub:
                 event.set()
         elif message["type"] == "message":
             data = message["data"]
-            self.fan_out(
-                channel, data.decode("utf-8", "replace") if isinstance(data, bytes) else str(data)
-            )
+            text = data.decode("utf-8", "replace") if isinstance(data, bytes) else str(data)
+            delivery = Delivery.from_bus(text)
+            if delivery is None:
+                self._skip_bad_message(key)
+            else:
+                self.fan_out(channel, delivery)
+
+    def _skip_bad_message(self, key: str) -> None:
+        self.bad_messages += 1
+        self._bad_unlogged += 1
+        now = time.monotonic()
+        if now - self._bad_logged_at >= BAD_MESSAGE_LOG_INTERVAL:
+            log.warning("skipped %d message(s) not published by stackctl.realtime (one line of "
+                        "JSON with an \"id\"), the latest on Redis channel %s; %d since start",
+                        self._bad_unlogged, key, self.bad_messages)  # fmt: skip
+            self._bad_unlogged = 0
+            self._bad_logged_at = now
