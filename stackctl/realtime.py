@@ -188,18 +188,24 @@ def history(connection: redis.Redis, channels: Iterable[str], since: str,
             limits: tuple[int, int]) -> Missed:  # fmt: skip
     """What was published on ``channels`` after the id ``since``, kept as ``limits`` say."""
     length, seconds = limits
-    now_s, now_us = connection.time()  # the clock the ids come from
+    channels = list(channels)
+    # One transaction: the histories of all channels as they were at one instant. A reader
+    # that skips live messages up to the newest id it replayed relies on that: with one read
+    # per channel, a message on a channel read early could be older than one read later, and
+    # be neither replayed nor delivered.
+    pipe = connection.pipeline(transaction=True)
+    pipe.time()  # the clock the ids come from
+    for channel in channels:
+        key = stream_key(channel)
+        pipe.exists(key)
+        # Newest first: one more than the history holds means the client missed more than it.
+        pipe.xrevrange(key, min=f"({since}", count=length + 1)
+    (now_s, now_us), *replies = pipe.execute()
     now_ms = int(now_s) * 1000 + int(now_us) // 1000
     oldest_kept = (now_ms - seconds * 1000, 0)
     found: list[tuple[tuple[int, int], str]] = []
     gaps = []
-    for channel in channels:
-        key = stream_key(channel)
-        pipe = connection.pipeline(transaction=False)
-        pipe.exists(key)
-        # Newest first: one more than the history holds means the client missed more than it.
-        pipe.xrevrange(key, min=f"({since}", count=length + 1)
-        exists, entries = pipe.execute()
+    for channel, exists, entries in zip(channels, replies[::2], replies[1::2], strict=True):
         gap = len(entries) > length
         if not exists and seconds:
             # Gone after a day without a message: if the client's last id is older, there

@@ -21,7 +21,7 @@ from gevent.queue import Full, Queue
 
 from stackctl.realtime import Missed
 from stackctl.ws.access import Subscription
-from stackctl.ws.hub import Delivery, Hub, Resume
+from stackctl.ws.hub import Delivery, GapNotice, Hub, Resume
 
 POLL_WAIT_DEFAULT, POLL_WAIT_MAX = 25.0, 55.0
 SSE_RETRY_MS = 2000
@@ -79,11 +79,15 @@ class PollWaiter:
 
     def __init__(self) -> None:
         self.received: list[Delivery] = []
+        self.gaps: list[str] = []
         self.arrived = Event()
         self.last_heard = time.monotonic()
 
     def deliver(self, delivery: Delivery) -> None:
-        self.received.append(delivery)
+        if isinstance(delivery, GapNotice):  # the worker lost Redis longer than history keeps
+            self.gaps.append(delivery.channel)
+        else:
+            self.received.append(delivery)
         self.arrived.set()
 
     def keepalive(self) -> None:
@@ -109,17 +113,17 @@ def poll_answer(hub: Hub, subscription: Subscription, wait: float) -> bytes:
     try:
         since = subscription.since
         missed = hub.history(subscription.channels, since) if since else Missed([], [])
-        texts = missed.envelopes
+        texts, gaps = missed.envelopes, missed.gaps
         # What arrives live from now is in the history too: the next poll gets it.
-        if not (texts or missed.gaps) and waiter.arrived.wait(wait):
-            texts = [d.text for d in waiter.received]
+        if not (texts or gaps) and waiter.arrived.wait(wait):
+            texts, gaps = [d.text for d in waiter.received], waiter.gaps
     finally:
         hub.leave(subscription.channels, waiter)
     last_id = Delivery(texts[-1]).id if texts else subscription.since
     return (
         b'{"messages":[' + ",".join(texts).encode() + b'],"last_id":'
         + (f'"{last_id}"' if last_id else "null").encode()
-        + b',"gaps":' + json.dumps(missed.gaps).encode() + b"}"
+        + b',"gaps":' + json.dumps(gaps).encode() + b"}"
     )
 
 

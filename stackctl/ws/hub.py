@@ -17,12 +17,15 @@ import random
 import time
 from collections import defaultdict
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Any, Protocol
 
 import gevent
 import redis
 from gevent.event import Event
+from redis.backoff import NoBackoff
+from redis.retry import Retry
 from wsproto.frame_protocol import FrameProtocol
 
 from stackctl import realtime
@@ -104,6 +107,7 @@ class GapNotice(Delivery):
 
     def __init__(self, channel: str) -> None:
         super().__init__(realtime.gap_notice(channel))
+        self.channel = channel
 
     @cached_property
     def sse_event(self) -> bytes:
@@ -146,6 +150,8 @@ class Resume:
         if self.held is not None:
             self.held.append(delivery)
             return False
+        if isinstance(delivery, GapNotice):
+            return True
         if self.sent_up_to is not None:
             if delivery.key <= self.sent_up_to:
                 return False
@@ -175,6 +181,28 @@ class Resume:
                 send(delivery)
 
 
+@dataclass
+class Recovery:
+    """What a lost subscription owes its members: everything published after ``since`` on
+    the channels they followed then. Live messages are held until the replay is done."""
+
+    since: str
+    members: dict[str, set[Member]]
+    held: list[tuple[str, Delivery]] = field(default_factory=list)
+
+    def resubscribed(self, hub: Hub) -> bool:
+        """True once Redis confirmed again every channel that is still followed."""
+        events = (hub.ready.get(channel) for channel in self.members if channel in hub.members)
+        return all(event is None or event.is_set() for event in events)
+
+    def listening(self, hub: Hub, channel: str) -> set[Member]:
+        """Members that followed ``channel`` before the outage and still do."""
+        return self.members.get(channel, set()) & hub.members.get(channel, set())
+
+    def newcomers(self, hub: Hub, channel: str) -> set[Member]:
+        return hub.members.get(channel, set()) - self.members.get(channel, set())
+
+
 class Hub:
     def __init__(self, redis_url: str, ping_interval: float,
                  history_limits: tuple[int, int] = realtime.DEFAULT_HISTORY,
@@ -191,6 +219,9 @@ class Hub:
         self._listener: gevent.Greenlet | None = None
         self._on_crash = on_crash
         self.bad_messages = 0
+        self.position: str | None = None  # the id of the last message fanned out
+        self._recovery: Recovery | None = None
+        self._connected = False
         self._bad_unlogged = 0
         self._bad_logged_at = -BAD_MESSAGE_LOG_INTERVAL
 
@@ -268,22 +299,31 @@ class Hub:
     def _listen_forever(self) -> None:
         delay = BACKOFF_MIN
         while not self.stopping:
+            self._connected = False
             try:
                 self._listen()
-                delay = BACKOFF_MIN
             except (redis.ConnectionError, redis.TimeoutError, OSError) as e:
-                self._forget_subscriptions()
+                if self._connected:
+                    delay = BACKOFF_MIN  # a new outage: not the next try of the last one
+                self._lost()
                 pause = delay * random.uniform(0.5, 1.5)
                 log.warning("Redis subscription lost (%s); reconnecting in %.1f s", e, pause)
                 gevent.sleep(pause)
                 delay = min(delay * 2, BACKOFF_MAX)
 
     def _listen(self) -> None:
-        connection = redis.Redis.from_url(self.redis_url)
+        # No retries inside redis-py: it would resubscribe behind our back, and what was
+        # published meanwhile would be lost without anyone knowing.
+        connection = redis.Redis.from_url(self.redis_url, retry=Retry(NoBackoff(), 0))
         pubsub = connection.pubsub()
         subscribed: set[str] = set()
         try:
             pubsub.subscribe(IDLE_CHANNEL)
+            if self.position is None:
+                # Where the first clients start: what they may miss in an outage comes after.
+                last = connection.get(realtime.LAST_ID_KEY)
+                self.position = last.decode() if isinstance(last, bytes) else "0-0"
+            self._connected = True
             self._changed.set()
             while not self.stopping:
                 if self._changed.is_set():
@@ -292,9 +332,55 @@ class Hub:
                 message = pubsub.get_message(timeout=POLL)
                 if message is not None:
                     self._dispatch(message)
+                if self._recovery is not None and self._recovery.resubscribed(self):
+                    self._recover(self._recovery)
         finally:
             pubsub.close()
             connection.close()
+
+    def _lost(self) -> None:
+        """The subscription is gone: remember who was listening to what, and from which id,
+        so that what is published until the next subscription is replayed to them."""
+        self._forget_subscriptions()
+        if self.position is None or not self.members:
+            return
+        members = {channel: set(members) for channel, members in self.members.items()}
+        if self._recovery is None:
+            self._recovery = Recovery(self.position, members)
+        else:  # lost again before the replay: it still starts from the same id
+            for channel, listening in members.items():
+                self._recovery.members.setdefault(channel, set()).update(listening)
+            self._recovery.held.clear()  # these are in the history the replay reads
+
+    def _recover(self, recovery: Recovery) -> None:
+        """Every channel is subscribed again: send each member what was published on its
+        channels meanwhile, oldest first, then what arrived live during the replay."""
+        channels = [channel for channel in recovery.members if channel in self.members]
+        missed = self.history(channels, recovery.since) if channels else realtime.Missed([], [])
+        self._recovery = None
+        for channel in missed.gaps:
+            self._deliver_to(recovery.listening(self, channel), GapNotice(channel))
+        replayed_up_to = realtime.id_key(recovery.since)
+        for text in missed.envelopes:
+            delivery = Delivery(text)
+            channel = json.loads(text)["channel"]
+            self._deliver_to(recovery.listening(self, channel), delivery)
+            replayed_up_to = delivery.key
+            self.position = delivery.id
+        for channel, delivery in recovery.held:
+            if delivery.key > replayed_up_to:
+                self.fan_out(channel, delivery)
+                self.position = delivery.id
+            else:  # replayed, to those who listened before the outage; not yet to the others
+                self._deliver_to(recovery.newcomers(self, channel), delivery)
+        log.info("subscribed again after losing Redis: replayed %d message(s) on %d channel(s) "
+                 "published since %s%s", len(missed.envelopes), len(channels), recovery.since,
+                 f"; gaps on {', '.join(missed.gaps)}" if missed.gaps else "")  # fmt: skip
+
+    @staticmethod
+    def _deliver_to(members: Iterable[Member], delivery: Delivery) -> None:
+        for member in members:
+            member.deliver(delivery)
 
     def _forget_subscriptions(self) -> None:
         # The connection is gone, and its subscriptions with it: joiners wait again until
@@ -330,8 +416,11 @@ class Hub:
             delivery = Delivery.from_bus(text)
             if delivery is None:
                 self._skip_bad_message(key)
+            elif self._recovery is not None:
+                self._recovery.held.append((channel, delivery))
             else:
                 self.fan_out(channel, delivery)
+                self.position = delivery.id
 
     def _skip_bad_message(self, key: str) -> None:
         self.bad_messages += 1

@@ -4,8 +4,12 @@ push the worker's limits. Real stack (NGiNX, the gevent worker, Redis), real cli
 from __future__ import annotations
 
 import json
+import os
 import re
+import signal
 import tempfile
+import threading
+import time
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
@@ -13,12 +17,15 @@ from typing import Any
 
 import pytest
 import redis
+from redis.backoff import NoBackoff
+from redis.retry import Retry
 from websockets.sync.client import connect
 
 from stackctl import realtime
 from stackctl.stack import Stack
-from tests.conftest import data_of, running_stack, stackctl
+from tests.conftest import data_of, running_stack, stackctl, wait_for
 from tests.e2e.test_realtime import sse_events, ws_url
+from tests.followers import Follower
 
 pytestmark = pytest.mark.e2e
 
@@ -62,3 +69,82 @@ def test_messages_not_from_publish_are_skipped_and_delivery_goes_on(stack: Stack
     assert pids(stack, "ws") == worker  # not restarted: it never stopped hearing
     log = (stack.log_dir / "ws.log").read_text()
     assert len(re.findall("skipped .* not published by stackctl.realtime", log)) == 1, log
+
+
+def kill_redis(stack: Stack) -> None:
+    """SIGKILL the stack's Redis server, as the kernel's OOM killer would; wait until Circus
+    has started a new one that answers."""
+    (old,) = pids(stack, "redis")
+    os.kill(old, signal.SIGKILL)
+    wait_for(lambda: pids(stack, "redis") not in ([old], []), what="a new Redis process")
+    wait_for(lambda: answers(stack), what="the new Redis to answer")
+
+
+def answers(stack: Stack) -> bool:
+    try:
+        return bool(redis.Redis.from_url(stack.redis_url, retry=NO_RETRY).ping())
+    except redis.RedisError:
+        return False
+
+
+NO_RETRY = Retry(NoBackoff(), 0)
+
+
+class Publisher(threading.Thread):
+    """Publishes 0, 1, 2... ten times a second, alternating two channels, and keeps what
+    Redis acknowledged. No retry: a publish that raised is not counted as sent."""
+
+    def __init__(self, stack: Stack, channels: tuple[str, str]) -> None:
+        super().__init__(daemon=True)
+        self.url = stack.redis_url
+        self.channels = channels
+        self.acknowledged: list[int] = []
+        self.failed = 0
+        self.done = threading.Event()
+
+    def run(self) -> None:
+        connection = redis.Redis.from_url(self.url, retry=NO_RETRY)
+        n = 0
+        while not self.done.wait(0.1):
+            try:
+                realtime.publish_json(connection, self.channels[n % 2], str(n), (1000, 0))
+                self.acknowledged.append(n)
+            except redis.RedisError:
+                self.failed += 1
+            n += 1
+
+
+def test_killing_redis_loses_and_doubles_no_acknowledged_message(stack: Stack) -> None:
+    url = ws_url(stack, "storm,calm")
+    followers = [Follower(url) for _ in range(20)]
+    publisher = Publisher(stack, ("storm", "calm"))
+    try:
+        for follower in followers:
+            follower.start()
+        for follower in followers:
+            assert follower.connected.wait(10)
+        publisher.start()
+        for _ in range(3):
+            time.sleep(2)
+            kill_redis(stack)
+        time.sleep(2)
+    finally:
+        publisher.done.set()
+        publisher.join(timeout=10)
+        deadline = time.monotonic() + 30
+        for follower in followers:
+            follower.wait_for_count(len(publisher.acknowledged), deadline - time.monotonic())
+            follower.stop()
+    acknowledged = set(publisher.acknowledged)
+    assert publisher.failed > 0, "Redis was never down while messages were published"
+    for follower in followers:
+        ids = [m["id"] for m in follower.received]
+        assert len(ids) == len(set(ids)), "a message was delivered twice"
+        assert sorted(ids, key=realtime.id_key) == ids, "messages out of order"
+        lost = acknowledged - {m["data"] for m in follower.received}
+        assert not lost, f"{len(lost)} acknowledged messages lost: {sorted(lost)[:10]}"
+    log = (stack.log_dir / "ws.log").read_text()
+    assert log.count("subscribed again after losing Redis") >= 3, log[-3000:]
+    # Each outage starts again from the shortest pause: the backoff was reset by the success.
+    pauses = [float(p) for p in re.findall(r"reconnecting in ([\d.]+) s", log)]
+    assert sum(p <= 0.15 for p in pauses) >= 3, pauses
