@@ -109,6 +109,18 @@ def id_key(message_id: str) -> tuple[int, int]:
     return int(ms), int(seq)
 
 
+def is_id(text: str) -> bool:
+    """True for text that Redis takes as a stream id: two unsigned 64-bit numbers."""
+    return bool(ID_PATTERN.fullmatch(text)) and max(id_key(text)) < 2**64
+
+
+class UnknownId(ValueError):
+    """A client resumes from an id after the last one issued: it cannot have seen it here."""
+
+    def __init__(self, since: str, last: str) -> None:
+        super().__init__(f"since: {since} is after the last message id, {last}")
+
+
 def _environment(variable: str) -> str:
     value = os.environ.get(variable)
     if not value:
@@ -186,7 +198,8 @@ class Missed:
 
 def history(connection: redis.Redis, channels: Iterable[str], since: str,
             limits: tuple[int, int]) -> Missed:  # fmt: skip
-    """What was published on ``channels`` after the id ``since``, kept as ``limits`` say."""
+    """What was published on ``channels`` after the id ``since``, kept as ``limits`` say;
+    :class:`UnknownId` if ``since`` is after the last id issued."""
     length, seconds = limits
     channels = list(channels)
     # One transaction: the histories of all channels as they were at one instant. A reader
@@ -195,12 +208,17 @@ def history(connection: redis.Redis, channels: Iterable[str], since: str,
     # be neither replayed nor delivered.
     pipe = connection.pipeline(transaction=True)
     pipe.time()  # the clock the ids come from
+    pipe.get(LAST_ID_KEY)
     for channel in channels:
         key = stream_key(channel)
         pipe.exists(key)
         # Newest first: one more than the history holds means the client missed more than it.
         pipe.xrevrange(key, min=f"({since}", count=length + 1)
-    (now_s, now_us), *replies = pipe.execute()
+    (now_s, now_us), last, *replies = pipe.execute()
+    last_id = last.decode() if last else "0-0"
+    if id_key(since) > id_key(last_id):
+        # Replaying from it would skip whatever comes until the ids reach it.
+        raise UnknownId(since, last_id)
     now_ms = int(now_s) * 1000 + int(now_us) // 1000
     oldest_kept = (now_ms - seconds * 1000, 0)
     found: list[tuple[tuple[int, int], str]] = []

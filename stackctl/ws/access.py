@@ -13,7 +13,7 @@ from fnmatch import fnmatchcase
 from typing import Any
 from urllib.parse import parse_qs, unquote, urlsplit
 
-from stackctl.realtime import CHANNEL_PATTERN, GROUP_PREFIX, ID_PATTERN, USER_PREFIX, read_token
+from stackctl.realtime import CHANNEL_PATTERN, GROUP_PREFIX, USER_PREFIX, is_id, read_token
 
 MAX_CHANNELS = 32
 
@@ -100,7 +100,7 @@ def subscription(environ: dict[str, Any], prefix: str, rules: Rules,
     channels = parse_channels(path[len(prefix) :])
     query = {k: v[-1] for k, v in parse_qs(environ.get("QUERY_STRING", "")).items()}
     since = last_event_id or query.get("since")
-    if since is not None and not ID_PATTERN.fullmatch(since):
+    if since is not None and not is_id(since):
         raise Refused("400 Bad Request", f"since: expected a message id such as 1700000000000-0, "
                       f"got {since!r}")  # fmt: skip
     user, groups = identify(query.get("token"), rules)

@@ -29,12 +29,13 @@ from wsproto.events import CloseConnection, Message, Ping, TextMessage
 from wsproto.frame_protocol import FrameProtocol
 from wsproto.utilities import ProtocolError
 
-from stackctl.realtime import CHANNEL_PATTERN
+from stackctl.realtime import CHANNEL_PATTERN, UnknownId
 from stackctl.ws.access import Rules, Subscription
-from stackctl.ws.hub import Delivery, Hub, Resume, encode_text_frame
+from stackctl.ws.hub import Busy, Delivery, Hub, Resume, encode_text_frame
 
 log = logging.getLogger("stackctl.ws")
 
+POLICY_VIOLATION = 1008
 MESSAGE_TOO_BIG = 1009
 INTERNAL_ERROR = 1011
 SERVICE_RESTART = 1012
@@ -192,6 +193,10 @@ class Client:
         try:
             self.resume.replay(self.hub, self.subscription.channels,
                                lambda delivery: self.send_frame(delivery.ws_frame))  # fmt: skip
+        except UnknownId as e:
+            self.close(POLICY_VIOLATION, str(e))
+        except Busy as e:
+            self.close(TRY_AGAIN_LATER, str(e))
         except redis.RedisError as e:
             log.warning("replay failed: %s", e)
             self.close(INTERNAL_ERROR, "history unavailable, reconnect")
@@ -221,7 +226,12 @@ class Client:
             self.abort()
 
     def _handle(self, event: Any) -> None:
-        if isinstance(event, Ping) or (
+        if isinstance(event, Ping):
+            # Through the queue's limit: a client that pings and never reads would otherwise
+            # grow the worker by a pong per ping. No pong once our close frame is queued.
+            if not self.closing:
+                self.send_frame(self.protocol.send(event.response()))
+        elif (
             isinstance(event, CloseConnection)
             and self.protocol.state == ConnectionState.REMOTE_CLOSING
         ):

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Iterator
+from collections.abc import Generator
 from typing import Any
 from urllib.parse import parse_qs
 
@@ -58,20 +58,20 @@ class EventStream:
         except Full:
             self.abort()
 
-    def events(self, hub: Hub, subscription: Subscription) -> Iterator[bytes]:
-        try:
-            yield f"retry: {SSE_RETRY_MS}\n\n".encode()
-            # The replay is written out as one piece, not through the queue: it may be larger
-            # than the queue's limit, and a client cut off during it would ask for it again.
-            replayed: list[bytes] = []
-            self.resume.replay(hub, subscription.channels,
-                               lambda delivery: replayed.append(delivery.sse_event))  # fmt: skip
-            if replayed:
-                yield b"".join(replayed)
-            while (chunk := self.queue.get()) is not _END:
-                yield chunk
-        finally:
-            hub.leave(subscription.channels, self)
+    def catch_up(self, hub: Hub, subscription: Subscription) -> bytes:
+        """What the client missed, as one piece (not through the queue: it may be larger than
+        the queue's limit, and a client cut off during it would ask for it again)."""
+        replayed: list[bytes] = []
+        self.resume.replay(hub, subscription.channels,
+                           lambda delivery: replayed.append(delivery.sse_event))  # fmt: skip
+        return b"".join(replayed)
+
+    def events(self, replayed: bytes) -> Generator[bytes, None, None]:
+        yield f"retry: {SSE_RETRY_MS}\n\n".encode()
+        if replayed:
+            yield replayed
+        while (chunk := self.queue.get()) is not _END:
+            yield chunk
 
 
 class PollWaiter:
@@ -134,4 +134,3 @@ def sse_headers() -> list[tuple[str, str]]:
         # NGiNX would otherwise buffer the stream.
         ("X-Accel-Buffering", "no"),
     ]
-

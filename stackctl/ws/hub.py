@@ -24,6 +24,7 @@ from typing import Any, Protocol
 import gevent
 import redis
 from gevent.event import Event
+from gevent.lock import BoundedSemaphore
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 from wsproto.frame_protocol import FrameProtocol
@@ -36,7 +37,13 @@ log = logging.getLogger("stackctl.ws")
 # Keeps the subscription open while no client listens, so that get_message() can block.
 IDLE_CHANNEL = CHANNEL_PREFIX + "_idle"
 # Replay and client publishing share a few connections, whatever the number of clients.
-SIDE_CONNECTIONS = 4
+SIDE_CONNECTIONS = 6
+# Replays for clients at once, in two lanes of REPLAYS each: a crowd catching up on many
+# channels waits in its own lane, so that it neither takes the connections that publishing
+# and the recovery after a lost subscription need, nor holds up the clients of a few channels.
+REPLAYS = 2
+FEW_CHANNELS = 4
+REPLAY_WAIT = 30.0
 POLL = 0.05
 BACKOFF_MIN, BACKOFF_MAX = 0.1, 5.0
 # Skipped messages are logged at most this often: a flood of them must not flood the log.
@@ -203,6 +210,10 @@ class Recovery:
         return hub.members.get(channel, set()) - self.members.get(channel, set())
 
 
+class Busy(Exception):
+    """Too many clients are catching up at once: this one waited its turn for too long."""
+
+
 class Hub:
     def __init__(self, redis_url: str, ping_interval: float,
                  history_limits: tuple[int, int] = realtime.DEFAULT_HISTORY,
@@ -218,6 +229,8 @@ class Hub:
         self._changed = Event()
         self._listener: gevent.Greenlet | None = None
         self._on_crash = on_crash
+        self._replays = BoundedSemaphore(REPLAYS)  # of more than FEW_CHANNELS channels
+        self._few_channel_replays = BoundedSemaphore(REPLAYS)
         self.bad_messages = 0
         self.position: str | None = None  # the id of the last message fanned out
         self._recovery: Recovery | None = None
@@ -270,8 +283,16 @@ class Hub:
                 self._changed.set()
 
     def history(self, channels: Iterable[str], since: str) -> realtime.Missed:
-        """What was published on ``channels`` after ``since``, and where the history fell short."""
-        return realtime.history(self._side, channels, since, self.history_limits)
+        """What was published on ``channels`` after ``since``, and where the history fell short;
+        one client's replay, in turn with the others'."""
+        channels = list(channels)
+        lane = self._few_channel_replays if len(channels) <= FEW_CHANNELS else self._replays
+        if not lane.acquire(timeout=REPLAY_WAIT):
+            raise Busy("too many clients are catching up at once; try again")
+        try:
+            return realtime.history(self._side, channels, since, self.history_limits)
+        finally:
+            lane.release()
 
     def publish(self, channel: str, data_json: str) -> None:
         realtime.publish_json(self._side, channel, data_json, self.history_limits)
@@ -356,7 +377,10 @@ class Hub:
         """Every channel is subscribed again: send each member what was published on its
         channels meanwhile, oldest first, then what arrived live during the replay."""
         channels = [channel for channel in recovery.members if channel in self.members]
-        missed = self.history(channels, recovery.since) if channels else realtime.Missed([], [])
+        try:
+            missed = realtime.history(self._side, channels, recovery.since, self.history_limits)
+        except realtime.UnknownId:  # this Redis lost its data: nothing left to replay
+            missed = realtime.Missed([], channels)
         self._recovery = None
         for channel in missed.gaps:
             self._deliver_to(recovery.listening(self, channel), GapNotice(channel))

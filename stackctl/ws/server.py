@@ -18,7 +18,7 @@ import signal
 import socket
 import sys
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Generator, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -33,12 +33,13 @@ from stackctl.realtime import REDIS_URL_VARIABLE
 from stackctl.ws.access import Refused, Rules, subscription
 from stackctl.ws.client import SERVICE_RESTART, Client
 from stackctl.ws.fallbacks import EventStream, poll_answer, poll_wait, sse_headers
-from stackctl.ws.hub import Hub
+from stackctl.ws.hub import Busy, Hub
 
 log = logging.getLogger("stackctl.ws")
 
 BUS_DOWN = b"the message bus is not reachable\n"
 FULL = b"this worker holds its maximum of clients\n"
+NOT_WEBSOCKET = b"this endpoint speaks websocket: connect with Upgrade: websocket\n"
 
 
 @dataclass
@@ -74,39 +75,88 @@ def application(environ: dict[str, Any], start_response: Any) -> Iterable[bytes]
     """Plain HTTP requests: the SSE and long-poll fallbacks; anything else wants a websocket."""
     w = current_worker()
     path = environ.get("PATH_INFO", "")
-    if path.startswith(w.sse_prefix) or path.startswith(w.poll_prefix):
-        try:
-            if path.startswith(w.sse_prefix):
-                return serve_events(w, environ, start_response)
-            sub = subscription(environ, w.poll_prefix, w.rules)
-            body = poll_answer(w.hub, sub, poll_wait(environ))
-            return answer(start_response, "200 OK", body, "application/json")
-        except Refused as e:
-            return answer(start_response, e.status, f"{e.reason}\n".encode())
-        except redis.RedisError:
-            return answer(start_response, "503 Service Unavailable", BUS_DOWN)
-    return answer(start_response, "426 Upgrade Required",
-                  b"this endpoint speaks websocket: connect with Upgrade: websocket\n")  # fmt: skip
+    if not (path.startswith(w.sse_prefix) or path.startswith(w.poll_prefix)):
+        return answer(start_response, "426 Upgrade Required", NOT_WEBSOCKET)
+    # Counted from the start, like a websocket: a long poll holds the worker as long as one.
+    if w.connections >= w.max_connections:
+        return answer(start_response, "503 Service Unavailable", FULL)
+    w.connections += 1
+    try:
+        body = serve_fallback(w, path, environ, start_response)
+    except BaseException:
+        w.connections -= 1
+        raise
+    return Counted(w, body)
+
+
+def serve_fallback(w: Worker, path: str, environ: dict[str, Any],
+                   start_response: Any) -> Iterable[bytes]:  # fmt: skip
+    try:
+        if path.startswith(w.sse_prefix):
+            return serve_events(w, environ, start_response)
+        sub = subscription(environ, w.poll_prefix, w.rules)
+        body = poll_answer(w.hub, sub, poll_wait(environ))
+        return answer(start_response, "200 OK", body, "application/json")
+    except Refused as e:
+        return answer(start_response, e.status, f"{e.reason}\n".encode())
+    except realtime.UnknownId as e:
+        return answer(start_response, "400 Bad Request", f"{e}\n".encode())
+    except Busy as e:
+        return answer(start_response, "503 Service Unavailable", f"{e}\n".encode())
+    except redis.RedisError:
+        return answer(start_response, "503 Service Unavailable", BUS_DOWN)
+
+
+class EventResponse:
+    """An event stream's body; closing it (even before its first byte) ends its membership."""
+
+    def __init__(self, chunks: Generator[bytes, None, None], leave: Callable[[], None]) -> None:
+        self.chunks = chunks
+        self.leave = leave
+
+    def __iter__(self) -> Iterator[bytes]:
+        return self.chunks
+
+    def close(self) -> None:
+        self.chunks.close()
+        self.leave()
+
+
+class Counted:
+    """A response that holds one of the worker's connection slots until the server closes it
+    (as every WSGI server does, even when the client went away before the first byte)."""
+
+    def __init__(self, w: Worker, body: Iterable[bytes]) -> None:
+        self.worker = w
+        self.body = body
+        self.released = False
+
+    def __iter__(self) -> Iterator[bytes]:
+        return iter(self.body)
+
+    def close(self) -> None:
+        if not self.released:
+            self.released = True
+            self.worker.connections -= 1
+        close = getattr(self.body, "close", None)
+        if close is not None:
+            close()
 
 
 def serve_events(w: Worker, environ: dict[str, Any], start_response: Any) -> Iterable[bytes]:
     sub = subscription(environ, w.sse_prefix, w.rules, environ.get("HTTP_LAST_EVENT_ID"))
-    if w.connections >= w.max_connections:
-        return answer(start_response, "503 Service Unavailable", FULL)
     stream = EventStream(w.queue_limit, sub.since)
     if not w.hub.join(sub.channels, stream):
         w.hub.leave(sub.channels, stream)
         return answer(start_response, "503 Service Unavailable", BUS_DOWN)
-    start_response("200 OK", sse_headers())
-    return counted(w, stream.events(w.hub, sub))
-
-
-def counted(w: Worker, chunks: Iterator[bytes]) -> Iterator[bytes]:
-    w.connections += 1
     try:
-        yield from chunks
-    finally:
-        w.connections -= 1
+        # Before the status line: a since the worker cannot resume from is a 400, not a stream.
+        replayed = stream.catch_up(w.hub, sub)
+    except BaseException:
+        w.hub.leave(sub.channels, stream)
+        raise
+    start_response("200 OK", sse_headers())
+    return EventResponse(stream.events(replayed), lambda: w.hub.leave(sub.channels, stream))
 
 
 def forget(client: Client) -> None:

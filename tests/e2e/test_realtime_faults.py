@@ -7,11 +7,14 @@ import json
 import os
 import re
 import signal
+import socket
 import tempfile
 import threading
 import time
+import urllib.error
 import urllib.request
 from collections.abc import Iterator
+from contextlib import closing, suppress
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +22,10 @@ import pytest
 import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
+from websockets.exceptions import ConnectionClosed
 from websockets.sync.client import connect
+from wsproto import ConnectionType, WSConnection
+from wsproto.events import AcceptConnection, CloseConnection, Ping, Request
 
 from stackctl import realtime
 from stackctl.stack import Stack
@@ -148,3 +154,106 @@ def test_killing_redis_loses_and_doubles_no_acknowledged_message(stack: Stack) -
     # Each outage starts again from the shortest pause: the backoff was reset by the success.
     pauses = [float(p) for p in re.findall(r"reconnecting in ([\d.]+) s", log)]
     assert sum(p <= 0.15 for p in pauses) >= 3, pauses
+
+
+def test_a_client_that_pings_and_never_reads_is_closed(stack: Stack) -> None:
+    # The worker's own pings (every 20 s here) play no part: only the client's.
+    protocol = WSConnection(ConnectionType.CLIENT)
+    with closing(socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)) as raw:
+        raw.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        raw.settimeout(10)
+        raw.connect(str(stack.ws_socket))
+        raw.sendall(protocol.send(Request(host="localhost", target="/ws/pinger")))
+        protocol.receive_data(raw.recv(4096))
+        assert isinstance(next(protocol.events()), AcceptConnection)
+        raw.settimeout(1)
+        ping = protocol.send(Ping(payload=b"p" * 120))
+        events: list[object] = []
+        sent = 0
+        # Pings in batches, and a glance (a few kB, far less than the pongs) between them.
+        while sent < 40_000 and not any(isinstance(e, CloseConnection) for e in events):
+            raw.sendall(ping * 200)
+            sent += 200
+            with suppress(BlockingIOError):
+                protocol.receive_data(raw.recv(65536, socket.MSG_DONTWAIT))
+                events += list(protocol.events())
+    closes = [e for e in events if isinstance(e, CloseConnection)]
+    assert closes and closes[0].code == 1013, f"not closed after {sent} pings"
+
+
+def http_status(url: str, headers: dict[str, str] | None = None) -> tuple[int, str]:
+    try:
+        with urllib.request.urlopen(urllib.request.Request(url, headers=headers or {}),
+                                    timeout=30) as response:  # fmt: skip
+            return response.status, response.read(200).decode()
+    except urllib.error.HTTPError as refused:
+        with refused:
+            return refused.code, refused.read().decode()
+
+
+def test_resuming_from_an_id_not_issued_yet_is_refused_with_a_reason(stack: Stack) -> None:
+    last = realtime.id_key(json.loads(redis_envelope(stack, "future"))["id"])
+    ahead = f"{last[0] + 60_000}-0"  # a minute ahead: what it published meanwhile is not here
+    for url, headers in (
+        (stack.url() + f"poll/future?since={ahead}&timeout=0", None),
+        (stack.url() + "events/future", {"Last-Event-ID": ahead}),
+    ):
+        status, reason = http_status(url, headers)
+        assert (status, reason) == (400, f"since: {ahead} is after the last message id, "
+                                         f"{last[0]}-{last[1]}\n")  # fmt: skip
+    assert http_status(stack.url() + "poll/future?since=99999999999999999999-0")[0] == 400
+    with (
+        connect(ws_url(stack, "future", since=ahead)) as ws,
+        pytest.raises(ConnectionClosed) as closed,
+    ):
+        ws.recv(timeout=5)
+    assert closed.value.rcvd is not None and closed.value.rcvd.code == 1008
+    assert closed.value.rcvd.reason.startswith(f"since: {ahead} is after the last message id")
+
+
+def redis_envelope(stack: Stack, channel: str) -> str:
+    """Publish on ``channel`` and return what a follower receives."""
+    with connect(ws_url(stack, channel)) as ws:
+        publish(stack, channel, "now")
+        return str(ws.recv(timeout=5))
+
+
+def test_a_crowd_replaying_32_channels_leaves_the_bus_to_the_others(stack: Stack) -> None:
+    channels = [f"c{n}" for n in range(1, 33)]
+    bus = redis.Redis.from_url(stack.redis_url)
+    publish(stack, "c1", "loads the publish script")
+    pipe = bus.pipeline(transaction=False)
+    for n in range(CROWD_HISTORY):
+        for channel in channels:
+            pipe.evalsha(realtime.PUBLISH_SHA, 2, realtime.stream_key(channel),
+                         realtime.LAST_ID_KEY, realtime.redis_key(channel), channel,
+                         json.dumps({"n": n}), 1000, 0, 0)  # fmt: skip
+    pipe.execute()
+    since = json.loads(redis_envelope(stack, "quiet"))["id"]
+    publish(stack, "quiet", "missed")
+    crowd_url = stack.url() + f"poll/{','.join(channels)}?since=0-0&timeout=0"
+    statuses: list[int] = []
+
+    def replay_everything() -> None:
+        statuses.append(http_status(crowd_url)[0])
+
+    crowd = [threading.Thread(target=replay_everything) for _ in range(CROWD)]
+    for thread in crowd:
+        thread.start()
+    try:
+        # Meanwhile, a client that missed one message catches up, and the flow goes on.
+        started = time.monotonic()
+        with connect(ws_url(stack, "quiet", since=since), open_timeout=60) as ws:
+            assert data_of(ws.recv(timeout=60)) == "missed"
+            assert publish(stack, "quiet", "live") == 1
+            assert data_of(ws.recv(timeout=60)) == "live"
+        caught_up = time.monotonic() - started
+    finally:
+        for thread in crowd:
+            thread.join(timeout=180)
+    refused = len(statuses) - statuses.count(200)
+    assert refused == 0, f"{refused} of {CROWD} refused"
+    assert caught_up < 30, f"the resuming client waited {caught_up:.1f} s"
+
+
+CROWD, CROWD_HISTORY = 200, 300
