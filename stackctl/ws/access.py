@@ -46,6 +46,7 @@ class Subscription:
     since: str | None
     """Replay what was published after this id first (a client that reconnects)."""
     user: str | None
+    groups: frozenset[str] = frozenset()
 
 
 def check_origin(environ: dict[str, Any], rules: Rules) -> None:
@@ -105,4 +106,4 @@ def subscription(environ: dict[str, Any], prefix: str, rules: Rules,
                       f"got {since!r}")  # fmt: skip
     user, groups = identify(query.get("token"), rules)
     check_allowed(channels, user, groups)
-    return Subscription(channels, since, user)
+    return Subscription(channels, since, user, groups)

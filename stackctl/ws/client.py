@@ -30,7 +30,7 @@ from wsproto.frame_protocol import FrameProtocol
 from wsproto.utilities import ProtocolError
 
 from stackctl.realtime import CHANNEL_PATTERN, UnknownId
-from stackctl.ws.access import Rules, Subscription
+from stackctl.ws.access import Refused, Rules, Subscription, check_allowed
 from stackctl.ws.hub import Busy, Delivery, Hub, Resume, encode_text_frame
 
 log = logging.getLogger("stackctl.ws")
@@ -262,11 +262,22 @@ class Client:
             self._tell("not a channel name")
         elif not self.rules.may_publish(channel):
             self._tell(f"clients may not publish to {channel!r}")
+        elif refusal := self._private(channel):
+            self._tell(refusal)
         else:
             try:
                 self.hub.publish(channel, json.dumps(data))
             except redis.RedisError:
                 self._tell("the message bus is not reachable; not published")
+
+    def _private(self, channel: str) -> str | None:
+        """Why this connection may not publish to ``channel``, if it may not follow it either:
+        a pattern such as "*" opens channels to clients, never someone else's private ones."""
+        try:
+            check_allowed((channel,), self.subscription.user, self.subscription.groups)
+        except Refused as e:
+            return e.reason
+        return None
 
     def _tell(self, error: str) -> None:
         self.send_frame(encode_text_frame(json.dumps({"error": error})))

@@ -40,8 +40,14 @@ pytestmark = pytest.mark.e2e
 def stack() -> Iterator[Stack]:
     root = Path(tempfile.mkdtemp(prefix="sc", dir="/tmp"))
     stackctl("init", str(root / "site"), "--demo", cwd=root)
-    with running_stack(root / "site", "--workers", "1") as running:
+    with running_stack(
+        root / "site", "--workers", "1", "--set", 'ws.client_publish=["*"]'
+    ) as running:
         yield running
+
+
+def token(stack: Stack, user: str | None, groups: tuple[str, ...] = ()) -> str:
+    return realtime.token(user, groups, key=stack.secret_file.read_bytes().strip())
 
 
 def publish(stack: Stack, channel: str, message: Any) -> int:
@@ -257,3 +263,24 @@ def test_a_crowd_replaying_32_channels_leaves_the_bus_to_the_others(stack: Stack
 
 
 CROWD, CROWD_HISTORY = 200, 300
+
+
+def test_clients_publish_only_to_channels_they_may_follow(stack: Stack) -> None:
+    alice, staff = token(stack, "alice"), token(stack, "carol", ("staff",))
+    with (
+        connect(ws_url(stack, "group:staff", token=staff)) as carol,
+        connect(ws_url(stack, "user:alice", token=alice)) as inbox,
+        connect(ws_url(stack, "news")) as anonymous,
+    ):
+        for sender in (anonymous, carol):
+            sender.send(json.dumps({"channel": "user:alice", "data": "spoofed"}))
+            answer = json.loads(sender.recv(timeout=5))
+            assert answer == {"error": "'user:alice' needs a token for that user"}
+        anonymous.send(json.dumps({"channel": "group:staff", "data": "spoofed"}))
+        assert json.loads(anonymous.recv(timeout=5)) == {
+            "error": "'group:staff' needs a token for that group"
+        }
+        inbox.send(json.dumps({"channel": "user:alice", "data": "a note to self"}))
+        carol.send(json.dumps({"channel": "group:staff", "data": "meeting"}))
+        assert data_of(inbox.recv(timeout=5)) == "a note to self"  # and nothing spoofed
+        assert data_of(carol.recv(timeout=5)) == "meeting"
