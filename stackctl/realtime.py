@@ -1,7 +1,9 @@
 """Publishing events to websocket, SSE and long-poll clients, from the app or from any process.
 
 The WSGI workers get ``STACKCTL_REDIS_URL`` (and the rest) from Circus; another process (a cron
-job, a management command) gets them from ``eval "$(stackctl env)"``. Safe to call from any
+job, ``manage.py shell``, a management command) finds the running stack from its working
+directory upwards, or from Django's ``settings.BASE_DIR``. The variables, set by hand or by
+``eval "$(stackctl env)"``, take precedence. Safe to call from any
 thread: redis-py's connection pool hands each caller its own connection.
 
 Every message goes into a capped Redis stream per channel *and* out to the live subscribers,
@@ -17,11 +19,13 @@ Channels: ``news`` is a broadcast channel anyone may follow; ``user:<name>`` and
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
 import re
 import secrets
+import sys
 import threading
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
@@ -31,7 +35,10 @@ from typing import Any
 import redis
 from itsdangerous import BadSignature, SignatureExpired, URLSafeTimedSerializer
 
+from stackctl import profile
 from stackctl.errors import StackError
+from stackctl.profile import STACK_FILE
+from stackctl.stack import Programs, plan
 
 REDIS_URL_VARIABLE = "STACKCTL_REDIS_URL"
 SECRET_FILE_VARIABLE = "STACKCTL_SECRET_FILE"
@@ -44,6 +51,7 @@ CHANNEL_PATTERN = re.compile(r"[A-Za-z0-9_.:-]{1,200}")
 ID_PATTERN = re.compile(r"\d{1,20}-\d{1,20}")
 USER_PREFIX, GROUP_PREFIX = "user:", "group:"
 TOKEN_SALT = "stackctl.realtime.token"
+STATE_PATH = Path(".stackctl") / "run" / "state.json"  # written by `stackctl up`
 
 # KEYS: stream, last-id counter. ARGV: pubsub channel, channel name, data (JSON),
 # max length, max age in ms (0: none). Returns {id, number of subscribers}. Trimming is exact
@@ -122,13 +130,57 @@ class UnknownId(ValueError):
 
 
 def _environment(variable: str) -> str:
-    value = os.environ.get(variable)
+    value = os.environ.get(variable) or stack_environment().get(variable)
     if not value:
         raise StackError(
-            f"{variable} is not set: run this under the stack, or first "
-            '`eval "$(stackctl env)"` in the stack directory'
+            f"{variable} is not set and no running stack was found from {Path.cwd()} upwards"
+            f"{_django_base_dir_hint()}: run this in the stack's directory (or below it), "
+            'or first `eval "$(stackctl env)"` there'
         )
     return value
+
+
+def find_stack(start: Path) -> Path | None:
+    """The stack that ``start`` is in, as git finds a repository: the first of ``start`` and
+    its parents holding stack.toml and the state of a stack that ``stackctl up`` started."""
+    for directory in (start, *start.parents):
+        if (directory / STACK_FILE).is_file() and (directory / STATE_PATH).is_file():
+            return directory
+    return None
+
+
+def stack_environment() -> dict[str, str]:
+    """The variables the stack gives its workers, for a process it did not start (a shell,
+    a cron job, a management command): found from the working directory, else from Django's
+    ``settings.BASE_DIR``; empty if neither is in a running stack."""
+    for start in (Path.cwd(), _django_base_dir()):
+        stack_dir = find_stack(start.resolve()) if start is not None else None
+        if stack_dir is not None:
+            state = stack_dir / STATE_PATH
+            return _running_environment(stack_dir, state.stat().st_mtime_ns)
+    return {}
+
+
+@functools.cache
+def _running_environment(stack_dir: Path, state_mtime: int) -> dict[str, str]:
+    """Cached for as long as the stack runs with the same state (``up`` rewrites it)."""
+    state = json.loads((stack_dir / STATE_PATH).read_text())
+    loaded = profile.load(stack_dir, state["profile"], [tuple(p) for p in state["overrides"]])
+    programs = Programs(circusd="", nginx="", uwsgi="", python=sys.executable, redis_server=None)
+    return plan(loaded, programs).worker_env()
+
+
+def _django_base_dir() -> Path | None:
+    django = sys.modules.get("django.conf")  # only if the process already uses Django
+    if django is None or not django.settings.configured:
+        return None
+    base_dir = getattr(django.settings, "BASE_DIR", None)
+    return Path(base_dir) if base_dir else None
+
+
+def _django_base_dir_hint() -> str:
+    base_dir = _django_base_dir()
+    return f" nor from Django's BASE_DIR {base_dir}" if base_dir else ""
 
 
 def redis_url() -> str:
@@ -145,7 +197,7 @@ def client(url: str | None = None) -> redis.Redis:
 
 def history_limits() -> tuple[int, int]:
     """(messages, seconds) kept per channel for clients that reconnect."""
-    text = os.environ.get(HISTORY_VARIABLE)
+    text = os.environ.get(HISTORY_VARIABLE) or stack_environment().get(HISTORY_VARIABLE)
     if not text:
         return DEFAULT_HISTORY
     length, seconds = text.split()

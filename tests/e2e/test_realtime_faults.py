@@ -8,6 +8,8 @@ import os
 import re
 import signal
 import socket
+import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -284,3 +286,32 @@ def test_clients_publish_only_to_channels_they_may_follow(stack: Stack) -> None:
         carol.send(json.dumps({"channel": "group:staff", "data": "meeting"}))
         assert data_of(inbox.recv(timeout=5)) == "a note to self"  # and nothing spoofed
         assert data_of(carol.recv(timeout=5)) == "meeting"
+
+
+def run_python(code: str, cwd: Path) -> subprocess.CompletedProcess[str]:
+    """A process the stack did not start, as a cron job is: none of its variables set."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("STACKCTL_", "DJANGO_"))}
+    return subprocess.run([sys.executable, "-c", code], cwd=cwd, env=env, capture_output=True,
+                          text=True, timeout=60)  # fmt: skip
+
+
+def test_publish_finds_the_stack_from_the_working_directory_or_django(
+    stack: Stack, short_tmp: Path
+) -> None:
+    below = stack.stack_dir / "app" / "management"
+    below.mkdir(parents=True, exist_ok=True)
+    publish_cron = "from stackctl import realtime; print(realtime.publish('cron', 'from cron'))"
+    publish_django = (
+        "import django.conf; django.conf.settings.configure(BASE_DIR={!r}); "
+        "from stackctl import realtime; print(realtime.publish('cron', 'from django'))"
+    ).format(str(stack.stack_dir / "app"))
+    with connect(ws_url(stack, "cron")) as ws:
+        done = run_python(publish_cron, cwd=below)
+        assert (done.returncode, done.stdout) == (0, "1\n"), done.stderr
+        assert data_of(ws.recv(timeout=5)) == "from cron"
+        done = run_python(publish_django, cwd=short_tmp)  # cron's working directory is ~
+        assert (done.returncode, done.stdout) == (0, "1\n"), done.stderr
+        assert data_of(ws.recv(timeout=5)) == "from django"
+    lost = run_python(publish_cron, cwd=short_tmp)
+    assert lost.returncode == 1
+    assert f"no running stack was found from {short_tmp} upwards" in lost.stderr
