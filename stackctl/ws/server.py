@@ -337,6 +337,9 @@ def main(argv: list[str]) -> int:
     from chaussette.server import main as chaussette_main
 
     backend.register("gevent", WebSocketServer)
+    # Chaussette gives its logger a handler of its own; passed on to ours as well, each of its
+    # lines would be written twice.
+    logging.getLogger("chaussette").propagate = False
     sys.argv = [
         "chaussette",
         "--fd",

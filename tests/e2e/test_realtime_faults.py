@@ -15,6 +15,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
+from collections import Counter
 from collections.abc import Iterator
 from contextlib import closing, suppress
 from pathlib import Path
@@ -315,3 +316,9 @@ def test_publish_finds_the_stack_from_the_working_directory_or_django(
     lost = run_python(publish_cron, cwd=short_tmp)
     assert lost.returncode == 1
     assert f"no running stack was found from {short_tmp} upwards" in lost.stderr
+
+
+def test_the_worker_log_has_each_line_once(stack: Stack) -> None:
+    log = (stack.log_dir / "ws.log").read_text()
+    starts = Counter(re.findall(r"(\d+)\]\s+\[?INFO\]? Serving on fd://", log))
+    assert starts and set(starts.values()) == {1}, log[:2000]
