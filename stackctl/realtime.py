@@ -326,13 +326,22 @@ def token(user: str | None, groups: Iterable[str] = (), key: bytes | None = None
 
 def read_token(text: str, key: bytes, max_age: int) -> tuple[str | None, frozenset[str]]:
     """(user, groups) named by a valid token; raises ValueError saying why one is refused."""
+    user, groups, _ = read_token_until(text, key, max_age)
+    return user, groups
+
+
+def read_token_until(text: str, key: bytes,
+                     max_age: int) -> tuple[str | None, frozenset[str], float]:  # fmt: skip
+    """(user, groups, the time.time() at which it expires) of a valid token; raises ValueError
+    saying why one is refused."""
     try:
-        claims = _serializer(key).loads(text, max_age=max_age)
+        claims, signed_at = _serializer(key).loads(text, max_age=max_age, return_timestamp=True)
     except SignatureExpired:
         raise ValueError("the token has expired") from None
     except BadSignature:
         raise ValueError("the token's signature is not valid") from None
-    return claims.get("user"), frozenset(claims.get("groups", ()))
+    expires = signed_at.timestamp() + max_age
+    return claims.get("user"), frozenset(claims.get("groups", ())), expires
 
 
 def django_token(request: Any) -> str:

@@ -13,7 +13,7 @@ from fnmatch import fnmatchcase
 from typing import Any
 from urllib.parse import parse_qs, unquote, urlsplit
 
-from stackctl.realtime import CHANNEL_PATTERN, GROUP_PREFIX, USER_PREFIX, is_id, read_token
+from stackctl.realtime import CHANNEL_PATTERN, GROUP_PREFIX, USER_PREFIX, is_id, read_token_until
 
 MAX_CHANNELS = 32
 
@@ -47,6 +47,9 @@ class Subscription:
     """Replay what was published after this id first (a client that reconnects)."""
     user: str | None
     groups: frozenset[str] = frozenset()
+    expires: float | None = None
+    """When its token expires (time.time()); a websocket is closed then, to come back with a
+    fresh one."""
 
 
 def check_origin(environ: dict[str, Any], rules: Rules) -> None:
@@ -74,11 +77,12 @@ def parse_channels(text: str) -> tuple[str, ...]:
     return channels
 
 
-def identify(token: str | None, rules: Rules) -> tuple[str | None, frozenset[str]]:
+def identify(token: str | None, rules: Rules) -> tuple[str | None, frozenset[str], float | None]:
+    """Who a token names, and when it expires; no token: nobody, never."""
     if not token:
-        return None, frozenset()
+        return None, frozenset(), None
     try:
-        return read_token(token, rules.secret, rules.token_max_age)
+        return read_token_until(token, rules.secret, rules.token_max_age)
     except ValueError as e:
         raise Refused("403 Forbidden", str(e)) from None
 
@@ -104,6 +108,6 @@ def subscription(environ: dict[str, Any], prefix: str, rules: Rules,
     if since is not None and not is_id(since):
         raise Refused("400 Bad Request", f"since: expected a message id such as 1700000000000-0, "
                       f"got {since!r}")  # fmt: skip
-    user, groups = identify(query.get("token"), rules)
+    user, groups, expires = identify(query.get("token"), rules)
     check_allowed(channels, user, groups)
-    return Subscription(channels, since, user, groups)
+    return Subscription(channels, since, user, groups, expires)

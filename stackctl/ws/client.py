@@ -40,6 +40,8 @@ MESSAGE_TOO_BIG = 1009
 INTERNAL_ERROR = 1011
 SERVICE_RESTART = 1012
 TRY_AGAIN_LATER = 1013
+# Application-defined (4000-4999): realtime.js reconnects at once, asking for a fresh token.
+TOKEN_EXPIRED = 4401
 CLOSE_WAIT = 5.0
 READ_SIZE = 65536
 PING_FRAME = bytes(FrameProtocol(client=False, extensions=[]).ping())
@@ -50,7 +52,7 @@ READ, WRITE = 1, 2  # libev's event masks
 class Client:
     __slots__ = ("sock", "fd", "subscription", "hub", "rules", "queue_limit", "max_message",
                  "protocol", "pending", "resume", "closing", "closed", "last_heard",
-                 "incoming", "incoming_size", "reader", "writer", "on_close")  # fmt: skip
+                 "incoming", "incoming_size", "reader", "writer", "expiry", "on_close")  # fmt: skip
 
     def __init__(self, subscription: Subscription, hub: Hub, rules: Rules, queue_limit: int,
                  max_message: int) -> None:  # fmt: skip
@@ -71,6 +73,7 @@ class Client:
         self.incoming_size = 0
         self.reader: Any = None
         self.writer: Any = None
+        self.expiry: Any = None  # an event-loop timer: no greenlet per client
         self.on_close: Callable[[Client], None] | None = None
 
     # --- what the hub calls -----------------------------------------------------------------
@@ -94,11 +97,11 @@ class Client:
         if self.closed:
             return
         self.closed = self.closing = True
-        for watcher in (self.reader, self.writer):
+        for watcher in (self.reader, self.writer, self.expiry):
             if watcher is not None:
                 watcher.stop()
                 watcher.close()
-        self.reader = self.writer = None
+        self.reader = self.writer = self.expiry = None
         self.pending.clear()
         if self.sock is not None:
             self.sock.close()
@@ -203,8 +206,12 @@ class Client:
         if self.resume.caught_up:
             self.resume = None
         if not self.closed:
-            self.reader = gevent.get_hub().loop.io(self.fd, READ)
+            loop = gevent.get_hub().loop
+            self.reader = loop.io(self.fd, READ)
             self.reader.start(self._on_readable)
+            if self.subscription.expires is not None:
+                self.expiry = loop.timer(max(0.0, self.subscription.expires - time.time()))
+                self.expiry.start(self.close, TOKEN_EXPIRED, "token expired")
 
     def _on_readable(self) -> None:
         assert self.sock is not None

@@ -73,6 +73,16 @@ def answer(start_response: Any, status: str, body: bytes,
 
 def application(environ: dict[str, Any], start_response: Any) -> Iterable[bytes]:
     """Plain HTTP requests: the SSE and long-poll fallbacks; anything else wants a websocket."""
+    try:
+        return serve(environ, start_response)
+    except Exception:
+        # Logged here, without the query string: gevent would print the whole environ, and
+        # with it the client's ?token=.
+        log.exception("%s %s failed", environ.get("REQUEST_METHOD"), environ.get("PATH_INFO"))
+        return answer(start_response, "500 Internal Server Error", b"internal error\n")
+
+
+def serve(environ: dict[str, Any], start_response: Any) -> Iterable[bytes]:
     w = current_worker()
     path = environ.get("PATH_INFO", "")
     if not (path.startswith(w.sse_prefix) or path.startswith(w.poll_prefix)):
@@ -203,6 +213,14 @@ class WebSocketHandler(chaussette_gevent.CustomWSGIHandler):
     MessageClass = RequestHead
 
     def run_application(self) -> None:
+        try:
+            self._run_application()
+        except Exception:
+            # As in application(): gevent's own report would print the ?token= too.
+            log.exception("websocket handshake for %s failed", self.environ.get("PATH_INFO"))
+            self.close_connection = True
+
+    def _run_application(self) -> None:
         environ = self.environ
         if environ.get("HTTP_UPGRADE", "").lower() != "websocket":
             super().run_application()

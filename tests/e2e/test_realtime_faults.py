@@ -38,14 +38,17 @@ from tests.followers import Follower
 
 pytestmark = pytest.mark.e2e
 
+TOKEN_MAX_AGE = 4
+
 
 @pytest.fixture(scope="module")
 def stack() -> Iterator[Stack]:
     root = Path(tempfile.mkdtemp(prefix="sc", dir="/tmp"))
     stackctl("init", str(root / "site"), "--demo", cwd=root)
     with running_stack(
-        root / "site", "--workers", "1", "--set", 'ws.client_publish=["*"]'
-    ) as running:
+        root / "site", "--workers", "1", "--set", 'ws.client_publish=["*"]',
+        "--set", f"ws.token_max_age={TOKEN_MAX_AGE}",
+    ) as running:  # fmt: skip
         yield running
 
 
@@ -322,3 +325,16 @@ def test_the_worker_log_has_each_line_once(stack: Stack) -> None:
     log = (stack.log_dir / "ws.log").read_text()
     starts = Counter(re.findall(r"(\d+)\]\s+\[?INFO\]? Serving on fd://", log))
     assert starts and set(starts.values()) == {1}, log[:2000]
+
+
+def test_a_websocket_is_closed_when_its_token_expires(stack: Stack) -> None:
+    alice = token(stack, "alice")
+    with (
+        connect(ws_url(stack, "user:alice", token=alice)) as ws,
+        pytest.raises(ConnectionClosed) as closed,
+    ):
+        while True:
+            ws.recv(timeout=TOKEN_MAX_AGE + 5)
+    assert closed.value.rcvd is not None
+    assert (closed.value.rcvd.code, closed.value.rcvd.reason) == (4401, "token expired")
+    assert alice not in (stack.log_dir / "ws.log").read_text()
