@@ -25,6 +25,7 @@ import json
 import os
 import re
 import secrets
+import socket
 import sys
 import threading
 from collections.abc import Callable, Iterable, Iterator
@@ -52,6 +53,7 @@ ID_PATTERN = re.compile(r"\d{1,20}-\d{1,20}")
 USER_PREFIX, GROUP_PREFIX = "user:", "group:"
 TOKEN_SALT = "stackctl.realtime.token"
 STATE_PATH = Path(".stackctl") / "run" / "state.json"  # written by `stackctl up`
+HEALTH_PATH = "_health"  # after ws.prefix: GET /ws/_health
 
 # KEYS: stream, last-id counter. ARGV: pubsub channel, channel name, data (JSON),
 # max length, max age in ms (0: none). Returns {id, number of subscribers}. Trimming is exact
@@ -290,6 +292,38 @@ def history(connection: redis.Redis, channels: Iterable[str], since: str,
         if gap:
             gaps.append(channel)
     return Missed([text for _, text in sorted(found)], gaps)
+
+
+@dataclass(frozen=True)
+class Health:
+    """What the realtime worker says of itself."""
+
+    ok: bool
+    """True if it can deliver: its Redis listener runs and Redis answers."""
+    reason: str
+    """A few words: "delivering", or what is wrong."""
+
+
+def health(ws_socket: Path, prefix: str = "/ws/", timeout: float = 3.0) -> Health:
+    """Ask the realtime worker behind ``ws_socket`` (the unix socket Circus holds for it,
+    ``Stack.ws_socket``) whether it can deliver; no NGiNX involved. Never raises: a worker that
+    does not answer is not healthy either."""
+    request = (f"GET {prefix}{HEALTH_PATH} HTTP/1.0\r\nHost: localhost\r\n\r\n").encode()
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+            sock.settimeout(timeout)
+            sock.connect(str(ws_socket))
+            sock.sendall(request)
+            response = b""
+            while chunk := sock.recv(65536):
+                response += chunk
+    except OSError as e:
+        return Health(False, f"the realtime worker does not answer: {e}")
+    head, _, body = response.partition(b"\r\n\r\n")
+    try:
+        return Health(head.split()[1] == b"200", str(json.loads(body)["reason"]))
+    except (IndexError, ValueError, KeyError, TypeError):
+        return Health(False, f"unexpected answer from the realtime worker: {response[:80]!r}")
 
 
 # --- tokens: who a connection belongs to ---------------------------------------------------

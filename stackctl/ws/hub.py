@@ -229,6 +229,9 @@ class Hub:
         self._changed = Event()
         self._listener: gevent.Greenlet | None = None
         self._on_crash = on_crash
+        # Its own connection, short timeouts, no retry: a health check must answer quickly.
+        self._probe = redis.Redis.from_url(redis_url, socket_timeout=2, socket_connect_timeout=2,
+                                           retry=Retry(NoBackoff(), 0))  # fmt: skip
         self._replays = BoundedSemaphore(REPLAYS)  # of more than FEW_CHANNELS channels
         self._few_channel_replays = BoundedSemaphore(REPLAYS)
         self.bad_messages = 0
@@ -252,6 +255,18 @@ class Hub:
     @property
     def listening(self) -> bool:
         return self._listener is not None and not self._listener.dead
+
+    def trouble(self) -> str | None:
+        """Why this worker cannot deliver now, in a few words; None if it can."""
+        if not self.listening:
+            return "the Redis listener has stopped"
+        if not self._connected:
+            return "not subscribed to Redis (reconnecting)"
+        try:
+            self._probe.ping()
+        except redis.RedisError as e:
+            return f"Redis does not answer: {e}"
+        return None
 
     def stop(self) -> None:
         self.stopping = True

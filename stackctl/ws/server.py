@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import _socket
 import argparse
+import json
 import logging
 import os
 import resource
@@ -85,6 +86,8 @@ def application(environ: dict[str, Any], start_response: Any) -> Iterable[bytes]
 def serve(environ: dict[str, Any], start_response: Any) -> Iterable[bytes]:
     w = current_worker()
     path = environ.get("PATH_INFO", "")
+    if path == w.prefix + realtime.HEALTH_PATH:
+        return health(w, start_response)
     if not (path.startswith(w.sse_prefix) or path.startswith(w.poll_prefix)):
         return answer(start_response, "426 Upgrade Required", NOT_WEBSOCKET)
     # Counted from the start, like a websocket: a long poll holds the worker as long as one.
@@ -115,6 +118,18 @@ def serve_fallback(w: Worker, path: str, environ: dict[str, Any],
         return answer(start_response, "503 Service Unavailable", f"{e}\n".encode())
     except redis.RedisError:
         return answer(start_response, "503 Service Unavailable", BUS_DOWN)
+
+
+def health(w: Worker, start_response: Any) -> list[bytes]:
+    """200 if the worker can deliver: its Redis listener runs and Redis answers; else 503."""
+    reason = w.hub.trouble()
+    body = json.dumps({"ok": reason is None, "reason": reason or "delivering",
+                       "connections": w.connections,
+                       "skipped_messages": w.hub.bad_messages}).encode() + b"\n"  # fmt: skip
+    status = "200 OK" if reason is None else "503 Service Unavailable"
+    start_response(status, [("Content-Type", "application/json"), ("Cache-Control", "no-store"),
+                            ("Content-Length", str(len(body)))])  # fmt: skip
+    return [body]
 
 
 class EventResponse:
@@ -213,19 +228,20 @@ class WebSocketHandler(chaussette_gevent.CustomWSGIHandler):
     MessageClass = RequestHead
 
     def run_application(self) -> None:
-        try:
-            self._run_application()
-        except Exception:
-            # As in application(): gevent's own report would print the ?token= too.
-            log.exception("websocket handshake for %s failed", self.environ.get("PATH_INFO"))
-            self.close_connection = True
-
-    def _run_application(self) -> None:
-        environ = self.environ
-        if environ.get("HTTP_UPGRADE", "").lower() != "websocket":
+        if self.environ.get("HTTP_UPGRADE", "").lower() != "websocket":
             super().run_application()
             return
         self.close_connection = True
+        try:
+            self._upgrade()
+        except OSError:
+            raise  # the client went away: pywsgi drops those quietly
+        except Exception:
+            # As in application(): gevent's own report would print the ?token= too.
+            log.exception("websocket handshake for %s failed", self.environ.get("PATH_INFO"))
+
+    def _upgrade(self) -> None:
+        environ = self.environ
         w = current_worker()
         key = environ.get("HTTP_SEC_WEBSOCKET_KEY")
         if key is None or environ.get("HTTP_SEC_WEBSOCKET_VERSION") != "13":

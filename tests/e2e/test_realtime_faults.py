@@ -338,3 +338,25 @@ def test_a_websocket_is_closed_when_its_token_expires(stack: Stack) -> None:
     assert closed.value.rcvd is not None
     assert (closed.value.rcvd.code, closed.value.rcvd.reason) == (4401, "token expired")
     assert alice not in (stack.log_dir / "ws.log").read_text()
+
+
+def circusctl(stack: Stack, *args: str) -> None:
+    subprocess.run([str(Path(sys.executable).parent / "circusctl"), "--endpoint",
+                    stack.circus_endpoint, *args], check=True, capture_output=True,
+                   timeout=60)  # fmt: skip
+
+
+def test_the_worker_tells_its_health_through_nginx_and_its_socket(stack: Stack) -> None:
+    status, body = http_status(stack.url() + "ws/_health")
+    assert status == 200 and json.loads(body)["reason"] == "delivering"
+    assert realtime.health(stack.ws_socket) == realtime.Health(True, "delivering")
+    circusctl(stack, "stop", "redis")
+    try:
+        wait_for(lambda: not realtime.health(stack.ws_socket).ok, what="an unhealthy worker")
+        status, body = http_status(stack.url() + "ws/_health")
+        assert status == 503 and "Redis" in json.loads(body)["reason"]
+        assert "Redis" in realtime.health(stack.ws_socket).reason
+    finally:
+        circusctl(stack, "start", "redis")
+    wait_for(lambda: realtime.health(stack.ws_socket).ok, what="the worker to recover")
+    assert realtime.health(stack.stack_dir / "nothing.sock").ok is False
