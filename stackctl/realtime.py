@@ -39,12 +39,13 @@ from itsdangerous import BadSignature, SignatureExpired, URLSafeTimedSerializer
 from stackctl import profile
 from stackctl.errors import StackError
 from stackctl.profile import STACK_FILE
+from stackctl.settings import BY_KEY
 from stackctl.stack import Programs, plan
 
 REDIS_URL_VARIABLE = "STACKCTL_REDIS_URL"
 SECRET_FILE_VARIABLE = "STACKCTL_SECRET_FILE"
 HISTORY_VARIABLE = "STACKCTL_HISTORY"  # "<messages> <seconds>", from the profile
-DEFAULT_HISTORY = (1000, 0)
+DEFAULT_HISTORY = (BY_KEY["ws.history"].default, BY_KEY["ws.history_seconds"].default)
 CHANNEL_PREFIX = "stackctl:"
 STREAM_PREFIX = "stackctl-history:"
 LAST_ID_KEY = "stackctl-last-id"

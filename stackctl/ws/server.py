@@ -31,6 +31,7 @@ from wsproto.utilities import generate_accept_token
 
 from stackctl import realtime
 from stackctl.realtime import REDIS_URL_VARIABLE
+from stackctl.settings import BY_KEY, Setting
 from stackctl.ws.access import Refused, Rules, subscription
 from stackctl.ws.client import SERVICE_RESTART, Client
 from stackctl.ws.fallbacks import EventStream, poll_answer, poll_wait, sse_headers
@@ -45,17 +46,45 @@ NOT_WEBSOCKET = b"this endpoint speaks websocket: connect with Upgrade: websocke
 
 @dataclass
 class Worker:
-    """What the handlers need: URL prefixes, limits, rules and the hub. One per process."""
+    """What the handlers need: URL prefixes, limits, rules and the hub. One per process.
+    Its settings come from the command line, whose defaults are the profile's (see OPTIONS)."""
 
     hub: Hub
     rules: Rules
-    prefix: str = "/ws/"
-    sse_prefix: str = "/events/"
-    poll_prefix: str = "/poll/"
-    max_message: int = 65536
-    max_connections: int = 10000
-    queue_limit: int = 256
+    prefix: str
+    sse_prefix: str
+    poll_prefix: str
+    max_message: int
+    max_connections: int
+    queue_limit: int
     connections: int = 0
+
+
+# The worker's options are profile settings: each flag, default and help text comes from the
+# setting's one declaration in stackctl.settings (stackctl.render.circus passes the values).
+OPTIONS = ("ws.prefix", "ws.sse_prefix", "ws.poll_prefix", "ws.ping_interval",
+           "ws.max_message", "ws.max_connections", "ws.queue_limit", "ws.token_max_age",
+           "wsgi.graceful_timeout")  # fmt: skip
+REPEATED_OPTIONS = {"ws.allowed_origins": "--allowed-origin",
+                    "ws.client_publish": "--client-publish"}  # fmt: skip
+
+
+def option_flag(setting: Setting) -> str:
+    return "--" + setting.field.replace("_", "-")
+
+
+def parser() -> argparse.ArgumentParser:
+    options = argparse.ArgumentParser(prog="python -m stackctl.ws")
+    options.add_argument("--fd", type=int, required=True, help="listening socket held by circusd")
+    for key in OPTIONS:
+        setting = BY_KEY[key]
+        options.add_argument(option_flag(setting), type=type(setting.default),
+                             default=setting.default, help=setting.help)  # fmt: skip
+    for key, flag in REPEATED_OPTIONS.items():
+        setting = BY_KEY[key]
+        options.add_argument(flag, action="append", default=list(setting.default),
+                             help=f"{setting.help} (once per item)")  # fmt: skip
+    return options
 
 
 worker: Worker | None = None
@@ -339,20 +368,7 @@ def raise_open_files_limit() -> None:
 
 def main(argv: list[str]) -> int:
     global worker
-    parser = argparse.ArgumentParser(prog="python -m stackctl.ws")
-    parser.add_argument("--fd", type=int, required=True, help="listening socket held by circusd")
-    parser.add_argument("--prefix", default="/ws/")
-    parser.add_argument("--sse-prefix", default="/events/")
-    parser.add_argument("--poll-prefix", default="/poll/")
-    parser.add_argument("--graceful-timeout", type=int, default=30)
-    parser.add_argument("--ping-interval", type=float, default=20)
-    parser.add_argument("--max-message", type=int, default=65536)
-    parser.add_argument("--max-connections", type=int, default=10000)
-    parser.add_argument("--queue-limit", type=int, default=256)
-    parser.add_argument("--token-max-age", type=int, default=3600)
-    parser.add_argument("--allowed-origin", action="append", default=[])
-    parser.add_argument("--client-publish", action="append", default=[])
-    args = parser.parse_args(argv)
+    args = parser().parse_args(argv)
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s ws[%(process)d] %(levelname)s %(message)s"
     )

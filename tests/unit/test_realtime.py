@@ -227,3 +227,23 @@ def test_a_crashed_listener_ends_the_worker_instead_of_leaving_it_deaf() -> None
     hub.stop()
     assert [str(e) for e in crashed] == ["a bug"]
     assert not hub.listening
+
+
+def test_the_worker_options_are_the_profile_settings() -> None:
+    from stackctl.settings import BY_KEY
+    from stackctl.ws import server
+
+    options = server.parser()
+    defaults = vars(options.parse_args(["--fd", "3"]))
+    helps = {action.dest: action.help for action in options._actions}
+    for key in server.OPTIONS:
+        setting = BY_KEY[key]
+        assert defaults[setting.field] == setting.default, key
+        assert helps[setting.field] == setting.help, key
+    assert defaults["client_publish"] == list(BY_KEY["ws.client_publish"].default)
+    history = (BY_KEY["ws.history"].default, BY_KEY["ws.history_seconds"].default)
+    assert history == realtime.DEFAULT_HISTORY
+    # Every ws.* setting reaches the worker: as an option, or (the history) through Circus's
+    # environment.
+    passed = {*server.OPTIONS, *server.REPEATED_OPTIONS, "ws.history", "ws.history_seconds"}
+    assert {key for key in BY_KEY if key.startswith("ws.")} <= passed
