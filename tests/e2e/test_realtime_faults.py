@@ -39,6 +39,7 @@ from tests.followers import Follower
 pytestmark = pytest.mark.e2e
 
 TOKEN_MAX_AGE = 4
+HISTORY = 1000  # the default
 
 
 @pytest.fixture(scope="module")
@@ -125,7 +126,7 @@ class Publisher(threading.Thread):
         n = 0
         while not self.done.wait(0.1):
             try:
-                realtime.publish_json(connection, self.channels[n % 2], str(n), (1000, 0))
+                realtime.publish_json(connection, self.channels[n % 2], str(n), (HISTORY, 0))
                 self.acknowledged.append(n)
             except redis.RedisError:
                 self.failed += 1
@@ -197,7 +198,7 @@ def http_status(url: str, headers: dict[str, str] | None = None) -> tuple[int, s
     try:
         with urllib.request.urlopen(urllib.request.Request(url, headers=headers or {}),
                                     timeout=30) as response:  # fmt: skip
-            return response.status, response.read(200).decode()
+            return response.status, response.read().decode()
     except urllib.error.HTTPError as refused:
         with refused:
             return refused.code, refused.read().decode()
@@ -230,17 +231,48 @@ def redis_envelope(stack: Stack, channel: str) -> str:
         return str(ws.recv(timeout=5))
 
 
-def test_a_crowd_replaying_32_channels_leaves_the_bus_to_the_others(stack: Stack) -> None:
-    channels = [f"c{n}" for n in range(1, 33)]
-    bus = redis.Redis.from_url(stack.redis_url)
-    publish(stack, "c1", "loads the publish script")
-    pipe = bus.pipeline(transaction=False)
-    for n in range(CROWD_HISTORY):
+def publish_many(stack: Stack, channels: list[str], count: int, history: int = HISTORY) -> None:
+    """Publish 0 to count - 1 on each channel, in one round trip to Redis."""
+    publish(stack, channels[0], "loads the publish script")
+    pipe = redis.Redis.from_url(stack.redis_url).pipeline(transaction=False)
+    for n in range(count):
         for channel in channels:
             pipe.evalsha(realtime.PUBLISH_SHA, 2, realtime.stream_key(channel),
                          realtime.LAST_ID_KEY, realtime.redis_key(channel), channel,
-                         json.dumps({"n": n}), 1000, 0, 0)  # fmt: skip
+                         json.dumps(n), history, 0, 0)  # fmt: skip
     pipe.execute()
+
+
+def test_what_the_history_lost_during_an_outage_is_told_as_a_gap(short_tmp: Path) -> None:
+    stackctl("init", str(short_tmp / "site"), "--demo", cwd=short_tmp)
+    short = 20
+    with (
+        running_stack(short_tmp / "site", "--set", f"ws.history={short}") as small,
+        connect(ws_url(small, "lapse")) as ws,
+    ):
+        publish(small, "lapse", "before")
+        assert data_of(ws.recv(timeout=5)) == "before"
+        answers: list[tuple[int, str]] = []
+        poll = threading.Thread(target=lambda: answers.append(http_status(
+            small.url() + "poll/lapse?timeout=30")))  # fmt: skip
+        poll.start()
+        time.sleep(0.5)  # the long poll is waiting
+        # Cut the worker's subscription (Redis stays up): what is published before it
+        # subscribes again (it waits at least 50 ms) reaches it only through the history.
+        redis.Redis.from_url(small.redis_url).client_kill_filter(_type="pubsub")
+        publish_many(small, ["lapse"], short + 10, short)
+        notice = json.loads(ws.recv(timeout=10))
+        got = [data_of(ws.recv(timeout=10)) for _ in range(short)]
+        poll.join(timeout=40)
+    assert notice == {"channel": "lapse", "gap": True}
+    assert got == list(range(10, short + 10))
+    ((status, body),) = answers
+    assert status == 200 and json.loads(body)["gaps"] == ["lapse"]
+
+
+def test_a_crowd_replaying_32_channels_leaves_the_bus_to_the_others(stack: Stack) -> None:
+    channels = [f"c{n}" for n in range(1, 33)]
+    publish_many(stack, channels, CROWD_HISTORY)
     since = json.loads(redis_envelope(stack, "quiet"))["id"]
     publish(stack, "quiet", "missed")
     crowd_url = stack.url() + f"poll/{','.join(channels)}?since=0-0&timeout=0"
