@@ -1,7 +1,9 @@
 """Publishing events to websocket, SSE and long-poll clients, from the app or from any process.
 
 The WSGI workers get ``STACKCTL_REDIS_URL`` (and the rest) from Circus; another process (a cron
-job, a management command) gets them from ``eval "$(stackctl env)"``. Safe to call from any
+job, ``manage.py shell``, a management command) finds the running stack from its working
+directory upwards, or from Django's ``settings.BASE_DIR``. The variables, set by hand or by
+``eval "$(stackctl env)"``, take precedence. Safe to call from any
 thread: redis-py's connection pool hands each caller its own connection.
 
 Every message goes into a capped Redis stream per channel *and* out to the live subscribers,
@@ -17,11 +19,14 @@ Channels: ``news`` is a broadcast channel anyone may follow; ``user:<name>`` and
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
 import re
 import secrets
+import socket
+import sys
 import threading
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
@@ -31,12 +36,16 @@ from typing import Any
 import redis
 from itsdangerous import BadSignature, SignatureExpired, URLSafeTimedSerializer
 
+from stackctl import profile
 from stackctl.errors import StackError
+from stackctl.profile import STACK_FILE
+from stackctl.settings import BY_KEY
+from stackctl.stack import Programs, plan
 
 REDIS_URL_VARIABLE = "STACKCTL_REDIS_URL"
 SECRET_FILE_VARIABLE = "STACKCTL_SECRET_FILE"
 HISTORY_VARIABLE = "STACKCTL_HISTORY"  # "<messages> <seconds>", from the profile
-DEFAULT_HISTORY = (1000, 0)
+DEFAULT_HISTORY = (BY_KEY["ws.history"].default, BY_KEY["ws.history_seconds"].default)
 CHANNEL_PREFIX = "stackctl:"
 STREAM_PREFIX = "stackctl-history:"
 LAST_ID_KEY = "stackctl-last-id"
@@ -44,6 +53,8 @@ CHANNEL_PATTERN = re.compile(r"[A-Za-z0-9_.:-]{1,200}")
 ID_PATTERN = re.compile(r"\d{1,20}-\d{1,20}")
 USER_PREFIX, GROUP_PREFIX = "user:", "group:"
 TOKEN_SALT = "stackctl.realtime.token"
+STATE_PATH = Path(".stackctl") / "run" / "state.json"  # written by `stackctl up`
+HEALTH_PATH = "_health"  # after ws.prefix: GET /ws/_health
 
 # KEYS: stream, last-id counter. ARGV: pubsub channel, channel name, data (JSON),
 # max length, max age in ms (0: none). Returns {id, number of subscribers}. Trimming is exact
@@ -109,14 +120,70 @@ def id_key(message_id: str) -> tuple[int, int]:
     return int(ms), int(seq)
 
 
+def is_id(text: str) -> bool:
+    """True for text that Redis takes as a stream id: two unsigned 64-bit numbers."""
+    return bool(ID_PATTERN.fullmatch(text)) and max(id_key(text)) < 2**64
+
+
+class UnknownId(ValueError):
+    """A client resumes from an id after the last one issued: it cannot have seen it here."""
+
+    def __init__(self, since: str, last: str) -> None:
+        super().__init__(f"since: {since} is after the last message id, {last}")
+
+
 def _environment(variable: str) -> str:
-    value = os.environ.get(variable)
+    value = os.environ.get(variable) or stack_environment().get(variable)
     if not value:
         raise StackError(
-            f"{variable} is not set: run this under the stack, or first "
-            '`eval "$(stackctl env)"` in the stack directory'
+            f"{variable} is not set and no running stack was found from {Path.cwd()} upwards"
+            f"{_django_base_dir_hint()}: run this in the stack's directory (or below it), "
+            'or first `eval "$(stackctl env)"` there'
         )
     return value
+
+
+def find_stack(start: Path) -> Path | None:
+    """The stack that ``start`` is in, as git finds a repository: the first of ``start`` and
+    its parents holding stack.toml and the state of a stack that ``stackctl up`` started."""
+    for directory in (start, *start.parents):
+        if (directory / STACK_FILE).is_file() and (directory / STATE_PATH).is_file():
+            return directory
+    return None
+
+
+def stack_environment() -> dict[str, str]:
+    """The variables the stack gives its workers, for a process it did not start (a shell,
+    a cron job, a management command): found from the working directory, else from Django's
+    ``settings.BASE_DIR``; empty if neither is in a running stack."""
+    for start in (Path.cwd(), _django_base_dir()):
+        stack_dir = find_stack(start.resolve()) if start is not None else None
+        if stack_dir is not None:
+            state = stack_dir / STATE_PATH
+            return _running_environment(stack_dir, state.stat().st_mtime_ns)
+    return {}
+
+
+@functools.cache
+def _running_environment(stack_dir: Path, state_mtime: int) -> dict[str, str]:
+    """Cached for as long as the stack runs with the same state (``up`` rewrites it)."""
+    state = json.loads((stack_dir / STATE_PATH).read_text())
+    loaded = profile.load(stack_dir, state["profile"], [tuple(p) for p in state["overrides"]])
+    programs = Programs(circusd="", nginx="", uwsgi="", python=sys.executable, redis_server=None)
+    return plan(loaded, programs).worker_env()
+
+
+def _django_base_dir() -> Path | None:
+    django = sys.modules.get("django.conf")  # only if the process already uses Django
+    if django is None or not django.settings.configured:
+        return None
+    base_dir = getattr(django.settings, "BASE_DIR", None)
+    return Path(base_dir) if base_dir else None
+
+
+def _django_base_dir_hint() -> str:
+    base_dir = _django_base_dir()
+    return f" nor from Django's BASE_DIR {base_dir}" if base_dir else ""
 
 
 def redis_url() -> str:
@@ -133,7 +200,7 @@ def client(url: str | None = None) -> redis.Redis:
 
 def history_limits() -> tuple[int, int]:
     """(messages, seconds) kept per channel for clients that reconnect."""
-    text = os.environ.get(HISTORY_VARIABLE)
+    text = os.environ.get(HISTORY_VARIABLE) or stack_environment().get(HISTORY_VARIABLE)
     if not text:
         return DEFAULT_HISTORY
     length, seconds = text.split()
@@ -186,20 +253,32 @@ class Missed:
 
 def history(connection: redis.Redis, channels: Iterable[str], since: str,
             limits: tuple[int, int]) -> Missed:  # fmt: skip
-    """What was published on ``channels`` after the id ``since``, kept as ``limits`` say."""
+    """What was published on ``channels`` after the id ``since``, kept as ``limits`` say;
+    :class:`UnknownId` if ``since`` is after the last id issued."""
     length, seconds = limits
-    now_s, now_us = connection.time()  # the clock the ids come from
+    channels = list(channels)
+    # One transaction: the histories of all channels as they were at one instant. A reader
+    # that skips live messages up to the newest id it replayed relies on that: with one read
+    # per channel, a message on a channel read early could be older than one read later, and
+    # be neither replayed nor delivered.
+    pipe = connection.pipeline(transaction=True)
+    pipe.time()  # the clock the ids come from
+    pipe.get(LAST_ID_KEY)
+    for channel in channels:
+        key = stream_key(channel)
+        pipe.exists(key)
+        # Newest first: one more than the history holds means the client missed more than it.
+        pipe.xrevrange(key, min=f"({since}", count=length + 1)
+    (now_s, now_us), last, *replies = pipe.execute()
+    last_id = last.decode() if last else "0-0"
+    if id_key(since) > id_key(last_id):
+        # Replaying from it would skip whatever comes until the ids reach it.
+        raise UnknownId(since, last_id)
     now_ms = int(now_s) * 1000 + int(now_us) // 1000
     oldest_kept = (now_ms - seconds * 1000, 0)
     found: list[tuple[tuple[int, int], str]] = []
     gaps = []
-    for channel in channels:
-        key = stream_key(channel)
-        pipe = connection.pipeline(transaction=False)
-        pipe.exists(key)
-        # Newest first: one more than the history holds means the client missed more than it.
-        pipe.xrevrange(key, min=f"({since}", count=length + 1)
-        exists, entries = pipe.execute()
+    for channel, exists, entries in zip(channels, replies[::2], replies[1::2], strict=True):
         gap = len(entries) > length
         if not exists and seconds:
             # Gone after a day without a message: if the client's last id is older, there
@@ -214,6 +293,38 @@ def history(connection: redis.Redis, channels: Iterable[str], since: str,
         if gap:
             gaps.append(channel)
     return Missed([text for _, text in sorted(found)], gaps)
+
+
+@dataclass(frozen=True)
+class Health:
+    """What the realtime worker says of itself."""
+
+    ok: bool
+    """True if it can deliver: its Redis listener runs and Redis answers."""
+    reason: str
+    """A few words: "delivering", or what is wrong."""
+
+
+def health(ws_socket: Path, prefix: str = "/ws/", timeout: float = 3.0) -> Health:
+    """Ask the realtime worker behind ``ws_socket`` (the unix socket Circus holds for it,
+    ``Stack.ws_socket``) whether it can deliver; no NGiNX involved. Never raises: a worker that
+    does not answer is not healthy either."""
+    request = (f"GET {prefix}{HEALTH_PATH} HTTP/1.0\r\nHost: localhost\r\n\r\n").encode()
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+            sock.settimeout(timeout)
+            sock.connect(str(ws_socket))
+            sock.sendall(request)
+            response = b""
+            while chunk := sock.recv(65536):
+                response += chunk
+    except OSError as e:
+        return Health(False, f"the realtime worker does not answer: {e}")
+    head, _, body = response.partition(b"\r\n\r\n")
+    try:
+        return Health(head.split()[1] == b"200", str(json.loads(body)["reason"]))
+    except (IndexError, ValueError, KeyError, TypeError):
+        return Health(False, f"unexpected answer from the realtime worker: {response[:80]!r}")
 
 
 # --- tokens: who a connection belongs to ---------------------------------------------------
@@ -250,13 +361,22 @@ def token(user: str | None, groups: Iterable[str] = (), key: bytes | None = None
 
 def read_token(text: str, key: bytes, max_age: int) -> tuple[str | None, frozenset[str]]:
     """(user, groups) named by a valid token; raises ValueError saying why one is refused."""
+    user, groups, _ = read_token_until(text, key, max_age)
+    return user, groups
+
+
+def read_token_until(text: str, key: bytes,
+                     max_age: int) -> tuple[str | None, frozenset[str], float]:  # fmt: skip
+    """(user, groups, the time.time() at which it expires) of a valid token; raises ValueError
+    saying why one is refused."""
     try:
-        claims = _serializer(key).loads(text, max_age=max_age)
+        claims, signed_at = _serializer(key).loads(text, max_age=max_age, return_timestamp=True)
     except SignatureExpired:
         raise ValueError("the token has expired") from None
     except BadSignature:
         raise ValueError("the token's signature is not valid") from None
-    return claims.get("user"), frozenset(claims.get("groups", ()))
+    expires = signed_at.timestamp() + max_age
+    return claims.get("user"), frozenset(claims.get("groups", ())), expires
 
 
 def django_token(request: Any) -> str:

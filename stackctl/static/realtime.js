@@ -3,6 +3,7 @@
 // worker or a lost network costs the page nothing.
 //
 //   const feed = new StackctlFeed(["news", "user:alice"], {
+//     // Called at each (re)connection: the server closes a connection when its token expires.
 //     token: () => fetch("/realtime-token").then((r) => r.json()).then((j) => j.token),
 //     onmessage: (data, message) => console.log(message.channel, message.id, data),
 //     // Some of what was missed while away is older than the history keeps: fetch afresh.
@@ -10,6 +11,8 @@
 //   });
 //   feed.publish("chat", {text: "hi"});   // only to channels the profile opens to clients
 "use strict";
+
+const TOKEN_EXPIRED = 4401;
 
 class StackctlFeed {
   constructor(channels, options = {}) {
@@ -65,7 +68,15 @@ class StackctlFeed {
       this.onmessage(message.data, message);
     };
     socket.onclose = (event) => {
-      if (!this.closed) this.retry(`closed (${event.code})`);
+      if (this.closed) return;
+      if (event.code === TOKEN_EXPIRED) {
+        // The server ends a connection when its token expires: come back at once, with a
+        // fresh token if `token` is a function (it is called at each connection).
+        this.onstatus("token expired; reconnecting");
+        this.connect();
+        return;
+      }
+      this.retry(`closed (${event.code})`);
     };
   }
 

@@ -13,7 +13,7 @@ from fnmatch import fnmatchcase
 from typing import Any
 from urllib.parse import parse_qs, unquote, urlsplit
 
-from stackctl.realtime import CHANNEL_PATTERN, GROUP_PREFIX, ID_PATTERN, USER_PREFIX, read_token
+from stackctl.realtime import CHANNEL_PATTERN, GROUP_PREFIX, USER_PREFIX, is_id, read_token_until
 
 MAX_CHANNELS = 32
 
@@ -46,6 +46,10 @@ class Subscription:
     since: str | None
     """Replay what was published after this id first (a client that reconnects)."""
     user: str | None
+    groups: frozenset[str] = frozenset()
+    expires: float | None = None
+    """When its token expires (time.time()); a websocket is closed then, to come back with a
+    fresh one."""
 
 
 def check_origin(environ: dict[str, Any], rules: Rules) -> None:
@@ -73,11 +77,12 @@ def parse_channels(text: str) -> tuple[str, ...]:
     return channels
 
 
-def identify(token: str | None, rules: Rules) -> tuple[str | None, frozenset[str]]:
+def identify(token: str | None, rules: Rules) -> tuple[str | None, frozenset[str], float | None]:
+    """Who a token names, and when it expires; no token: nobody, never."""
     if not token:
-        return None, frozenset()
+        return None, frozenset(), None
     try:
-        return read_token(token, rules.secret, rules.token_max_age)
+        return read_token_until(token, rules.secret, rules.token_max_age)
     except ValueError as e:
         raise Refused("403 Forbidden", str(e)) from None
 
@@ -100,9 +105,9 @@ def subscription(environ: dict[str, Any], prefix: str, rules: Rules,
     channels = parse_channels(path[len(prefix) :])
     query = {k: v[-1] for k, v in parse_qs(environ.get("QUERY_STRING", "")).items()}
     since = last_event_id or query.get("since")
-    if since is not None and not ID_PATTERN.fullmatch(since):
+    if since is not None and not is_id(since):
         raise Refused("400 Bad Request", f"since: expected a message id such as 1700000000000-0, "
                       f"got {since!r}")  # fmt: skip
-    user, groups = identify(query.get("token"), rules)
+    user, groups, expires = identify(query.get("token"), rules)
     check_allowed(channels, user, groups)
-    return Subscription(channels, since, user)
+    return Subscription(channels, since, user, groups, expires)

@@ -29,16 +29,19 @@ from wsproto.events import CloseConnection, Message, Ping, TextMessage
 from wsproto.frame_protocol import FrameProtocol
 from wsproto.utilities import ProtocolError
 
-from stackctl.realtime import CHANNEL_PATTERN
-from stackctl.ws.access import Rules, Subscription
-from stackctl.ws.hub import Delivery, Hub, Resume, encode_text_frame
+from stackctl.realtime import CHANNEL_PATTERN, UnknownId
+from stackctl.ws.access import Refused, Rules, Subscription, check_allowed
+from stackctl.ws.hub import Busy, Delivery, Hub, Resume, encode_text_frame
 
 log = logging.getLogger("stackctl.ws")
 
+POLICY_VIOLATION = 1008
 MESSAGE_TOO_BIG = 1009
 INTERNAL_ERROR = 1011
 SERVICE_RESTART = 1012
 TRY_AGAIN_LATER = 1013
+# Application-defined (4000-4999): realtime.js reconnects at once, asking for a fresh token.
+TOKEN_EXPIRED = 4401
 CLOSE_WAIT = 5.0
 READ_SIZE = 65536
 PING_FRAME = bytes(FrameProtocol(client=False, extensions=[]).ping())
@@ -49,7 +52,7 @@ READ, WRITE = 1, 2  # libev's event masks
 class Client:
     __slots__ = ("sock", "fd", "subscription", "hub", "rules", "queue_limit", "max_message",
                  "protocol", "pending", "resume", "closing", "closed", "last_heard",
-                 "incoming", "incoming_size", "reader", "writer", "on_close")  # fmt: skip
+                 "incoming", "incoming_size", "reader", "writer", "expiry", "on_close")  # fmt: skip
 
     def __init__(self, subscription: Subscription, hub: Hub, rules: Rules, queue_limit: int,
                  max_message: int) -> None:  # fmt: skip
@@ -70,6 +73,7 @@ class Client:
         self.incoming_size = 0
         self.reader: Any = None
         self.writer: Any = None
+        self.expiry: Any = None  # an event-loop timer: no greenlet per client
         self.on_close: Callable[[Client], None] | None = None
 
     # --- what the hub calls -----------------------------------------------------------------
@@ -93,11 +97,11 @@ class Client:
         if self.closed:
             return
         self.closed = self.closing = True
-        for watcher in (self.reader, self.writer):
+        for watcher in (self.reader, self.writer, self.expiry):
             if watcher is not None:
                 watcher.stop()
                 watcher.close()
-        self.reader = self.writer = None
+        self.reader = self.writer = self.expiry = None
         self.pending.clear()
         if self.sock is not None:
             self.sock.close()
@@ -192,14 +196,22 @@ class Client:
         try:
             self.resume.replay(self.hub, self.subscription.channels,
                                lambda delivery: self.send_frame(delivery.ws_frame))  # fmt: skip
+        except UnknownId as e:
+            self.close(POLICY_VIOLATION, str(e))
+        except Busy as e:
+            self.close(TRY_AGAIN_LATER, str(e))
         except redis.RedisError as e:
             log.warning("replay failed: %s", e)
             self.close(INTERNAL_ERROR, "history unavailable, reconnect")
         if self.resume.caught_up:
             self.resume = None
         if not self.closed:
-            self.reader = gevent.get_hub().loop.io(self.fd, READ)
+            loop = gevent.get_hub().loop
+            self.reader = loop.io(self.fd, READ)
             self.reader.start(self._on_readable)
+            if self.subscription.expires is not None:
+                self.expiry = loop.timer(max(0.0, self.subscription.expires - time.time()))
+                self.expiry.start(self.close, TOKEN_EXPIRED, "token expired")
 
     def _on_readable(self) -> None:
         assert self.sock is not None
@@ -221,7 +233,12 @@ class Client:
             self.abort()
 
     def _handle(self, event: Any) -> None:
-        if isinstance(event, Ping) or (
+        if isinstance(event, Ping):
+            # Through the queue's limit: a client that pings and never reads would otherwise
+            # grow the worker by a pong per ping. No pong once our close frame is queued.
+            if not self.closing:
+                self.send_frame(self.protocol.send(event.response()))
+        elif (
             isinstance(event, CloseConnection)
             and self.protocol.state == ConnectionState.REMOTE_CLOSING
         ):
@@ -252,11 +269,22 @@ class Client:
             self._tell("not a channel name")
         elif not self.rules.may_publish(channel):
             self._tell(f"clients may not publish to {channel!r}")
+        elif refusal := self._private(channel):
+            self._tell(refusal)
         else:
             try:
                 self.hub.publish(channel, json.dumps(data))
             except redis.RedisError:
                 self._tell("the message bus is not reachable; not published")
+
+    def _private(self, channel: str) -> str | None:
+        """Why this connection may not publish to ``channel``, if it may not follow it either:
+        a pattern such as "*" opens channels to clients, never someone else's private ones."""
+        try:
+            check_allowed((channel,), self.subscription.user, self.subscription.groups)
+        except Refused as e:
+            return e.reason
+        return None
 
     def _tell(self, error: str) -> None:
         self.send_frame(encode_text_frame(json.dumps({"error": error})))

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Iterator
+from collections.abc import Generator
 from typing import Any
 from urllib.parse import parse_qs
 
@@ -21,7 +21,7 @@ from gevent.queue import Full, Queue
 
 from stackctl.realtime import Missed
 from stackctl.ws.access import Subscription
-from stackctl.ws.hub import Delivery, Hub, Resume
+from stackctl.ws.hub import Delivery, GapNotice, Hub, Resume
 
 POLL_WAIT_DEFAULT, POLL_WAIT_MAX = 25.0, 55.0
 SSE_RETRY_MS = 2000
@@ -58,20 +58,20 @@ class EventStream:
         except Full:
             self.abort()
 
-    def events(self, hub: Hub, subscription: Subscription) -> Iterator[bytes]:
-        try:
-            yield f"retry: {SSE_RETRY_MS}\n\n".encode()
-            # The replay is written out as one piece, not through the queue: it may be larger
-            # than the queue's limit, and a client cut off during it would ask for it again.
-            replayed: list[bytes] = []
-            self.resume.replay(hub, subscription.channels,
-                               lambda delivery: replayed.append(delivery.sse_event))  # fmt: skip
-            if replayed:
-                yield b"".join(replayed)
-            while (chunk := self.queue.get()) is not _END:
-                yield chunk
-        finally:
-            hub.leave(subscription.channels, self)
+    def catch_up(self, hub: Hub, subscription: Subscription) -> bytes:
+        """What the client missed, as one piece (not through the queue: it may be larger than
+        the queue's limit, and a client cut off during it would ask for it again)."""
+        replayed: list[bytes] = []
+        self.resume.replay(hub, subscription.channels,
+                           lambda delivery: replayed.append(delivery.sse_event))  # fmt: skip
+        return b"".join(replayed)
+
+    def events(self, replayed: bytes) -> Generator[bytes, None, None]:
+        yield f"retry: {SSE_RETRY_MS}\n\n".encode()
+        if replayed:
+            yield replayed
+        while (chunk := self.queue.get()) is not _END:
+            yield chunk
 
 
 class PollWaiter:
@@ -79,11 +79,15 @@ class PollWaiter:
 
     def __init__(self) -> None:
         self.received: list[Delivery] = []
+        self.gaps: list[str] = []
         self.arrived = Event()
         self.last_heard = time.monotonic()
 
     def deliver(self, delivery: Delivery) -> None:
-        self.received.append(delivery)
+        if isinstance(delivery, GapNotice):  # the worker lost Redis longer than history keeps
+            self.gaps.append(delivery.channel)
+        else:
+            self.received.append(delivery)
         self.arrived.set()
 
     def keepalive(self) -> None:
@@ -109,17 +113,17 @@ def poll_answer(hub: Hub, subscription: Subscription, wait: float) -> bytes:
     try:
         since = subscription.since
         missed = hub.history(subscription.channels, since) if since else Missed([], [])
-        texts = missed.envelopes
+        texts, gaps = missed.envelopes, missed.gaps
         # What arrives live from now is in the history too: the next poll gets it.
-        if not (texts or missed.gaps) and waiter.arrived.wait(wait):
-            texts = [d.text for d in waiter.received]
+        if not (texts or gaps) and waiter.arrived.wait(wait):
+            texts, gaps = [d.text for d in waiter.received], waiter.gaps
     finally:
         hub.leave(subscription.channels, waiter)
     last_id = Delivery(texts[-1]).id if texts else subscription.since
     return (
         b'{"messages":[' + ",".join(texts).encode() + b'],"last_id":'
         + (f'"{last_id}"' if last_id else "null").encode()
-        + b',"gaps":' + json.dumps(missed.gaps).encode() + b"}"
+        + b',"gaps":' + json.dumps(gaps).encode() + b"}"
     )
 
 
@@ -130,4 +134,3 @@ def sse_headers() -> list[tuple[str, str]]:
         # NGiNX would otherwise buffer the stream.
         ("X-Accel-Buffering", "no"),
     ]
-

@@ -12,16 +12,21 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import random
 import time
 from collections import defaultdict
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Any, Protocol
 
 import gevent
 import redis
 from gevent.event import Event
+from gevent.lock import BoundedSemaphore
+from redis.backoff import NoBackoff
+from redis.retry import Retry
 from wsproto.frame_protocol import FrameProtocol
 
 from stackctl import realtime
@@ -32,9 +37,28 @@ log = logging.getLogger("stackctl.ws")
 # Keeps the subscription open while no client listens, so that get_message() can block.
 IDLE_CHANNEL = CHANNEL_PREFIX + "_idle"
 # Replay and client publishing share a few connections, whatever the number of clients.
-SIDE_CONNECTIONS = 4
+SIDE_CONNECTIONS = 6
+# Replays for clients at once, in two lanes of REPLAYS each: a crowd catching up on many
+# channels waits in its own lane, so that it neither takes the connections that publishing
+# and the recovery after a lost subscription need, nor holds up the clients of a few channels.
+REPLAYS = 2
+FEW_CHANNELS = 4
+REPLAY_WAIT = 30.0
 POLL = 0.05
 BACKOFF_MIN, BACKOFF_MAX = 0.1, 5.0
+# Skipped messages are logged at most this often: a flood of them must not flood the log.
+BAD_MESSAGE_LOG_INTERVAL = 60.0
+CRASH_EXIT_STATUS = 70  # EX_SOFTWARE: Circus starts a fresh worker
+
+
+def exit_process(greenlet: gevent.Greenlet) -> None:
+    """A long-lived greenlet died: a worker that no longer hears Redis (or pings nobody) would
+    still accept clients and serve them nothing. End the process instead; Circus starts a new
+    one and the clients resume from their last id."""
+    log.critical("%s crashed (%r); exiting so that a fresh worker takes over",
+                 getattr(greenlet, "name", "a greenlet"), greenlet.exception)  # fmt: skip
+    logging.shutdown()
+    os._exit(CRASH_EXIT_STATUS)
 
 
 def encode_text_frame(text: str) -> bytes:
@@ -46,6 +70,25 @@ class Delivery:
 
     def __init__(self, text: str) -> None:
         self.text = text  # the JSON envelope: {"id": ..., "channel": ..., "data": ...}
+
+    @classmethod
+    def from_bus(cls, text: str) -> Delivery | None:
+        """A message as it came from Redis, or None if it is not an envelope with a valid id.
+
+        Anyone who can reach Redis can publish on a ``stackctl:`` channel; what did not come
+        from :func:`stackctl.realtime.publish` must not reach (or break) the clients.
+        """
+        if "\n" in text or "\r" in text:  # would break the framing of a Server-Sent Event
+            return None
+        try:
+            message_id = json.loads(text)["id"]
+        except (ValueError, TypeError, KeyError):
+            return None
+        if not isinstance(message_id, str) or not realtime.ID_PATTERN.fullmatch(message_id):
+            return None
+        delivery = cls(text)
+        vars(delivery)["id"] = message_id  # what cached_property would store: no second parse
+        return delivery
 
     @cached_property
     def id(self) -> str:
@@ -71,6 +114,7 @@ class GapNotice(Delivery):
 
     def __init__(self, channel: str) -> None:
         super().__init__(realtime.gap_notice(channel))
+        self.channel = channel
 
     @cached_property
     def sse_event(self) -> bytes:
@@ -113,6 +157,8 @@ class Resume:
         if self.held is not None:
             self.held.append(delivery)
             return False
+        if isinstance(delivery, GapNotice):
+            return True
         if self.sent_up_to is not None:
             if delivery.key <= self.sent_up_to:
                 return False
@@ -142,9 +188,36 @@ class Resume:
                 send(delivery)
 
 
+@dataclass
+class Recovery:
+    """What a lost subscription owes its members: everything published after ``since`` on
+    the channels they followed then. Live messages are held until the replay is done."""
+
+    since: str
+    members: dict[str, set[Member]]
+    held: list[tuple[str, Delivery]] = field(default_factory=list)
+
+    def resubscribed(self, hub: Hub) -> bool:
+        """True once Redis confirmed again every channel that is still followed."""
+        events = (hub.ready.get(channel) for channel in self.members if channel in hub.members)
+        return all(event is None or event.is_set() for event in events)
+
+    def listening(self, hub: Hub, channel: str) -> set[Member]:
+        """Members that followed ``channel`` before the outage and still do."""
+        return self.members.get(channel, set()) & hub.members.get(channel, set())
+
+    def newcomers(self, hub: Hub, channel: str) -> set[Member]:
+        return hub.members.get(channel, set()) - self.members.get(channel, set())
+
+
+class Busy(Exception):
+    """Too many clients are catching up at once: this one waited its turn for too long."""
+
+
 class Hub:
     def __init__(self, redis_url: str, ping_interval: float,
-                 history_limits: tuple[int, int] = realtime.DEFAULT_HISTORY) -> None:  # fmt: skip
+                 history_limits: tuple[int, int] = realtime.DEFAULT_HISTORY,
+                 on_crash: Callable[[gevent.Greenlet], None] = exit_process) -> None:  # fmt: skip
         self.redis_url = redis_url
         self.ping_interval = ping_interval
         self.history_limits = history_limits
@@ -155,10 +228,45 @@ class Hub:
         self.stopping = False
         self._changed = Event()
         self._listener: gevent.Greenlet | None = None
+        self._on_crash = on_crash
+        # Its own connection, short timeouts, no retry: a health check must answer quickly.
+        self._probe = redis.Redis.from_url(redis_url, socket_timeout=2, socket_connect_timeout=2,
+                                           retry=Retry(NoBackoff(), 0))  # fmt: skip
+        self._replays = BoundedSemaphore(REPLAYS)  # of more than FEW_CHANNELS channels
+        self._few_channel_replays = BoundedSemaphore(REPLAYS)
+        self.bad_messages = 0
+        self.position: str | None = None  # the id of the last message fanned out
+        self._recovery: Recovery | None = None
+        self._connected = False
+        self._bad_unlogged = 0
+        self._bad_logged_at = -BAD_MESSAGE_LOG_INTERVAL
 
     def start(self) -> None:
-        self._listener = gevent.spawn(self._listen_forever)
-        gevent.spawn(self._ping_forever)
+        self._listener = self._spawn_for_life(self._listen_forever, "the Redis listener")
+        self._spawn_for_life(self._ping_forever, "the pinger")
+
+    def _spawn_for_life(self, run: Callable[[], None], name: str) -> gevent.Greenlet:
+        greenlet = gevent.Greenlet(run)
+        greenlet.name = name
+        greenlet.link_exception(self._on_crash)
+        greenlet.start()
+        return greenlet
+
+    @property
+    def listening(self) -> bool:
+        return self._listener is not None and not self._listener.dead
+
+    def trouble(self) -> str | None:
+        """Why this worker cannot deliver now, in a few words; None if it can."""
+        if not self.listening:
+            return "the Redis listener has stopped"
+        if not self._connected:
+            return "not subscribed to Redis (reconnecting)"
+        try:
+            self._probe.ping()
+        except redis.RedisError as e:
+            return f"Redis does not answer: {e}"
+        return None
 
     def stop(self) -> None:
         self.stopping = True
@@ -190,8 +298,16 @@ class Hub:
                 self._changed.set()
 
     def history(self, channels: Iterable[str], since: str) -> realtime.Missed:
-        """What was published on ``channels`` after ``since``, and where the history fell short."""
-        return realtime.history(self._side, channels, since, self.history_limits)
+        """What was published on ``channels`` after ``since``, and where the history fell short;
+        one client's replay, in turn with the others'."""
+        channels = list(channels)
+        lane = self._few_channel_replays if len(channels) <= FEW_CHANNELS else self._replays
+        if not lane.acquire(timeout=REPLAY_WAIT):
+            raise Busy("too many clients are catching up at once; try again")
+        try:
+            return realtime.history(self._side, channels, since, self.history_limits)
+        finally:
+            lane.release()
 
     def publish(self, channel: str, data_json: str) -> None:
         realtime.publish_json(self._side, channel, data_json, self.history_limits)
@@ -210,8 +326,7 @@ class Hub:
                 else:
                     member.keepalive()
 
-    def fan_out(self, channel: str, text: str) -> None:
-        delivery = Delivery(text)
+    def fan_out(self, channel: str, delivery: Delivery) -> None:
         for member in list(self.members.get(channel, ())):
             member.deliver(delivery)
 
@@ -220,22 +335,31 @@ class Hub:
     def _listen_forever(self) -> None:
         delay = BACKOFF_MIN
         while not self.stopping:
+            self._connected = False
             try:
                 self._listen()
-                delay = BACKOFF_MIN
             except (redis.ConnectionError, redis.TimeoutError, OSError) as e:
-                self._forget_subscriptions()
+                if self._connected:
+                    delay = BACKOFF_MIN  # a new outage: not the next try of the last one
+                self._lost()
                 pause = delay * random.uniform(0.5, 1.5)
                 log.warning("Redis subscription lost (%s); reconnecting in %.1f s", e, pause)
                 gevent.sleep(pause)
                 delay = min(delay * 2, BACKOFF_MAX)
 
     def _listen(self) -> None:
-        connection = redis.Redis.from_url(self.redis_url)
+        # No retries inside redis-py: it would resubscribe behind our back, and what was
+        # published meanwhile would be lost without anyone knowing.
+        connection = redis.Redis.from_url(self.redis_url, retry=Retry(NoBackoff(), 0))
         pubsub = connection.pubsub()
         subscribed: set[str] = set()
         try:
             pubsub.subscribe(IDLE_CHANNEL)
+            if self.position is None:
+                # Where the first clients start: what they may miss in an outage comes after.
+                last = connection.get(realtime.LAST_ID_KEY)
+                self.position = last.decode() if isinstance(last, bytes) else "0-0"
+            self._connected = True
             self._changed.set()
             while not self.stopping:
                 if self._changed.is_set():
@@ -244,9 +368,58 @@ class Hub:
                 message = pubsub.get_message(timeout=POLL)
                 if message is not None:
                     self._dispatch(message)
+                if self._recovery is not None and self._recovery.resubscribed(self):
+                    self._recover(self._recovery)
         finally:
             pubsub.close()
             connection.close()
+
+    def _lost(self) -> None:
+        """The subscription is gone: remember who was listening to what, and from which id,
+        so that what is published until the next subscription is replayed to them."""
+        self._forget_subscriptions()
+        if self.position is None or not self.members:
+            return
+        members = {channel: set(members) for channel, members in self.members.items()}
+        if self._recovery is None:
+            self._recovery = Recovery(self.position, members)
+        else:  # lost again before the replay: it still starts from the same id
+            for channel, listening in members.items():
+                self._recovery.members.setdefault(channel, set()).update(listening)
+            self._recovery.held.clear()  # these are in the history the replay reads
+
+    def _recover(self, recovery: Recovery) -> None:
+        """Every channel is subscribed again: send each member what was published on its
+        channels meanwhile, oldest first, then what arrived live during the replay."""
+        channels = [channel for channel in recovery.members if channel in self.members]
+        try:
+            missed = realtime.history(self._side, channels, recovery.since, self.history_limits)
+        except realtime.UnknownId:  # this Redis lost its data: nothing left to replay
+            missed = realtime.Missed([], channels)
+        self._recovery = None
+        for channel in missed.gaps:
+            self._deliver_to(recovery.listening(self, channel), GapNotice(channel))
+        replayed_up_to = realtime.id_key(recovery.since)
+        for text in missed.envelopes:
+            delivery = Delivery(text)
+            channel = json.loads(text)["channel"]
+            self._deliver_to(recovery.listening(self, channel), delivery)
+            replayed_up_to = delivery.key
+            self.position = delivery.id
+        for channel, delivery in recovery.held:
+            if delivery.key > replayed_up_to:
+                self.fan_out(channel, delivery)
+                self.position = delivery.id
+            else:  # replayed, to those who listened before the outage; not yet to the others
+                self._deliver_to(recovery.newcomers(self, channel), delivery)
+        log.info("subscribed again after losing Redis: replayed %d message(s) on %d channel(s) "
+                 "published since %s%s", len(missed.envelopes), len(channels), recovery.since,
+                 f"; gaps on {', '.join(missed.gaps)}" if missed.gaps else "")  # fmt: skip
+
+    @staticmethod
+    def _deliver_to(members: Iterable[Member], delivery: Delivery) -> None:
+        for member in members:
+            member.deliver(delivery)
 
     def _forget_subscriptions(self) -> None:
         # The connection is gone, and its subscriptions with it: joiners wait again until
@@ -278,6 +451,23 @@ class Hub:
                 event.set()
         elif message["type"] == "message":
             data = message["data"]
-            self.fan_out(
-                channel, data.decode("utf-8", "replace") if isinstance(data, bytes) else str(data)
-            )
+            text = data.decode("utf-8", "replace") if isinstance(data, bytes) else str(data)
+            delivery = Delivery.from_bus(text)
+            if delivery is None:
+                self._skip_bad_message(key)
+            elif self._recovery is not None:
+                self._recovery.held.append((channel, delivery))
+            else:
+                self.fan_out(channel, delivery)
+                self.position = delivery.id
+
+    def _skip_bad_message(self, key: str) -> None:
+        self.bad_messages += 1
+        self._bad_unlogged += 1
+        now = time.monotonic()
+        if now - self._bad_logged_at >= BAD_MESSAGE_LOG_INTERVAL:
+            log.warning("skipped %d message(s) not published by stackctl.realtime (one line of "
+                        "JSON with an \"id\"), the latest on Redis channel %s; %d since start",
+                        self._bad_unlogged, key, self.bad_messages)  # fmt: skip
+            self._bad_unlogged = 0
+            self._bad_logged_at = now

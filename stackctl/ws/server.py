@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import _socket
 import argparse
+import json
 import logging
 import os
 import resource
@@ -18,7 +19,7 @@ import signal
 import socket
 import sys
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Generator, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -31,30 +32,60 @@ from wsproto.utilities import generate_accept_token
 from stackctl import realtime
 from stackctl.readiness import mark_ready
 from stackctl.realtime import REDIS_URL_VARIABLE
+from stackctl.settings import BY_KEY, Setting
 from stackctl.ws.access import Refused, Rules, subscription
 from stackctl.ws.client import SERVICE_RESTART, Client
 from stackctl.ws.fallbacks import EventStream, poll_answer, poll_wait, sse_headers
-from stackctl.ws.hub import Hub
+from stackctl.ws.hub import Busy, Hub
 
 log = logging.getLogger("stackctl.ws")
 
 BUS_DOWN = b"the message bus is not reachable\n"
 FULL = b"this worker holds its maximum of clients\n"
+NOT_WEBSOCKET = b"this endpoint speaks websocket: connect with Upgrade: websocket\n"
 
 
 @dataclass
 class Worker:
-    """What the handlers need: URL prefixes, limits, rules and the hub. One per process."""
+    """What the handlers need: URL prefixes, limits, rules and the hub. One per process.
+    Its settings come from the command line, whose defaults are the profile's (see OPTIONS)."""
 
     hub: Hub
     rules: Rules
-    prefix: str = "/ws/"
-    sse_prefix: str = "/events/"
-    poll_prefix: str = "/poll/"
-    max_message: int = 65536
-    max_connections: int = 10000
-    queue_limit: int = 256
+    prefix: str
+    sse_prefix: str
+    poll_prefix: str
+    max_message: int
+    max_connections: int
+    queue_limit: int
     connections: int = 0
+
+
+# The worker's options are profile settings: each flag, default and help text comes from the
+# setting's one declaration in stackctl.settings (stackctl.render.circus passes the values).
+OPTIONS = ("ws.prefix", "ws.sse_prefix", "ws.poll_prefix", "ws.ping_interval",
+           "ws.max_message", "ws.max_connections", "ws.queue_limit", "ws.token_max_age",
+           "wsgi.graceful_timeout")  # fmt: skip
+REPEATED_OPTIONS = {"ws.allowed_origins": "--allowed-origin",
+                    "ws.client_publish": "--client-publish"}  # fmt: skip
+
+
+def option_flag(setting: Setting) -> str:
+    return "--" + setting.field.replace("_", "-")
+
+
+def parser() -> argparse.ArgumentParser:
+    options = argparse.ArgumentParser(prog="python -m stackctl.ws")
+    options.add_argument("--fd", type=int, required=True, help="listening socket held by circusd")
+    for key in OPTIONS:
+        setting = BY_KEY[key]
+        options.add_argument(option_flag(setting), type=type(setting.default),
+                             default=setting.default, help=setting.help)  # fmt: skip
+    for key, flag in REPEATED_OPTIONS.items():
+        setting = BY_KEY[key]
+        options.add_argument(flag, action="append", default=list(setting.default),
+                             help=f"{setting.help} (once per item)")  # fmt: skip
+    return options
 
 
 worker: Worker | None = None
@@ -73,41 +104,114 @@ def answer(start_response: Any, status: str, body: bytes,
 
 def application(environ: dict[str, Any], start_response: Any) -> Iterable[bytes]:
     """Plain HTTP requests: the SSE and long-poll fallbacks; anything else wants a websocket."""
+    try:
+        return serve(environ, start_response)
+    except Exception:
+        # Logged here, without the query string: gevent would print the whole environ, and
+        # with it the client's ?token=.
+        log.exception("%s %s failed", environ.get("REQUEST_METHOD"), environ.get("PATH_INFO"))
+        return answer(start_response, "500 Internal Server Error", b"internal error\n")
+
+
+def serve(environ: dict[str, Any], start_response: Any) -> Iterable[bytes]:
     w = current_worker()
     path = environ.get("PATH_INFO", "")
-    if path.startswith(w.sse_prefix) or path.startswith(w.poll_prefix):
-        try:
-            if path.startswith(w.sse_prefix):
-                return serve_events(w, environ, start_response)
-            sub = subscription(environ, w.poll_prefix, w.rules)
-            body = poll_answer(w.hub, sub, poll_wait(environ))
-            return answer(start_response, "200 OK", body, "application/json")
-        except Refused as e:
-            return answer(start_response, e.status, f"{e.reason}\n".encode())
-        except redis.RedisError:
-            return answer(start_response, "503 Service Unavailable", BUS_DOWN)
-    return answer(start_response, "426 Upgrade Required",
-                  b"this endpoint speaks websocket: connect with Upgrade: websocket\n")  # fmt: skip
+    if path == w.prefix + realtime.HEALTH_PATH:
+        return health(w, start_response)
+    if not (path.startswith(w.sse_prefix) or path.startswith(w.poll_prefix)):
+        return answer(start_response, "426 Upgrade Required", NOT_WEBSOCKET)
+    # Counted from the start, like a websocket: a long poll holds the worker as long as one.
+    if w.connections >= w.max_connections:
+        return answer(start_response, "503 Service Unavailable", FULL)
+    w.connections += 1
+    try:
+        body = serve_fallback(w, path, environ, start_response)
+    except BaseException:
+        w.connections -= 1
+        raise
+    return Counted(w, body)
+
+
+def serve_fallback(w: Worker, path: str, environ: dict[str, Any],
+                   start_response: Any) -> Iterable[bytes]:  # fmt: skip
+    try:
+        if path.startswith(w.sse_prefix):
+            return serve_events(w, environ, start_response)
+        sub = subscription(environ, w.poll_prefix, w.rules)
+        body = poll_answer(w.hub, sub, poll_wait(environ))
+        return answer(start_response, "200 OK", body, "application/json")
+    except Refused as e:
+        return answer(start_response, e.status, f"{e.reason}\n".encode())
+    except realtime.UnknownId as e:
+        return answer(start_response, "400 Bad Request", f"{e}\n".encode())
+    except Busy as e:
+        return answer(start_response, "503 Service Unavailable", f"{e}\n".encode())
+    except redis.RedisError:
+        return answer(start_response, "503 Service Unavailable", BUS_DOWN)
+
+
+def health(w: Worker, start_response: Any) -> list[bytes]:
+    """200 if the worker can deliver: its Redis listener runs and Redis answers; else 503."""
+    reason = w.hub.trouble()
+    body = json.dumps({"ok": reason is None, "reason": reason or "delivering",
+                       "connections": w.connections,
+                       "skipped_messages": w.hub.bad_messages}).encode() + b"\n"  # fmt: skip
+    status = "200 OK" if reason is None else "503 Service Unavailable"
+    start_response(status, [("Content-Type", "application/json"), ("Cache-Control", "no-store"),
+                            ("Content-Length", str(len(body)))])  # fmt: skip
+    return [body]
+
+
+class EventResponse:
+    """An event stream's body; closing it (even before its first byte) ends its membership."""
+
+    def __init__(self, chunks: Generator[bytes, None, None], leave: Callable[[], None]) -> None:
+        self.chunks = chunks
+        self.leave = leave
+
+    def __iter__(self) -> Iterator[bytes]:
+        return self.chunks
+
+    def close(self) -> None:
+        self.chunks.close()
+        self.leave()
+
+
+class Counted:
+    """A response that holds one of the worker's connection slots until the server closes it
+    (as every WSGI server does, even when the client went away before the first byte)."""
+
+    def __init__(self, w: Worker, body: Iterable[bytes]) -> None:
+        self.worker = w
+        self.body = body
+        self.released = False
+
+    def __iter__(self) -> Iterator[bytes]:
+        return iter(self.body)
+
+    def close(self) -> None:
+        if not self.released:
+            self.released = True
+            self.worker.connections -= 1
+        close = getattr(self.body, "close", None)
+        if close is not None:
+            close()
 
 
 def serve_events(w: Worker, environ: dict[str, Any], start_response: Any) -> Iterable[bytes]:
     sub = subscription(environ, w.sse_prefix, w.rules, environ.get("HTTP_LAST_EVENT_ID"))
-    if w.connections >= w.max_connections:
-        return answer(start_response, "503 Service Unavailable", FULL)
     stream = EventStream(w.queue_limit, sub.since)
     if not w.hub.join(sub.channels, stream):
         w.hub.leave(sub.channels, stream)
         return answer(start_response, "503 Service Unavailable", BUS_DOWN)
-    start_response("200 OK", sse_headers())
-    return counted(w, stream.events(w.hub, sub))
-
-
-def counted(w: Worker, chunks: Iterator[bytes]) -> Iterator[bytes]:
-    w.connections += 1
     try:
-        yield from chunks
-    finally:
-        w.connections -= 1
+        # Before the status line: a since the worker cannot resume from is a 400, not a stream.
+        replayed = stream.catch_up(w.hub, sub)
+    except BaseException:
+        w.hub.leave(sub.channels, stream)
+        raise
+    start_response("200 OK", sse_headers())
+    return EventResponse(stream.events(replayed), lambda: w.hub.leave(sub.channels, stream))
 
 
 def forget(client: Client) -> None:
@@ -154,11 +258,20 @@ class WebSocketHandler(chaussette_gevent.CustomWSGIHandler):
     MessageClass = RequestHead
 
     def run_application(self) -> None:
-        environ = self.environ
-        if environ.get("HTTP_UPGRADE", "").lower() != "websocket":
+        if self.environ.get("HTTP_UPGRADE", "").lower() != "websocket":
             super().run_application()
             return
         self.close_connection = True
+        try:
+            self._upgrade()
+        except OSError:
+            raise  # the client went away: pywsgi drops those quietly
+        except Exception:
+            # As in application(): gevent's own report would print the ?token= too.
+            log.exception("websocket handshake for %s failed", self.environ.get("PATH_INFO"))
+
+    def _upgrade(self) -> None:
+        environ = self.environ
         w = current_worker()
         key = environ.get("HTTP_SEC_WEBSOCKET_KEY")
         if key is None or environ.get("HTTP_SEC_WEBSOCKET_VERSION") != "13":
@@ -259,20 +372,7 @@ def raise_open_files_limit() -> None:
 
 def main(argv: list[str]) -> int:
     global worker
-    parser = argparse.ArgumentParser(prog="python -m stackctl.ws")
-    parser.add_argument("--fd", type=int, required=True, help="listening socket held by circusd")
-    parser.add_argument("--prefix", default="/ws/")
-    parser.add_argument("--sse-prefix", default="/events/")
-    parser.add_argument("--poll-prefix", default="/poll/")
-    parser.add_argument("--graceful-timeout", type=int, default=30)
-    parser.add_argument("--ping-interval", type=float, default=20)
-    parser.add_argument("--max-message", type=int, default=65536)
-    parser.add_argument("--max-connections", type=int, default=10000)
-    parser.add_argument("--queue-limit", type=int, default=256)
-    parser.add_argument("--token-max-age", type=int, default=3600)
-    parser.add_argument("--allowed-origin", action="append", default=[])
-    parser.add_argument("--client-publish", action="append", default=[])
-    args = parser.parse_args(argv)
+    args = parser().parse_args(argv)
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s ws[%(process)d] %(levelname)s %(message)s"
     )
@@ -291,6 +391,9 @@ def main(argv: list[str]) -> int:
     from chaussette.server import main as chaussette_main
 
     backend.register("gevent", WebSocketServer)
+    # Chaussette gives its logger a handler of its own; passed on to ours as well, each of its
+    # lines would be written twice.
+    logging.getLogger("chaussette").propagate = False
     sys.argv = [
         "chaussette",
         "--fd",

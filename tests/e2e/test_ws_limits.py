@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import socket
+import threading
 import time
+import urllib.error
+import urllib.request
 from collections.abc import Iterator
 from contextlib import ExitStack, closing
 from pathlib import Path
@@ -15,7 +18,7 @@ from wsproto import ConnectionType, WSConnection
 from wsproto.events import AcceptConnection, Ping, Request
 
 from stackctl.stack import Stack
-from tests.conftest import data_of, running_stack, stackctl
+from tests.conftest import data_of, running_stack, stackctl, wait_for
 
 pytestmark = pytest.mark.e2e
 
@@ -86,3 +89,35 @@ def test_reloading_the_ws_worker_closes_clients_with_1012(stack: Stack) -> None:
     with connect(ws_url(stack, "restart")) as again:  # the new worker serves
         stackctl("publish", "restart", "back", cwd=stack.stack_dir)
         assert data_of(again.recv(timeout=2)) == "back"
+
+
+def refused_with(stack: Stack, channel: str) -> int | None:
+    """The status a websocket handshake is refused with; None if it is accepted."""
+    try:
+        with connect(ws_url(stack, channel)):
+            return None
+    except InvalidStatus as refused:
+        return refused.response.status_code
+
+
+def test_long_polls_and_event_streams_count_against_the_maximum(stack: Stack) -> None:
+    def long_poll() -> None:
+        with urllib.request.urlopen(stack.url() + "poll/held?timeout=30", timeout=40) as r:
+            r.read()
+
+    polls = [threading.Thread(target=long_poll) for _ in range(2)]
+    for poll in polls:
+        poll.start()
+    try:
+        with urllib.request.urlopen(stack.url() + "events/held", timeout=10):
+            wait_for(lambda: refused_with(stack, "full") == 503, timeout=10,
+                     what="2 long polls and 1 event stream to fill the 3 places")  # fmt: skip
+            with pytest.raises(urllib.error.HTTPError) as refused:
+                urllib.request.urlopen(stack.url() + "poll/held?timeout=0", timeout=10)
+            refused.value.close()
+            assert refused.value.code == 503
+    finally:
+        stackctl("publish", "held", "release", cwd=stack.stack_dir)
+        for poll in polls:
+            poll.join(timeout=40)
+    wait_for(lambda: refused_with(stack, "full") is None, what="the places to be free again")

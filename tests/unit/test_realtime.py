@@ -195,3 +195,55 @@ def test_the_worker_reads_request_heads_as_pywsgi_expects() -> None:
     assert head.headers == ["Host: a.test\r\n", "Upgrade: websocket\r\n", "X-Long: one\r\n",
                             "  two\r\n"]  # fmt: skip
     assert RequestHead(BytesIO(b"X: " + b"y" * 9000 + b"\r\n\r\n"), 0).status
+
+
+@pytest.mark.parametrize(
+    "text",
+    ["not json", "[1]", "5", '{"channel": "c"}', '{"id": 5}', '{"id": "x-1"}',
+     '{"id": "1-0",\n"data": 1}'],  # fmt: skip
+)
+def test_what_did_not_come_from_publish_is_no_delivery(text: str) -> None:
+    assert Delivery.from_bus(text) is None
+
+
+def test_an_envelope_from_the_bus_is_a_delivery() -> None:
+    delivery = Delivery.from_bus(realtime.envelope("5-1", "news", "[1]"))
+    assert delivery is not None and delivery.id == "5-1" and delivery.key == (5, 1)
+
+
+def test_a_crashed_listener_ends_the_worker_instead_of_leaving_it_deaf() -> None:
+    import gevent
+
+    crashed: list[BaseException | None] = []
+    hub = Hub("redis://127.0.0.1:1/0", ping_interval=60,
+              on_crash=lambda greenlet: crashed.append(greenlet.exception))  # fmt: skip
+
+    def broken_listener() -> None:
+        raise RuntimeError("a bug")
+
+    hub._listen_forever = broken_listener  # type: ignore[method-assign]
+    hub.start()
+    gevent.sleep(0.1)
+    hub.stop()
+    assert [str(e) for e in crashed] == ["a bug"]
+    assert not hub.listening
+
+
+def test_the_worker_options_are_the_profile_settings() -> None:
+    from stackctl.settings import BY_KEY
+    from stackctl.ws import server
+
+    options = server.parser()
+    defaults = vars(options.parse_args(["--fd", "3"]))
+    helps = {action.dest: action.help for action in options._actions}
+    for key in server.OPTIONS:
+        setting = BY_KEY[key]
+        assert defaults[setting.field] == setting.default, key
+        assert helps[setting.field] == setting.help, key
+    assert defaults["client_publish"] == list(BY_KEY["ws.client_publish"].default)
+    history = (BY_KEY["ws.history"].default, BY_KEY["ws.history_seconds"].default)
+    assert history == realtime.DEFAULT_HISTORY
+    # Every ws.* setting reaches the worker: as an option, or (the history) through Circus's
+    # environment.
+    passed = {*server.OPTIONS, *server.REPEATED_OPTIONS, "ws.history", "ws.history_seconds"}
+    assert {key for key in BY_KEY if key.startswith("ws.")} <= passed

@@ -1,0 +1,63 @@
+"""realtime.js in a real browser (headless Chromium) against a real stack: what only a page
+can show, such as coming back with a fresh token when the server ends an expired one."""
+
+from __future__ import annotations
+
+import json
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+
+from stackctl import realtime
+from tests.browser import Browser, chromium_binary
+from tests.conftest import running_stack, stackctl
+
+pytestmark = pytest.mark.e2e
+
+TOKEN_MAX_AGE = 3
+
+FOLLOW_ALICE = """
+window.got = []; window.statuses = []; window.asked = 0;
+window.feed = new StackctlFeed(["user:alice"], {
+  token: async () => { window.asked += 1; return window.freshToken; },
+  onmessage: (data) => window.got.push(data),
+  onstatus: (status) => window.statuses.push(status),
+});
+"""
+
+
+def test_a_page_comes_back_with_a_fresh_token_when_its_token_expires() -> None:
+    binary = chromium_binary()
+    assert binary, "Chromium is needed: apt-get install -y chromium"
+    root = Path(tempfile.mkdtemp(prefix="sc", dir="/tmp"))
+    stackctl("init", str(root / "site"), "--demo", cwd=root)
+    setting = f"ws.token_max_age={TOKEN_MAX_AGE}"
+    with (
+        running_stack(root / "site", "--workers", "1", "--set", setting) as stack,
+        Browser(binary) as browser,
+    ):
+        key = stack.secret_file.read_bytes().strip()
+
+        def hand_out_a_fresh_token() -> None:  # what the page's token endpoint would do
+            browser.evaluate(f"window.freshToken = {json.dumps(realtime.token('alice', key=key))}")
+
+        browser.open(stack.url())
+        browser.wait_for("typeof StackctlFeed === 'function'")
+        hand_out_a_fresh_token()
+        browser.evaluate(FOLLOW_ALICE)
+        browser.wait_for("window.statuses.includes('open')")
+        deadline = time.monotonic() + TOKEN_MAX_AGE + 10
+        while time.monotonic() < deadline and not browser.evaluate(
+            "window.statuses.indexOf('open', window.statuses.indexOf('token expired; "
+            "reconnecting')) > 0"
+        ):
+            hand_out_a_fresh_token()
+            time.sleep(0.3)
+        statuses = browser.evaluate("window.statuses")
+        assert "token expired; reconnecting" in statuses, statuses
+        assert statuses[-1] == "open", statuses  # back at once, not after failed tries
+        assert browser.evaluate("window.asked") >= 2
+        realtime.publish_user("alice", "still yours", url=stack.redis_url)
+        browser.wait_for("window.got.includes('still yours')")
