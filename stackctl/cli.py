@@ -17,13 +17,12 @@ from typing import Any
 from stackctl import generation, profile, realtime, supervisor
 from stackctl.errors import EXIT_STACK_ERROR, StackError
 from stackctl.settings import SETTINGS
-from stackctl.stack import Programs, Stack, check_port_allowed, plan
+from stackctl.stack import NO_PROGRAMS, Stack, check_port_allowed, plan
 from stackctl.watchers import LOGS, WATCHERS
 
 STATE_FILE = "state.json"
 EXIT_BROKEN_PIPE = 128 + 13  # what a shell reports for a command ended by SIGPIPE
 EXIT_INTERRUPTED = 128 + 2  # and for one ended by Ctrl-C (SIGINT)
-NO_PROGRAMS = Programs(nginx="", uwsgi="", python=sys.executable, redis_server=None)
 
 
 # --- from arguments to a Stack -----------------------------------------------------------------
@@ -193,7 +192,12 @@ def require_running(stack: Stack) -> None:
         raise StackError(f"no stack running in {stack.stack_dir}; start it with `stackctl up`")
 
 
+EXIT_UNHEALTHY = 1
+
+
 def cmd_status(args: argparse.Namespace) -> int:
+    """Each watcher and its processes, then whether the site, Redis and realtime delivery
+    work; exits 1 when one does not."""
     stack = load_running_stack(args)
     require_running(stack)
     print(f"{stack.url()}  profile {stack.profile.name}")
@@ -206,7 +210,10 @@ def cmd_status(args: argparse.Namespace) -> int:
                 f"    pid {p.pid:<8} up {format_age(p.age):>8}  cpu {p.cpu:5.1f}%  "
                 f"rss {p.mem_rss / 2**20:7.1f} MiB"
             )
-    return 0
+    checks = supervisor.health(stack)
+    for check in checks:
+        print(f"{check.name:<9} {'ok' if check.ok else 'FAILING':<8} {check.detail}")
+    return 0 if all(check.ok for check in checks) else EXIT_UNHEALTHY
 
 
 def format_age(seconds: float) -> str:
@@ -375,7 +382,8 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--timeout", type=float, default=60.0, help="seconds to wait for the stack")
 
     command("down", cmd_down, "stop the stack, leaving no process behind")
-    command("status", cmd_status, "show each watcher and its processes")
+    command("status", cmd_status, "show each watcher and its processes, and whether the site, "
+            "Redis and realtime delivery work (exit status 1 if one does not)")  # fmt: skip
     command("env", cmd_env, "print the exports that point circusctl and publish at this stack")
 
     reload = command(

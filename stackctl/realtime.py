@@ -40,7 +40,7 @@ from stackctl import profile
 from stackctl.errors import StackError
 from stackctl.profile import STACK_FILE
 from stackctl.settings import BY_KEY
-from stackctl.stack import Programs, plan
+from stackctl.stack import NO_PROGRAMS, plan
 
 REDIS_URL_VARIABLE = "STACKCTL_REDIS_URL"
 SECRET_FILE_VARIABLE = "STACKCTL_SECRET_FILE"
@@ -169,8 +169,7 @@ def _running_environment(stack_dir: Path, state_mtime: int) -> dict[str, str]:
     """Cached for as long as the stack runs with the same state (``up`` rewrites it)."""
     state = json.loads((stack_dir / STATE_PATH).read_text())
     loaded = profile.load(stack_dir, state["profile"], [tuple(p) for p in state["overrides"]])
-    programs = Programs(circusd="", nginx="", uwsgi="", python=sys.executable, redis_server=None)
-    return plan(loaded, programs).worker_env()
+    return plan(loaded, NO_PROGRAMS).worker_env()
 
 
 def _django_base_dir() -> Path | None:

@@ -34,6 +34,10 @@ class Programs:
     """util-linux's setpriv, to give every watcher a parent-death signal (Linux only)."""
 
 
+NO_PROGRAMS = Programs(nginx="", uwsgi="", python=sys.executable, redis_server=None)
+"""For what only reads a stack's paths and settings, and starts nothing: no lookup needed."""
+
+
 @dataclass(frozen=True)
 class Stack:
     profile: Profile

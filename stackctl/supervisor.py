@@ -390,6 +390,40 @@ def status(stack: Stack) -> list[WatcherInfo]:
     return result
 
 
+@dataclass(frozen=True)
+class Check:
+    name: str
+    ok: bool
+    detail: str
+
+
+def health(stack: Stack) -> list[Check]:
+    """Whether the stack serves, not only whether its processes exist: the site through
+    NGiNX, Redis, and the realtime worker's subscription to it."""
+    from stackctl import realtime
+
+    site = http_answers(stack)
+    delivery = realtime.health(stack.ws_socket, stack.profile.ws.prefix)
+    return [
+        Check("site", site, "answers" if site else f"GET / on {stack.url()} gets no answer"),
+        Check("redis", *redis_answers(stack)),
+        Check("realtime", delivery.ok, delivery.reason),
+    ]
+
+
+def redis_answers(stack: Stack) -> tuple[bool, str]:
+    import redis
+
+    client = redis.Redis.from_url(stack.redis_url, socket_timeout=2, socket_connect_timeout=2)
+    try:
+        client.ping()
+    except redis.RedisError as e:
+        return False, f"does not answer ({type(e).__name__})"  # its text may hold the URL
+    finally:
+        client.close()
+    return True, "answers"
+
+
 def _number(value: Any) -> float:
     try:
         return float(value)

@@ -18,8 +18,7 @@ from pathlib import Path
 import pytest
 
 from stackctl import processes, profile
-from stackctl.cli import NO_PROGRAMS
-from stackctl.stack import Stack, plan
+from stackctl.stack import NO_PROGRAMS, Stack, plan
 
 REPO = Path(__file__).resolve().parent.parent
 

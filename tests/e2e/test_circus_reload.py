@@ -202,3 +202,19 @@ def test_settings_under_which_the_site_answers_errors_are_refused(stack: Stack) 
     assert wsgi_pids(stack) == before
     assert "refuse_all" not in (stack.run_dir / "circus.ini").read_text()
 
+
+
+def test_stackctl_reload_redis_keeps_its_socket_and_the_bus_works(stack: Stack) -> None:
+    url = f"ws://127.0.0.1:{port(stack)}{stack.profile.ws.prefix}bus"
+    follower = Follower(url)
+    follower.start()
+    try:
+        assert follower.connected.wait(10)
+        result = stackctl("reload", "redis", cwd=stack.stack_dir)
+        assert result.stdout.strip().endswith("restarted redis")
+        assert stack.redis_socket.exists()
+        publish("bus", "after the restart", url=stack.redis_url)
+        follower.wait_for_count(1)
+    finally:
+        follower.stop()
+    assert [m["data"] for m in follower.received] == ["after the restart"]

@@ -382,13 +382,23 @@ def test_the_worker_tells_its_health_through_nginx_and_its_socket(stack: Stack) 
     status, body = http_status(stack.url() + "ws/_health")
     assert status == 200 and json.loads(body)["reason"] == "delivering"
     assert realtime.health(stack.ws_socket) == realtime.Health(True, "delivering")
+    healthy = stackctl("status", cwd=stack.stack_dir)
+    assert re.search(r"^realtime +ok +delivering$", healthy.stdout, re.M), healthy.stdout
+    assert re.search(r"^redis +ok +answers$", healthy.stdout, re.M)
     circusctl(stack, "stop", "redis")
     try:
         wait_for(lambda: not realtime.health(stack.ws_socket).ok, what="an unhealthy worker")
         status, body = http_status(stack.url() + "ws/_health")
         assert status == 503 and "Redis" in json.loads(body)["reason"]
         assert "Redis" in realtime.health(stack.ws_socket).reason
+        # Every process of the stack still runs, and `stackctl status` says it does not work.
+        unhealthy = stackctl("status", cwd=stack.stack_dir, check=False)
+        assert unhealthy.returncode == 1, unhealthy.stdout
+        assert re.search(r"^redis +FAILING +does not answer", unhealthy.stdout, re.M)
+        assert re.search(r"^realtime +FAILING +.*Redis", unhealthy.stdout, re.M)
+        assert re.search(r"^site +ok", unhealthy.stdout, re.M)
     finally:
         circusctl(stack, "start", "redis")
     wait_for(lambda: realtime.health(stack.ws_socket).ok, what="the worker to recover")
+    assert stackctl("status", cwd=stack.stack_dir).returncode == 0
     assert realtime.health(stack.stack_dir / "nothing.sock").ok is False
