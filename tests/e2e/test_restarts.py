@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -372,7 +373,9 @@ def test_worker_crashing_at_every_start_is_stopped_with_its_error_in_status() ->
             return circusctl(stack, "status", "wsgi").stdout.strip() == "stopped"
 
         wait_for(stopped, timeout=30, what="the flapping pool to be stopped")
-        status = stackctl("status", cwd=site).stdout
+        result = stackctl("status", cwd=site, check=False)
+        status = result.stdout
+        assert result.returncode == 1 and re.search(r"^site +FAILING", status, re.M), status
         assert "wsgi    stopped" in status
         assert "stopped after 5 crashes in a row at start" in status
         assert "RuntimeError: crash at every start" in status
