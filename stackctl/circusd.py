@@ -36,7 +36,7 @@ from circus.util import parse_env_dict, synchronized
 from circus.watcher import Watcher
 from tornado import gen
 
-from stackctl.readiness import ready_mark, reloading
+from stackctl.readiness import forget_dead_marks, marked_since, reloading
 
 logger = logging.getLogger("circus")
 
@@ -108,9 +108,12 @@ class StackWatcher(Watcher):
         """Start new processes, ``1`` or all at a time; retire as many old ones once the new
         ones are ready, or stop the new ones if they are not."""
         target = self.numprocesses
-        step = 1 if sequential else max(target, 1)
+        if target == 0:
+            return
+        step = 1 if sequential else target
+        forget_dead_marks(self.run_dir)
         with reloading(self.run_dir):
-            for done in range(0, max(target, 1), step):
+            for done in range(0, target, step):
                 before = set(self.processes)
                 yield self.set_numprocesses(target + step)
                 failure = yield self.wait_ready(before, step)
@@ -128,10 +131,12 @@ class StackWatcher(Watcher):
         timeout = startup_timeout(self.graceful_timeout)
         deadline = time.monotonic() + timeout
         seen: set[int] = set()
+        ready: set[int] = set()
         while time.monotonic() < deadline:
             alive = {pid for pid, p in self.processes.items() if p.is_alive()}
             seen |= alive - before
-            ready = {pid for pid in seen if ready_mark(self.run_dir, pid).exists()}
+            ready |= {pid for pid in seen & alive
+                      if marked_since(self.run_dir, pid, self.processes[pid].started)}  # fmt: skip
             if len(ready & alive) >= count:
                 raise gen.Return(None)
             died = seen - alive - ready

@@ -21,6 +21,8 @@ from typing import Any
 APP_VARIABLE = "STACKCTL_WSGI_APP"
 READY_DIR = "ready"
 RELOADING_MARK = "reloading"
+MTIME_SLACK = 0.05
+"""Seconds a mark's time may lag the clock (a file system's timestamp granularity)."""
 
 
 def load(spec: str) -> Any:
@@ -64,6 +66,22 @@ def load_or_explain(spec: str) -> None:
 
 def ready_mark(run_dir: Path, pid: int) -> Path:
     return run_dir / READY_DIR / str(pid)
+
+
+def marked_since(run_dir: Path, pid: int, started: float) -> bool:
+    """``pid`` marked itself ready after ``started`` (a mark left by an earlier process that
+    had the same pid does not count)."""
+    try:
+        return ready_mark(run_dir, pid).stat().st_mtime >= started - MTIME_SLACK
+    except OSError:
+        return False
+
+
+def forget_dead_marks(run_dir: Path) -> None:
+    directory = run_dir / READY_DIR
+    for mark in directory.glob("*") if directory.is_dir() else ():
+        if not Path(f"/proc/{mark.name}").exists():
+            mark.unlink(missing_ok=True)
 
 
 def mark_ready() -> None:

@@ -28,7 +28,7 @@ from pathlib import Path
 from stackctl import generation
 from stackctl.errors import StackError
 from stackctl.flapping import failure_note, has_exception, last_crash
-from stackctl.readiness import ready_mark
+from stackctl.readiness import marked_since, ready_mark
 from stackctl.render import File
 from stackctl.render.nginx import INCLUDES as NGINX_INCLUDES
 from stackctl.stack import Stack
@@ -56,6 +56,7 @@ def canary(stack: Stack, timeout: float, ini: Path | None = None) -> None:
             "--uwsgi-socket",
             str(socket_path),
         ]
+        started = time.time()
         proc = subprocess.Popen(
             args, cwd=stack.stack_dir, env={**os.environ, **stack.worker_env()},
             stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True,
@@ -65,7 +66,7 @@ def canary(stack: Stack, timeout: float, ini: Path | None = None) -> None:
     mark = ready_mark(stack.run_dir, proc.pid)
     try:
         deadline = time.monotonic() + timeout
-        while not mark.exists():
+        while not marked_since(stack.run_dir, proc.pid, started):
             if proc.poll() is not None or time.monotonic() > deadline:
                 tail = "\n".join(output.read_text(errors="replace").splitlines()[-15:])
                 raise StackError(

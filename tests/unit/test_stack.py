@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import time
 from pathlib import Path
 
 import pytest
@@ -42,3 +43,18 @@ def test_missing_program_says_how_to_install(monkeypatch: pytest.MonkeyPatch) ->
     monkeypatch.setenv("PATH", "/nonexistent")
     with pytest.raises(StackError, match=r"no nginx on PATH; install it: apt-get install"):
         stack.find_program("nginx", hint=f"install it: {stack.NGINX_INSTALL_HINT}", also=())
+
+
+def test_a_ready_mark_left_by_an_earlier_process_with_the_same_pid_does_not_count(
+    tmp_path: Path,
+) -> None:
+    from stackctl.readiness import marked_since, ready_mark
+
+    mark = ready_mark(tmp_path, 4242)
+    mark.parent.mkdir()
+    mark.touch()
+    os.utime(mark, (time.time() - 60, time.time() - 60))  # written a minute ago
+    assert not marked_since(tmp_path, 4242, started=time.time() - 1)
+    mark.touch()
+    assert marked_since(tmp_path, 4242, started=time.time() - 1)
+    assert not marked_since(tmp_path, 4343, started=0.0)
