@@ -72,17 +72,18 @@ class StackWatcher(Watcher):
     @gen.coroutine
     def reload(self, graceful: bool = True, sequential: bool = False) -> Generator[Any, Any, None]:
         before = set() if self.is_stopped() else set(self.processes)
-        self.refused = None
         yield self._reload(graceful=graceful, sequential=sequential)
         after = set(self.processes)
-        answer = {"stopped": sorted(before - after), "started": sorted(after - before),
-                  "kept": sorted(after & before)}  # fmt: skip
+        answer: dict[str, Any] = {"stopped": sorted(before - after),
+                                  "started": sorted(after - before),
+                                  "kept": sorted(after & before)}  # fmt: skip
         if self.refused:
             answer["refused"] = self.refused
         raise gen.Return(answer)
 
     @gen.coroutine
     def _reload(self, graceful: bool = True, sequential: bool = False) -> Generator[Any, Any, None]:
+        self.refused = None
         if not graceful or self.is_stopped() or self.policy != REPLACE:
             yield super()._reload(graceful=graceful, sequential=sequential)
             return
@@ -218,6 +219,19 @@ class StackArbiter(Arbiter):
                     yield watcher.adopt(new, changed)
         # Circus's own reloadconfig, for everything else (it finds the adopted ones unchanged).
         yield Arbiter.reload_from_config.__wrapped__(self, config_file, inside_circusd)
+
+    @synchronized("arbiter_reload")
+    @gen.coroutine
+    def reload(self, graceful: bool = True,
+               sequential: bool = False) -> Generator[Any, Any, dict[str, Any] | None]:  # fmt: skip
+        """Circus's reload of every watcher; if one of them was undone, an error that says so
+        (``circusctl reload --waiting`` fails)."""
+        yield Arbiter.reload.__wrapped__(self, graceful, sequential)
+        refused = [f"{w.name}: {w.refused}" for w in self.iter_watchers()
+                   if isinstance(w, StackWatcher) and w.refused]  # fmt: skip
+        if refused:
+            raise gen.Return(reload_answer({"refused": "; ".join(refused)}))
+        raise gen.Return(None)
 
 
 class ReloadCommand(Reload):

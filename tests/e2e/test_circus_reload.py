@@ -103,12 +103,15 @@ def test_circusctl_replaces_workers_only_once_the_new_ones_are_ready(
     assert load.report.failures == []
 
 
-def test_circusctl_reload_of_workers_that_crash_is_undone(stack: Stack) -> None:
+@pytest.mark.parametrize("watcher", [("wsgi",), ()], ids=["wsgi", "whole-stack"])
+def test_circusctl_reload_of_workers_that_crash_is_undone(
+    stack: Stack, watcher: tuple[str, ...]
+) -> None:
     before = wsgi_pids(stack)
     with Load(port(stack)) as load:
         settle(load)
         with app_edited(stack, before=crash_in_uwsgi("crash at start")):
-            result = circusctl(stack, "--timeout", "120", "reload", "wsgi", "--waiting")
+            result = circusctl(stack, "--timeout", "120", "reload", *watcher, "--waiting")
         time.sleep(0.5)
     assert result.returncode != 0
     assert "reload undone" in result.stdout + result.stderr
