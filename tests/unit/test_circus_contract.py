@@ -48,6 +48,8 @@ def test_the_arbiter_pieces_a_config_reload_uses() -> None:
         "self", "config_file", "inside_circusd"
     ]  # fmt: skip
     assert isinstance(circus.arbiter._ENV_EXCEPTIONS, tuple)
+    reload = circus.arbiter.Arbiter.reload.__wrapped__
+    assert list(inspect.signature(reload).parameters) == ["self", "graceful", "sequential"]
 
 
 def test_the_controller_takes_stackctl_s_reload_command() -> None:
