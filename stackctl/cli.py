@@ -229,14 +229,21 @@ def cmd_reload(args: argparse.Namespace) -> int:
 
     running = load_running_stack(args)
     require_running(running)
+    with reload.one_at_a_time(running):
+        return reload_running(args, running)
+
+
+def reload_running(args: argparse.Namespace, running: Stack) -> int:
+    from stackctl import reload
+
     state = json.loads((running.run_dir / STATE_FILE).read_text())
     overrides = [tuple(p) for p in state["overrides"]] + overrides_from(args)
     chosen = profile.load(args.stack, args.profile or state["profile"], overrides)
     stack = plan(chosen)
     check_run_dir_owner(stack)
     # The rest of what `up` checks runs on the new generation in apply_config; the port, only
-    # when it changes, since the running NGiNX holds the old one.
-    if stack.profile.server.listen != running.profile.server.listen:
+    # when NGiNX does not hold it already (the files it was read from may have changed since).
+    if not reload.nginx_listens(stack):
         check_port_allowed(stack)
         supervisor.check_port_free(stack)
     done = reload.apply_config(stack)

@@ -12,6 +12,7 @@ before it exits. The listening socket stays open in circusd throughout, so nothi
 from __future__ import annotations
 
 import configparser
+import fcntl
 import os
 import re
 import signal
@@ -21,13 +22,16 @@ import subprocess
 import textwrap
 import time
 import urllib.parse
-from contextlib import suppress
+from collections.abc import Iterator
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
 
+import psutil
+
 from stackctl import generation
 from stackctl.errors import StackError
-from stackctl.flapping import failure_note, has_exception, last_crash
+from stackctl.flapping import failure_note, has_exception, last_crash, log_tail
 from stackctl.readiness import marked_since, ready_mark
 from stackctl.render import File
 from stackctl.render.nginx import INCLUDES as NGINX_INCLUDES
@@ -35,6 +39,9 @@ from stackctl.stack import Stack
 from stackctl.supervisor import call
 
 POLL = 0.05
+NGINX_LISTEN_PATIENCE = 5.0
+NGINX_FILES = {"nginx.conf", *NGINX_INCLUDES}
+RELOAD_LOCK = "reload.lock"
 CANARY_NICENESS = 10
 
 
@@ -46,16 +53,13 @@ def patience(stack: Stack) -> float:
 def canary(stack: Stack, timeout: float, ini: Path | None = None) -> None:
     """Start one worker on ``ini`` (the running uWSGI config unless told), outside Circus;
     refuse the reload if it cannot serve."""
-    socket_path = stack.run_dir / "canary.sock"
+    socket_path = stack.run_dir / f"canary-{os.getpid()}.sock"
     output = stack.log_dir / "wsgi-canary.log"
     with output.open("wb") as out:
-        args = [
-            stack.programs.uwsgi,
-            "--ini",
-            str(ini or stack.uwsgi_ini),
-            "--uwsgi-socket",
-            str(socket_path),
-        ]
+        args = [stack.programs.uwsgi, "--ini", str(ini or stack.uwsgi_ini),
+                "--uwsgi-socket", str(socket_path)]  # fmt: skip
+        if stack.programs.setpriv:  # a reload killed midway must not leave its canary behind
+            args = [stack.programs.setpriv, "--pdeathsig", "KILL", "--", *args]
         started = time.time()
         proc = subprocess.Popen(
             args, cwd=stack.stack_dir, env={**os.environ, **stack.worker_env()},
@@ -67,10 +71,12 @@ def canary(stack: Stack, timeout: float, ini: Path | None = None) -> None:
     try:
         deadline = time.monotonic() + timeout
         while not marked_since(stack.run_dir, proc.pid, started):
-            if proc.poll() is not None or time.monotonic() > deadline:
+            exited, late = proc.poll() is not None, time.monotonic() > deadline
+            if exited or late:
                 tail = "\n".join(output.read_text(errors="replace").splitlines()[-15:])
+                how = "cannot start" if exited else f"did not load the app within {timeout:.0f} s"
                 raise StackError(
-                    "the new uWSGI workers cannot start, so the reload was refused; the running "
+                    f"the new uWSGI workers {how}, so the reload was refused; the running "
                     f"workers keep serving. A test worker said:\n{tail}"
                 )
             time.sleep(POLL)
@@ -87,7 +93,13 @@ def compare_answers(stack: Stack, canary_socket: Path, timeout: float) -> None:
     """Refuse a canary that answers the check path with an error where the running workers
     do not: an app that imports but cannot serve (say, a Host its settings do not allow)."""
     path, host = stack.profile.wsgi.check_path, site_host(stack)
-    new = uwsgi_get(canary_socket, path, host, timeout)
+    try:
+        new = uwsgi_get(canary_socket, path, host, timeout)
+    except OSError as e:
+        raise StackError(
+            f"the new uWSGI workers did not answer GET {path} (Host: {host}): {e}; the reload "
+            "was refused and the running workers keep serving"
+        ) from None
     if new.status < 400:
         return
     try:
@@ -146,6 +158,25 @@ def uwsgi_get(socket_path: Path, path: str, host: str, timeout: float) -> Answer
     return Answer(int(match.group(1)), status_line.split(" ", 1)[1], body)
 
 
+@contextmanager
+def one_at_a_time(stack: Stack) -> Iterator[None]:
+    """Hold the stack's reload lock: two reloads at once would judge each other's workers."""
+    lock = stack.run_dir / RELOAD_LOCK
+    with lock.open("a+") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            raise StackError(
+                f"another `stackctl reload` of this stack is under way (pid {f.read().strip()}); "
+                "run this one once it has finished"
+            ) from None
+        f.truncate(0)
+        f.write(str(os.getpid()))
+        f.flush()
+        yield
+
+
 def last_words(stack: Stack, wait: float = 2.0) -> str:
     """The traceback of a worker that died starting: circusd writes out what a dead process
     left in its pipe only when it gets to it, so give it a moment."""
@@ -188,6 +219,43 @@ def reload_watcher(stack: Stack, watcher: str, sequential: bool) -> str:
         return "wsgi had stopped after crashing; started it again"
     replaced = replace_workers(stack, sequential=sequential)
     return f"reloaded wsgi: {replaced} workers replaced, each once its successor was ready"
+
+
+def reload_nginx(stack: Stack, previous: list[File]) -> None:
+    """HUP NGiNX onto its new config; if it cannot listen where that config says (NGiNX then
+    keeps serving on its old config), put the old files back and say so."""
+    call(stack, "signal", name="nginx", signum=int(signal.SIGHUP))
+    deadline = time.monotonic() + NGINX_LISTEN_PATIENCE
+    while not nginx_listens(stack):
+        if time.monotonic() > deadline:
+            for file in previous:
+                put_back(stack.run_dir, file)
+            call(stack, "signal", name="nginx", signum=int(signal.SIGHUP))
+            raise StackError(
+                f"NGiNX could not listen on {stack.profile.server.listen}, so it kept its previous "
+                f"config and the site is served as before. NGiNX says:\n"
+                + textwrap.indent(log_tail(stack.log_dir / "nginx.log", 3), "    ")
+            )
+        time.sleep(POLL)
+
+
+def put_back(directory: Path, file: File) -> None:
+    staged = directory / f".{file.name}.previous"
+    staged.write_text(file.content)
+    os.replace(staged, directory / file.name)
+
+
+def nginx_listens(stack: Stack) -> bool:
+    """The NGiNX master holds a listening socket on ``server.listen``."""
+    listen = stack.profile.server.listen
+    wanted = {info[4][0] for info in socket.getaddrinfo(listen.host, listen.port)}
+    try:
+        (master,) = call(stack, "list", name="nginx")["pids"]
+        sockets = psutil.Process(int(master)).net_connections(kind="inet")
+    except (ValueError, psutil.Error):
+        return False
+    return any(c.status == psutil.CONN_LISTEN and c.laddr.port == listen.port
+               and c.laddr.ip in wanted for c in sockets)  # fmt: skip
 
 
 def restart_redis(stack: Stack) -> None:
@@ -241,6 +309,8 @@ def apply_config(stack: Stack) -> list[str]:
     workers_adopt = any(section in ("watcher:wsgi", "env:wsgi") and key != "numprocesses"
                         for section, key in differences)  # fmt: skip
     timeout = patience(stack)
+    nginx_before = [File(f.name, (stack.run_dir / f.name).read_text()) for f in files
+                    if f.name in NGINX_FILES and (stack.run_dir / f.name).is_file()]  # fmt: skip
 
     def try_new_workers(staged: Path) -> None:
         # Before the swap: a uWSGI config its workers cannot start on must not reach the disk,
@@ -259,8 +329,8 @@ def apply_config(stack: Stack) -> list[str]:
         done.append(
             "Circus reloaded its config: " + ", ".join(sorted(f"{s} {k}" for s, k in differences))
         )
-    if changed & {"nginx.conf", *NGINX_INCLUDES}:
-        call(stack, "signal", name="nginx", signum=int(signal.SIGHUP))
+    if changed & NGINX_FILES:
+        reload_nginx(stack, nginx_before)
         done.append("NGiNX reloaded its config (HUP)")
     if "uwsgi.ini" in changed and not workers_adopt:
         done.append(f"wsgi: {replace_workers(stack, sequential=False)} workers replaced")

@@ -25,6 +25,7 @@ import psutil
 from stackctl import flapping, processes
 from stackctl.errors import StackError
 from stackctl.flapping import FAILED_DIR, failure_note
+from stackctl.readiness import READY_DIR
 from stackctl.stack import Stack
 from stackctl.watchers import WATCHERS
 
@@ -84,17 +85,12 @@ def clean_stale(stack: Stack) -> list[int]:
     """After a crash: stop leftover processes and remove pid files and sockets of the dead stack."""
     leftovers = processes.find(stack.run_dir)
     processes.kill_all(leftovers)
-    shutil.rmtree(stack.run_dir / FAILED_DIR, ignore_errors=True)
-    for name in (
-        "circusd.pid",
-        "nginx.pid",
-        "wsgi.sock",
-        "ws.sock",
-        "redis.sock",
-        "circus.ctl",
-        "circus.pub",
-    ):
-        (stack.run_dir / name).unlink(missing_ok=True)
+    for directory in (FAILED_DIR, READY_DIR):
+        shutil.rmtree(stack.run_dir / directory, ignore_errors=True)
+    for path in (stack.circus_pidfile, stack.run_dir / "nginx.pid", stack.wsgi_socket,
+                 stack.ws_socket, stack.redis_socket, stack.run_dir / "circus.ctl",
+                 stack.run_dir / "circus.pub", *stack.run_dir.glob("canary-*.sock")):  # fmt: skip
+        path.unlink(missing_ok=True)
     return [p.pid for p in leftovers]
 
 

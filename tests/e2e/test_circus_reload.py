@@ -3,8 +3,12 @@ circusd that stackctl runs (stackctl.circusd): as lossless as `stackctl reload`.
 
 from __future__ import annotations
 
+import socket
+import subprocess
+import sys
 import threading
 import time
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -16,7 +20,7 @@ from stackctl.readiness import ready_mark
 from stackctl.realtime import publish
 from stackctl.stack import Stack
 from stackctl.supervisor import call
-from tests.conftest import running_stack, stackctl
+from tests.conftest import running_stack, stackctl, wait_for
 from tests.e2e.test_restarts import (
     NO_AUTORELOAD,
     WORKERS,
@@ -221,3 +225,64 @@ def test_stackctl_reload_redis_keeps_its_socket_and_the_bus_works(stack: Stack) 
     finally:
         follower.stop()
     assert [m["data"] for m in follower.received] == ["after the restart"]
+
+
+def test_a_listen_address_taken_by_another_program_is_refused_and_nothing_changes(
+    stack: Stack,
+) -> None:
+    nginx_conf = (stack.run_dir / "nginx.conf").read_text()
+    with socket.socket() as squatter:
+        squatter.bind(("127.0.0.1", 0))
+        squatter.listen()
+        taken = squatter.getsockname()[1]
+        result = stackctl("reload", "--listen", f"127.0.0.1:{taken}", cwd=stack.stack_dir,
+                          check=False)  # fmt: skip
+    assert result.returncode == EXIT_STACK_ERROR, result.stdout
+    assert f"server.listen: 127.0.0.1:{taken} is not available" in result.stderr
+    assert (stack.run_dir / "nginx.conf").read_text() == nginx_conf
+    assert urllib.request.urlopen(stack.url(), timeout=10).status == 200
+
+
+def test_a_second_reload_while_one_runs_is_refused_with_a_reason(stack: Stack) -> None:
+    marker = slow_start(stack)
+    try:
+        first = subprocess.Popen([sys.executable, "-m", "stackctl", "reload", "wsgi"],
+                                 cwd=stack.stack_dir, stdout=subprocess.PIPE,
+                                 stderr=subprocess.PIPE, text=True)  # fmt: skip
+        lock = stack.run_dir / "reload.lock"
+        wait_for(lambda: lock.is_file() and lock.read_text() == str(first.pid),
+                 what="the first reload to hold the lock")  # fmt: skip
+        second = stackctl("reload", "wsgi", cwd=stack.stack_dir, check=False)
+        out, err = first.communicate(timeout=120)
+    finally:
+        marker.unlink()
+    assert second.returncode == EXIT_STACK_ERROR
+    assert f"another `stackctl reload` of this stack is under way (pid {first.pid})" in (
+        second.stderr
+    )
+    assert "Traceback" not in second.stderr
+    assert first.returncode == 0, err
+
+
+def test_a_reload_killed_midway_leaves_no_trial_worker_behind(stack: Stack) -> None:
+    marker = slow_start(stack)
+    marker.write_text("5")
+    try:
+        reload = subprocess.Popen([sys.executable, "-m", "stackctl", "reload", "wsgi"],
+                                  cwd=stack.stack_dir, stdout=subprocess.DEVNULL,
+                                  stderr=subprocess.DEVNULL)  # fmt: skip
+        name = f"canary-{reload.pid}.sock"
+
+        def canaries() -> list[psutil.Process]:
+            found = []
+            for proc in psutil.process_iter(["cmdline"]):
+                if any(name in arg for arg in proc.info["cmdline"] or ()):
+                    found.append(proc)
+            return found
+
+        wait_for(lambda: bool(canaries()), what="the trial worker to start")
+        reload.kill()
+        reload.wait()
+        wait_for(lambda: not canaries(), timeout=10, what="the trial worker to go")
+    finally:
+        marker.unlink()
