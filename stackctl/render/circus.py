@@ -13,8 +13,8 @@ def log_files(stack: Stack) -> dict[str, str]:
     return {name: str(stack.log_dir / f"{name}.log") for name in WATCHERS}
 
 
-def tied_to_circusd(stack: Stack, args: list[str]) -> list[str]:
-    """Make the program die with circusd: if circusd is killed, its children get SIGTERM.
+def tied_to_circusd(stack: Stack, args: list[str], signal: str = "TERM") -> list[str]:
+    """Make the program die with circusd: if circusd is killed, its children get ``signal``.
 
     Without this, master-less uWSGI processes whose log pipe is gone have been seen spinning
     on SIGPIPE. The parent-death signal survives exec, so Circus still watches the program's
@@ -22,11 +22,13 @@ def tied_to_circusd(stack: Stack, args: list[str]) -> list[str]:
     """
     if stack.programs.setpriv is None:
         return args
-    return [stack.programs.setpriv, "--pdeathsig", "TERM", "--", *args]
+    return [stack.programs.setpriv, "--pdeathsig", signal, "--", *args]
 
 
 def wsgi_command(stack: Stack) -> str:
-    args = tied_to_circusd(stack, [stack.programs.uwsgi, "--ini", str(stack.uwsgi_ini)])
+    # KILL: a uWSGI worker still loading the app when circusd dies (a reload under way) takes
+    # SIGTERM for a reload of its own and lives on, orphaned, holding the socket.
+    args = tied_to_circusd(stack, [stack.programs.uwsgi, "--ini", str(stack.uwsgi_ini)], "KILL")
     return shlex.join(args) + " --uwsgi-socket fd://$(circus.sockets.wsgi)"
 
 

@@ -3,6 +3,8 @@ circusd that stackctl runs (stackctl.circusd): as lossless as `stackctl reload`.
 
 from __future__ import annotations
 
+import os
+import signal
 import socket
 import subprocess
 import sys
@@ -286,3 +288,21 @@ def test_a_reload_killed_midway_leaves_no_trial_worker_behind(stack: Stack) -> N
         wait_for(lambda: not canaries(), timeout=10, what="the trial worker to go")
     finally:
         marker.unlink()
+
+
+def test_circusd_killed_during_a_reload_leaves_no_worker_behind() -> None:
+    site = load_site()
+    with running_stack(site, "--workers", "2", *NO_AUTORELOAD) as stack:
+        before = wsgi_pids(stack)
+        marker = slow_start(stack)
+        marker.write_text("5")
+        assert circusctl(stack, "reload", "wsgi").returncode == 0  # returns at once
+        wait_for(lambda: len(wsgi_pids(stack) - before) == 2, what="the new workers to start")
+        new = wsgi_pids(stack) - before
+        os.kill(int(stack.circus_pidfile.read_text()), signal.SIGKILL)
+
+        def gone() -> bool:
+            return not any(psutil.pid_exists(pid) and psutil.Process(pid).status() != "zombie"
+                           for pid in new | before)  # fmt: skip
+
+        wait_for(gone, timeout=10, what="every worker to die with circusd")
