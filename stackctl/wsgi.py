@@ -7,9 +7,13 @@ It loads the app that ``STACKCTL_WSGI_APP`` names and marks this process ready f
 
 import os
 
+import uwsgi
+
 from stackctl import graceful
 from stackctl.readiness import APP_VARIABLE, load, mark_ready
 
-graceful.install()
+in_flight = graceful.install(threads=int(uwsgi.opt.get("threads", b"1")))
 application = load(os.environ[APP_VARIABLE])
+if in_flight is not None:
+    application = graceful.counted(application, in_flight)
 mark_ready()

@@ -306,3 +306,28 @@ def test_circusd_killed_during_a_reload_leaves_no_worker_behind() -> None:
                            for pid in new | before)  # fmt: skip
 
         wait_for(gone, timeout=10, what="every worker to die with circusd")
+
+
+def test_workers_with_threads_stop_once_their_requests_are_answered() -> None:
+    # uWSGI's own graceful stop of a worker with threads hangs until the graceful timeout
+    # (60 s here) and Circus kills it: a reload then takes that long, under the arbiter's lock.
+    site = load_site()
+    options = ("--workers", "2", "--set", "wsgi.threads=4", "--set", "wsgi.graceful_timeout=60")
+    with running_stack(site, *options, *NO_AUTORELOAD) as stack:
+        before = wsgi_pids(stack)
+        with Load(port(stack)) as load:
+            settle(load)
+            slow = threading.Thread(target=lambda: answers.append(
+                urllib.request.urlopen(stack.url() + "sleep?ms=2000", timeout=30).read()))
+            answers: list[bytes] = []
+            slow.start()
+            time.sleep(0.5)  # the slow request is in a worker
+            started = time.monotonic()
+            result = circusctl(stack, "--timeout", "120", "reload", "wsgi", "--waiting")
+            took = time.monotonic() - started
+            slow.join(timeout=30)
+        assert result.returncode == 0, result.stdout + result.stderr
+        assert took < 30, f"the reload waited {took:.0f} s for idle threads"
+        assert answers == [b"slept 2000"]
+        assert not wsgi_pids(stack) & before
+        assert load.report.failures == []
