@@ -13,7 +13,7 @@ import ipaddress
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -256,6 +256,23 @@ def optional_path(value: Any) -> str:
     return value
 
 
+_INSIDE_RULE = (
+    'a directory inside the stack directory, relative to it (such as ".stackctl/run"), '
+    'without a leading "/" or any ".." part'
+)
+
+
+def stack_subdir(value: Any) -> str:
+    """A directory that stackctl creates, writes and makes private: it must stay inside the
+    stack, or a stack file or ``--set`` would have stackctl (maybe as root) take over any
+    directory on the machine, such as /var/log or a shared /tmp directory."""
+    text = path(value)
+    parts = PurePosixPath(text).parts
+    if not parts or parts[0] == "/" or ".." in parts:
+        raise _expect(_INSIDE_RULE, value)
+    return text
+
+
 def check_clean_path(what: str, value: Path) -> None:
     """For paths that come from the file system (the stack directory itself)."""
     if not _is_clean_path(str(value)):
@@ -484,11 +501,11 @@ class RedisConfig:
 class PathsConfig:
     run_dir: str = setting(
         ".stackctl/run",
-        path,
+        stack_subdir,
         "Rendered configs, sockets and pid files, relative to the stack directory.",
     )
     log_dir: str = setting(
-        ".stackctl/log", path, "Per-watcher logs, relative to the stack directory."
+        ".stackctl/log", stack_subdir, "Per-watcher logs, relative to the stack directory."
     )
 
 

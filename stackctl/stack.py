@@ -9,9 +9,10 @@ from __future__ import annotations
 import os
 import resource
 import shutil
+import stat
 import sys
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 from stackctl.errors import StackError
 from stackctl.profile import Profile
@@ -261,6 +262,59 @@ def check_written_paths(stack: Stack) -> None:
             raise StackError(f"{where}{e}") from None
 
 
+PRIVATE_DIR = ".stackctl"
+"""Holds the key that signs tokens, and by default the run and log directories."""
+
+
+def private_dirs(stack: Stack) -> dict[str, str]:
+    """The directories stackctl creates and writes in: where each is named in an error (the
+    file and key that set it) -> its path relative to the stack directory."""
+    paths = stack.profile.paths
+    return {
+        f"{stack.profile.source('paths.run_dir')}: paths.run_dir: {paths.run_dir!r}": paths.run_dir,
+        f"{stack.profile.source('paths.log_dir')}: paths.log_dir: {paths.log_dir!r}": paths.log_dir,
+        f"the stack's {PRIVATE_DIR} directory": PRIVATE_DIR,
+    }
+
+
+def stack_owner(stack_dir: Path) -> int:
+    return stack_dir.stat().st_uid
+
+
+def check_private_dirs(stack: Stack) -> None:
+    """Refuse a run or log directory, or any directory between it and the stack directory,
+    that is a symbolic link, not a directory, or someone else's: stackctl (perhaps as root)
+    would write configs into, and change the mode of, wherever that leads."""
+    owners = {os.geteuid(), stack_owner(stack.stack_dir)}
+    for where, relative in private_dirs(stack).items():
+        current = stack.stack_dir
+        for part in PurePosixPath(relative).parts:
+            current = current / part
+            try:
+                info = os.lstat(current)
+            except FileNotFoundError:
+                break  # stackctl creates the rest itself, with os.mkdir
+            problem = (
+                "is a symbolic link" if stat.S_ISLNK(info.st_mode)
+                else "is not a directory" if not stat.S_ISDIR(info.st_mode)
+                else f"belongs to uid {info.st_uid}, neither you nor the stack's owner"
+                if info.st_uid not in owners
+                else None
+            )  # fmt: skip
+            if problem:
+                raise StackError(
+                    f"{where}: {current} {problem}; stackctl keeps its files only in real "
+                    "directories of the stack's owner inside the stack directory. Remove it "
+                    "(stackctl creates it again), or set the key to another directory inside "
+                    "the stack"
+                )
+        resolved = (stack.stack_dir / relative).resolve()
+        if stack.stack_dir not in resolved.parents:
+            raise StackError(
+                f"{where}: resolves to {resolved}, outside the stack directory {stack.stack_dir}"
+            )
+
+
 def check_static_dir(stack: Stack) -> None:
     """NGiNX serves every file under static.dir: it must not hold the stack's own files (the
     key that signs tokens, the rendered configs, the app's source)."""
@@ -326,6 +380,7 @@ def plan(profile: Profile, programs: Programs | None = None) -> Stack:
         nginx_user=nginx_worker_user(base),
     )
     check_written_paths(stack)
+    check_private_dirs(stack)
     check_static_dir(stack)
     check_socket_paths(stack)
     return stack

@@ -264,18 +264,22 @@ def test_a_normal_user_finds_nginx_in_sbin_and_is_told_about_privileged_ports(
 def test_a_run_dir_that_another_running_stack_owns_is_refused(
     short_tmp: Path, no_leaks: Callable[[Path], None]
 ) -> None:
-    first, second = short_tmp / "one", short_tmp / "two"
+    # A run directory stays inside its stack directory; a stack nested in another can still
+    # be given the same one.
+    first = short_tmp / "one"
+    second = first / "inner"
     for site in (first, second):
         stackctl("init", str(site), "--demo", cwd=short_tmp)
         no_leaks(site)
+    with (first / "stack.toml").open("a") as f:
+        f.write('\n[paths]\nrun_dir = "inner/.stackctl/run"\n')
     port = free_port()
     stackctl("up", "--detach", "--listen", f"127.0.0.1:{port}", cwd=first)
-    run_dir = first / ".stackctl" / "run"
+    run_dir = second / ".stackctl" / "run"
     configs = {p.name: p.read_text() for p in run_dir.glob("*.ini")}
-    with (second / "stack.toml").open("a") as f:
-        f.write(f'\n[paths]\nrun_dir = "{run_dir}"\n')
+    assert configs
     expected = (
-        f"stackctl: {second / 'stack.toml'}: paths.run_dir: '{run_dir}' resolves to {run_dir}, "
+        f"stackctl: defaults: paths.run_dir: '.stackctl/run' resolves to {run_dir}, "
         f"which the stack running in {first} uses (circusd pid "
     )
     for command in (["up", "--detach", "--listen", f"127.0.0.1:{free_port()}"], ["render"],
@@ -288,6 +292,104 @@ def test_a_run_dir_that_another_running_stack_owns_is_refused(
     with urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=10) as response:
         assert response.status == 200  # the first stack still runs, untouched
     stackctl("status", cwd=first)  # and its owner still drives it
+
+
+def modes(directory: Path) -> dict[str, int]:
+    """The mode of a directory and of everything in it, by path: what stackctl may not touch."""
+    return {str(p): p.lstat().st_mode for p in [directory, *directory.rglob("*")]}
+
+
+@pytest.fixture
+def shared(short_tmp: Path) -> Path:
+    """A directory outside the stack that every user may write in, like /tmp."""
+    directory = short_tmp / "shared"
+    directory.mkdir()
+    directory.chmod(0o1777)
+    (directory / "someone-elses").write_text("x")
+    return directory
+
+
+REFUSED_OUTSIDE = "expected a directory inside the stack directory, relative to it"
+
+
+@pytest.mark.parametrize("key", ["paths.run_dir", "paths.log_dir"])
+@pytest.mark.parametrize("value", ["{shared}", "../shared", "sub/../../shared", "."])
+def test_run_and_log_dirs_outside_the_stack_are_refused(
+    site: Path, shared: Path, key: str, value: str
+) -> None:
+    before = modes(shared), modes(site)
+    value = value.format(shared=shared)
+    expected = (
+        f"{key}: {REFUSED_OUTSIDE} (such as \".stackctl/run\"), without a leading \"/\" or "
+        f"any \"..\" part, got {value!r}\n"
+    )
+    result = stackctl("render", "--set", f"{key}={value}", cwd=site, check=False)
+    assert result.returncode == EXIT_STACK_ERROR, result.stdout + result.stderr
+    assert result.stderr == f"stackctl: command line: {expected}"
+    # The same value in a stack file, rendered by someone else (root) from elsewhere.
+    with (site / "stack.toml").open("a") as f:
+        f.write(f'\n[paths]\n{key.split(".")[1]} = "{value}"\n')
+    before = before[0], modes(site)
+    result = stackctl("-C", str(site), "render", cwd=shared.parent, check=False)
+    assert result.returncode == EXIT_STACK_ERROR, result.stdout + result.stderr
+    assert result.stderr == f"stackctl: {site / 'stack.toml'}: {expected}"
+    assert (modes(shared), modes(site)) == before  # nothing written, nothing chmodded
+
+
+@pytest.mark.parametrize(
+    ("link", "key", "value"),
+    [
+        (".stackctl", "paths.run_dir", ".stackctl/run"),
+        (".stackctl/run", "paths.run_dir", ".stackctl/run"),
+        (".stackctl/log", "paths.log_dir", ".stackctl/log"),
+        ("var", "paths.log_dir", "var/log"),
+    ],
+)
+def test_a_symlink_on_the_way_to_the_run_or_log_dir_is_refused(
+    site: Path, shared: Path, link: str, key: str, value: str
+) -> None:
+    (site / link).parent.mkdir(exist_ok=True)
+    (site / link).symlink_to(shared, target_is_directory=True)
+    before = modes(shared)
+    args = ["--set", f"{key}={value}"] if link == "var" else []
+    for command in ("render", "up"):
+        result = stackctl(command, *args, cwd=site, check=False)
+        assert result.returncode == EXIT_STACK_ERROR, result.stdout + result.stderr
+        source = "command line" if args else "defaults"
+        assert result.stderr.startswith(
+            f"stackctl: {source}: {key}: {value!r}: {site / link} is a symbolic link; stackctl "
+            "keeps its files only in real directories of the stack's owner inside the stack "
+            "directory. Remove it"
+        ), result.stderr
+    assert modes(shared) == before  # nothing written there, its mode unchanged (1777)
+    assert not processes.find(shared)
+
+
+def test_a_run_dir_parent_of_another_user_is_refused(
+    site: Path, normal_user: tuple[int, int]
+) -> None:
+    # A user who may write in a root-owned stack directory makes .stackctl theirs: root's
+    # stackctl may not write configs, or change modes, in it.
+    private = site / ".stackctl"
+    private.mkdir(mode=0o755)
+    os.chown(private, *normal_user)
+    before = modes(private)
+    result = stackctl("render", cwd=site, check=False)
+    assert result.returncode == EXIT_STACK_ERROR, result.stdout + result.stderr
+    assert result.stderr.startswith(
+        f"stackctl: defaults: paths.run_dir: '.stackctl/run': {private} belongs to uid "
+        f"{normal_user[0]}, neither you nor the stack's owner; "
+    ), result.stderr
+    assert modes(private) == before
+
+
+def test_an_existing_run_dir_of_the_stack_owner_is_made_private(site: Path) -> None:
+    run_dir = site / ".stackctl" / "run"
+    run_dir.mkdir(parents=True, mode=0o755)
+    run_dir.chmod(0o755)
+    stackctl("render", cwd=site)
+    assert run_dir.stat().st_mode & 0o777 == 0o700
+    assert (site / ".stackctl" / "log").stat().st_mode & 0o777 == 0o700
 
 
 def test_ctrl_c_while_the_stack_starts_stops_it(

@@ -136,6 +136,13 @@ def test_unknown_profile_lists_known_ones(stack_dir: Path) -> None:
         ('[static]\ndir = "100%"\n', "static.dir: expected a path without quotes"),
         ('[paths]\nrun_dir = "a\\nb"\n', "paths.run_dir: expected a non-empty path without"),
         ('[paths]\nlog_dir = "l{x}"\n', "paths.log_dir: expected a non-empty path without"),
+        # The run and log directories stay inside the stack directory.
+        ('[paths]\nrun_dir = "/tmp/shared"\n', "paths.run_dir: expected a directory inside the"),
+        ('[paths]\nlog_dir = "/var/log"\n', "paths.log_dir: expected a directory inside the"),
+        ('[paths]\nrun_dir = "../run"\n', "paths.run_dir: expected a directory inside the"),
+        ('[paths]\nlog_dir = "log/../../x"\n', "paths.log_dir: expected a directory inside"),
+        ('[paths]\nrun_dir = "."\n', "paths.run_dir: expected a directory inside the stack"),
+        ('[paths]\nrun_dir = "./"\n', "paths.run_dir: expected a directory inside the stack"),
         ('[static]\nurl = "/../"\n', "static.url: expected a URL path that starts and ends"),
         ('[redis]\nurl = "redis://"\n', 'redis.url: expected "embedded"'),
         ('[redis]\nurl = "redis://h:1/0\\n[x]"\n', 'redis.url: expected "embedded"'),
