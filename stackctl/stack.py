@@ -315,12 +315,30 @@ def check_private_dirs(stack: Stack) -> None:
             )
 
 
+STATIC_INSIDE_ADVICE = (
+    "collect the static files into a directory inside the stack, e.g. Django's "
+    'STATIC_ROOT = BASE_DIR / "staticfiles" with `manage.py collectstatic`, and set static.dir '
+    'to it ("staticfiles")'
+)
+
+
 def check_static_dir(stack: Stack) -> None:
     """NGiNX serves every file under static.dir: it must not hold the stack's own files (the
-    key that signs tokens, the rendered configs, the app's source)."""
+    key that signs tokens, the rendered configs, the app's source), nor be a directory of the
+    system (its workers run as root for a root-owned stack: /etc would serve /etc/shadow)."""
     static = stack.static_dir
     if static is None:
         return
+    check_static_relations(stack, static)
+    if stack.stack_dir not in static.parents:
+        raise StackError(
+            f"{stack.profile.source('static.dir')}: static.dir: {stack.profile.static.dir!r} "
+            f"resolves to {static}, outside the stack directory {stack.stack_dir}: NGiNX "
+            f"serves static files only from inside the stack; {STATIC_INSIDE_ADVICE}"
+        )
+
+
+def check_static_relations(stack: Stack, static: Path) -> None:
     # The static directory may sit inside the stack directory, not the other way round; it
     # may not overlap the private directories at all.
     private = {

@@ -42,9 +42,12 @@ def up_fails(site: Path, *args: str, env: dict[str, str] | None = None) -> str:
         env=env,
         check=False,
     )
+    # A stack that starts when it should not is stopped before the test fails.
+    left = processes.find((site / ".stackctl" / "run").resolve())
+    processes.kill_all(left)
     assert result.returncode == EXIT_STACK_ERROR, result.stdout + result.stderr
     assert "Traceback" not in result.stderr.split("\n", 1)[0]
-    assert not processes.find((site / ".stackctl" / "run").resolve()), "something was left running"
+    assert not left, "something was left running"
     return result.stderr
 
 
@@ -172,6 +175,31 @@ def test_static_dir_may_not_expose_the_stack(site: Path, static_dir: str) -> Non
     )
     assert "NGiNX would serve the stack's configs, logs or the key that signs tokens" in message
     assert 'Allowed: a directory of static files only, such as "static"' in message
+
+
+@pytest.mark.parametrize("how", ["absolute", "relative", "symlink"])
+def test_static_dir_outside_the_stack_is_refused(site: Path, how: str) -> None:
+    # NGiNX's workers run as root for a root-owned stack: /etc would serve /etc/shadow.
+    args: list[str] = []
+    if how == "absolute":
+        args, value, resolved = ["--set", "static.dir=/etc"], "/etc", Path("/etc")
+    elif how == "relative":
+        (site.parent / "elsewhere").mkdir()
+        args, value = ["--set", "static.dir=../elsewhere"], "../elsewhere"
+        resolved = site.parent / "elsewhere"
+    else:
+        shutil.rmtree(site / "static")
+        (site / "static").symlink_to("/etc", target_is_directory=True)
+        value, resolved = "static", Path("/etc")
+    source = "command line" if args else str(site / "stack.toml")
+    message = up_fails(site, *args)
+    assert message == (
+        f"stackctl: {source}: static.dir: {value!r} resolves to {resolved}, outside the stack "
+        f"directory {site}: NGiNX serves static files only from inside the stack; collect the "
+        "static files into a directory inside the stack, e.g. Django's STATIC_ROOT = BASE_DIR "
+        '/ "staticfiles" with `manage.py collectstatic`, and set static.dir to it '
+        '("staticfiles")\n'
+    )
 
 
 def test_profile_that_only_extends_base_starts(
