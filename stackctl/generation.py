@@ -35,9 +35,15 @@ def make_dirs(stack: Stack) -> None:
     never follows a link that appears since, and a directory that already exists has its
     mode changed only when it is the stack owner's own."""
     owner = stack_owner(stack.stack_dir)
-    for relative in (stack.profile.paths.run_dir, stack.profile.paths.log_dir):
-        directory = make_private_dir(stack.stack_dir, relative)
-        make_private(directory, owner)
+    for key in ("paths.run_dir", "paths.log_dir"):
+        relative = getattr(stack.profile.paths, key.split(".")[1])
+        try:
+            make_private(make_private_dir(stack.stack_dir, relative), owner)
+        except OSError as e:  # Stack.plan checked; this is what changed since
+            raise StackError(
+                f"{stack.profile.source(key)}: {key}: {relative!r}: cannot create or make "
+                f"private {e.filename}: {e.strerror}"
+            ) from None
     make_private_dir(stack.run_dir, "nginx-temp")
     make_logs_private(stack.log_dir, owner)
 

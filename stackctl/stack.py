@@ -284,35 +284,51 @@ def stack_owner(stack_dir: Path) -> int:
 def check_private_dirs(stack: Stack) -> None:
     """Refuse a run or log directory, or any directory between it and the stack directory,
     that is a symbolic link, not a directory, or someone else's: stackctl (perhaps as root)
-    would write configs into, and change the mode of, wherever that leads."""
+    would write configs into, and change the mode of, wherever that leads. And say so in one
+    line when stackctl could not create or write in it."""
     owners = {os.geteuid(), stack_owner(stack.stack_dir)}
     for where, relative in private_dirs(stack).items():
-        current = stack.stack_dir
-        for part in PurePosixPath(relative).parts:
-            current = current / part
-            try:
-                info = os.lstat(current)
-            except FileNotFoundError:
-                break  # stackctl creates the rest itself, with os.mkdir
-            problem = (
-                "is a symbolic link" if stat.S_ISLNK(info.st_mode)
-                else "is not a directory" if not stat.S_ISDIR(info.st_mode)
-                else f"belongs to uid {info.st_uid}, neither you nor the stack's owner"
-                if info.st_uid not in owners
-                else None
+        deepest = existing_part(where, stack.stack_dir, relative, owners)
+        if not os.access(deepest, os.W_OK | os.X_OK, effective_ids=True):
+            owner = stack_owner(stack.stack_dir)
+            fix = "make it writable for you" + (
+                "" if owner == os.geteuid() else
+                f", or run stackctl as the owner of the stack directory (uid {owner})"
             )  # fmt: skip
-            if problem:
-                raise StackError(
-                    f"{where}: {current} {problem}; stackctl keeps its files only in real "
-                    "directories of the stack's owner inside the stack directory. Remove it "
-                    "(stackctl creates it again), or set the key to another directory inside "
-                    "the stack"
-                )
+            raise StackError(
+                f"{where}: {deepest} is not writable by you (uid {os.geteuid()}); {fix}"
+            )
         resolved = (stack.stack_dir / relative).resolve()
         if stack.stack_dir not in resolved.parents:
             raise StackError(
                 f"{where}: resolves to {resolved}, outside the stack directory {stack.stack_dir}"
             )
+
+
+def existing_part(where: str, stack_dir: Path, relative: str, owners: set[int]) -> Path:
+    """The deepest directory of ``relative`` that exists, once each on the way is checked."""
+    current = stack_dir
+    for part in PurePosixPath(relative).parts:
+        try:
+            info = os.lstat(current / part)
+        except FileNotFoundError:
+            break  # stackctl creates the rest itself, with os.mkdir
+        current = current / part
+        problem = (
+            "is a symbolic link" if stat.S_ISLNK(info.st_mode)
+            else "is not a directory" if not stat.S_ISDIR(info.st_mode)
+            else f"belongs to uid {info.st_uid}, neither you nor the stack's owner"
+            if info.st_uid not in owners
+            else None
+        )  # fmt: skip
+        if problem:
+            raise StackError(
+                f"{where}: {current} {problem}; stackctl keeps its files only in real "
+                "directories of the stack's owner inside the stack directory. Remove it "
+                "(stackctl creates it again), or set the key to another directory inside "
+                "the stack"
+            )
+    return current
 
 
 STATIC_INSIDE_ADVICE = (

@@ -289,6 +289,31 @@ def test_a_normal_user_finds_nginx_in_sbin_and_is_told_about_privileged_ports(
     assert not processes.find((site / ".stackctl" / "run").resolve())
 
 
+@pytest.mark.parametrize("whose", ["root's stack", "the user's stack"])
+def test_an_unwritable_run_dir_is_one_line_naming_the_key(
+    site: Path, normal_user: tuple[int, int], whose: str
+) -> None:
+    uid = normal_user[0]
+    if whose == "root's stack":
+        unwritable, fix = site, "; make it writable for you, or run stackctl as the owner of "
+        fix += "the stack directory (uid 0)"
+    else:
+        for path in [site, *site.rglob("*")]:
+            os.chown(path, *normal_user, follow_symlinks=False)
+        unwritable, fix = site / "locked", "; make it writable for you"
+        unwritable.mkdir(mode=0o500)
+        os.chown(unwritable, *normal_user)
+    value = str(unwritable.relative_to(site) / "run").removeprefix("./")
+    args = ["--set", f"paths.run_dir={value}"]
+    for command in (["render", *args], ["up", "--detach", "--listen", "127.0.0.1:18999", *args]):
+        result = as_user(normal_user, site, *command)
+        assert (result.returncode, result.stderr) == (EXIT_STACK_ERROR, (
+            f"stackctl: command line: paths.run_dir: {value!r}: {unwritable} is not writable "
+            f"by you (uid {uid}){fix}\n"
+        )), result.stdout  # fmt: skip
+    assert not (site / ".stackctl").exists()
+
+
 def test_a_run_dir_that_another_running_stack_owns_is_refused(
     short_tmp: Path, no_leaks: Callable[[Path], None]
 ) -> None:
