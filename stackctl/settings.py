@@ -103,7 +103,10 @@ _HOSTNAME = re.compile(rf"{_LABEL}(\.{_LABEL})*\.?")
 
 
 def is_hostname(text: str) -> bool:
-    return len(text) <= 253 and _HOSTNAME.fullmatch(text) is not None
+    # A last label of digits alone makes no host name (no top-level domain is numeric):
+    # "1.2.3.4.5" is a mistyped address, which NGiNX would refuse only at `nginx -t`.
+    last = text.rstrip(".").rsplit(".", 1)[-1]
+    return len(text) <= 253 and _HOSTNAME.fullmatch(text) is not None and not last.isdigit()
 
 
 def is_ip_address(text: str) -> bool:

@@ -202,6 +202,46 @@ def test_static_dir_outside_the_stack_is_refused(site: Path, how: str) -> None:
     )
 
 
+OWN_PREFIX = "; each URL prefix needs its own, and none may start with another: change one of them"
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--listen", "1.2.3.4.5:80"], "server.listen: expected HOST:PORT, where HOST is a host "
+         "name, an IP address ([::1] for IPv6) or *, and PORT is from 1 to 65535, e.g. "
+         '"127.0.0.1:8000", got \'1.2.3.4.5:80\''),
+        (["--set", "static.url=/ws/"],
+         "static.url: '/ws/' is the same as ws.prefix ('/ws/', from defaults)" + OWN_PREFIX),
+        (["--set", "static.url=/_stackctl/"], "static.url: '/_stackctl/' overlaps /_stackctl/, "
+         "where stackctl serves its browser client; choose another prefix"),
+        (["--set", "ws.sse_prefix=/ws/"],
+         "ws.sse_prefix: '/ws/' is the same as ws.prefix ('/ws/', from defaults)" + OWN_PREFIX),
+        (["--set", "ws.poll_prefix=/events/old/"], "ws.poll_prefix: '/events/old/' lies inside "
+         "ws.sse_prefix ('/events/', from defaults)" + OWN_PREFIX),
+    ],
+)  # fmt: skip
+def test_what_nginx_would_refuse_is_refused_first_naming_the_key(
+    site: Path, args: list[str], message: str
+) -> None:
+    # -C after the command, as for every command: from elsewhere, naming the stack.
+    result = stackctl("render", "-C", str(site), *args, cwd=site.parent, check=False)
+    assert (result.returncode, result.stderr) == (
+        EXIT_STACK_ERROR, f"stackctl: command line: {message}\n"
+    ), result.stdout  # fmt: skip
+    assert not (site / ".stackctl").exists()
+
+
+def test_the_stack_directory_may_be_named_before_or_after_the_command(site: Path) -> None:
+    after = stackctl("render", "-C", str(site), cwd=site.parent)
+    assert f"wrote {site / '.stackctl' / 'run' / 'nginx.conf'}" in after.stdout
+    before = stackctl("-C", str(site), "render", cwd=site.parent)
+    assert before.stdout == after.stdout
+    # Given twice, the one after the command wins, as with any option.
+    both = stackctl("-C", str(site.parent), "render", "--stack", str(site), cwd=site.parent)
+    assert both.stdout == after.stdout
+
+
 def test_profile_that_only_extends_base_starts(
     site: Path, no_leaks: Callable[[Path], None]
 ) -> None:
