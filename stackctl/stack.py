@@ -283,12 +283,12 @@ def stack_owner(stack_dir: Path) -> int:
 
 def check_private_dirs(stack: Stack) -> None:
     """Refuse a run or log directory, or any directory between it and the stack directory,
-    that is a symbolic link, not a directory, or someone else's: stackctl (perhaps as root)
-    would write configs into, and change the mode of, wherever that leads. And say so in one
-    line when stackctl could not create or write in it."""
-    owners = {os.geteuid(), stack_owner(stack.stack_dir)}
+    that is a symbolic link, not a directory, or not the user's running stackctl: stackctl
+    (perhaps as root) would write configs into, and change the mode of, wherever that leads,
+    and whoever owns one could plant links where stackctl's processes open their logs. And
+    say so in one line when stackctl could not create or write in it."""
     for where, relative in private_dirs(stack).items():
-        deepest = existing_part(where, stack.stack_dir, relative, owners)
+        deepest = existing_part(where, stack.stack_dir, relative)
         if not os.access(deepest, os.W_OK | os.X_OK, effective_ids=True):
             owner = stack_owner(stack.stack_dir)
             fix = "make it writable for you" + (
@@ -305,7 +305,7 @@ def check_private_dirs(stack: Stack) -> None:
             )
 
 
-def existing_part(where: str, stack_dir: Path, relative: str, owners: set[int]) -> Path:
+def existing_part(where: str, stack_dir: Path, relative: str) -> Path:
     """The deepest directory of ``relative`` that exists, once each on the way is checked."""
     current = stack_dir
     for part in PurePosixPath(relative).parts:
@@ -317,14 +317,14 @@ def existing_part(where: str, stack_dir: Path, relative: str, owners: set[int]) 
         problem = (
             "is a symbolic link" if stat.S_ISLNK(info.st_mode)
             else "is not a directory" if not stat.S_ISDIR(info.st_mode)
-            else f"belongs to uid {info.st_uid}, neither you nor the stack's owner"
-            if info.st_uid not in owners
+            else f"belongs to uid {info.st_uid}, not to you (uid {os.geteuid()})"
+            if info.st_uid != os.geteuid()
             else None
         )  # fmt: skip
         if problem:
             raise StackError(
                 f"{where}: {current} {problem}; stackctl keeps its files only in real "
-                "directories of the stack's owner inside the stack directory. Remove it "
+                "directories of its own user inside the stack directory. Remove it "
                 "(stackctl creates it again), or set the key to another directory inside "
                 "the stack"
             )

@@ -451,27 +451,33 @@ def test_a_symlink_on_the_way_to_the_run_or_log_dir_is_refused(
         source = "command line" if args else "defaults"
         assert result.stderr.startswith(
             f"stackctl: {source}: {key}: {value!r}: {site / link} is a symbolic link; stackctl "
-            "keeps its files only in real directories of the stack's owner inside the stack "
+            "keeps its files only in real directories of its own user inside the stack "
             "directory. Remove it"
         ), result.stderr
     assert modes(shared) == before  # nothing written there, its mode unchanged (1777)
     assert not processes.find(shared)
 
 
+@pytest.mark.parametrize("whose", ["root's stack", "the user's stack"])
 def test_a_run_dir_parent_of_another_user_is_refused(
-    site: Path, normal_user: tuple[int, int]
+    site: Path, normal_user: tuple[int, int], whose: str
 ) -> None:
-    # A user who may write in a root-owned stack directory makes .stackctl theirs: root's
-    # stackctl may not write configs, or change modes, in it.
+    # A user who may write in the stack directory (theirs, or root's) makes .stackctl theirs:
+    # root's stackctl may not write configs, or change modes, in it; nor open its logs where
+    # that user could have left links.
+    if whose == "the user's stack":
+        os.chown(site, *normal_user)
     private = site / ".stackctl"
     private.mkdir(mode=0o755)
+    (private / "log").mkdir(mode=0o755)
     os.chown(private, *normal_user)
     before = modes(private)
     result = stackctl("render", cwd=site, check=False)
     assert result.returncode == EXIT_STACK_ERROR, result.stdout + result.stderr
     assert result.stderr.startswith(
         f"stackctl: defaults: paths.run_dir: '.stackctl/run': {private} belongs to uid "
-        f"{normal_user[0]}, neither you nor the stack's owner; "
+        f"{normal_user[0]}, not to you (uid 0); stackctl keeps its files only in real "
+        "directories of its own user inside the stack directory. Remove it"
     ), result.stderr
     assert modes(private) == before
 
