@@ -351,13 +351,8 @@ def add_profile_options(parser: argparse.ArgumentParser) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="stackctl", description=__doc__)
-    parser.add_argument(
-        "-C",
-        "--stack",
-        type=Path,
-        default=Path("."),
-        help="the stack directory, where stack.toml is (default: .)",
-    )
+    stack_help = "the stack directory, where stack.toml is (default: .)"
+    parser.add_argument("-C", "--stack", type=Path, default=Path("."), help=stack_help)
     parser.add_argument("--version", action="version", version=f"%(prog)s {package_version()}")
     commands = parser.add_subparsers(dest="command", required=True)
 
@@ -366,6 +361,8 @@ def build_parser() -> argparse.ArgumentParser:
     ) -> argparse.ArgumentParser:
         sub = commands.add_parser(name, help=help, description=help)
         sub.set_defaults(handler=handler)
+        # -C also after the command (`stackctl render -C DIR`); SUPPRESS keeps one given before.
+        sub.add_argument("-C", "--stack", type=Path, default=argparse.SUPPRESS, help=stack_help)
         if profiled:
             add_profile_options(sub)
         return sub

@@ -10,13 +10,15 @@ from __future__ import annotations
 
 import os
 import shutil
+import stat
 import subprocess
 from collections.abc import Callable
-from pathlib import Path
+from contextlib import suppress
+from pathlib import Path, PurePosixPath
 
 from stackctl.errors import StackError
 from stackctl.render import File, circus, nginx, redis, uwsgi
-from stackctl.stack import Stack
+from stackctl.stack import Stack, stack_owner
 
 STAGING = ".next"
 
@@ -26,20 +28,50 @@ def render_all(stack: Stack) -> list[File]:
 
 
 def make_dirs(stack: Stack) -> None:
-    for directory in (stack.run_dir, stack.log_dir):
-        directory.mkdir(parents=True, exist_ok=True)
-    # The run directory holds the Circus control sockets: only the owner may reach them.
-    os.chmod(stack.run_dir, 0o700)
-    (stack.run_dir / "nginx-temp").mkdir(exist_ok=True)
-    make_logs_private(stack.log_dir)
+    """Create the run and log directories, mode 0700: the run directory holds the Circus
+    control sockets, the logs show who asked for what; only the stack's user may reach them.
+
+    Stack.plan refused symbolic links and other users' directories on the way; os.mkdir
+    never follows a link that appears since, and a directory that already exists has its
+    mode changed only when it is the stack owner's own."""
+    owner = stack_owner(stack.stack_dir)
+    for key in ("paths.run_dir", "paths.log_dir"):
+        relative = getattr(stack.profile.paths, key.split(".")[1])
+        try:
+            make_private(make_private_dir(stack.stack_dir, relative), owner)
+        except OSError as e:  # Stack.plan checked; this is what changed since
+            raise StackError(
+                f"{stack.profile.source(key)}: {key}: {relative!r}: cannot create or make "
+                f"private {e.filename}: {e.strerror}"
+            ) from None
+    make_private_dir(stack.run_dir, "nginx-temp")
+    make_logs_private(stack.log_dir, owner)
 
 
-def make_logs_private(log_dir: Path) -> None:
-    """Logs show who asked for what: the stack's user alone may read them. Older stacks left
-    theirs readable by all (NGiNX's access log was 0644 in a 0755 directory): fixed here."""
-    os.chmod(log_dir, 0o700)
+def make_private_dir(base: Path, relative: str) -> Path:
+    directory = base
+    for part in PurePosixPath(relative).parts:
+        directory = directory / part
+        with suppress(FileExistsError):
+            os.mkdir(directory, 0o700)
+    return directory
+
+
+def make_private(directory: Path, owner: int) -> None:
+    descriptor = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
+    try:
+        if os.fstat(descriptor).st_uid == owner:
+            os.fchmod(descriptor, 0o700)
+    finally:
+        os.close(descriptor)
+
+
+def make_logs_private(log_dir: Path, owner: int) -> None:
+    """Older stacks left their logs readable by all (NGiNX's access log was 0644 in a 0755
+    directory): fixed here, for the stack owner's own files (not links to others')."""
     for path in log_dir.iterdir():
-        if path.is_file() and not path.is_symlink():
+        info = os.lstat(path)
+        if stat.S_ISREG(info.st_mode) and info.st_nlink == 1 and info.st_uid == owner:
             os.chmod(path, 0o600)
 
 

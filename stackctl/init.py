@@ -15,6 +15,7 @@ from stackctl import resources
 from stackctl.errors import StackError
 from stackctl.profile import STACK_FILE
 from stackctl.settings import Invalid, wsgi_callable
+from stackctl.stack import STATIC_INSIDE_ADVICE
 
 DEMO_APP = "demo_app:application"
 
@@ -86,6 +87,12 @@ def static_root_problem(stack_dir: Path, static_root: str) -> str:
             "source and settings, so static files are not served. Give STATIC_ROOT a directory "
             'of its own (e.g. BASE_DIR / "collected"), run `manage.py collectstatic` and set '
             "static.dir in stack.toml"
+        )
+    if stack_dir.resolve() not in root.parents:
+        return (
+            f"STATIC_ROOT is {root}, outside the project: stackctl serves static files only "
+            f"from inside the stack directory, so they are not served. To serve them, "
+            f"{STATIC_INSIDE_ADVICE}"
         )
     return ""
 

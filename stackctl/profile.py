@@ -284,7 +284,49 @@ def build(name: str, reason: str, stack_dir: Path, layers: list[Layer]) -> Profi
         )
         for section, cls in SECTION_TYPES.items()
     }
-    return Profile(name=name, reason=reason, stack_dir=stack_dir, sources=sources, **sections)
+    built = Profile(name=name, reason=reason, stack_dir=stack_dir, sources=sources, **sections)
+    check_url_prefixes(built)
+    return built
+
+
+CLIENT_PREFIX = "/_stackctl/"
+"""Where NGiNX serves stackctl's browser client, realtime.js."""
+
+
+def url_prefixes(profile: Profile) -> dict[str, str]:
+    """Each URL prefix NGiNX routes on its own, by the key that sets it."""
+    prefixes = {
+        "ws.prefix": profile.ws.prefix,
+        "ws.sse_prefix": profile.ws.sse_prefix,
+        "ws.poll_prefix": profile.ws.poll_prefix,
+    }
+    if profile.static.dir:  # without a static directory, static.url routes nothing
+        prefixes["static.url"] = profile.static.url
+    return prefixes
+
+
+def check_url_prefixes(profile: Profile) -> None:
+    """NGiNX sends a request to the location of its longest matching prefix: two equal
+    prefixes make `nginx -t` fail, and one inside another hides part of the outer one's
+    URLs (static.url = /ws/static/ would serve files where channels were expected)."""
+    prefixes = url_prefixes(profile)
+    # Of two equal prefixes, the error names first the one that was set, not a default.
+    for key in sorted(prefixes, key=lambda k: profile.source(k) == "defaults"):
+        prefix = prefixes[key]
+        where = f"{profile.source(key)}: {key}: {prefix!r}"
+        if prefix.startswith(CLIENT_PREFIX) or CLIENT_PREFIX.startswith(prefix):
+            raise StackError(
+                f"{where} overlaps {CLIENT_PREFIX}, where stackctl serves its browser client; "
+                "choose another prefix"
+            )
+        for other, other_prefix in prefixes.items():
+            if other != key and prefix.startswith(other_prefix):
+                relation = "is the same as" if prefix == other_prefix else "lies inside"
+                raise StackError(
+                    f"{where} {relation} {other} ({other_prefix!r}, from "
+                    f"{profile.source(other)}); each URL prefix needs its own, and none may "
+                    "start with another: change one of them"
+                )
 
 
 def load(

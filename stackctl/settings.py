@@ -13,7 +13,7 @@ import ipaddress
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -103,7 +103,10 @@ _HOSTNAME = re.compile(rf"{_LABEL}(\.{_LABEL})*\.?")
 
 
 def is_hostname(text: str) -> bool:
-    return len(text) <= 253 and _HOSTNAME.fullmatch(text) is not None
+    # A last label of digits alone makes no host name (no top-level domain is numeric):
+    # "1.2.3.4.5" is a mistyped address, which NGiNX would refuse only at `nginx -t`.
+    last = text.rstrip(".").rsplit(".", 1)[-1]
+    return len(text) <= 253 and _HOSTNAME.fullmatch(text) is not None and not last.isdigit()
 
 
 def is_ip_address(text: str) -> bool:
@@ -254,6 +257,23 @@ def optional_path(value: Any) -> str:
     if not isinstance(value, str) or not _is_clean_path(value):
         raise _expect(f'a path {_PATH_RULE}, or "" for none', value)
     return value
+
+
+_INSIDE_RULE = (
+    'a directory inside the stack directory, relative to it (such as ".stackctl/run"), '
+    'without a leading "/" or any ".." part'
+)
+
+
+def stack_subdir(value: Any) -> str:
+    """A directory that stackctl creates, writes and makes private: it must stay inside the
+    stack, or a stack file or ``--set`` would have stackctl (maybe as root) take over any
+    directory on the machine, such as /var/log or a shared /tmp directory."""
+    text = path(value)
+    parts = PurePosixPath(text).parts
+    if not parts or parts[0] == "/" or ".." in parts:
+        raise _expect(_INSIDE_RULE, value)
+    return text
 
 
 def check_clean_path(what: str, value: Path) -> None:
@@ -484,11 +504,11 @@ class RedisConfig:
 class PathsConfig:
     run_dir: str = setting(
         ".stackctl/run",
-        path,
+        stack_subdir,
         "Rendered configs, sockets and pid files, relative to the stack directory.",
     )
     log_dir: str = setting(
-        ".stackctl/log", path, "Per-watcher logs, relative to the stack directory."
+        ".stackctl/log", stack_subdir, "Per-watcher logs, relative to the stack directory."
     )
 
 

@@ -9,9 +9,10 @@ from __future__ import annotations
 import os
 import resource
 import shutil
+import stat
 import sys
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 from stackctl.errors import StackError
 from stackctl.profile import Profile
@@ -261,12 +262,99 @@ def check_written_paths(stack: Stack) -> None:
             raise StackError(f"{where}{e}") from None
 
 
+PRIVATE_DIR = ".stackctl"
+"""Holds the key that signs tokens, and by default the run and log directories."""
+
+
+def private_dirs(stack: Stack) -> dict[str, str]:
+    """The directories stackctl creates and writes in: where each is named in an error (the
+    file and key that set it) -> its path relative to the stack directory."""
+    paths = stack.profile.paths
+    return {
+        f"{stack.profile.source('paths.run_dir')}: paths.run_dir: {paths.run_dir!r}": paths.run_dir,
+        f"{stack.profile.source('paths.log_dir')}: paths.log_dir: {paths.log_dir!r}": paths.log_dir,
+        f"the stack's {PRIVATE_DIR} directory": PRIVATE_DIR,
+    }
+
+
+def stack_owner(stack_dir: Path) -> int:
+    return stack_dir.stat().st_uid
+
+
+def check_private_dirs(stack: Stack) -> None:
+    """Refuse a run or log directory, or any directory between it and the stack directory,
+    that is a symbolic link, not a directory, or not the user's running stackctl: stackctl
+    (perhaps as root) would write configs into, and change the mode of, wherever that leads,
+    and whoever owns one could plant links where stackctl's processes open their logs. And
+    say so in one line when stackctl could not create or write in it."""
+    for where, relative in private_dirs(stack).items():
+        deepest = existing_part(where, stack.stack_dir, relative)
+        if not os.access(deepest, os.W_OK | os.X_OK, effective_ids=True):
+            owner = stack_owner(stack.stack_dir)
+            fix = "make it writable for you" + (
+                "" if owner == os.geteuid() else
+                f", or run stackctl as the owner of the stack directory (uid {owner})"
+            )  # fmt: skip
+            raise StackError(
+                f"{where}: {deepest} is not writable by you (uid {os.geteuid()}); {fix}"
+            )
+        resolved = (stack.stack_dir / relative).resolve()
+        if stack.stack_dir not in resolved.parents:
+            raise StackError(
+                f"{where}: resolves to {resolved}, outside the stack directory {stack.stack_dir}"
+            )
+
+
+def existing_part(where: str, stack_dir: Path, relative: str) -> Path:
+    """The deepest directory of ``relative`` that exists, once each on the way is checked."""
+    current = stack_dir
+    for part in PurePosixPath(relative).parts:
+        try:
+            info = os.lstat(current / part)
+        except FileNotFoundError:
+            break  # stackctl creates the rest itself, with os.mkdir
+        current = current / part
+        problem = (
+            "is a symbolic link" if stat.S_ISLNK(info.st_mode)
+            else "is not a directory" if not stat.S_ISDIR(info.st_mode)
+            else f"belongs to uid {info.st_uid}, not to you (uid {os.geteuid()})"
+            if info.st_uid != os.geteuid()
+            else None
+        )  # fmt: skip
+        if problem:
+            raise StackError(
+                f"{where}: {current} {problem}; stackctl keeps its files only in real "
+                "directories of its own user inside the stack directory. Remove it "
+                "(stackctl creates it again), or set the key to another directory inside "
+                "the stack"
+            )
+    return current
+
+
+STATIC_INSIDE_ADVICE = (
+    "collect the static files into a directory inside the stack, e.g. Django's "
+    'STATIC_ROOT = BASE_DIR / "staticfiles" with `manage.py collectstatic`, and set static.dir '
+    'to it ("staticfiles")'
+)
+
+
 def check_static_dir(stack: Stack) -> None:
     """NGiNX serves every file under static.dir: it must not hold the stack's own files (the
-    key that signs tokens, the rendered configs, the app's source)."""
+    key that signs tokens, the rendered configs, the app's source), nor be a directory of the
+    system (its workers run as root for a root-owned stack: /etc would serve /etc/shadow)."""
     static = stack.static_dir
     if static is None:
         return
+    check_static_relations(stack, static)
+    if stack.stack_dir not in static.parents:
+        raise StackError(
+            f"{stack.profile.source('static.dir')}: static.dir: {stack.profile.static.dir!r} "
+            f"resolves to {static}, outside the stack directory {stack.stack_dir}: NGiNX "
+            f"serves static files only from inside the stack; {STATIC_INSIDE_ADVICE}"
+        )
+
+
+def check_static_relations(stack: Stack, static: Path) -> None:
     # The static directory may sit inside the stack directory, not the other way round; it
     # may not overlap the private directories at all.
     private = {
@@ -326,6 +414,7 @@ def plan(profile: Profile, programs: Programs | None = None) -> Stack:
         nginx_user=nginx_worker_user(base),
     )
     check_written_paths(stack)
+    check_private_dirs(stack)
     check_static_dir(stack)
     check_socket_paths(stack)
     return stack

@@ -38,7 +38,7 @@ def render(stack: Stack) -> list[File]:
         static_alias=f"{stack.static_dir}/" if stack.static_dir else "",
         static_url=profile.static.url,
         realtime_prefixes=[profile.ws.prefix, profile.ws.sse_prefix, profile.ws.poll_prefix],
-        client_dir=f"{resources.client_dir()}/",
+        client_dir=f"{resources.client_dir().resolve()}/",  # disable_symlinks checks it
         timeout=profile.server.timeout,
     )
     includes = [

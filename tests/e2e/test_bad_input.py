@@ -42,9 +42,12 @@ def up_fails(site: Path, *args: str, env: dict[str, str] | None = None) -> str:
         env=env,
         check=False,
     )
+    # A stack that starts when it should not is stopped before the test fails.
+    left = processes.find((site / ".stackctl" / "run").resolve())
+    processes.kill_all(left)
     assert result.returncode == EXIT_STACK_ERROR, result.stdout + result.stderr
     assert "Traceback" not in result.stderr.split("\n", 1)[0]
-    assert not processes.find((site / ".stackctl" / "run").resolve()), "something was left running"
+    assert not left, "something was left running"
     return result.stderr
 
 
@@ -174,6 +177,71 @@ def test_static_dir_may_not_expose_the_stack(site: Path, static_dir: str) -> Non
     assert 'Allowed: a directory of static files only, such as "static"' in message
 
 
+@pytest.mark.parametrize("how", ["absolute", "relative", "symlink"])
+def test_static_dir_outside_the_stack_is_refused(site: Path, how: str) -> None:
+    # NGiNX's workers run as root for a root-owned stack: /etc would serve /etc/shadow.
+    args: list[str] = []
+    if how == "absolute":
+        args, value, resolved = ["--set", "static.dir=/etc"], "/etc", Path("/etc")
+    elif how == "relative":
+        (site.parent / "elsewhere").mkdir()
+        args, value = ["--set", "static.dir=../elsewhere"], "../elsewhere"
+        resolved = site.parent / "elsewhere"
+    else:
+        shutil.rmtree(site / "static")
+        (site / "static").symlink_to("/etc", target_is_directory=True)
+        value, resolved = "static", Path("/etc")
+    source = "command line" if args else str(site / "stack.toml")
+    message = up_fails(site, *args)
+    assert message == (
+        f"stackctl: {source}: static.dir: {value!r} resolves to {resolved}, outside the stack "
+        f"directory {site}: NGiNX serves static files only from inside the stack; collect the "
+        "static files into a directory inside the stack, e.g. Django's STATIC_ROOT = BASE_DIR "
+        '/ "staticfiles" with `manage.py collectstatic`, and set static.dir to it '
+        '("staticfiles")\n'
+    )
+
+
+OWN_PREFIX = "; each URL prefix needs its own, and none may start with another: change one of them"
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--listen", "1.2.3.4.5:80"], "server.listen: expected HOST:PORT, where HOST is a host "
+         "name, an IP address ([::1] for IPv6) or *, and PORT is from 1 to 65535, e.g. "
+         '"127.0.0.1:8000", got \'1.2.3.4.5:80\''),
+        (["--set", "static.url=/ws/"],
+         "static.url: '/ws/' is the same as ws.prefix ('/ws/', from defaults)" + OWN_PREFIX),
+        (["--set", "static.url=/_stackctl/"], "static.url: '/_stackctl/' overlaps /_stackctl/, "
+         "where stackctl serves its browser client; choose another prefix"),
+        (["--set", "ws.sse_prefix=/ws/"],
+         "ws.sse_prefix: '/ws/' is the same as ws.prefix ('/ws/', from defaults)" + OWN_PREFIX),
+        (["--set", "ws.poll_prefix=/events/old/"], "ws.poll_prefix: '/events/old/' lies inside "
+         "ws.sse_prefix ('/events/', from defaults)" + OWN_PREFIX),
+    ],
+)  # fmt: skip
+def test_what_nginx_would_refuse_is_refused_first_naming_the_key(
+    site: Path, args: list[str], message: str
+) -> None:
+    # -C after the command, as for every command: from elsewhere, naming the stack.
+    result = stackctl("render", "-C", str(site), *args, cwd=site.parent, check=False)
+    assert (result.returncode, result.stderr) == (
+        EXIT_STACK_ERROR, f"stackctl: command line: {message}\n"
+    ), result.stdout  # fmt: skip
+    assert not (site / ".stackctl").exists()
+
+
+def test_the_stack_directory_may_be_named_before_or_after_the_command(site: Path) -> None:
+    after = stackctl("render", "-C", str(site), cwd=site.parent)
+    assert f"wrote {site / '.stackctl' / 'run' / 'nginx.conf'}" in after.stdout
+    before = stackctl("-C", str(site), "render", cwd=site.parent)
+    assert before.stdout == after.stdout
+    # Given twice, the one after the command wins, as with any option.
+    both = stackctl("-C", str(site.parent), "render", "--stack", str(site), cwd=site.parent)
+    assert both.stdout == after.stdout
+
+
 def test_profile_that_only_extends_base_starts(
     site: Path, no_leaks: Callable[[Path], None]
 ) -> None:
@@ -261,21 +329,50 @@ def test_a_normal_user_finds_nginx_in_sbin_and_is_told_about_privileged_ports(
     assert not processes.find((site / ".stackctl" / "run").resolve())
 
 
+@pytest.mark.parametrize("whose", ["root's stack", "the user's stack"])
+def test_an_unwritable_run_dir_is_one_line_naming_the_key(
+    site: Path, normal_user: tuple[int, int], whose: str
+) -> None:
+    uid = normal_user[0]
+    if whose == "root's stack":
+        unwritable, fix = site, "; make it writable for you, or run stackctl as the owner of "
+        fix += "the stack directory (uid 0)"
+    else:
+        for path in [site, *site.rglob("*")]:
+            os.chown(path, *normal_user, follow_symlinks=False)
+        unwritable, fix = site / "locked", "; make it writable for you"
+        unwritable.mkdir(mode=0o500)
+        os.chown(unwritable, *normal_user)
+    value = str(unwritable.relative_to(site) / "run").removeprefix("./")
+    args = ["--set", f"paths.run_dir={value}"]
+    for command in (["render", *args], ["up", "--detach", "--listen", "127.0.0.1:18999", *args]):
+        result = as_user(normal_user, site, *command)
+        assert (result.returncode, result.stderr) == (EXIT_STACK_ERROR, (
+            f"stackctl: command line: paths.run_dir: {value!r}: {unwritable} is not writable "
+            f"by you (uid {uid}){fix}\n"
+        )), result.stdout  # fmt: skip
+    assert not (site / ".stackctl").exists()
+
+
 def test_a_run_dir_that_another_running_stack_owns_is_refused(
     short_tmp: Path, no_leaks: Callable[[Path], None]
 ) -> None:
-    first, second = short_tmp / "one", short_tmp / "two"
+    # A run directory stays inside its stack directory; a stack nested in another can still
+    # be given the same one.
+    first = short_tmp / "one"
+    second = first / "inner"
     for site in (first, second):
         stackctl("init", str(site), "--demo", cwd=short_tmp)
         no_leaks(site)
+    with (first / "stack.toml").open("a") as f:
+        f.write('\n[paths]\nrun_dir = "inner/.stackctl/run"\n')
     port = free_port()
     stackctl("up", "--detach", "--listen", f"127.0.0.1:{port}", cwd=first)
-    run_dir = first / ".stackctl" / "run"
+    run_dir = second / ".stackctl" / "run"
     configs = {p.name: p.read_text() for p in run_dir.glob("*.ini")}
-    with (second / "stack.toml").open("a") as f:
-        f.write(f'\n[paths]\nrun_dir = "{run_dir}"\n')
+    assert configs
     expected = (
-        f"stackctl: {second / 'stack.toml'}: paths.run_dir: '{run_dir}' resolves to {run_dir}, "
+        f"stackctl: defaults: paths.run_dir: '.stackctl/run' resolves to {run_dir}, "
         f"which the stack running in {first} uses (circusd pid "
     )
     for command in (["up", "--detach", "--listen", f"127.0.0.1:{free_port()}"], ["render"],
@@ -288,6 +385,110 @@ def test_a_run_dir_that_another_running_stack_owns_is_refused(
     with urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=10) as response:
         assert response.status == 200  # the first stack still runs, untouched
     stackctl("status", cwd=first)  # and its owner still drives it
+
+
+def modes(directory: Path) -> dict[str, int]:
+    """The mode of a directory and of everything in it, by path: what stackctl may not touch."""
+    return {str(p): p.lstat().st_mode for p in [directory, *directory.rglob("*")]}
+
+
+@pytest.fixture
+def shared(short_tmp: Path) -> Path:
+    """A directory outside the stack that every user may write in, like /tmp."""
+    directory = short_tmp / "shared"
+    directory.mkdir()
+    directory.chmod(0o1777)
+    (directory / "someone-elses").write_text("x")
+    return directory
+
+
+REFUSED_OUTSIDE = "expected a directory inside the stack directory, relative to it"
+
+
+@pytest.mark.parametrize("key", ["paths.run_dir", "paths.log_dir"])
+@pytest.mark.parametrize("value", ["{shared}", "../shared", "sub/../../shared", "."])
+def test_run_and_log_dirs_outside_the_stack_are_refused(
+    site: Path, shared: Path, key: str, value: str
+) -> None:
+    before = modes(shared), modes(site)
+    value = value.format(shared=shared)
+    expected = (
+        f"{key}: {REFUSED_OUTSIDE} (such as \".stackctl/run\"), without a leading \"/\" or "
+        f"any \"..\" part, got {value!r}\n"
+    )
+    result = stackctl("render", "--set", f"{key}={value}", cwd=site, check=False)
+    assert result.returncode == EXIT_STACK_ERROR, result.stdout + result.stderr
+    assert result.stderr == f"stackctl: command line: {expected}"
+    # The same value in a stack file, rendered by someone else (root) from elsewhere.
+    with (site / "stack.toml").open("a") as f:
+        f.write(f'\n[paths]\n{key.split(".")[1]} = "{value}"\n')
+    before = before[0], modes(site)
+    result = stackctl("-C", str(site), "render", cwd=shared.parent, check=False)
+    assert result.returncode == EXIT_STACK_ERROR, result.stdout + result.stderr
+    assert result.stderr == f"stackctl: {site / 'stack.toml'}: {expected}"
+    assert (modes(shared), modes(site)) == before  # nothing written, nothing chmodded
+
+
+@pytest.mark.parametrize(
+    ("link", "key", "value"),
+    [
+        (".stackctl", "paths.run_dir", ".stackctl/run"),
+        (".stackctl/run", "paths.run_dir", ".stackctl/run"),
+        (".stackctl/log", "paths.log_dir", ".stackctl/log"),
+        ("var", "paths.log_dir", "var/log"),
+    ],
+)
+def test_a_symlink_on_the_way_to_the_run_or_log_dir_is_refused(
+    site: Path, shared: Path, link: str, key: str, value: str
+) -> None:
+    (site / link).parent.mkdir(exist_ok=True)
+    (site / link).symlink_to(shared, target_is_directory=True)
+    before = modes(shared)
+    args = ["--set", f"{key}={value}"] if link == "var" else []
+    for command in ("render", "up"):
+        result = stackctl(command, *args, cwd=site, check=False)
+        assert result.returncode == EXIT_STACK_ERROR, result.stdout + result.stderr
+        source = "command line" if args else "defaults"
+        assert result.stderr.startswith(
+            f"stackctl: {source}: {key}: {value!r}: {site / link} is a symbolic link; stackctl "
+            "keeps its files only in real directories of its own user inside the stack "
+            "directory. Remove it"
+        ), result.stderr
+    assert modes(shared) == before  # nothing written there, its mode unchanged (1777)
+    assert not processes.find(shared)
+
+
+@pytest.mark.parametrize("whose", ["root's stack", "the user's stack"])
+def test_a_run_dir_parent_of_another_user_is_refused(
+    site: Path, normal_user: tuple[int, int], whose: str
+) -> None:
+    # A user who may write in the stack directory (theirs, or root's) makes .stackctl theirs:
+    # root's stackctl may not write configs, or change modes, in it; nor open its logs where
+    # that user could have left links.
+    if whose == "the user's stack":
+        os.chown(site, *normal_user)
+    private = site / ".stackctl"
+    private.mkdir(mode=0o755)
+    (private / "log").mkdir(mode=0o755)
+    os.chown(private, *normal_user)
+    before = modes(private)
+    result = stackctl("render", cwd=site, check=False)
+    assert result.returncode == EXIT_STACK_ERROR, result.stdout + result.stderr
+    assert result.stderr.startswith(
+        f"stackctl: defaults: paths.run_dir: '.stackctl/run': {private} belongs to uid "
+        f"{normal_user[0]}, not to you (uid 0); stackctl keeps its files only in real "
+        "directories of its own user inside the stack directory. Remove it"
+    ), result.stderr
+    assert modes(private) == before
+
+
+def test_an_existing_run_dir_of_the_stack_owner_is_made_private(site: Path) -> None:
+    run_dir = site / ".stackctl" / "run"
+    run_dir.mkdir(parents=True, mode=0o755)
+    run_dir.chmod(0o755)
+    stackctl("render", cwd=site)
+    assert run_dir.stat().st_mode & 0o777 == 0o700
+    assert (site / ".stackctl" / "log").stat().st_mode & 0o777 == 0o700
 
 
 def test_ctrl_c_while_the_stack_starts_stops_it(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import time
@@ -15,27 +16,30 @@ import pytest
 
 from stackctl import processes
 from tests.conftest import free_port, running_stack, stackctl, wait_for
-from tests.e2e.test_restarts import alive, load_site, port, settle
+from tests.e2e.test_restarts import LOAD_APP, NO_AUTORELOAD, alive, load_site, port, settle
 from tests.load import Load
 
 pytestmark = pytest.mark.e2e
 
 
-def run_dir_option(run_dir: Path) -> tuple[str, str]:
-    return ("--set", f"paths.run_dir={run_dir}")
+def run_dir_option(site: Path, run_dir: Path) -> tuple[str, str]:
+    return ("--set", f"paths.run_dir={run_dir.relative_to(site)}")
 
 
 def down(site: Path, run_dir: Path) -> str:
-    return stackctl("down", *run_dir_option(run_dir), cwd=site).stdout
+    return stackctl("down", *run_dir_option(site, run_dir), cwd=site).stdout
 
 
 @contextmanager
-def stack_in(run_dir: Path) -> Iterator[Path]:
-    """A load-app stack whose run directory is ``run_dir``; stopped, and checked, on exit."""
-    site = load_site()
+def stack_in(site: Path, run_dir: Path) -> Iterator[Path]:
+    """A load-app stack in ``site`` whose run directory is ``run_dir`` (inside the site, as
+    run directories are); stopped, and checked, on exit."""
+    site.mkdir(exist_ok=True)
+    shutil.copy(LOAD_APP, site)
+    stackctl("init", ".", "--app", "loadapp:application", cwd=site)
     try:
         stackctl("up", "--detach", "--workers", "2", "--listen", f"127.0.0.1:{free_port()}",
-                 *run_dir_option(run_dir), cwd=site)  # fmt: skip
+                 *run_dir_option(site, run_dir), *NO_AUTORELOAD, cwd=site)  # fmt: skip
         yield site
     finally:
         with suppress(AssertionError, subprocess.TimeoutExpired):
@@ -75,12 +79,15 @@ def pids_of(run_dir: Path) -> set[tuple[int, float]]:
 
 
 def test_down_and_crash_clean_up_stop_only_the_stacks_processes(short_tmp: Path) -> None:
-    mine, other = short_tmp / "r", short_tmp / "r2"  # the other stack's path starts like mine
+    # The other stack's run directory starts like mine: its stack directory holds mine (so
+    # neither reloads its code by itself: the outer one would see the inner one's files).
+    other_site, my_site = short_tmp, short_tmp / "s"
+    mine, other = my_site / "r", my_site / "r2"
     with ExitStack() as stacks:
-        other_site = stacks.enter_context(stack_in(other))
+        stacks.enter_context(stack_in(other_site, other))
         others = pids_of(other)
         assert len(others) >= 6
-        site = stacks.enter_context(stack_in(mine))
+        site = stacks.enter_context(stack_in(my_site, mine))
         with bystanders(mine) as bystanding:
             members = processes.find(mine)
             assert len(members) >= 6 and not set(members) & set(bystanding)
@@ -93,7 +100,7 @@ def test_down_and_crash_clean_up_stop_only_the_stacks_processes(short_tmp: Path)
             # A crash: circusd is killed while NGiNX's master is gone, which orphans its
             # workers (they outlive their master). Held stopped, circusd cannot replace it.
             stackctl("up", "--detach", "--workers", "2", "--listen", f"127.0.0.1:{free_port()}",
-                     *run_dir_option(mine), cwd=site)  # fmt: skip
+                     *run_dir_option(site, mine), *NO_AUTORELOAD, cwd=site)  # fmt: skip
             members = processes.find(mine)
             names = {p.pid: p.name() for p in members}
             circusd = processes.circusd(mine)

@@ -132,6 +132,10 @@ def demo() -> Iterator[Stack]:
     (site / "static" / ".env").write_text("SECRET_KEY=do-not-serve\n")
     (site / "static" / "sub" / ".git").mkdir(parents=True)
     (site / "static" / "sub" / ".git" / "config").write_text("[core]\n")
+    # Links a user of the stack may leave in the static directory, to what is not static.
+    (site / "static" / "private").symlink_to("../.stackctl", target_is_directory=True)
+    (site / "static" / "board-link.css").symlink_to("board.css")
+    (site / "static" / "passwd").symlink_to("/etc/passwd")
     with running_stack(site, "--workers", "1", "--set", f"wsgi.backlog={BACKLOG}") as running:
         yield running
     shutil.rmtree(site.parent, ignore_errors=True)
@@ -151,6 +155,16 @@ def test_nginx_never_serves_dotfiles_from_the_static_dir(demo: Stack) -> None:
     assert status_of(demo.url() + "static/.env") == 403
     assert status_of(demo.url() + "static/sub/.git/config") == 403
     assert status_of(demo.url() + "static/%2eenv") == 403  # decoded before it is matched
+
+
+def test_nginx_follows_no_symlink_in_the_static_dir(demo: Stack) -> None:
+    assert demo.secret_file.is_file()
+    assert status_of(demo.url() + "static/board.css") == 200
+    assert status_of(demo.url() + "static/private/secret") in (403, 404)
+    assert status_of(demo.url() + "static/board-link.css") in (403, 404)
+    assert status_of(demo.url() + "static/passwd") in (403, 404)
+    # stackctl's own files are served with the same rule, and still answer.
+    assert status_of(demo.url() + "_stackctl/realtime.js") == 200
 
 
 def test_no_token_in_any_log_and_logs_are_private(demo: Stack) -> None:

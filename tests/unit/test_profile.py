@@ -109,6 +109,10 @@ def test_unknown_profile_lists_known_ones(stack_dir: Path) -> None:
         ),
         ('[server]\nlisten = "localhost"\n', "server.listen: expected HOST:PORT"),
         ('[server]\nlisten = "127.0.0.1:70000"\n', "server.listen: expected HOST:PORT"),
+        # All-numeric "host names" are mistyped addresses.
+        ('[server]\nlisten = "1.2.3.4.5:80"\n', "server.listen: expected HOST:PORT"),
+        ('[server]\nlisten = "1.2.3:80"\n', "server.listen: expected HOST:PORT"),
+        ('[server]\nlisten = "10.0.0.256:80"\n', "server.listen: expected HOST:PORT"),
         ('[ws]\nprefix = "ws"\n', 'ws.prefix: expected a URL path that starts and ends with "/"'),
         ('[redis]\nurl = "mysql://x"\n', 'redis.url: expected "embedded", redis://'),
         (
@@ -136,6 +140,13 @@ def test_unknown_profile_lists_known_ones(stack_dir: Path) -> None:
         ('[static]\ndir = "100%"\n', "static.dir: expected a path without quotes"),
         ('[paths]\nrun_dir = "a\\nb"\n', "paths.run_dir: expected a non-empty path without"),
         ('[paths]\nlog_dir = "l{x}"\n', "paths.log_dir: expected a non-empty path without"),
+        # The run and log directories stay inside the stack directory.
+        ('[paths]\nrun_dir = "/tmp/shared"\n', "paths.run_dir: expected a directory inside the"),
+        ('[paths]\nlog_dir = "/var/log"\n', "paths.log_dir: expected a directory inside the"),
+        ('[paths]\nrun_dir = "../run"\n', "paths.run_dir: expected a directory inside the"),
+        ('[paths]\nlog_dir = "log/../../x"\n', "paths.log_dir: expected a directory inside"),
+        ('[paths]\nrun_dir = "."\n', "paths.run_dir: expected a directory inside the stack"),
+        ('[paths]\nrun_dir = "./"\n', "paths.run_dir: expected a directory inside the stack"),
         ('[static]\nurl = "/../"\n', "static.url: expected a URL path that starts and ends"),
         ('[redis]\nurl = "redis://"\n', 'redis.url: expected "embedded"'),
         ('[redis]\nurl = "redis://h:1/0\\n[x]"\n', 'redis.url: expected "embedded"'),
@@ -195,6 +206,49 @@ def test_missing_app_is_required(tmp_path: Path) -> None:
 def test_missing_stack_file_says_run_init(tmp_path: Path) -> None:
     with pytest.raises(StackError, match=r"run `stackctl init`"):
         load(tmp_path)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (
+            ["static.url=/ws/"],
+            "command line: static.url: '/ws/' is the same as ws.prefix ('/ws/', from defaults); "
+            "each URL prefix needs its own, and none may start with another: change one of them",
+        ),
+        (
+            ["ws.sse_prefix=/ws/"],
+            "command line: ws.sse_prefix: '/ws/' is the same as ws.prefix ('/ws/', from defaults)",
+        ),
+        (
+            ["static.url=/ws/files/"],
+            "command line: static.url: '/ws/files/' lies inside ws.prefix ('/ws/', from defaults)",
+        ),
+        (
+            ["ws.poll_prefix=/static/poll/"],
+            "command line: ws.poll_prefix: '/static/poll/' lies inside static.url ('/static/', "
+            "from defaults)",
+        ),
+        (
+            ["static.url=/_stackctl/"],
+            "command line: static.url: '/_stackctl/' overlaps /_stackctl/, where stackctl serves "
+            "its browser client; choose another prefix",
+        ),
+        (["ws.prefix=/_stackctl/ws/"], "command line: ws.prefix: '/_stackctl/ws/' overlaps"),
+    ],
+)
+def test_url_prefixes_that_clash_are_refused_naming_both_keys(
+    stack_dir: Path, overrides: list[str], message: str
+) -> None:
+    chosen = [profile.parse_override(o) for o in ["static.dir=static", *overrides]]
+    with pytest.raises(StackError) as error:
+        load(stack_dir, overrides=chosen)
+    assert str(error.value).startswith(message)
+
+
+def test_static_url_is_free_when_there_is_no_static_dir(stack_dir: Path) -> None:
+    loaded = load(stack_dir, overrides=[profile.parse_override("static.url=/ws/")])
+    assert loaded.static.url == "/ws/"
 
 
 def test_bad_command_line_value_names_the_command_line(stack_dir: Path) -> None:
