@@ -341,9 +341,12 @@ def ensure_secret(path: Path) -> None:
     """Create the stack's signing secret once, readable by its owner only."""
     if path.exists():
         return
-    path.parent.mkdir(parents=True, exist_ok=True)
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    if path.parent.is_symlink():
+        raise StackError(f"{path.parent} is a symbolic link; remove it, stackctl recreates it")
     staged = path.with_suffix(".new")
-    descriptor = os.open(staged, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    staged.unlink(missing_ok=True)  # a link planted here is removed, never followed
+    descriptor = os.open(staged, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
     with os.fdopen(descriptor, "w") as f:
         f.write(secrets.token_urlsafe(32))
     os.replace(staged, path)

@@ -247,3 +247,17 @@ def test_the_worker_options_are_the_profile_settings() -> None:
     # environment.
     passed = {*server.OPTIONS, *server.REPEATED_OPTIONS, "ws.history", "ws.history_seconds"}
     assert {key for key in BY_KEY if key.startswith("ws.")} <= passed
+
+
+def test_the_secret_is_never_written_through_a_planted_link(tmp_path: Path) -> None:
+    from stackctl.realtime import ensure_secret
+
+    target = tmp_path / "victim"
+    target.write_text("precious")
+    secret = tmp_path / ".stackctl" / "secret"
+    secret.parent.mkdir()
+    (secret.parent / "secret.new").symlink_to(target)
+    ensure_secret(secret)
+    assert target.read_text() == "precious"
+    assert not secret.is_symlink() and len(secret.read_text()) > 30
+    assert secret.stat().st_mode & 0o777 == 0o600
