@@ -26,6 +26,7 @@ from stackctl.ws.hub import Delivery, GapNotice, Hub, Resume
 POLL_WAIT_DEFAULT, POLL_WAIT_MAX = 25.0, 55.0
 SSE_RETRY_MS = 2000
 _END = b""
+TOKEN_EXPIRED_EVENT = b"event: expired\ndata: token expired\n\n"
 
 
 class EventStream:
@@ -50,6 +51,13 @@ class EventStream:
         # whole (not just the oldest), so that it resumes from its Last-Event-ID without a gap.
         while not self.queue.empty():
             self.queue.get_nowait()
+        self.queue.put_nowait(_END)
+
+    def expire(self) -> None:
+        """Its token expired: say so (the page fetches a fresh one), then end the stream."""
+        self.abort()
+        self.queue.get_nowait()
+        self.queue.put_nowait(TOKEN_EXPIRED_EVENT)
         self.queue.put_nowait(_END)
 
     def _put(self, chunk: bytes) -> None:

@@ -211,7 +211,17 @@ def serve_events(w: Worker, environ: dict[str, Any], start_response: Any) -> Ite
         w.hub.leave(sub.channels, stream)
         raise
     start_response("200 OK", sse_headers())
-    return EventResponse(stream.events(replayed), lambda: w.hub.leave(sub.channels, stream))
+    expiry = None
+    if sub.expires is not None:  # a stream outlives no token
+        expiry = gevent.get_hub().loop.timer(max(0.0, sub.expires - time.time()))
+        expiry.start(stream.expire)
+
+    def leave() -> None:
+        if expiry is not None:
+            expiry.stop()
+        w.hub.leave(sub.channels, stream)
+
+    return EventResponse(stream.events(replayed), leave)
 
 
 def forget(client: Client) -> None:

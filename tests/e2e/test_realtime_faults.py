@@ -373,6 +373,15 @@ def test_a_websocket_is_closed_when_its_token_expires(stack: Stack) -> None:
     assert alice not in (stack.log_dir / "ws.log").read_text()
 
 
+def test_an_event_stream_ends_when_its_token_expires(stack: Stack) -> None:
+    alice = token(stack, "alice")
+    url = stack.url() + f"events/user:alice?token={alice}"
+    with urllib.request.urlopen(url, timeout=TOKEN_MAX_AGE + 5) as response:
+        lines = [line.decode() for line in iter(response.readline, b"")]  # until the end
+    assert "event: expired\n" in lines, lines
+    assert alice not in (stack.log_dir / "ws.log").read_text()
+
+
 def circusctl(stack: Stack, *args: str) -> None:
     subprocess.run([str(Path(sys.executable).parent / "circusctl"), "--endpoint",
                     stack.circus_endpoint, *args], check=True, capture_output=True,
