@@ -61,7 +61,7 @@ class RestartJudge:
             self.stopping.discard(pid)
             return False
         if watcher == "wsgi" and self.reloading():
-            return False  # `stackctl reload` judges its new workers, and takes them back
+            return False  # the reload (stackctl.circusd) judges its new workers
         if watcher == "wsgi":
             unstable = not self.was_ready(watcher, pid)
         else:

@@ -1,11 +1,12 @@
 """Loading the app and marking a uWSGI worker ready, for :mod:`stackctl.wsgi` and reloads.
 
-The mark, a file named after the worker's pid in ``<run_dir>/ready/``, tells
-``stackctl reload`` that a new worker has loaded the app and is about to accept, so that old
-workers are stopped only once their replacements can serve.
+The mark, a file named after the worker's pid in ``<run_dir>/ready/``, tells a reload
+(:mod:`stackctl.circusd`, and the canary of ``stackctl reload``) that a new worker has loaded
+the app and is about to accept, so that old workers are stopped only once their replacements
+can serve.
 
-While ``stackctl reload`` replaces workers it holds ``<run_dir>/reloading`` (its pid): the
-new workers are its to judge, and to take back if they fail, so the flapping plugin must not
+While circusd replaces workers it holds ``<run_dir>/reloading`` (its pid): the new workers
+are the reload's to judge, and to take back if they fail, so the flapping plugin must not
 stop the whole pool over them.
 """
 
@@ -103,7 +104,7 @@ def reloading(run_dir: Path) -> Iterator[None]:
 
 
 def reload_under_way(run_dir: Path) -> bool:
-    """True while a ``stackctl reload`` that is still alive replaces workers."""
+    """True while a reload by a circusd that is still alive replaces workers."""
     try:
         pid = int((run_dir / RELOADING_MARK).read_text())
         os.kill(pid, 0)
