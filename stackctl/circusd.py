@@ -22,13 +22,16 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import time
 from collections.abc import Generator
+from contextlib import suppress
 from pathlib import Path
 from typing import Any
 
 import circus.arbiter
 import circus.circusd
+import psutil
 from circus.arbiter import Arbiter
 from circus.commands.reload import Reload
 from circus.config import get_config
@@ -92,6 +95,13 @@ class StackWatcher(Watcher):
         logger.info("%s reloaded", self.name)
 
     @gen.coroutine
+    def stop(self) -> Generator[Any, Any, None]:
+        """Circus's stop of this watcher; one asked for during a replacement (``stackctl down``
+        under way) ends the replacement first, instead of being refused."""
+        yield self.arbiter.end_replacements()
+        yield Watcher.stop(self)
+
+    @gen.coroutine
     def _restart(self) -> Generator[Any, Any, None]:
         if self.policy == REPLACE and not self.is_stopped():
             yield self.replace(sequential=False)
@@ -134,6 +144,8 @@ class StackWatcher(Watcher):
         seen: set[int] = set()
         ready: set[int] = set()
         while time.monotonic() < deadline:
+            if self.arbiter.stop_wanted:
+                raise gen.Return("a stop was asked for")
             alive = {pid for pid, p in self.processes.items() if p.is_alive()}
             seen |= alive - before
             ready |= {pid for pid in seen & alive
@@ -153,8 +165,14 @@ class StackWatcher(Watcher):
         """Stop every process that is not in ``before``; keep the others."""
         kept = [pid for pid in self.processes if pid in before]
         for pid, process in self.processes.items():
-            if pid not in before:
-                process.started = RETIRED
+            if pid in before:
+                continue
+            # One not ready yet has accepted nothing, and may hang in the app's import:
+            # waiting out its graceful stop would only hold circusd longer.
+            if not marked_since(self.run_dir, pid, process.started):
+                with suppress(OSError, psutil.Error):
+                    process.send_signal(signal.SIGKILL)
+            process.started = RETIRED
         yield self.set_numprocesses(len(kept))
         # An old process that died meanwhile is replaced, as Circus always would.
         yield self.set_numprocesses(target)
@@ -192,8 +210,35 @@ def normalized(key: str, value: Any) -> Any:
 
 
 class StackArbiter(Arbiter):
-    """An arbiter whose ``reloadconfig`` lets stackctl's watchers adopt what they can, and
-    whose periodic check waits for the command under way."""
+    """An arbiter whose ``reloadconfig`` lets stackctl's watchers adopt what they can, whose
+    periodic check waits for the command under way, and whose stop ends a replacement."""
+
+    stop_wanted = False
+    """A stop waits for the replacement under way to end, and tells it to end now."""
+
+    @gen.coroutine
+    def end_replacements(self) -> Generator[Any, Any, None]:
+        self.stop_wanted = True
+        try:
+            while self._exclusive_running_command is not None:
+                yield gen.sleep(POLL_SECONDS)
+        finally:
+            self.stop_wanted = self._stopping
+
+    @gen.coroutine
+    def stop_watchers(self, watcher_iter_func: Any = None) -> Generator[Any, Any, None]:
+        """`circusctl stop` of several watchers (``stackctl down`` stops them in stages)."""
+        yield self.end_replacements()
+        yield Arbiter.stop_watchers(self, watcher_iter_func=watcher_iter_func)
+
+    @gen.coroutine
+    def stop(self) -> Generator[Any, Any, None]:
+        # Ctrl-C, SIGTERM, `circusctl quit`: while a replacement runs, Circus would refuse
+        # them (the command lock) and go on waiting for new workers that may hang.
+        if self._stopping or self.stop_wanted:
+            return  # the stop already asked for does it
+        yield self.end_replacements()
+        yield Arbiter.stop(self)
 
     def manage_watchers(self) -> Any:
         # circusd checks its watchers every check_delay under the lock its commands take (stop,

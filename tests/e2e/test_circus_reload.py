@@ -17,6 +17,7 @@ from pathlib import Path
 import psutil
 import pytest
 
+from stackctl import processes
 from stackctl.errors import EXIT_STACK_ERROR
 from stackctl.readiness import ready_mark
 from stackctl.realtime import publish
@@ -331,3 +332,19 @@ def test_workers_with_threads_stop_once_their_requests_are_answered() -> None:
         assert answers == [b"slept 2000"]
         assert not wsgi_pids(stack) & before
         assert load.report.failures == []
+
+
+def test_sigterm_during_a_reload_of_hanging_workers_stops_the_stack() -> None:
+    # Circus refuses its own quit while a command holds its lock: the stop has to end the
+    # replacement first, or it waits for workers that never get ready.
+    site = load_site()
+    with running_stack(site, "--workers", "2", *NO_AUTORELOAD) as stack:
+        before = wsgi_pids(stack)
+        slow_start(stack).write_text("3600")
+        assert circusctl(stack, "reload", "wsgi").returncode == 0  # returns at once
+        wait_for(lambda: len(wsgi_pids(stack) - before) == 2, what="the new workers to start")
+        circusd = psutil.Process(int(stack.circus_pidfile.read_text()))
+        circusd.terminate()
+        circusd.wait(timeout=15)
+        assert not processes.find(stack.run_dir)
+        assert "Traceback" not in (stack.log_dir / "circusd.log").read_text()

@@ -16,7 +16,16 @@ import pytest
 
 from stackctl import processes
 from tests.conftest import free_port, running_stack, stackctl, wait_for
-from tests.e2e.test_restarts import LOAD_APP, NO_AUTORELOAD, alive, load_site, port, settle
+from tests.e2e.test_restarts import (
+    LOAD_APP,
+    NO_AUTORELOAD,
+    alive,
+    circusctl,
+    load_site,
+    port,
+    settle,
+    wsgi_pids,
+)
 from tests.load import Load
 
 pytestmark = pytest.mark.e2e
@@ -163,3 +172,23 @@ def test_down_closes_websockets_with_1012_and_does_not_wait_for_them() -> None:
                 client.recv(timeout=5)
         assert closed.value.rcvd is not None and closed.value.rcvd.code == 1012
         assert took < 15  # NGiNX waits for open websockets, until it is killed after 30 s
+
+
+def test_down_during_a_reload_whose_new_workers_hang_ends_it_and_stops_gracefully() -> None:
+    # Circus refused every stop while a reload waited for new workers (up to the graceful
+    # timeout + 30 s), and `down` then killed everything: 50 s, requests cut.
+    site = load_site()
+    with running_stack(site, "--workers", "2", *NO_AUTORELOAD) as stack:
+        before = wsgi_pids(stack)
+        (site / "slow-start").write_text("3600")  # the new workers never finish loading
+        with Load(port(stack), connections=16) as load:
+            settle(load)
+            assert circusctl(stack, "reload", "wsgi").returncode == 0  # returns at once
+            wait_for(lambda: len(wsgi_pids(stack) - before) == 2, what="the new workers")
+            started = time.monotonic()
+            stackctl("down", cwd=site)
+            took = time.monotonic() - started
+        failures = [f for f in load.report.failures if "Connection refused" not in f]
+        assert failures == [], f"down took {took:.1f} s"
+        assert took < 15, f"down took {took:.0f} s"
+        assert "Traceback" not in (stack.log_dir / "circusd.log").read_text()
