@@ -61,3 +61,10 @@ def test_the_periodic_check_skips_its_turn_while_a_command_runs() -> None:
     assert circusd.StackArbiter.manage_watchers(busy) is None  # no ConflictError to log
     source = inspect.getsource(circus.arbiter.Arbiter.manage_watchers)
     assert '@synchronized("manage_watchers")' in source
+
+
+def test_the_stops_a_replacement_gives_way_to() -> None:
+    # Each takes circusd's command lock: a stop during a replacement must wait for it to end.
+    for stop in (circus.arbiter.Arbiter.stop, circus.arbiter.Arbiter.stop_watchers, Watcher.stop):
+        assert "synchronized(" in inspect.getsource(stop).split("def ")[0], stop
+    assert "arbiter.stop_watchers" in inspect.getsource(get_commands()["stop"].execute)
