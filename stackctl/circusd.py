@@ -39,14 +39,12 @@ from circus.util import parse_env_dict, synchronized
 from circus.watcher import Watcher
 from tornado import gen
 
-from stackctl.readiness import forget_dead_marks, marked_since, reloading
+from stackctl.readiness import forget_dead_marks, marked_since, reloading, startup_timeout
 
 logger = logging.getLogger("circus")
 
 RELOAD_OPTION = "stackctl_reload"
 REPLACE = "replace"
-STARTUP_SECONDS = 30.0
-"""How long new processes may take to get ready, on top of the graceful timeout."""
 POLL_SECONDS = 0.05
 RETIRED = 0.0
 """The start time given to a process being taken back: Circus stops the oldest first."""
@@ -54,10 +52,6 @@ RETIRED = 0.0
 # hooks, streams...) is left to Circus's stop-then-start.
 ADOPTABLE = {"cmd", "args", "env", "numprocesses", "graceful_timeout"}
 ENV_IGNORED = circus.arbiter._ENV_EXCEPTIONS
-
-
-def startup_timeout(graceful_timeout: float) -> float:
-    return graceful_timeout + STARTUP_SECONDS
 
 
 class StackWatcher(Watcher):

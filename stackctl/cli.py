@@ -23,6 +23,7 @@ from stackctl.watchers import LOGS, WATCHERS
 STATE_FILE = "state.json"
 EXIT_BROKEN_PIPE = 128 + 13  # what a shell reports for a command ended by SIGPIPE
 EXIT_INTERRUPTED = 128 + 2  # and for one ended by Ctrl-C (SIGINT)
+EXIT_UNHEALTHY = 1  # `stackctl status`: every process may run, and the site not work
 
 
 # --- from arguments to a Stack -----------------------------------------------------------------
@@ -190,9 +191,6 @@ def cmd_down(args: argparse.Namespace) -> int:
 def require_running(stack: Stack) -> None:
     if supervisor.running_pid(stack) is None:
         raise StackError(f"no stack running in {stack.stack_dir}; start it with `stackctl up`")
-
-
-EXIT_UNHEALTHY = 1
 
 
 def cmd_status(args: argparse.Namespace) -> int:

@@ -22,6 +22,8 @@ from typing import Any
 APP_VARIABLE = "STACKCTL_WSGI_APP"
 READY_DIR = "ready"
 RELOADING_MARK = "reloading"
+STARTUP_SECONDS = 30.0
+"""How long new workers may take to get ready, on top of the graceful timeout."""
 MTIME_SLACK = 0.05
 """Seconds a mark's time may lag the clock (a file system's timestamp granularity)."""
 
@@ -63,6 +65,11 @@ def load_or_explain(spec: str) -> None:
             sys.stderr.write("".join(traceback.format_list(frames)))
         sys.stderr.write("".join(traceback.format_exception_only(e)))
         raise SystemExit(1) from None
+
+
+def startup_timeout(graceful_timeout: float) -> float:
+    """How long a reload waits for new workers: an old one's graceful stop, then some."""
+    return graceful_timeout + STARTUP_SECONDS
 
 
 def ready_mark(run_dir: Path, pid: int) -> Path:

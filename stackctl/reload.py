@@ -32,7 +32,7 @@ import psutil
 from stackctl import generation
 from stackctl.errors import StackError
 from stackctl.flapping import failure_note, has_exception, last_crash, log_tail
-from stackctl.readiness import marked_since, ready_mark
+from stackctl.readiness import marked_since, ready_mark, startup_timeout
 from stackctl.render import File
 from stackctl.render.nginx import INCLUDES as NGINX_INCLUDES
 from stackctl.stack import Stack
@@ -42,12 +42,13 @@ POLL = 0.05
 NGINX_LISTEN_PATIENCE = 5.0
 NGINX_FILES = {"nginx.conf", *NGINX_INCLUDES}
 RELOAD_LOCK = "reload.lock"
+ANSWER_LIMIT = 65536  # bytes of the check path's answer read: its status and a glimpse
 CANARY_NICENESS = 10
 
 
 def patience(stack: Stack) -> float:
     """How long a reload step may take: a worker's graceful stop, and then some to start."""
-    return float(stack.profile.wsgi.graceful_timeout + 30)
+    return startup_timeout(stack.profile.wsgi.graceful_timeout)
 
 
 def canary(stack: Stack, timeout: float, ini: Path | None = None) -> None:
@@ -147,8 +148,8 @@ def uwsgi_get(socket_path: Path, path: str, host: str, timeout: float) -> Answer
         conn.settimeout(max(timeout, 1.0))
         conn.connect(str(socket_path))
         conn.sendall(struct.pack("<BHB", 0, len(packet), 0) + packet)
-        chunks = []
-        while chunk := conn.recv(65536):
+        chunks: list[bytes] = []
+        while (chunk := conn.recv(65536)) and sum(map(len, chunks)) < ANSWER_LIMIT:
             chunks.append(chunk)
     head, _, body = b"".join(chunks).partition(b"\r\n\r\n")
     status_line = head.split(b"\r\n", 1)[0].decode("latin-1")
