@@ -318,11 +318,13 @@ def test_workers_with_threads_stop_once_their_requests_are_answered() -> None:
         before = wsgi_pids(stack)
         with Load(port(stack)) as load:
             settle(load)
-            slow = threading.Thread(target=lambda: answers.append(
-                urllib.request.urlopen(stack.url() + "sleep?ms=2000", timeout=30).read()))
+            inside = site / "slow-request-inside"
+            url = f"{stack.url()}sleep?ms=2000&mark={inside}"
             answers: list[bytes] = []
+            slow = threading.Thread(target=lambda: answers.append(
+                urllib.request.urlopen(url, timeout=30).read()))
             slow.start()
-            time.sleep(0.5)  # the slow request is in a worker
+            wait_for(inside.exists, what="the slow request to be in a worker")
             started = time.monotonic()
             result = circusctl(stack, "--timeout", "120", "reload", "wsgi", "--waiting")
             took = time.monotonic() - started
