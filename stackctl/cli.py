@@ -44,9 +44,9 @@ def flag_dest(flag: str) -> str:
     return flag.lstrip("-").replace("-", "_")
 
 
-def load_stack(args: argparse.Namespace, *, programs: bool) -> Stack:
+def load_stack(args: argparse.Namespace, *, programs: bool, writes: bool = True) -> Stack:
     chosen = profile.load(args.stack, args.profile, overrides_from(args))
-    stack = plan(chosen, None if programs else NO_PROGRAMS)
+    stack = plan(chosen, None if programs else NO_PROGRAMS, writes=writes)
     check_run_dir_owner(stack)
     return stack
 
@@ -85,16 +85,16 @@ def check_run_dir_owner(stack: Stack) -> None:
     )
 
 
-def load_running_stack(args: argparse.Namespace) -> Stack:
+def load_running_stack(args: argparse.Namespace, *, writes: bool = True) -> Stack:
     """The stack as ``up`` started it (its recorded profile and command-line overrides), to
     find its files and sockets; the programs are not looked up."""
-    guess = load_stack(args, programs=False)
+    guess = load_stack(args, programs=False, writes=writes)
     state_path = guess.run_dir / STATE_FILE
     if not state_path.is_file():
         return guess
     state = json.loads(state_path.read_text())
     chosen = profile.load(args.stack, state["profile"], [tuple(p) for p in state["overrides"]])
-    return plan(chosen, NO_PROGRAMS)
+    return plan(chosen, NO_PROGRAMS, writes=writes)
 
 
 def save_state(stack: Stack, overrides: list[tuple[str, Any]]) -> None:
@@ -196,7 +196,7 @@ def require_running(stack: Stack) -> None:
 def cmd_status(args: argparse.Namespace) -> int:
     """Each watcher and its processes, then whether the site, Redis and realtime delivery
     work; exits 1 when one does not."""
-    stack = load_running_stack(args)
+    stack = load_running_stack(args, writes=False)
     require_running(stack)
     print(f"{stack.url()}  profile {stack.profile.name}")
     for watcher in supervisor.status(stack):
@@ -254,7 +254,7 @@ def reload_running(args: argparse.Namespace, running: Stack) -> int:
 
 
 def cmd_logs(args: argparse.Namespace) -> int:
-    stack = load_running_stack(args)
+    stack = load_running_stack(args, writes=False)
     names = [args.watcher] if args.watcher else LOGS
     paths = [stack.log_dir / f"{n}.log" for n in names]
     for path in paths:
@@ -289,7 +289,7 @@ def follow(paths: list[Path], prefix: bool) -> None:
 
 
 def cmd_env(args: argparse.Namespace) -> int:
-    stack = load_running_stack(args)
+    stack = load_running_stack(args, writes=False)
     print(f"export CIRCUSCTL_ENDPOINT={shlex.quote(stack.circus_endpoint)}")
     for name, value in stack.worker_env().items():
         if name.startswith("STACKCTL_") and name != "STACKCTL_RUN_DIR":
@@ -300,7 +300,7 @@ def cmd_env(args: argparse.Namespace) -> int:
 def cmd_publish(args: argparse.Namespace) -> int:
     import redis
 
-    stack = load_running_stack(args)
+    stack = load_running_stack(args, writes=False)
     if stack.embedded_redis:
         require_running(stack)  # its Redis runs only while the stack does
     ws = stack.profile.ws

@@ -169,7 +169,7 @@ def _running_environment(stack_dir: Path, state_mtime: int) -> dict[str, str]:
     """Cached for as long as the stack runs with the same state (``up`` rewrites it)."""
     state = json.loads((stack_dir / STATE_PATH).read_text())
     loaded = profile.load(stack_dir, state["profile"], [tuple(p) for p in state["overrides"]])
-    return plan(loaded, NO_PROGRAMS).worker_env()
+    return plan(loaded, NO_PROGRAMS, writes=False).worker_env()
 
 
 def _django_base_dir() -> Path | None:

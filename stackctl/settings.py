@@ -9,6 +9,7 @@ raises :class:`Invalid` saying what is allowed.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import ipaddress
 import re
 from collections.abc import Callable
@@ -67,6 +68,7 @@ def int_range(low: int, high: int) -> Callable[[Any], int]:
 SOMAXCONN = Path("/proc/sys/net/core/somaxconn")
 
 
+@functools.cache  # every profile load parses the defaults too: read the kernel's once
 def kernel_backlog_limit() -> int:
     """The kernel caps every listen backlog at net.core.somaxconn; asking more is pointless."""
     try:

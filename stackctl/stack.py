@@ -398,8 +398,12 @@ def nginx_worker_user(stack_dir: Path) -> str | None:
     return f"{pwd.getpwuid(info.st_uid).pw_name} {grp.getgrgid(info.st_gid).gr_name}"
 
 
-def plan(profile: Profile, programs: Programs | None = None) -> Stack:
-    """Resolve a profile against this machine. ``programs`` may be given to skip the lookup."""
+def plan(profile: Profile, programs: Programs | None = None, *, writes: bool = True) -> Stack:
+    """Resolve a profile against this machine. ``programs`` may be given to skip the lookup.
+
+    ``writes``: the caller will create or delete files of the stack (render, up, reload, down),
+    so where they go is checked first; a reader (status, publish() in a cron job, maybe as
+    another user) only needs to find them."""
     base = profile.stack_dir
     static_dir = (base / profile.static.dir).resolve() if profile.static.dir else None
     workers = profile.wsgi.workers
@@ -414,7 +418,8 @@ def plan(profile: Profile, programs: Programs | None = None) -> Stack:
         nginx_user=nginx_worker_user(base),
     )
     check_written_paths(stack)
-    check_private_dirs(stack)
-    check_static_dir(stack)
+    if writes:
+        check_private_dirs(stack)
+        check_static_dir(stack)
     check_socket_paths(stack)
     return stack

@@ -27,7 +27,7 @@ from stackctl.errors import StackError
 from stackctl.flapping import FAILED_DIR, failure_note
 from stackctl.readiness import READY_DIR
 from stackctl.stack import Stack
-from stackctl.watchers import WATCHERS
+from stackctl.watchers import STOP_ORDER, WATCHERS
 
 POLL_INTERVAL = 0.1
 CONFLICT_PATIENCE = 10.0
@@ -87,7 +87,7 @@ def clean_stale(stack: Stack) -> list[int]:
     processes.kill_all(leftovers)
     for directory in (FAILED_DIR, READY_DIR):
         shutil.rmtree(stack.run_dir / directory, ignore_errors=True)
-    for path in (stack.circus_pidfile, stack.run_dir / "nginx.pid", stack.wsgi_socket,
+    for path in (stack.circus_pidfile, stack.run_dir / processes.NGINX_PIDFILE, stack.wsgi_socket,
                  stack.ws_socket, stack.redis_socket, stack.run_dir / "circus.ctl",
                  stack.run_dir / "circus.pub", *stack.run_dir.glob("canary-*.sock")):  # fmt: skip
         path.unlink(missing_ok=True)
@@ -259,7 +259,6 @@ def start(stack: Stack, timeout: float) -> Running:
 # realtime worker: it closes its websockets (1012), which NGiNX would otherwise wait for
 # until it is killed (and with the dev code reload, which must reload nothing on the way
 # out). Then the WSGI pool, once NGiNX is gone, and Redis last.
-STOP_ORDER = (("autoreload", "nginx", "ws"), ("wsgi",), ("redis",))
 
 
 def stop(stack: Stack, pid: int | None = None) -> list[int]:

@@ -8,5 +8,8 @@ from __future__ import annotations
 
 WATCHERS = ("redis", "wsgi", "ws", "nginx")
 """In the order they start: Redis first, NGiNX once the pools behind it are up."""
+STOP_ORDER = (("autoreload", "nginx", "ws"), ("wsgi",), ("redis",))
+"""`stackctl down`, stage by stage: the development code reload (``autoreload``), the front
+and the realtime worker (whose clients would hold NGiNX) first, then the pool, then Redis."""
 LOGS = ("circusd", *WATCHERS)
 """Every log ``stackctl logs`` shows: circusd's own, then one per watcher."""
