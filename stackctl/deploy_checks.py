@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 from stackctl.errors import StackError
 from stackctl.generation import import_failure, run_app_python
+from stackctl.profile import Profile
 from stackctl.stack import Stack
 
 ANSWER_MARK = "stackctl-deploy-checks: "
@@ -87,10 +88,15 @@ def deploy_checks(stack: Stack) -> list[str]:
 
     Nothing to do for a profile without app.deploy_checks, or for an app that is not Django.
     """
-    app, chosen = stack.profile.app, stack.profile
+    app = stack.profile.app
     if not app.deploy_checks or not app.django_settings:
         return []
-    answer = ask_django(stack)
+    return judge(stack.profile, ask_django(stack))
+
+
+def judge(chosen: Profile, answer: Answer) -> list[str]:
+    """What Django's answer means for a profile with app.deploy_checks."""
+    app = chosen.app
     if answer.debug and not app.allow_debug:
         raise StackError(
             f"{answer.settings_file}: DEBUG = True in {app.django_settings}, and profile "

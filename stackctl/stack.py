@@ -376,20 +376,24 @@ def check_served_dirs(stack: Stack) -> None:
     /etc/shadow), nor overlap the other (uploads would be served as static files, without
     the headers that keep them from running script)."""
     served = served_dirs(stack)
-    for one in served:
-        where = f"{stack.profile.source(one.key)}: {one.key}: {one.value!r}"
-        check_served_relations(stack, one, where)
+    where = {
+        one.key: f"{stack.profile.source(one.key)}: {one.key}: {one.value!r}" for one in served
+    }
+    for one in served:  # the stack's own files first: the worst of what could be served
+        check_served_relations(stack, one, where[one.key])
+    # media.dir first: of two overlapping, the newer key is the likelier one to fix.
+    for one in reversed(served):
         for other in served:
             relation = overlap(one.path, other.path, nor_inside=True)
             if other is not one and relation:
                 raise StackError(
-                    f"{where} resolves to {one.path}, which {relation} {other.key} "
+                    f"{where[one.key]} resolves to {one.path}, which {relation} {other.key} "
                     f"({other.path}, from {stack.profile.source(other.key)}): static and "
                     "uploaded files each need a directory of their own"
                 )
         if stack.stack_dir not in one.path.parents:
             raise StackError(
-                f"{where} resolves to {one.path}, outside the stack directory "
+                f"{where[one.key]} resolves to {one.path}, outside the stack directory "
                 f"{stack.stack_dir}: NGiNX serves {one.files} only from inside the stack; "
                 f"{one.inside_advice}"
             )
