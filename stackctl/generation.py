@@ -162,6 +162,12 @@ def check_static(stack: Stack) -> None:
             f"static.dir: {stack.profile.static.dir!r} resolves to {stack.static_dir}, which is "
             'not a directory; create it, or set static.dir = "" for a stack without static files'
         )
+    # A missing media directory is a site without uploads yet: Django creates MEDIA_ROOT.
+    if stack.media_dir is not None and stack.media_dir.exists() and not stack.media_dir.is_dir():
+        raise StackError(
+            f"media.dir: {stack.profile.media.dir!r} resolves to {stack.media_dir}, which is "
+            'not a directory; set media.dir to the directory of uploaded files, or "" for none'
+        )
 
 
 def write(

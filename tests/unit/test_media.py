@@ -113,6 +113,15 @@ def test_media_dir_is_a_path_the_configs_can_hold(tmp_path: Path) -> None:
         load(tmp_path, "media.dir=up; alias /etc")
 
 
+def test_media_dir_may_be_missing_but_not_a_file(tmp_path: Path) -> None:
+    (tmp_path / "static").mkdir()
+    planned = stack.plan(load(tmp_path, "media.dir=uploads"), PROGRAMS)
+    generation.check_static(planned)  # no uploads yet: Django creates MEDIA_ROOT
+    (tmp_path / "uploads").write_text("")
+    with pytest.raises(StackError, match=r"^media.dir: 'uploads' resolves to .*, which is not a"):
+        generation.check_static(planned)
+
+
 def rendered_nginx(tmp_path: Path) -> str:
     planned = stack.plan(load(tmp_path, "media.dir=uploads"), PROGRAMS)
     return {f.name: f.content for f in generation.render_all(planned)}["nginx.conf"]
