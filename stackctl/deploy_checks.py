@@ -21,6 +21,8 @@ from stackctl.stack import Stack
 ANSWER_MARK = "stackctl-deploy-checks: "
 """Starts the probe's answer line: the app's settings may print lines of their own."""
 
+CHECKS_CRASHED = 2
+"""The probe's exit status when a check raised (1: the app did not load)."""
 SERIOUS = 40  # django.core.checks.ERROR: Django's own `check` fails from this level up
 
 
@@ -48,6 +50,7 @@ def probe(wsgi: str) -> None:
     """Run in the workers' interpreter: load the app as a worker does (which sets Django up),
     then print Django's deployment checks and DEBUG as one JSON line."""
     import sys
+    import traceback
 
     from stackctl.readiness import load_or_explain
 
@@ -55,7 +58,11 @@ def probe(wsgi: str) -> None:
     from django.conf import settings
     from django.core import checks
 
-    found = checks.run_checks(include_deployment_checks=True)
+    try:
+        found = checks.run_checks(include_deployment_checks=True)
+    except Exception as e:  # a check of the app's own that crashed: its words, not a traceback
+        print("".join(traceback.format_exception_only(e)), file=sys.stderr)
+        raise SystemExit(CHECKS_CRASHED) from None
     module = sys.modules.get(str(settings.SETTINGS_MODULE))
     answer = {
         "debug": bool(settings.DEBUG),
@@ -73,6 +80,11 @@ def ask_django(stack: Stack) -> Answer:
     wsgi = stack.profile.app.wsgi
     code = f"from stackctl.deploy_checks import probe; probe({wsgi!r})"
     result = run_app_python(stack, code, "app.deploy_checks: Django's deployment checks")
+    if result.returncode == CHECKS_CRASHED:
+        raise StackError(
+            f"app.deploy_checks: Django's deployment checks crashed with "
+            f"{stack.profile.app.django_settings}:\n{result.stderr.strip()}"
+        )
     if result.returncode != 0:
         raise import_failure(stack, result)
     lines = [line for line in result.stdout.splitlines() if line.startswith(ANSWER_MARK)]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import sys
 from pathlib import Path
 
 import pytest
@@ -105,3 +106,46 @@ def test_asking_is_running_the_workers_interpreter(tmp_path: Path) -> None:
     planned = stack.plan(load(tmp_path, "prod"), programs)
     with pytest.raises(FileNotFoundError):
         deploy_checks(planned)
+
+
+def tiny_django(root: Path, settings: str) -> stack.Stack:
+    """A one-module Django project under prod, with the real interpreter."""
+    (root / "tiny").mkdir()
+    (root / "tiny" / "__init__.py").write_text("")
+    (root / "tiny" / "settings.py").write_text(
+        'SECRET_KEY = "k" * 60\nROOT_URLCONF = "tiny.urls"\nALLOWED_HOSTS = ["*"]\n'
+        "INSTALLED_APPS = []\n" + settings
+    )
+    (root / "tiny" / "urls.py").write_text("urlpatterns = []\n")
+    (root / "tiny" / "wsgi.py").write_text(
+        "from django.core.wsgi import get_wsgi_application\napplication = get_wsgi_application()\n"
+    )
+    (root / "stack.toml").write_text(
+        '[app]\nwsgi = "tiny.wsgi:application"\ndjango_settings = "tiny.settings"\n'
+        '[static]\ndir = ""\n'
+    )
+    chosen = profile.load(root, "prod", [], hostnames=["h"])
+    return stack.plan(chosen, dataclasses.replace(PROGRAMS, python=sys.executable))
+
+
+def test_django_is_asked_with_the_workers_settings(tmp_path: Path) -> None:
+    tiny = tiny_django(tmp_path, "DEBUG = True\nSILENCED_SYSTEM_CHECKS = ['security.W018']\n")
+    # Silencing Django's warning does not silence the profile: DEBUG is asked for itself.
+    with pytest.raises(StackError, match=r"tiny/settings.py: DEBUG = True in tiny.settings, "):
+        deploy_checks(tiny)
+
+
+def test_a_check_that_crashes_is_reported_as_such(tmp_path: Path) -> None:
+    tiny = tiny_django(
+        tmp_path,
+        "from django.core import checks\n"
+        "@checks.register(deploy=True)\n"
+        "def broken(app_configs, **kwargs):\n"
+        "    raise RuntimeError('the check itself failed')\n",
+    )
+    with pytest.raises(StackError) as error:
+        deploy_checks(tiny)
+    assert str(error.value) == (
+        "app.deploy_checks: Django's deployment checks crashed with tiny.settings:\n"
+        "RuntimeError: the check itself failed"
+    )
