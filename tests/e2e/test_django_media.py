@@ -16,6 +16,7 @@ import pytest
 from stackctl import processes
 from stackctl.errors import EXIT_STACK_ERROR
 from stackctl.render.nginx import MEDIA_CSP
+from tests.browser import Browser, chromium_binary
 from tests.conftest import free_port, running_stack, stackctl
 from tests.e2e.test_django import django_project
 
@@ -145,6 +146,37 @@ def test_uploaded_files_are_served_by_nginx_as_files_with_safe_headers(short_tmp
         calls = (project / CALLS).read_text().splitlines()
         assert "/admin/login/" in calls
         assert [call for call in calls if call.startswith("/media/")] == []
+
+
+SVG_WITH_SCRIPT = (
+    '<svg xmlns="http://www.w3.org/2000/svg" width="20" height="20"><script>'
+    'document.documentElement.setAttribute("data-ran", self.origin)</script>'
+    '<rect width="20" height="20"/></svg>'
+)
+RAN = "document.documentElement.getAttribute('data-ran')"
+
+
+def test_an_uploaded_svg_opened_in_a_browser_runs_no_script(short_tmp: Path) -> None:
+    binary = chromium_binary()
+    assert binary, "Chromium is needed: apt-get install -y chromium"
+    project = media_project(short_tmp)
+    stackctl("init", cwd=project)
+    (project / "uploads").mkdir()
+    (project / "uploads" / "pic.svg").write_text(SVG_WITH_SCRIPT)
+    # The control: the same file as a static file, served without the sandbox, runs.
+    (project / "collected" / "pic.svg").write_text(SVG_WITH_SCRIPT)
+    with running_stack(project, "--workers", "1") as stack, Browser(binary) as browser:
+        site = stack.url().rstrip("/")
+        browser.open(f"{site}/static/pic.svg")
+        assert browser.wait_for(RAN) == site
+
+        browser.open(f"{site}/media/pic.svg")
+        browser.wait_for(
+            "location.pathname === '/media/pic.svg' && document.readyState === 'complete'"
+        )
+        assert browser.evaluate(RAN) is None
+        # An origin of its own: the site's cookies and storage are out of its reach.
+        assert browser.evaluate("self.origin") == "null"
 
 
 def prod_stack(
