@@ -115,8 +115,8 @@ def cmd_init(args: argparse.Namespace) -> int:
     directory = Path(args.directory or args.stack).resolve()
     facts = init(directory, demo=args.demo, app=args.app, force=args.force)
     print(f"wrote {directory / profile.STACK_FILE} (app {facts.wsgi})")
-    if facts.note:
-        print(f"note: {facts.note}")
+    for note in facts.notes:
+        print(f"note: {note}")
     print(f"next: cd {shlex.quote(str(directory))} && stackctl up")
     return 0
 
@@ -149,6 +149,7 @@ def cmd_up(args: argparse.Namespace) -> int:
     # Everything the stack creates from here on (logs, pid files, sockets) is the stack
     # user's alone; the processes circusd starts inherit this.
     os.umask(0o077)
+    show_deploy_checks(stack)
     realtime.ensure_secret(stack.secret_file)
     generation.write(stack, generation.render_all(stack))
     save_state(stack, overrides_from(args))
@@ -175,6 +176,13 @@ def cmd_up(args: argparse.Namespace) -> int:
     else:
         print(f"circusd exited by itself (status {running.process.returncode}); stack stopped")
     return status
+
+
+def show_deploy_checks(stack: Stack) -> None:
+    from stackctl.deploy_checks import deploy_checks
+
+    for line in deploy_checks(stack):
+        print(line, flush=True)
 
 
 def cmd_down(args: argparse.Namespace) -> int:
@@ -239,6 +247,9 @@ def reload_running(args: argparse.Namespace, running: Stack) -> int:
     chosen = profile.load(args.stack, args.profile or state["profile"], overrides)
     stack = plan(chosen)
     check_run_dir_owner(stack)
+    # Before anything is touched: the workers a reload starts (Circus's own, and those a
+    # `circusctl reload` would start from the same files) load these settings.
+    show_deploy_checks(stack)
     # The rest of what `up` checks runs on the new generation in apply_config; the port, only
     # when NGiNX does not hold it already (the files it was read from may have changed since).
     if not reload.nginx_listens(stack):

@@ -117,32 +117,43 @@ def check_circus(conf: Path) -> None:
         raise StackError(f"the rendered Circus config was rejected by Circus: {e}") from None
 
 
+APP_TIMEOUT = 120
+"""Seconds a check that loads the app in a separate interpreter may take."""
+
+
+def run_app_python(stack: Stack, code: str, what: str) -> subprocess.CompletedProcess[str]:
+    """Run ``code`` in a separate interpreter, the way a worker runs: its environment, in the
+    stack directory. ``what`` says what took too long, if it does."""
+    try:
+        return subprocess.run(
+            [stack.programs.python, "-c", code],
+            cwd=stack.stack_dir,
+            env={**os.environ, **stack.worker_env()},
+            capture_output=True,
+            text=True,
+            timeout=APP_TIMEOUT,
+        )
+    except subprocess.TimeoutExpired:
+        raise StackError(f"{what} took over {APP_TIMEOUT} s") from None
+
+
+def import_failure(stack: Stack, result: subprocess.CompletedProcess[str]) -> StackError:
+    """The error for an app that load_or_explain could not load: its traceback's tail."""
+    tail = "\n".join(result.stderr.strip().splitlines()[-30:])
+    return StackError(
+        f"app.wsgi: {stack.profile.app.wsgi!r} cannot be imported from {stack.stack_dir}:\n{tail}"
+    )
+
+
 def check_app(stack: Stack) -> None:
     """Import the WSGI callable the way a worker will, in a separate interpreter."""
     code = (
         "from stackctl.readiness import load_or_explain; "
         f"load_or_explain({stack.profile.app.wsgi!r})"
     )
-    env = {**os.environ, **stack.worker_env()}
-    try:
-        result = subprocess.run(
-            [stack.programs.python, "-c", code],
-            cwd=stack.stack_dir,
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=120,
-        )
-    except subprocess.TimeoutExpired:
-        raise StackError(
-            f"app.wsgi: importing {stack.profile.app.wsgi!r} took over 120 s"
-        ) from None
+    result = run_app_python(stack, code, f"app.wsgi: importing {stack.profile.app.wsgi!r}")
     if result.returncode != 0:
-        tail = "\n".join(result.stderr.strip().splitlines()[-30:])
-        raise StackError(
-            f"app.wsgi: {stack.profile.app.wsgi!r} cannot be imported from "
-            f"{stack.stack_dir}:\n{tail}"
-        )
+        raise import_failure(stack, result)
 
 
 def check_static(stack: Stack) -> None:
@@ -150,6 +161,12 @@ def check_static(stack: Stack) -> None:
         raise StackError(
             f"static.dir: {stack.profile.static.dir!r} resolves to {stack.static_dir}, which is "
             'not a directory; create it, or set static.dir = "" for a stack without static files'
+        )
+    # A missing media directory is a site without uploads yet: Django creates MEDIA_ROOT.
+    if stack.media_dir is not None and stack.media_dir.exists() and not stack.media_dir.is_dir():
+        raise StackError(
+            f"media.dir: {stack.profile.media.dir!r} resolves to {stack.media_dir}, which is "
+            'not a directory; set media.dir to the directory of uploaded files, or "" for none'
         )
 
 

@@ -15,7 +15,7 @@ from stackctl import resources
 from stackctl.errors import StackError
 from stackctl.profile import STACK_FILE
 from stackctl.settings import Invalid, wsgi_callable
-from stackctl.stack import STATIC_INSIDE_ADVICE
+from stackctl.stack import MEDIA_INSIDE_ADVICE, STATIC_INSIDE_ADVICE
 
 DEMO_APP = "demo_app:application"
 
@@ -28,7 +28,9 @@ class AppFacts:
     static_url: str = "/static/"
     static_dir: str = ""
     django_settings: str = ""
-    note: str = ""
+    media_url: str = "/media/"
+    media_dir: str = ""
+    notes: tuple[str, ...] = ()
 
 
 def settings_module_of(manage_py: Path) -> str:
@@ -50,7 +52,9 @@ def django_facts(stack_dir: Path) -> AppFacts:
         "from django.conf import settings\n"
         "print(json.dumps({'wsgi': settings.WSGI_APPLICATION, "
         "'static_url': str(settings.STATIC_URL or ''), "
-        "'static_root': str(settings.STATIC_ROOT or '')}))\n"
+        "'static_root': str(settings.STATIC_ROOT or ''), "
+        "'media_url': str(settings.MEDIA_URL or ''), "
+        "'media_root': str(settings.MEDIA_ROOT or '')}))\n"
     )
     env = {**os.environ, "DJANGO_SETTINGS_MODULE": settings, "PYTHONPATH": str(stack_dir)}
     result = subprocess.run(
@@ -61,16 +65,26 @@ def django_facts(stack_dir: Path) -> AppFacts:
         raise StackError(f"{stack_dir}: Django settings {settings!r} cannot be loaded:\n{tail}")
     found = json.loads(result.stdout.strip().splitlines()[-1])
     module, _, attr = str(found["wsgi"]).rpartition(".")
-    static_url = "/" + found["static_url"].strip("/") + "/" if found["static_url"] else "/static/"
     static_root = found["static_root"]
-    note = static_root_problem(stack_dir, static_root)
+    static_note = static_root_problem(stack_dir, static_root)
+    media_url, media_root = found["media_url"], found["media_root"]
+    media_note = media_root_problem(stack_dir, media_url, media_root)
     return AppFacts(
         wsgi=f"{module}:{attr}",
-        static_url=static_url,
-        static_dir="" if note else os.path.relpath(static_root, stack_dir),
+        static_url=url_prefix_of(found["static_url"], "/static/"),
+        static_dir="" if static_note else os.path.relpath(static_root, stack_dir),
         django_settings=settings,
-        note=note,
+        media_url=url_prefix_of(media_url, "/media/"),
+        media_dir="" if media_note or not media_root else os.path.relpath(media_root, stack_dir),
+        notes=tuple(note for note in (static_note, media_note) if note),
     )
+
+
+def url_prefix_of(django_url: str, default: str) -> str:
+    """Django's STATIC_URL or MEDIA_URL as a profile's URL prefix; Django makes an unset one
+    "/" (the script prefix), which names no prefix of its own."""
+    path = django_url.strip("/")
+    return f"/{path}/" if path else default
 
 
 def static_root_problem(stack_dir: Path, static_root: str) -> str:
@@ -80,19 +94,50 @@ def static_root_problem(stack_dir: Path, static_root: str) -> str:
             "STATIC_ROOT is not set: static files are not served until you set it, run "
             "`manage.py collectstatic` and set static.dir in stack.toml"
         )
-    root = (stack_dir / static_root).resolve()
+    return root_problem(
+        stack_dir, "STATIC_ROOT", static_root, "static files", STATIC_INSIDE_ADVICE,
+        how='(e.g. BASE_DIR / "collected"), run `manage.py collectstatic` and set static.dir '
+        "in stack.toml",
+    )  # fmt: skip
+
+
+def media_root_problem(stack_dir: Path, media_url: str, media_root: str) -> str:
+    """Why MEDIA_ROOT cannot be the stack's media.dir, or "" when it can (or is not set: a
+    site without uploads needs none)."""
+    if not media_root:
+        return ""
+    if media_url.startswith(("http://", "https://", "//")):
+        return (
+            f"MEDIA_URL is {media_url}, on another server: uploaded files are not served by "
+            "this stack"
+        )
+    if not media_url.strip("/"):
+        return (
+            "MEDIA_URL is not set: uploaded files are not served until you set it (e.g. "
+            '"/media/") and set media.url and media.dir in stack.toml'
+        )
+    return root_problem(
+        stack_dir, "MEDIA_ROOT", media_root, "uploaded files", MEDIA_INSIDE_ADVICE,
+        how='(e.g. BASE_DIR / "media") and set media.dir in stack.toml',
+    )  # fmt: skip
+
+
+def root_problem(
+    stack_dir: Path, name: str, value: str, files: str, inside_advice: str, how: str
+) -> str:
+    """Why a directory that Django settings give cannot be served by NGiNX, or ""."""
+    root = (stack_dir / value).resolve()
     if root == stack_dir.resolve() or root in stack_dir.resolve().parents:
         return (
-            f"STATIC_ROOT is {root}, which holds the whole project: NGiNX would serve its "
-            "source and settings, so static files are not served. Give STATIC_ROOT a directory "
-            'of its own (e.g. BASE_DIR / "collected"), run `manage.py collectstatic` and set '
-            "static.dir in stack.toml"
+            f"{name} is {root}, which holds the whole project: NGiNX would serve its "
+            f"source and settings, so {files} are not served. Give {name} a directory "
+            f"of its own {how}"
         )
     if stack_dir.resolve() not in root.parents:
         return (
-            f"STATIC_ROOT is {root}, outside the project: stackctl serves static files only "
+            f"{name} is {root}, outside the project: stackctl serves {files} only "
             f"from inside the stack directory, so they are not served. To serve them, "
-            f"{STATIC_INSIDE_ADVICE}"
+            f"{inside_advice}"
         )
     return ""
 
@@ -145,6 +190,11 @@ def stack_file_text(facts: AppFacts) -> str:
         "[static]",
         f"url = {toml_string(facts.static_url)}",
         f"dir = {toml_string(facts.static_dir)}",
+        "",
+        '# Uploaded files (Django\'s MEDIA_ROOT), served by NGiNX as files only; "" for none.',
+        "[media]",
+        f"url = {toml_string(facts.media_url)}",
+        f"dir = {toml_string(facts.media_dir)}",
         "",
         "# Which profile each host runs, first match wins; host-name patterns as in a shell.",
         "[hosts]",

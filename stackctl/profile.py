@@ -33,6 +33,7 @@ from stackctl.settings import (
     SETTINGS,
     AppConfig,
     Invalid,
+    MediaConfig,
     PathsConfig,
     RedisConfig,
     ServerConfig,
@@ -61,6 +62,7 @@ class Profile:
     wsgi: WsgiConfig
     ws: WsConfig
     static: StaticConfig
+    media: MediaConfig
     redis: RedisConfig
     paths: PathsConfig
     sources: Mapping[str, str] = field(default_factory=dict, compare=False)
@@ -302,6 +304,8 @@ def url_prefixes(profile: Profile) -> dict[str, str]:
     }
     if profile.static.dir:  # without a static directory, static.url routes nothing
         prefixes["static.url"] = profile.static.url
+    if profile.media.dir:
+        prefixes["media.url"] = profile.media.url
     return prefixes
 
 

@@ -376,6 +376,18 @@ class AppConfig:
     django_settings: str = setting(
         "", module_name, "DJANGO_SETTINGS_MODULE for the workers, empty for a non-Django app."
     )
+    deploy_checks: bool = setting(
+        False,
+        boolean,
+        "Before `up` and `reload` start the app, run Django's `check --deploy` with the "
+        "workers' settings, show its warnings, and refuse DEBUG = True (prod turns it on).",
+    )
+    allow_debug: bool = setting(
+        False,
+        boolean,
+        "With app.deploy_checks, start even when the Django settings have DEBUG = True "
+        "(tracebacks and settings then show to every visitor).",
+    )
 
 
 @dataclass(frozen=True)
@@ -494,6 +506,20 @@ class StaticConfig:
 
 
 @dataclass(frozen=True)
+class MediaConfig:
+    url: str = setting(
+        "/media/", url_prefix, "URL prefix NGiNX serves uploaded files at, from media.dir."
+    )
+    dir: str = setting(
+        "",
+        optional_path,
+        "Directory of uploaded files (Django's MEDIA_ROOT), relative to the stack directory; "
+        "empty for none. Served as files only, never run, with a sandboxing "
+        "Content-Security-Policy.",
+    )
+
+
+@dataclass(frozen=True)
 class RedisConfig:
     url: str = setting(
         "embedded",
@@ -520,6 +546,7 @@ SECTION_TYPES: dict[str, type] = {
     "wsgi": WsgiConfig,
     "ws": WsConfig,
     "static": StaticConfig,
+    "media": MediaConfig,
     "redis": RedisConfig,
     "paths": PathsConfig,
 }

@@ -51,6 +51,8 @@ class Stack:
     """The open-files limit the processes can raise themselves to (the hard limit, capped)."""
     nginx_user: str | None
     """Set when running as root: NGiNX workers then run as the owner of the stack directory."""
+    media_dir: Path | None = None
+    """Uploaded files NGiNX serves at media.url; None when media.dir is empty."""
 
     @property
     def stack_dir(self) -> Path:
@@ -251,6 +253,7 @@ def check_written_paths(stack: Stack) -> None:
         "paths.run_dir": ("paths.run_dir", stack.run_dir),
         "paths.log_dir": ("paths.log_dir", stack.log_dir),
         "static.dir": ("static.dir", stack.static_dir),
+        "media.dir": ("media.dir", stack.media_dir),
     }
     for what, (key, path) in paths.items():
         if path is None:
@@ -336,26 +339,78 @@ STATIC_INSIDE_ADVICE = (
     'STATIC_ROOT = BASE_DIR / "staticfiles" with `manage.py collectstatic`, and set static.dir '
     'to it ("staticfiles")'
 )
+MEDIA_INSIDE_ADVICE = (
+    "keep uploaded files in a directory inside the stack, e.g. Django's "
+    'MEDIA_ROOT = BASE_DIR / "media", and set media.dir to it ("media")'
+)
 
 
-def check_static_dir(stack: Stack) -> None:
-    """NGiNX serves every file under static.dir: it must not hold the stack's own files (the
-    key that signs tokens, the rendered configs, the app's source), nor be a directory of the
-    system (its workers run as root for a root-owned stack: /etc would serve /etc/shadow)."""
-    static = stack.static_dir
-    if static is None:
-        return
-    check_static_relations(stack, static)
-    if stack.stack_dir not in static.parents:
-        raise StackError(
-            f"{stack.profile.source('static.dir')}: static.dir: {stack.profile.static.dir!r} "
-            f"resolves to {static}, outside the stack directory {stack.stack_dir}: NGiNX "
-            f"serves static files only from inside the stack; {STATIC_INSIDE_ADVICE}"
-        )
+@dataclass(frozen=True)
+class ServedDir:
+    """A directory NGiNX serves every file of, and how an error speaks of it."""
+
+    key: str
+    value: str
+    """As the profile gives it, relative to the stack directory."""
+    path: Path
+    files: str
+    """What it holds, in an error's words: "static files"."""
+    inside_advice: str
+    example: str
 
 
-def check_static_relations(stack: Stack, static: Path) -> None:
-    # The static directory may sit inside the stack directory, not the other way round; it
+def served_dirs(stack: Stack) -> list[ServedDir]:
+    found = [
+        ServedDir("static.dir", stack.profile.static.dir, stack.static_dir, "static files",
+                  STATIC_INSIDE_ADVICE, "static") if stack.static_dir else None,
+        ServedDir("media.dir", stack.profile.media.dir, stack.media_dir, "uploaded files",
+                  MEDIA_INSIDE_ADVICE, "media") if stack.media_dir else None,
+    ]  # fmt: skip
+    return [served for served in found if served is not None]
+
+
+def check_served_dirs(stack: Stack) -> None:
+    """NGiNX serves every file under static.dir and media.dir: neither may hold the stack's
+    own files (the key that signs tokens, the rendered configs, the app's source), nor be a
+    directory of the system (its workers run as root for a root-owned stack: /etc would serve
+    /etc/shadow), nor overlap the other (uploads would be served as static files, without
+    the headers that keep them from running script)."""
+    served = served_dirs(stack)
+    where = {
+        one.key: f"{stack.profile.source(one.key)}: {one.key}: {one.value!r}" for one in served
+    }
+    for one in served:  # the stack's own files first: the worst of what could be served
+        check_served_relations(stack, one, where[one.key])
+    # media.dir first: of two overlapping, the newer key is the likelier one to fix.
+    for one in reversed(served):
+        for other in served:
+            relation = overlap(one.path, other.path, nor_inside=True)
+            if other is not one and relation:
+                raise StackError(
+                    f"{where[one.key]} resolves to {one.path}, which {relation} {other.key} "
+                    f"({other.path}, from {stack.profile.source(other.key)}): static and "
+                    "uploaded files each need a directory of their own"
+                )
+        if stack.stack_dir not in one.path.parents:
+            raise StackError(
+                f"{where[one.key]} resolves to {one.path}, outside the stack directory "
+                f"{stack.stack_dir}: NGiNX serves {one.files} only from inside the stack; "
+                f"{one.inside_advice}"
+            )
+
+
+def overlap(served: Path, directory: Path, nor_inside: bool) -> str | None:
+    """How ``served`` overlaps ``directory``, in an error's words, or None."""
+    return (
+        "is" if served == directory
+        else "contains" if served in directory.parents
+        else "is inside" if nor_inside and directory in served.parents
+        else None
+    )  # fmt: skip
+
+
+def check_served_relations(stack: Stack, served: ServedDir, where: str) -> None:
+    # A served directory may sit inside the stack directory, not the other way round; it
     # may not overlap the private directories at all.
     private = {
         "the stack directory": (stack.stack_dir, False),
@@ -364,19 +419,13 @@ def check_static_relations(stack: Stack, static: Path) -> None:
         "paths.log_dir": (stack.log_dir, True),
     }
     for what, (directory, nor_inside) in private.items():
-        relation = (
-            "is" if static == directory
-            else "contains" if static in directory.parents
-            else "is inside" if nor_inside and directory in static.parents
-            else None
-        )  # fmt: skip
+        relation = overlap(served.path, directory, nor_inside)
         if relation:
             raise StackError(
-                f"{stack.profile.source('static.dir')}: static.dir: {stack.profile.static.dir!r} "
-                f"resolves to {static}, which {relation} {what} ({directory}): NGiNX would "
-                "serve the stack's configs, logs or the key that signs tokens. Allowed: a "
-                'directory of static files only, such as "static" beside stack.toml, or "" '
-                "for none"
+                f"{where} resolves to {served.path}, which {relation} {what} ({directory}): "
+                "NGiNX would serve the stack's configs, logs or the key that signs tokens. "
+                f"Allowed: a directory of {served.files} only, such as "
+                f'"{served.example}" beside stack.toml, or "" for none'
             )
 
 
@@ -406,6 +455,7 @@ def plan(profile: Profile, programs: Programs | None = None, *, writes: bool = T
     another user) only needs to find them."""
     base = profile.stack_dir
     static_dir = (base / profile.static.dir).resolve() if profile.static.dir else None
+    media_dir = (base / profile.media.dir).resolve() if profile.media.dir else None
     workers = profile.wsgi.workers
     stack = Stack(
         profile=profile,
@@ -416,10 +466,11 @@ def plan(profile: Profile, programs: Programs | None = None, *, writes: bool = T
         static_dir=static_dir,
         open_files=open_files_limit(),
         nginx_user=nginx_worker_user(base),
+        media_dir=media_dir,
     )
     check_written_paths(stack)
     if writes:
         check_private_dirs(stack)
-        check_static_dir(stack)
+        check_served_dirs(stack)
     check_socket_paths(stack)
     return stack

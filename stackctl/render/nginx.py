@@ -18,6 +18,19 @@ TEMP_PATHS = ("body", "proxy", "uwsgi", "fastcgi", "scgi")
 # upstream.)
 SPARE_FDS = 1024
 
+MEDIA_CSP = (
+    "sandbox; default-src 'none'; img-src 'self'; media-src 'self'; style-src 'unsafe-inline'"
+)
+"""For every uploaded file: one opened directly (an HTML page, an SVG image) is a sandboxed
+document with an origin of its own, that runs no script, submits no form and loads nothing
+but the site's images, audio and video. An <img> or <video> of the site's pages is not
+affected: a policy applies only to a document."""
+
+MEDIA_HEADERS = (
+    ("X-Content-Type-Options", "nosniff"),  # an upload is never read as another type
+    ("Content-Security-Policy", MEDIA_CSP),
+)
+
 
 def render(stack: Stack) -> list[File]:
     profile = stack.profile
@@ -37,6 +50,9 @@ def render(stack: Stack) -> list[File]:
         server_names=profile.server.names,
         static_alias=f"{stack.static_dir}/" if stack.static_dir else "",
         static_url=profile.static.url,
+        media_alias=f"{stack.media_dir}/" if stack.media_dir else "",
+        media_url=profile.media.url,
+        media_headers=MEDIA_HEADERS,
         realtime_prefixes=[profile.ws.prefix, profile.ws.sse_prefix, profile.ws.poll_prefix],
         client_dir=f"{resources.client_dir().resolve()}/",  # disable_symlinks checks it
         timeout=profile.server.timeout,
