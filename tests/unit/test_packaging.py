@@ -10,7 +10,7 @@ import subprocess
 import sys
 import tomllib
 import zipfile
-from importlib.metadata import packages_distributions, version
+from importlib.metadata import PackageNotFoundError, packages_distributions, version
 from pathlib import Path
 
 import pytest
@@ -126,7 +126,10 @@ def test_the_tests_run_the_versions_pyproject_asks_for() -> None:
     for name, requirement in requirements().items():
         if requirement.marker is not None and not requirement.marker.evaluate():
             continue
-        installed = version(name)
+        try:
+            installed = version(name)
+        except PackageNotFoundError:
+            pytest.fail(f"{name} is not installed in the test venv: pip install -e '.[test]'")
         assert requirement.specifier.contains(installed, prereleases=True), (
             f"{name}: pyproject.toml asks for {requirement.specifier}, the tests run {installed}"
         )
