@@ -29,6 +29,9 @@ pytestmark = pytest.mark.e2e
 # Every step but the install answers in seconds; pip may have to fetch (or compile uWSGI) once.
 STEP_TIMEOUT = 120
 INSTALL_TIMEOUT = 600
+# The fresh venv is made with the interpreter running the tests, and with each one listed here
+# (e.g. STACKCTL_WHEEL_PYTHONS=/usr/bin/python3.12:/usr/bin/python3.13).
+PYTHONS = [sys.executable, *filter(None, os.environ.get("STACKCTL_WHEEL_PYTHONS", "").split(":"))]
 
 
 def outside_env() -> dict[str, str]:
@@ -76,11 +79,12 @@ def outside() -> Iterator[Path]:
     shutil.rmtree(root, ignore_errors=True)
 
 
-def test_the_wheel_installed_in_a_fresh_venv_runs_the_demo(outside: Path) -> None:
+@pytest.mark.parametrize("python", PYTHONS)
+def test_the_wheel_installed_in_a_fresh_venv_runs_the_demo(outside: Path, python: str) -> None:
     wheel = build_wheel(outside / "dist")
     wheel_version = wheel.name.split("-")[1]
     venv = outside / "venv"
-    run(sys.executable, "-m", "venv", venv, cwd=outside)
+    run(python, "-m", "venv", venv, cwd=outside)
     run(venv / "bin" / "python", "-m", "pip", "install", "-q", wheel, cwd=outside,
         timeout=INSTALL_TIMEOUT)  # fmt: skip
     stackctl = venv / "bin" / "stackctl"
