@@ -13,6 +13,13 @@ export PATH="$PATH:/usr/sbin:/sbin"
 
 packages=()
 command -v nginx >/dev/null || packages+=(nginx-light)
+# Debian's Python makes virtualenvs only with python3-venv; pip compiles uWSGI, which takes
+# Python's headers (python3-dev) and a C compiler.
+python3 -c "import ensurepip" 2>/dev/null || packages+=(python3-venv)
+python3 -c "import pathlib, sys, sysconfig
+sys.exit(not (pathlib.Path(sysconfig.get_path('include')) / 'Python.h').is_file())" \
+    || packages+=(python3-dev)
+command -v gcc >/dev/null || packages+=(gcc)
 if [ "$job" = bench ]; then command -v wrk >/dev/null || packages+=(wrk); fi
 # The browser test opens the demo page in headless Chromium.
 if [ "$job" = test ]; then command -v chromium >/dev/null || packages+=(chromium); fi
