@@ -33,6 +33,7 @@ def test_wheel_ships_templates_profiles_and_demo(tmp_path: Path) -> None:
         "circus.ini.j2",
         "uwsgi.ini.j2",
         "redis.conf.j2",
+        "stackctl.service.j2",
         "nginx/nginx.conf.j2",
         "nginx/uwsgi_params",
         "nginx/mime.types",
