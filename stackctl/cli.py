@@ -138,6 +138,7 @@ def cmd_render(args: argparse.Namespace) -> int:
 
 
 def cmd_up(args: argparse.Namespace) -> int:
+    notify_socket = service.take_notify_socket()
     stack = load_stack(args, programs=True)
     print(f"profile {stack.profile.name} ({stack.profile.reason})")
     running_pid = supervisor.running_pid(stack)
@@ -174,10 +175,12 @@ def cmd_up(args: argparse.Namespace) -> int:
         return 0
     stop_requested = supervisor.catch_stop_signals()
     print("Ctrl-C stops the stack", flush=True)
-    service.notify("READY=1")  # under systemd (Type=notify): the stack is up
+    service.notify(notify_socket, "READY=1")  # under systemd (Type=notify): the stack is up
     status = supervisor.wait_foreground(running, stop_requested)
     if stop_requested:
         print("stack stopped")
+    elif running.process.returncode == 0:  # `stackctl down`, e.g. a systemd unit's ExecStop
+        print("circusd was stopped; stack stopped")
     else:
         print(f"circusd exited by itself (status {running.process.returncode}); stack stopped")
     return status

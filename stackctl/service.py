@@ -189,12 +189,17 @@ def systemctl(*args: str) -> None:
         )
 
 
-def notify(state: str) -> bool:
-    """Tell systemd about the service (``READY=1``), when it started this process as a
-    Type=notify unit; False when it did not."""
-    address = os.environ.get("NOTIFY_SOCKET")
+def take_notify_socket() -> str | None:
+    """Where systemd listens for this service's notifications, when it started this process
+    as a Type=notify unit; removed from the environment, so that no program of the stack
+    inherits it (uWSGI would tell systemd it is ready on its own)."""
+    return os.environ.pop("NOTIFY_SOCKET", None)
+
+
+def notify(address: str | None, state: str) -> None:
+    """Tell systemd about the service (``READY=1``), if it listens."""
     if not address:
-        return False
+        return
     if address.startswith("@"):  # an abstract socket: Linux names it with a leading NUL
         address = "\0" + address[1:]
     with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as sock:
@@ -202,7 +207,6 @@ def notify(state: str) -> bool:
             sock.sendto(state.encode(), address)
         except OSError as e:
             raise StackError(f"cannot tell systemd {state!r} through {address!r}: {e}") from None
-    return True
 
 
 # --- the commands --------------------------------------------------------------------------

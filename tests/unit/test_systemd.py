@@ -238,12 +238,15 @@ def test_a_unit_stackctl_did_not_write_is_left_alone(tmp_path: Path) -> None:
     assert foreign.read_text() == "[Service]\nExecStart=/bin/true\n"
 
 
-def test_notify_sends_to_systemds_socket(short_tmp: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.delenv("NOTIFY_SOCKET", raising=False)
-    assert service.notify("READY=1") is False  # not started by systemd
+def test_notify_sends_to_systemds_socket_which_no_child_inherits(
+    short_tmp: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     address = str(short_tmp / "notify")
     with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as listener:
         listener.bind(address)
         monkeypatch.setenv("NOTIFY_SOCKET", address)
-        assert service.notify("READY=1") is True
+        taken = service.take_notify_socket()
+        assert taken == address and "NOTIFY_SOCKET" not in os.environ
+        service.notify(taken, "READY=1")
         assert listener.recv(100) == b"READY=1"
+    service.notify(None, "READY=1")  # not started by systemd: nothing to tell
