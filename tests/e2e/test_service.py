@@ -172,3 +172,39 @@ def test_unit_command_lines_start_reload_and_stop_a_real_stack(short_tmp: Path, 
                 main.terminate()  # `up` stops the stack in order on SIGTERM
                 main.communicate(timeout=120)
     assert not psutil.pid_exists(main.pid) or psutil.Process(main.pid).status() == "zombie"
+
+
+def test_main_process_fails_when_circusd_dies_so_systemd_restarts_it(
+    short_tmp: Path, no_leaks
+) -> None:
+    stack_dir = make_demo(short_tmp)
+    no_leaks(stack_dir)
+    units = short_tmp / "units"
+    units.mkdir()
+    stackctl("service", "install", "--unit-dir", str(units),
+             "--set", f"server.listen=127.0.0.1:{free_port()}", "--set", "wsgi.workers=1",
+             cwd=stack_dir)  # fmt: skip
+    values = settings((units / "stackctl-shop.service").read_text())
+    assert values["Restart"] == ["on-failure"]
+    notify_path = str(short_tmp / "notify")
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as listener:
+        listener.bind(notify_path)
+        env = {**os.environ, "NOTIFY_SOCKET": notify_path}
+        start = unit_args(values["ExecStart"][0])
+        main = subprocess.Popen(start, cwd=stack_dir, env=env, text=True,
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT)  # fmt: skip
+        try:
+            listener.settimeout(READY_PATIENCE)
+            assert listener.recv(100) == b"READY=1"
+            circusd = processes.circusd((stack_dir / ".stackctl" / "run").resolve())
+            assert circusd is not None
+            circusd.kill()
+            output, _ = main.communicate(timeout=int(values["TimeoutStopSec"][0]))
+            # A failure for systemd (Restart=on-failure starts the stack again), after `up`
+            # cleaned up what circusd left.
+            assert main.returncode != 0, output
+            assert "circusd exited by itself" in output
+        finally:
+            if main.poll() is None:
+                main.terminate()
+                main.communicate(timeout=120)
