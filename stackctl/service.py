@@ -123,12 +123,13 @@ def existing_unit(dir_fd: int, name: str) -> str | None:
     return content
 
 
-def write_unit(unit_dir: Path, unit: File) -> Path:
-    """Write the unit atomically; an existing file by that name must be one stackctl wrote."""
+def write_unit(unit_dir: Path, unit: File) -> bool:
+    """Write the unit atomically; an existing file by that name must be one stackctl wrote.
+    True when it replaced one."""
     dir_fd = open_unit_dir(unit_dir)
     temp = f".{unit.name}.{secrets.token_hex(6)}.tmp"
     try:
-        existing_unit(dir_fd, unit.name)
+        replaced = existing_unit(dir_fd, unit.name) is not None
         flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
         try:
             fd = os.open(temp, flags, UNIT_MODE, dir_fd=dir_fd)
@@ -148,7 +149,7 @@ def write_unit(unit_dir: Path, unit: File) -> Path:
         os.fsync(dir_fd)
     finally:
         os.close(dir_fd)
-    return unit_dir / unit.name
+    return replaced
 
 
 def remove_unit(unit_dir: Path, file_name: str) -> bool:
@@ -223,12 +224,17 @@ def install(stack: Stack, unit_dir: Path, name: str | None, user: str | None,
         overrides=overrides,
     )
     unit = systemd.render(stack, service)
-    path = write_unit(unit_dir, unit)
-    lines = [f"wrote {path} (profile {stack.profile.name}, as {service.user or 'root'})"]
+    replaced = write_unit(unit_dir, unit)
+    lines = [
+        f"{'replaced' if replaced else 'wrote'} {unit_dir / unit.name} "
+        f"(profile {stack.profile.name}, as {service.user or 'root'})"
+    ]
     if systemd_running() and unit_dir == UNIT_DIR:
         systemctl("daemon-reload")
         lines.append("systemd has read it")
-        lines.append(f"next: systemctl enable --now {unit.name}   (a running stack: restart it)")
+        if replaced:
+            lines.append(f"a running stack keeps the old unit until: systemctl restart {unit.name}")
+        lines.append(f"next: systemctl enable --now {unit.name}")
     else:
         lines.append(not_read(unit_dir))
         lines.append(f"then: systemctl enable --now {unit.name}")

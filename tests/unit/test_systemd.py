@@ -206,9 +206,10 @@ def unit_file(content: str = "") -> systemd.File:
 
 
 def test_unit_is_written_atomically_and_replaced(tmp_path: Path) -> None:
-    path = service.write_unit(tmp_path, unit_file("one"))
+    path = tmp_path / "stackctl-shop.service"
+    assert service.write_unit(tmp_path, unit_file("one")) is False
     assert path.read_text().endswith("one") and (path.stat().st_mode & 0o777) == 0o644
-    service.write_unit(tmp_path, unit_file("two"))
+    assert service.write_unit(tmp_path, unit_file("two")) is True
     assert path.read_text().endswith("two")
     assert os.listdir(tmp_path) == [path.name]  # no temporary file left
 
@@ -250,3 +251,39 @@ def test_notify_sends_to_systemds_socket_which_no_child_inherits(
         service.notify(taken, "READY=1")
         assert listener.recv(100) == b"READY=1"
     service.notify(None, "READY=1")  # not started by systemd: nothing to tell
+
+
+def test_with_systemd_running_install_reloads_it_and_uninstall_stops_first(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The order of the systemctl calls, seen by a stand-in for systemctl that records each
+    call and whether the unit file existed at that moment."""
+    units = tmp_path / "units"
+    units.mkdir()
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    calls = tmp_path / "calls"
+    fake = bin_dir / "systemctl"
+    unit = units / "stackctl-shop.service"
+    fake.write_text(
+        f'#!/bin/sh\necho "$* $([ -e {unit} ] && echo present || echo absent)" >> {calls}\n'
+    )
+    fake.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}:{os.environ['PATH']}")
+    monkeypatch.setattr(service, "UNIT_DIR", units)
+    monkeypatch.setattr(service, "systemd_running", lambda: True)
+    stack = at(make_stack(tmp_path), "/srv/shop")
+
+    lines = service.install(stack, units, None, None, ())
+    assert calls.read_text().splitlines() == ["daemon-reload present"]
+    assert "systemctl enable --now stackctl-shop.service" in lines[-1]
+    lines = service.install(stack, units, None, None, ())
+    assert lines[0].startswith(f"replaced {unit}")
+    assert "systemctl restart stackctl-shop.service" in "\n".join(lines)
+    calls.unlink()
+    lines = service.uninstall(Path("/srv/shop"), units, None)
+    assert calls.read_text().splitlines() == [
+        "disable --now stackctl-shop.service present",  # stopped while its unit still exists
+        "daemon-reload absent",
+    ]
+    assert lines == ["stopped and disabled stackctl-shop.service", f"removed {unit}"]
