@@ -332,14 +332,15 @@ def cmd_publish(args: argparse.Namespace) -> int:
 def cmd_service_install(args: argparse.Namespace) -> int:
     stack = load_stack(args, programs=True, writes=False)
     overrides = tuple(override_texts(args))
-    unit_dir = args.unit_dir.absolute()
+    unit_dir = Path(os.path.abspath(args.unit_dir))
     for line in service.install(stack, unit_dir, args.name, args.user, overrides):
         print(line)
     return 0
 
 
 def cmd_service_uninstall(args: argparse.Namespace) -> int:
-    for line in service.uninstall(args.stack.resolve(), args.unit_dir.absolute(), args.name):
+    unit_dir = Path(os.path.abspath(args.unit_dir))
+    for line in service.uninstall(args.stack.resolve(), unit_dir, args.name):
         print(line)
     return 0
 
