@@ -106,12 +106,30 @@ def get_status(url: str) -> int:
         return int(response.status)
 
 
-# What the unit's sandbox does to the file system, as far as this machine lets a test do it:
-# ProtectSystem=full (and ProtectHome=read-only) bind the system's directories read-only in a
-# mount namespace of the service's own; NoNewPrivileges is setpriv's --no-new-privs.
-READ_ONLY = (
-    "for d in /usr /boot /efi /etc /home /root; do [ -d $d ] && mount --bind -o ro $d $d; done"
-)
+# What the unit's sandbox does to the file system, as far as this machine lets a test do it, in
+# a mount namespace of the service's own: ProtectSystem=full and ProtectHome=read-only bind the
+# system's directories read-only; PrivateDevices=yes leaves a /dev of pseudo devices only.
+# NoNewPrivileges=yes is setpriv's --no-new-privs.
+SANDBOX = """
+for d in /usr /boot /efi /etc /home /root; do
+    if [ -d $d ]; then mount --bind -o ro $d $d; fi
+done
+mkdir "$OLD_DEV" && mount --rbind /dev "$OLD_DEV" && mount -t tmpfs -o mode=755 tmpfs /dev
+for n in null zero full random urandom tty ptmx; do
+    touch /dev/$n && mount --bind "$OLD_DEV/$n" /dev/$n
+done
+mkdir /dev/shm /dev/pts && mount --rbind "$OLD_DEV/shm" /dev/shm
+mount --rbind "$OLD_DEV/pts" /dev/pts
+ln -s /proc/self/fd /dev/fd && ln -s /proc/self/fd/0 /dev/stdin
+ln -s /proc/self/fd/1 /dev/stdout && ln -s /proc/self/fd/2 /dev/stderr
+umount -l "$OLD_DEV"
+exec setpriv --no-new-privs "$@"
+"""
+
+
+def sandboxed(command: list[str]) -> list[str]:
+    return ["unshare", "--mount", "--propagation", "private", "sh", "-ec", SANDBOX, "sh",
+            *command]  # fmt: skip
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="a mount namespace, as the unit has: needs root")
@@ -135,10 +153,8 @@ def test_unit_command_lines_start_reload_and_stop_a_real_stack(short_tmp: Path, 
     with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as listener:
         listener.bind(notify_path)
         listener.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
-        sandbox = ["unshare", "--mount", "sh", "-c", f'{READ_ONLY}; exec "$@"', "sh",
-                   "setpriv", "--no-new-privs"]  # fmt: skip
-        env = {**os.environ, "NOTIFY_SOCKET": notify_path}
-        main = subprocess.Popen([*sandbox, *start], cwd=stack_dir, env=env, text=True,
+        env = {**os.environ, "NOTIFY_SOCKET": notify_path, "OLD_DEV": str(short_tmp / "dev")}
+        main = subprocess.Popen(sandboxed(start), cwd=stack_dir, env=env, text=True,
                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT)  # fmt: skip
         try:
             message, sender = receive_ready(listener, READY_PATIENCE)
@@ -146,10 +162,11 @@ def test_unit_command_lines_start_reload_and_stop_a_real_stack(short_tmp: Path, 
             # and only once the site answers.
             assert message == b"READY=1" and sender == main.pid
             assert get_status(f"http://127.0.0.1:{port}/") == 200
-            nginx = processes.find((stack_dir / ".stackctl" / "run").resolve())
-            assert nginx, "no process of the stack found"
-            for proc in nginx:
+            found = processes.find((stack_dir / ".stackctl" / "run").resolve())
+            assert found, "no process of the stack found"
+            for proc in found:
                 assert "NoNewPrivs:\t1" in Path(f"/proc/{proc.pid}/status").read_text()
+                assert not os.path.samefile(f"/proc/{proc.pid}/root/dev", "/dev")  # its own
 
             reloaded = subprocess.run(reload, cwd=stack_dir, capture_output=True, text=True,
                                       timeout=int(values["TimeoutStartSec"][0]))  # fmt: skip
