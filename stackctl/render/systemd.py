@@ -47,6 +47,9 @@ ALWAYS_HARDENING = (
     "RestrictRealtime=yes",
     "RestrictNamespaces=yes",
     "LockPersonality=yes",
+    # What `stackctl up` sets for itself anyway: reload and down, too, then create what only
+    # their owner reads.
+    "UMask=0077",
     # NETLINK: the C library asks the kernel for the host's addresses through it.
     "RestrictAddressFamilies=AF_UNIX AF_INET AF_INET6 AF_NETLINK",
 )

@@ -127,6 +127,9 @@ exec setpriv --no-new-privs "$@"
 """
 
 
+UMASK = 0o077  # the unit's UMask=
+
+
 def sandboxed(command: list[str]) -> list[str]:
     return ["unshare", "--mount", "--propagation", "private", "sh", "-ec", SANDBOX, "sh",
             *command]  # fmt: skip
@@ -145,6 +148,7 @@ def test_unit_command_lines_start_reload_and_stop_a_real_stack(short_tmp: Path, 
     values = settings((units / "stackctl-shop.service").read_text())
     assert values["WorkingDirectory"] == [str(stack_dir)]
     assert values["NoNewPrivileges"] == ["yes"] and values["ProtectSystem"] == ["full"]
+    assert values["UMask"] == [f"{UMASK:04o}"] and values["PrivateDevices"] == ["yes"]
     start, reload, stop = (
         unit_args(values[key][0]) for key in ("ExecStart", "ExecReload", "ExecStop")
     )
@@ -154,7 +158,7 @@ def test_unit_command_lines_start_reload_and_stop_a_real_stack(short_tmp: Path, 
         listener.bind(notify_path)
         listener.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
         env = {**os.environ, "NOTIFY_SOCKET": notify_path, "OLD_DEV": str(short_tmp / "dev")}
-        main = subprocess.Popen(sandboxed(start), cwd=stack_dir, env=env, text=True,
+        main = subprocess.Popen(sandboxed(start), cwd=stack_dir, env=env, text=True, umask=UMASK,
                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT)  # fmt: skip
         try:
             message, sender = receive_ready(listener, READY_PATIENCE)
@@ -169,6 +173,7 @@ def test_unit_command_lines_start_reload_and_stop_a_real_stack(short_tmp: Path, 
                 assert not os.path.samefile(f"/proc/{proc.pid}/root/dev", "/dev")  # its own
 
             reloaded = subprocess.run(reload, cwd=stack_dir, capture_output=True, text=True,
+                                      umask=UMASK,
                                       timeout=int(values["TimeoutStartSec"][0]))  # fmt: skip
             assert reloaded.returncode == 0, reloaded.stdout + reloaded.stderr
             assert "replaced" in reloaded.stdout
@@ -176,6 +181,7 @@ def test_unit_command_lines_start_reload_and_stop_a_real_stack(short_tmp: Path, 
 
             stop_timeout = int(values["TimeoutStopSec"][0])
             stopped = subprocess.run(stop, cwd=stack_dir, capture_output=True, text=True,
+                                     umask=UMASK,
                                      timeout=stop_timeout)  # fmt: skip
             assert stopped.returncode == 0, stopped.stdout + stopped.stderr
             assert "stack stopped" in stopped.stdout
