@@ -175,7 +175,9 @@ def cmd_up(args: argparse.Namespace) -> int:
         return 0
     stop_requested = supervisor.catch_stop_signals()
     print("Ctrl-C stops the stack", flush=True)
-    service.notify(notify_socket, "READY=1")  # under systemd (Type=notify): the stack is up
+    problem = service.notify(notify_socket, "READY=1")  # under systemd (Type=notify)
+    if problem:
+        print(f"stackctl: {problem}", file=sys.stderr, flush=True)
     status = supervisor.wait_foreground(running, stop_requested)
     if stop_requested:
         print("stack stopped")

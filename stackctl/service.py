@@ -197,17 +197,19 @@ def take_notify_socket() -> str | None:
     return os.environ.pop("NOTIFY_SOCKET", None)
 
 
-def notify(address: str | None, state: str) -> None:
-    """Tell systemd about the service (``READY=1``), if it listens."""
+def notify(address: str | None, state: str) -> str | None:
+    """Tell systemd about the service (``READY=1``), if it listens; what went wrong, if
+    something did. Not an error: the stack runs either way, and stays under `stackctl up`."""
     if not address:
-        return
+        return None
     if address.startswith("@"):  # an abstract socket: Linux names it with a leading NUL
         address = "\0" + address[1:]
     with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as sock:
         try:
             sock.sendto(state.encode(), address)
         except OSError as e:
-            raise StackError(f"cannot tell systemd {state!r} through {address!r}: {e}") from None
+            return f"could not tell systemd {state!r} through {address!r}: {e.strerror}"
+    return None
 
 
 # --- the commands --------------------------------------------------------------------------
