@@ -14,6 +14,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from stackctl import reload
 from stackctl.errors import StackError
 from stackctl.render import File, render_template
 from stackctl.stack import Stack, open_files_wanted
@@ -118,6 +119,11 @@ def is_under(path: Path, roots: tuple[str, ...]) -> bool:
 def stackctl_command(stack: Stack, *args: str) -> list[str]:
     # The interpreter as it was started, not resolved: in a venv, the symlink is what finds
     # the venv's packages.
+    if not Path(sys.executable).is_absolute():
+        raise StackError(
+            f"cannot tell which Python runs this stackctl ({sys.executable!r}); run it by an "
+            "absolute path, e.g. /opt/stackctl/bin/stackctl service install"
+        )
     return [sys.executable, "-m", "stackctl", "-C", str(stack.stack_dir), *args]
 
 
@@ -142,6 +148,9 @@ def render(stack: Stack, service: Service) -> File:
     up = [profile, *(f"--set={text}" for text in service.overrides)]
     # A start that fails stops what it started before it exits; a stop runs every stage.
     stop_seconds = math.ceil(longest_stop(stack.profile)) + COMMAND_SLACK
+    # systemd gives ExecReload the start timeout too: it must cover the longest reload.
+    start_seconds = max(math.ceil(START_TIMEOUT) + stop_seconds,
+                        math.ceil(reload.longest(stack)) + COMMAND_SLACK)  # fmt: skip
     content = render_template(
         TEMPLATE,
         description=unit_text("the stack directory", f"stackctl stack in {stack.stack_dir}"),
@@ -149,7 +158,7 @@ def render(stack: Stack, service: Service) -> File:
         exec_start=unit_command(stackctl_command(stack, "up", *up)),
         exec_reload=unit_command(stackctl_command(stack, "reload", profile)),
         exec_stop=unit_command(stackctl_command(stack, "down", profile)),
-        timeout_start=math.ceil(START_TIMEOUT) + stop_seconds,
+        timeout_start=start_seconds,
         timeout_stop=stop_seconds,
         restart_seconds=RESTART_SECONDS,
         open_files=open_files_wanted(stack.profile),

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from stackctl import service
+from stackctl import reload, service
 from stackctl.errors import StackError
 from stackctl.render import systemd
 from stackctl.settings import Listen
@@ -67,6 +67,7 @@ def test_unit_runs_up_in_the_foreground_with_reload_and_down(tmp_path: Path) -> 
     stop = int(values["TimeoutStopSec"][0])
     assert stop >= longest_stop(stack.profile) + 10
     assert int(values["TimeoutStartSec"][0]) >= START_TIMEOUT + stop
+    assert int(values["TimeoutStartSec"][0]) >= reload.longest(stack)  # ExecReload's limit too
     for option in ("NoNewPrivileges=yes", "ProtectSystem=full", "PrivateTmp=yes",
                    "ProtectHome=read-only"):  # fmt: skip
         key, value = option.split("=")
