@@ -46,14 +46,14 @@ def test_installed_unit_passes_systemd_analyze_verify_and_uninstall_removes_it(
     stack_dir = make_demo(short_tmp)
     units = short_tmp / "units"
     units.mkdir()
-    out = stackctl("service", "install", "--unit-dir", str(units), "--profile", "prod",
+    out = stackctl("service", "install", "--unit-dir", str(units), "--profile", "dev",
                    cwd=stack_dir).stdout  # fmt: skip
     unit = units / "stackctl-shop.service"
     assert f"wrote {unit}" in out
     assert "systemctl enable --now stackctl-shop.service" in out
     assert verify(unit) == []
     values = settings(unit.read_text())
-    assert unit_args(values["ExecStart"][0])[-2:] == ["up", "--profile=prod"]
+    assert unit_args(values["ExecStart"][0])[-2:] == ["up", "--profile=dev"]
 
     # verify is no rubber stamp here: a relative ExecStart is what it exists to catch.
     broken = units / "broken.service"
@@ -142,7 +142,7 @@ def test_unit_command_lines_start_reload_and_stop_a_real_stack(short_tmp: Path, 
     units = short_tmp / "units"
     units.mkdir()
     port = free_port()
-    stackctl("service", "install", "--unit-dir", str(units), "--profile", "prod",
+    stackctl("service", "install", "--unit-dir", str(units), "--profile", "dev",
              "--set", f"server.listen=127.0.0.1:{port}", "--set", "wsgi.workers=2",
              cwd=stack_dir)  # fmt: skip
     values = settings((units / "stackctl-shop.service").read_text())
