@@ -14,7 +14,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from stackctl import generation, profile, realtime, supervisor
+from stackctl import generation, profile, realtime, service, supervisor
 from stackctl.errors import EXIT_STACK_ERROR, StackError
 from stackctl.settings import SETTINGS
 from stackctl.stack import NO_PROGRAMS, Stack, check_port_allowed, plan
@@ -31,13 +31,18 @@ EXIT_UNHEALTHY = 1  # `stackctl status`: every process may run, and the site not
 
 def overrides_from(args: argparse.Namespace) -> list[tuple[str, Any]]:
     """``--set`` pairs and the flags derived from SETTINGS, later ones winning."""
-    pairs = [profile.parse_override(text) for text in args.set or ()]
+    return [profile.parse_override(text) for text in override_texts(args)]
+
+
+def override_texts(args: argparse.Namespace) -> list[str]:
+    """The same as ``KEY=VALUE`` texts, as ``--set`` takes them."""
+    texts = list(args.set or ())
     for setting in SETTINGS:
         if setting.flag:
             value = getattr(args, flag_dest(setting.flag), None)
             if value is not None:
-                pairs.append((setting.key, profile.parse_override(f"{setting.key}={value}")[1]))
-    return pairs
+                texts.append(f"{setting.key}={value}")
+    return texts
 
 
 def flag_dest(flag: str) -> str:
@@ -133,6 +138,7 @@ def cmd_render(args: argparse.Namespace) -> int:
 
 
 def cmd_up(args: argparse.Namespace) -> int:
+    notify_socket = service.take_notify_socket()
     stack = load_stack(args, programs=True)
     print(f"profile {stack.profile.name} ({stack.profile.reason})")
     running_pid = supervisor.running_pid(stack)
@@ -170,9 +176,14 @@ def cmd_up(args: argparse.Namespace) -> int:
         return 0
     stop_requested = supervisor.catch_stop_signals()
     print("Ctrl-C stops the stack", flush=True)
+    problem = service.notify(notify_socket, "READY=1")  # under systemd (Type=notify)
+    if problem:
+        print(f"stackctl: {problem}", file=sys.stderr, flush=True)
     status = supervisor.wait_foreground(running, stop_requested)
     if stop_requested:
         print("stack stopped")
+    elif running.process.returncode == 0:  # `stackctl down`, e.g. a systemd unit's ExecStop
+        print("circusd was stopped; stack stopped")
     else:
         print(f"circusd exited by itself (status {running.process.returncode}); stack stopped")
     return status
@@ -331,6 +342,22 @@ def cmd_publish(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_service_install(args: argparse.Namespace) -> int:
+    stack = load_stack(args, programs=True, writes=False)
+    overrides = tuple(override_texts(args))
+    unit_dir = Path(os.path.abspath(args.unit_dir))
+    for line in service.install(stack, unit_dir, args.name, args.user, overrides):
+        print(line)
+    return 0
+
+
+def cmd_service_uninstall(args: argparse.Namespace) -> int:
+    unit_dir = Path(os.path.abspath(args.unit_dir))
+    for line in service.uninstall(args.stack.resolve(), unit_dir, args.name):
+        print(line)
+    return 0
+
+
 def cmd_keys(args: argparse.Namespace) -> int:
     from stackctl.settings import markdown_table
 
@@ -392,7 +419,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     up = command("up", cmd_up, "start the stack; returns with --detach once it answers")
     up.add_argument("--detach", "-d", action="store_true", help="return once the stack answers")
-    up.add_argument("--timeout", type=float, default=60.0, help="seconds to wait for the stack")
+    up.add_argument("--timeout", type=float, default=supervisor.START_TIMEOUT,
+                    help="seconds to wait for the stack")  # fmt: skip
 
     command("down", cmd_down, "stop the stack, leaving no process behind")
     command("status", cmd_status, "show each watcher and its processes, and whether the site, "
@@ -410,6 +438,8 @@ def build_parser() -> argparse.ArgumentParser:
     logs.add_argument("-f", "--follow", action="store_true")
     logs.add_argument("-n", "--lines", type=int, default=40)
 
+    add_service_commands(commands, stack_help)
+
     command("keys", cmd_keys, "list every profile key with its default (Markdown)", profiled=False)
 
     publish = command("publish", cmd_publish, "send a message to a channel's websocket clients")
@@ -417,6 +447,29 @@ def build_parser() -> argparse.ArgumentParser:
     publish.add_argument("message")
     publish.add_argument("--json", action="store_true", help="the message is JSON, sent as is")
     return parser
+
+
+def add_service_commands(commands: Any, stack_help: str) -> None:
+    parent = commands.add_parser(
+        "service", help="start the stack at boot: write or remove its systemd unit"
+    )
+    actions = parent.add_subparsers(dest="action", required=True)
+    about = {
+        "install": (cmd_service_install, "write a systemd unit that runs `stackctl up` for "
+                    "this stack (then: systemctl enable --now UNIT)"),
+        "uninstall": (cmd_service_uninstall, "stop and disable the stack's unit, and remove it"),
+    }  # fmt: skip
+    for action, (handler, help) in about.items():
+        sub = actions.add_parser(action, help=help, description=help)
+        sub.set_defaults(handler=handler)
+        sub.add_argument("-C", "--stack", type=Path, default=argparse.SUPPRESS, help=stack_help)
+        sub.add_argument("--name", help="the unit's name (default: stackctl-DIRECTORY)")
+        sub.add_argument("--unit-dir", type=Path, default=service.UNIT_DIR,
+                         help=f"where the unit goes (default: {service.UNIT_DIR})")  # fmt: skip
+    install = actions.choices["install"]
+    install.add_argument("--user", help="run the stack as this user, on a port it may bind "
+                         "(default: root, which runs the app as server.user)")  # fmt: skip
+    add_profile_options(install)
 
 
 def package_version() -> str:

@@ -51,6 +51,12 @@ def patience(stack: Stack) -> float:
     return startup_timeout(stack.profile.wsgi.graceful_timeout)
 
 
+def longest(stack: Stack) -> float:
+    """The most `stackctl reload` waits: a trial worker and the replacement of every worker,
+    once for a new config and once more for the watcher it names (or the app's code)."""
+    return 2 * patience(stack) * (1 + max(stack.workers, 1))
+
+
 def canary(stack: Stack, timeout: float, ini: Path | None = None) -> None:
     """Start one worker on ``ini`` (the running uWSGI config unless told), outside Circus;
     refuse the reload if it cannot serve."""

@@ -429,7 +429,21 @@ def check_served_relations(stack: Stack, served: ServedDir, where: str) -> None:
             )
 
 
-def open_files_limit(wanted: int = 65536) -> int:
+# A connection is a descriptor, so each NGiNX worker may have as many as its open-files
+# limit allows, less some for logs and listeners. (A proxied websocket holds two: client and
+# upstream.)
+SPARE_FDS = 1024
+FDS_PER_WEBSOCKET = 2
+MIN_OPEN_FILES = 65536
+
+
+def open_files_wanted(profile: Profile) -> int:
+    """The open-files limit the stack asks for: enough for NGiNX to proxy ws.max_connections
+    websockets (the most that needs), and never less than a busy site's share."""
+    return max(MIN_OPEN_FILES, FDS_PER_WEBSOCKET * profile.ws.max_connections + SPARE_FDS)
+
+
+def open_files_limit(wanted: int = MIN_OPEN_FILES) -> int:
     # Without the privilege to raise it, the hard limit is the ceiling for every process.
     hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
     return wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
@@ -464,7 +478,7 @@ def plan(profile: Profile, programs: Programs | None = None, *, writes: bool = T
         run_dir=(base / profile.paths.run_dir).resolve(),
         log_dir=(base / profile.paths.log_dir).resolve(),
         static_dir=static_dir,
-        open_files=open_files_limit(),
+        open_files=open_files_limit(open_files_wanted(profile)),
         nginx_user=nginx_worker_user(base),
         media_dir=media_dir,
     )

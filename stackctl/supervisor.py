@@ -25,6 +25,7 @@ import psutil
 from stackctl import flapping, processes
 from stackctl.errors import StackError
 from stackctl.flapping import FAILED_DIR, failure_note
+from stackctl.profile import Profile
 from stackctl.readiness import READY_DIR
 from stackctl.stack import Stack
 from stackctl.watchers import STOP_ORDER, WATCHERS
@@ -261,6 +262,20 @@ def start(stack: Stack, timeout: float) -> Running:
 # out). Then the WSGI pool, once NGiNX is gone, and Redis last.
 
 
+START_TIMEOUT = 60.0
+"""Seconds `stackctl up` waits for the site and the websocket endpoint to answer."""
+
+
+def stop_grace(profile: Profile) -> float:
+    """How long one step of a stop may take: a worker's graceful timeout, and some slack."""
+    return profile.wsgi.graceful_timeout + 5
+
+
+def longest_stop(profile: Profile) -> float:
+    """The most :func:`stop` can take: each stage of STOP_ORDER, then circusd's own stop."""
+    return (len(STOP_ORDER) + 1) * stop_grace(profile)
+
+
 def stop(stack: Stack, pid: int | None = None) -> list[int]:
     """Stop the watchers gracefully, front first, then circusd; make sure nothing is left.
 
@@ -268,7 +283,7 @@ def stop(stack: Stack, pid: int | None = None) -> list[int]:
     """
     pid = pid or running_pid(stack)
     if pid is not None:
-        grace = stack.profile.wsgi.graceful_timeout + 5
+        grace = stop_grace(stack.profile)
         stop_watchers_in_order(stack, grace)
         terminate_circusd(pid, grace)
     return clean_stale(stack)

@@ -8,15 +8,10 @@ from __future__ import annotations
 
 from stackctl import resources
 from stackctl.render import File, render_template
-from stackctl.stack import Stack
+from stackctl.stack import SPARE_FDS, Stack
 
 INCLUDES = ("uwsgi_params", "mime.types")
 TEMP_PATHS = ("body", "proxy", "uwsgi", "fastcgi", "scgi")
-
-# A connection is a descriptor, so each worker may have as many as its open-files limit
-# allows, less some for logs and listeners. (A proxied websocket holds two: client and
-# upstream.)
-SPARE_FDS = 1024
 
 MEDIA_CSP = (
     "sandbox; default-src 'none'; img-src 'self'; media-src 'self'; style-src 'unsafe-inline'"
