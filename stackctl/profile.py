@@ -33,6 +33,7 @@ from stackctl.settings import (
     SETTINGS,
     AppConfig,
     Invalid,
+    LogsConfig,
     PathsConfig,
     RedisConfig,
     ServerConfig,
@@ -63,6 +64,7 @@ class Profile:
     static: StaticConfig
     redis: RedisConfig
     paths: PathsConfig
+    logs: LogsConfig
     sources: Mapping[str, str] = field(default_factory=dict, compare=False)
     """Which file (or the command line, or the defaults) gave each key its value."""
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import shlex
 
+from stackctl.logfile import MIB
 from stackctl.render import File, render_template
 from stackctl.stack import Stack
 from stackctl.watchers import WATCHERS
@@ -84,6 +85,10 @@ def render(stack: Stack) -> list[File]:
         log_dir=stack.log_dir,
         stack_dir=stack.stack_dir,
         logs=log_files(stack),
+        log_max_bytes=stack.profile.logs.max_mb * MIB,
+        log_keep=stack.profile.logs.keep,
+        nginx_access_log=stack.nginx_access_log,
+        nginx_error_log=stack.nginx_error_log,
         wsgi_cmd=wsgi_command(stack),
         ws_cmd=ws_command(stack),
         nginx_cmd=nginx_command(stack),
