@@ -15,6 +15,7 @@ deleted one: lines are lost.
 
 from __future__ import annotations
 
+import json
 import os
 import time
 from collections.abc import Callable
@@ -67,6 +68,42 @@ def open_append(path: Path) -> int:
     return os.open(path, OPEN_FLAGS, MODE)
 
 
+LIMITS_FILE = "logs.json"
+LIMITS_SECONDS = 1.0
+
+
+@dataclass
+class Limits:
+    """``logs.max_mb`` and ``logs.keep`` as rendered into ``<run_dir>/logs.json``, read again
+    when a reload has replaced the file: a new size then takes effect within a second, where
+    a changed option of a Circus stream would have Circus stop and start every watcher."""
+
+    path: Path | None
+    """None: the values given here, for good."""
+    max_bytes: int = 0
+    keep: int = 1
+    checked_at: float = float("-inf")
+    seen: tuple[int, int] | None = None
+
+    def refresh(self, now: float) -> None:
+        if self.path is None or now - self.checked_at < LIMITS_SECONDS:
+            return
+        self.checked_at = now
+        try:
+            st = os.stat(self.path)
+            if (st.st_ino, st.st_mtime_ns) == self.seen:
+                return
+            values = json.loads(self.path.read_text())
+            self.max_bytes, self.keep = int(values["max_bytes"]), max(int(values["keep"]), 1)
+            self.seen = (st.st_ino, st.st_mtime_ns)
+        except (OSError, ValueError, KeyError, TypeError):
+            return  # being replaced, or gone with the stack: the last values hold
+
+
+def limits_json(max_bytes: int, keep: int) -> str:
+    return json.dumps({"max_bytes": max_bytes, "keep": keep}) + "\n"
+
+
 @dataclass
 class Partial:
     data: bytes
@@ -87,6 +124,8 @@ class LogFile:
     keep: int = 1
     clean: Callable[[bytes], bytes] = bytes
     """What is done to each line before it is written (NGiNX's lose their query strings)."""
+    limits: Limits | None = None
+    """Where max_bytes and keep come from, if not fixed."""
     clock: Callable[[], float] = field(default=time.monotonic, repr=False)
     users: int = 0
     partial: dict[tuple[int, str], Partial] = field(default_factory=dict)
@@ -97,6 +136,9 @@ class LogFile:
 
     def write(self, data: bytes, source: tuple[int, str]) -> None:
         """Write what ``source`` (pid, stream name) sent, up to its last complete line."""
+        if self.limits is not None:
+            self.limits.refresh(self.clock())
+            self.max_bytes, self.keep = self.limits.max_bytes, self.limits.keep
         held = self.partial.pop(source, None)
         if held is not None:
             data = held.data + data
@@ -166,12 +208,10 @@ _OPEN: dict[str, LogFile] = {}
 autoreload's, which writes to the wsgi log) share one file and one rotation."""
 
 
-def acquire(path: Path, max_bytes: int, keep: int,
-            clean: Callable[[bytes], bytes] = bytes) -> LogFile:  # fmt: skip
+def acquire(path: Path, limits: Limits | None, clean: Callable[[bytes], bytes] = bytes) -> LogFile:
     log = _OPEN.get(str(path))
     if log is None:
-        log = _OPEN[str(path)] = LogFile(path, max_bytes, keep, clean)
-    log.max_bytes, log.keep = max_bytes, keep  # a reloaded config may change them
+        log = _OPEN[str(path)] = LogFile(path, clean=clean, limits=limits)
     log.users += 1
     return log
 

@@ -35,7 +35,7 @@ import psutil
 from circus.plugins import CircusPlugin
 from circus.util import AsyncPeriodicCallback
 
-from stackctl.logfile import shift
+from stackctl.logfile import Limits, shift
 
 log = logging.getLogger("stackctl.logrotate")
 PR_SET_PDEATHSIG = 1
@@ -92,8 +92,7 @@ def process_tree(pid: int) -> list[int]:
 class Rotator:
     """Decides and does the renames; what it needs of the world is passed in, for tests."""
 
-    max_bytes: int
-    keep: int
+    limits: Limits
     reopened_by_itself: list[Path]
     reopened_on_signal: list[Path]
     master: Callable[[], int | None]
@@ -104,12 +103,13 @@ class Rotator:
     rotated_at: float = 0.0
 
     def due(self, path: Path) -> bool:
-        return self.max_bytes > 0 and size_of(path) >= self.max_bytes
+        return self.limits.max_bytes > 0 and size_of(path) >= self.limits.max_bytes
 
     def check(self) -> None:
+        self.limits.refresh(self.clock())
         for path in self.reopened_by_itself:
             if self.due(path):
-                shift(path, self.keep)
+                shift(path, self.limits.keep)
         self.check_nginx()
 
     def check_nginx(self) -> None:
@@ -129,7 +129,7 @@ class Rotator:
         self.rotated_at = self.clock()
         for path in due:
             renamed = file_id(path)
-            shift(path, self.keep)
+            shift(path, self.limits.keep)
             if renamed is not None:
                 self.held[path] = renamed
         if master is not None:
@@ -155,8 +155,7 @@ class LogRotation(CircusPlugin):
     def __init__(self, *args: Any, **config: Any) -> None:
         super().__init__(*args, **config)
         self.rotator = Rotator(
-            max_bytes=int(config["max_bytes"]),
-            keep=max(int(config["keep"]), 1),
+            limits=Limits(Path(config["limits"])),
             reopened_by_itself=[Path(config["circusd_log"])],
             reopened_on_signal=[Path(config["nginx_access_log"]), Path(config["nginx_error_log"])],
             master=self.nginx_master,

@@ -39,9 +39,10 @@ class LogStream:
 
     clean: Callable[[bytes], bytes] = bytes
 
-    def __init__(self, filename: str, max_bytes: str | int = 0, backup_count: str | int = 1,
-                 **_: Any) -> None:  # fmt: skip
-        self.log = logfile.acquire(Path(filename), int(max_bytes), max(int(backup_count), 1),
+    def __init__(self, filename: str, limits: str = "", **_: Any) -> None:
+        """``limits``: the ``logs.json`` to take the size and count of rotated files from
+        (:class:`stackctl.logfile.Limits`); none, no rotation."""
+        self.log = logfile.acquire(Path(filename), logfile.Limits(Path(limits)) if limits else None,
                                    type(self).clean)  # fmt: skip
 
     def __call__(self, data: dict[str, Any]) -> None:

@@ -20,6 +20,8 @@ import pytest
 
 from stackctl.logfile import MIB, backups
 from stackctl.stack import Stack
+from stackctl.supervisor import call
+from stackctl.watchers import WATCHERS
 from tests.conftest import running_stack, stackctl, wait_for
 
 pytestmark = pytest.mark.e2e
@@ -45,9 +47,9 @@ def site(tmp: Path) -> Path:
     return tmp
 
 
-def up(site: Path, keep: int) -> AbstractContextManager[Stack]:
+def up(site: Path, keep: int, max_mb: int = 1) -> AbstractContextManager[Stack]:
     return running_stack(
-        site, "--workers", "2", "--set", "wsgi.autoreload=false", "--set", "logs.max_mb=1",
+        site, "--workers", "2", "--set", "wsgi.autoreload=false", "--set", f"logs.max_mb={max_mb}",
         "--set", f"logs.keep={keep}", "--set", "wsgi.log_requests=true",
     )  # fmt: skip
 
@@ -140,6 +142,9 @@ def test_logs_rotate_by_size_under_load_losing_no_line_and_failing_no_request(
 ) -> None:
     with up(site(short_tmp), keep=50) as stack:
         access, wsgi = stack.nginx_access_log, stack.log_dir / "wsgi.log"
+        circusd_log = stack.log_dir / "circusd.log"
+        with circusd_log.open("a") as grown:  # as if circusd had logged for months
+            grown.write("old line\n" * (MIB // 9 + 1))
         with TaggedLoad(stack.profile.server.listen.port) as load:
             wait_for(lambda: len(backups(access)) >= 3 and len(backups(wsgi)) >= 3,
                      MAX_SECONDS, "three rotations of both logs")  # fmt: skip
@@ -150,7 +155,29 @@ def test_logs_rotate_by_size_under_load_losing_no_line_and_failing_no_request(
         # NGiNX's once a second, when it has passed it.
         assert all(MIB - 2 * PAD < p.stat().st_size <= MIB for p in backups(wsgi))
         assert all(p.stat().st_size >= MIB for p in backups(access))
-        assert "reopens its logs" in (stack.log_dir / "circusd.log").read_text()
+        # circusd's handler went on in a new circusd.log after the plugin renamed the old one.
+        assert backups(circusd_log)[-1].read_text().endswith("old line\n")
+        assert "reopens its logs" in circusd_log.read_text()
+        assert "old line" not in circusd_log.read_text()
+
+
+def wsgi_log_lines(stack: Stack) -> list[str]:
+    return lines_on_disk(stack.log_dir / "wsgi.log")
+
+
+def test_a_reload_that_changes_the_limits_restarts_nothing(short_tmp: Path) -> None:
+    with up(site(short_tmp), keep=5, max_mb=0) as stack:
+        wsgi = stack.log_dir / "wsgi.log"
+        pids = {name: call(stack, "list", name=name)["pids"] for name in WATCHERS}
+        with TaggedLoad(stack.profile.server.listen.port) as load:
+            wait_for(lambda: wsgi.stat().st_size > 2 * MIB, MAX_SECONDS, "a 2 MiB log")
+            assert not backups(wsgi)  # logs.max_mb = 0: never rotated
+            reloaded = stackctl("reload", "--set", "logs.max_mb=1", cwd=stack.stack_dir)
+            wait_for(lambda: len(backups(wsgi)) >= 2, MAX_SECONDS, "rotations at the new size")
+        assert "nothing restarted" in reloaded.stdout
+        assert {name: call(stack, "list", name=name)["pids"] for name in WATCHERS} == pids
+        assert not load.failures, load.failures[:10]
+        assert_each_once(partial(wsgi_log_lines, stack), WSGI_LINE, load.sent, "wsgi.log")
 
 
 @contextmanager

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from stackctl.logfile import backups
+from stackctl.logfile import Limits, backups
 from stackctl.logrotate import Rotator, open_files, process_tree
 from tests.conftest import free_port, wait_for
 
@@ -93,8 +93,8 @@ def test_rotated_access_log_is_reopened_by_workers_of_another_user_losing_nothin
     nginx_as_another_user: tuple[subprocess.Popen[bytes], Path, int],
 ) -> None:
     process, access, port = nginx_as_another_user
-    rotator = Rotator(max_bytes=1, keep=10, reopened_by_itself=[], reopened_on_signal=[access],
-                      master=lambda: process.pid)  # fmt: skip
+    rotator = Rotator(Limits(None, max_bytes=1, keep=10), reopened_by_itself=[],
+                      reopened_on_signal=[access], master=lambda: process.pid)  # fmt: skip
     sent, failed = Counter[int](), []
     stop = threading.Event()
 

@@ -18,9 +18,16 @@ from tornado.ioloop import IOLoop
 from stackctl import logfile
 from stackctl.follow import DRAIN_SECONDS, Follower
 from stackctl.hooks import flush_output_before_reap
-from stackctl.logfile import LogFile, backups, shift
+from stackctl.logfile import LIMITS_FILE, Limits, LogFile, backups, limits_json, shift
 from stackctl.logrotate import Rotator
 from stackctl.logstream import LogStream, QuerylessLogStream
+
+
+def stream(log: Path, max_bytes: int, keep: int) -> LogStream:
+    """A stream as circus.ini makes it: its limits in the rendered logs.json."""
+    limits = log.parent / LIMITS_FILE
+    limits.write_text(limits_json(max_bytes, keep))
+    return LogStream(str(log), limits=str(limits))
 
 
 def chunks(data: bytes, size: int) -> list[bytes]:
@@ -53,7 +60,7 @@ def test_lines_of_two_processes_cut_by_the_pipe_reads_stay_whole_across_rotation
     tmp_path: Path,
 ) -> None:
     log = tmp_path / "wsgi.log"
-    out, err = LogStream(str(log), 1000, 100), LogStream(str(log), 1000, 100)
+    out, err = stream(log, 1000, 100), stream(log, 1000, 100)
     try:
         a, b = numbered(1, 200), numbered(2, 200)
         # 7-byte pieces: every line is cut; stdout of 1 and stderr of 2 alternate.
@@ -84,10 +91,10 @@ def test_circus_own_file_stream_cuts_lines_and_loses_them(tmp_path: Path) -> Non
 
 def test_only_keep_rotated_files_remain_and_they_are_the_newest(tmp_path: Path) -> None:
     log = tmp_path / "ws.log"
-    stream = LogStream(str(log), 100, 3)
+    ws = stream(log, 100, 3)
     for n in range(100):
-        stream({"data": f"line {n:03}\n".encode(), "pid": 1, "name": "stdout"})
-    stream.close()
+        ws({"data": f"line {n:03}\n".encode(), "pid": 1, "name": "stdout"})
+    ws.close()
     assert [p.name for p in backups(log)] == ["ws.log.1", "ws.log.2", "ws.log.3"]
     assert not (tmp_path / "ws.log.4").exists()
     lines = all_lines(log)
@@ -106,10 +113,10 @@ def test_a_lower_keep_deletes_the_files_past_it(tmp_path: Path) -> None:
 
 def test_a_line_longer_than_the_limit_gets_a_file_of_its_own(tmp_path: Path) -> None:
     log = tmp_path / "ws.log"
-    stream = LogStream(str(log), 100, 5)
+    ws = stream(log, 100, 5)
     for data in (b"short\n", b"L" * 250 + b"\n", b"after\n"):
-        stream({"data": data, "pid": 1, "name": "stdout"})
-    stream.close()
+        ws({"data": data, "pid": 1, "name": "stdout"})
+    ws.close()
     assert [p.read_bytes() for p in [*reversed(backups(log)), log]] == [
         b"short\n", b"L" * 250 + b"\n", b"after\n"
     ]  # fmt: skip
@@ -125,10 +132,10 @@ def test_a_planted_link_is_not_followed(tmp_path: Path) -> None:
 
 
 def test_a_query_cut_by_a_pipe_read_is_still_removed(tmp_path: Path) -> None:
-    stream = QuerylessLogStream(str(tmp_path / "nginx.log"))
+    nginx = QuerylessLogStream(str(tmp_path / "nginx.log"))
     for piece in (b'request: "GET /ws/news?tok', b'en=s3cret HTTP/1.1"\n'):
-        stream({"data": piece, "pid": 1, "name": "stderr"})
-    stream.close()
+        nginx({"data": piece, "pid": 1, "name": "stderr"})
+    nginx.close()
     assert (tmp_path / "nginx.log").read_text() == (
         'request: "GET /ws/news?[query removed] HTTP/1.1"\n'
     )
@@ -182,7 +189,7 @@ def test_streams_of_one_log_share_one_file_until_the_last_closes(tmp_path: Path)
 
 def rotator(tmp_path: Path, sent: list[tuple[int, int]], master: int | None) -> Rotator:
     return Rotator(
-        max_bytes=100, keep=1,
+        limits=Limits(None, max_bytes=100, keep=1),
         reopened_by_itself=[tmp_path / "circusd.log"],
         reopened_on_signal=[tmp_path / "nginx-access.log"],
         master=lambda: master, send=lambda pid, sig: sent.append((pid, sig)),
@@ -271,3 +278,18 @@ def test_follow_shows_a_line_once_complete_and_survives_truncation(tmp_path: Pat
         assert follower.poll() == [b"new"]
     finally:
         follower.close()
+
+
+def test_new_limits_are_taken_from_the_rendered_file_without_a_new_stream(tmp_path: Path) -> None:
+    log = tmp_path / "ws.log"
+    now = [0.0]
+    ws = stream(log, 0, 1)
+    ws.log.clock = lambda: now[0]
+    for _ in range(20):
+        ws({"data": b"x" * 9 + b"\n", "pid": 1, "name": "stdout"})
+    assert not backups(log)  # 0: never rotated
+    (tmp_path / LIMITS_FILE).write_text(limits_json(50, 2))  # what a reload renders
+    now[0] += 5
+    ws({"data": b"y" * 9 + b"\n", "pid": 1, "name": "stdout"})
+    ws.close()
+    assert len(backups(log)) == 1 and log.read_bytes() == b"y" * 9 + b"\n"
