@@ -15,13 +15,17 @@ deleted one: lines are lost.
 
 from __future__ import annotations
 
+import io
 import json
+import logging
+import logging.handlers
 import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+logger = logging.getLogger("stackctl.logfile")
 MIB = 2**20
 OPEN_FLAGS = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC
 MODE = 0o640
@@ -66,6 +70,41 @@ def open_append(path: Path) -> int:
     """Open for appending, never through a symbolic link: if a process that may write in the
     log directory planted ``name.log -> /etc/shadow``, root's circusd gets ELOOP instead."""
     return os.open(path, OPEN_FLAGS, MODE)
+
+
+def no_follow(path: str | os.PathLike[str], flags: int) -> int:
+    """An ``opener`` for :func:`open` that refuses a symbolic link, as :func:`open_append`."""
+    return os.open(path, flags | os.O_NOFOLLOW | os.O_CLOEXEC, MODE)
+
+
+class NoFollowWatchedFileHandler(logging.handlers.WatchedFileHandler):
+    """circusd's own log: reopened at its next line once the rotation has renamed it (what
+    Circus's ``WatchedFileHandler`` does), but never opened through a symbolic link."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            self.reopenIfNeeded()
+        except OSError:  # a link planted at the path: the line is lost, circusd is not
+            self.handleError(record)
+            return
+        logging.FileHandler.emit(self, record)
+
+    def _open(self) -> io.TextIOWrapper:
+        return open(self.baseFilename, "a", encoding=self.encoding, errors=self.errors,
+                    opener=no_follow)  # fmt: skip
+
+
+def no_follow_handlers(logger: logging.Logger) -> None:
+    """Replace the logger's file handlers (Circus's, for ``logoutput``) by :class:`NoFollow...`."""
+    for n, handler in enumerate(logger.handlers):
+        if isinstance(handler, logging.handlers.WatchedFileHandler) and not isinstance(
+            handler, NoFollowWatchedFileHandler
+        ):
+            replacement = NoFollowWatchedFileHandler(handler.baseFilename)
+            replacement.setFormatter(handler.formatter)
+            replacement.setLevel(handler.level)
+            handler.close()
+            logger.handlers[n] = replacement
 
 
 LIMITS_FILE = "logs.json"
@@ -193,8 +232,16 @@ class LogFile:
 
     def rotate(self) -> None:
         shift(self.path, self.keep)
+        try:
+            fd = open_append(self.path)
+        except OSError as e:
+            # A link planted at the path (ELOOP): writing goes on in the renamed file.
+            logger.error("cannot open %s (%s); %s goes on in %s", self.path, e.strerror,
+                      self.path.name, rotated(self.path, 1))  # fmt: skip
+            self.size = 0
+            return
         os.close(self.fd)
-        self.fd = open_append(self.path)
+        self.fd = fd
         self.size = os.fstat(self.fd).st_size
 
     def close(self) -> None:

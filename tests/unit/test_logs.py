@@ -3,6 +3,8 @@ logs, and the follower of `stackctl logs -f`."""
 
 from __future__ import annotations
 
+import logging
+import logging.handlers
 import os
 import signal
 import sys
@@ -18,7 +20,16 @@ from tornado.ioloop import IOLoop
 from stackctl import logfile
 from stackctl.follow import DRAIN_SECONDS, Follower
 from stackctl.hooks import flush_output_before_reap
-from stackctl.logfile import LIMITS_FILE, Limits, LogFile, backups, limits_json, shift
+from stackctl.logfile import (
+    LIMITS_FILE,
+    Limits,
+    LogFile,
+    NoFollowWatchedFileHandler,
+    backups,
+    limits_json,
+    no_follow_handlers,
+    shift,
+)
 from stackctl.logrotate import Rotator
 from stackctl.logstream import LogStream, QuerylessLogStream
 
@@ -293,3 +304,33 @@ def test_new_limits_are_taken_from_the_rendered_file_without_a_new_stream(tmp_pa
     ws({"data": b"y" * 9 + b"\n", "pid": 1, "name": "stdout"})
     ws.close()
     assert len(backups(log)) == 1 and log.read_bytes() == b"y" * 9 + b"\n"
+
+
+def test_circusd_log_handler_reopens_after_rotation_but_never_through_a_link(
+    tmp_path: Path,
+) -> None:
+    log = tmp_path / "circusd.log"
+    logger = logging.getLogger("test_logs.circusd")
+    logger.propagate = False
+    logger.handlers = [logging.handlers.WatchedFileHandler(log)]  # what Circus sets up
+    no_follow_handlers(logger)
+    try:
+        assert isinstance(logger.handlers[0], NoFollowWatchedFileHandler)
+        logger.warning("before")
+        shift(log, 1)
+        logger.warning("after")
+        assert (log.read_text(), backups(log)[0].read_text()) == ("after\n", "before\n")
+        shift(log, 1)
+        target = tmp_path / "shadow"
+        target.write_text("secret\n")
+        log.symlink_to(target)  # planted where the handler reopens
+        logging.raiseExceptions, saved = False, logging.raiseExceptions
+        try:
+            logger.warning("through the link?")
+        finally:
+            logging.raiseExceptions = saved
+        assert target.read_text() == "secret\n"
+    finally:
+        for handler in logger.handlers:
+            handler.close()
+        logger.handlers = []
