@@ -15,7 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from stackctl.logfile import backups
+from stackctl.logfile import backups, rotated
 
 DRAIN_SECONDS = 5.0
 """How long a rotated file is still read after it last grew."""
@@ -56,6 +56,44 @@ class Reader:
         return lines
 
 
+def tail_of(fd: int, count: int) -> tuple[list[bytes], int]:
+    """The last ``count`` complete lines of an open file, and the offset where they end: read
+    from the end, a block at a time, never the whole of a large log."""
+    size = os.fstat(fd).st_size
+    start, data = size, b""
+    while start > 0 and data.count(b"\n") <= count:
+        start = max(0, start - BLOCK)
+        data = os.pread(fd, size - start, start)
+    end = data.rfind(b"\n") + 1
+    lines = data[:end].splitlines()
+    if start > 0:
+        lines = lines[1:]  # the first one may be a line's end only
+    return (lines[-count:] if count > 0 else []), start + end
+
+
+def last_lines(path: Path, count: int) -> list[str]:
+    """The last ``count`` lines of a log, taken from its last rotated file too when the log
+    was rotated a moment ago. OSError if there is no log at ``path``."""
+    found: list[bytes] = []
+    for part in (path, rotated(path, 1)):
+        try:
+            fd = os.open(part, os.O_RDONLY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            if part == path:
+                raise
+            break
+        try:
+            lines, end = tail_of(fd, count - len(found))
+            # A last line without its newline yet (still being written) is shown too.
+            unfinished = os.pread(fd, BLOCK, end) if part == path else b""
+            found = (lines + [unfinished] if unfinished else lines)[-count:] + found
+        finally:
+            os.close(fd)
+        if len(found) >= count:
+            break
+    return [line.decode(errors="replace") for line in found]
+
+
 def open_reader(path: Path) -> Reader | None:
     try:
         return Reader(os.open(path, os.O_RDONLY | os.O_CLOEXEC))
@@ -83,17 +121,8 @@ class Follower:
         self.current = open_reader(self.path)
         if self.current is None:
             return []
-        size = os.fstat(self.current.fd).st_size
-        start, data = size, b""
-        while start > 0 and data.count(b"\n") <= count:
-            start = max(0, start - BLOCK)
-            data = os.pread(self.current.fd, size - start, start)
-        end = data.rfind(b"\n") + 1
-        self.current.position = start + end
-        lines = data[:end].splitlines()
-        if start > 0:
-            lines = lines[1:]  # the first one may be a line's end only
-        return lines[-count:] if count > 0 else []
+        lines, self.current.position = tail_of(self.current.fd, count)
+        return lines
 
     def poll(self) -> list[bytes]:
         lines: list[bytes] = []

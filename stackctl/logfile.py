@@ -143,6 +143,10 @@ def limits_json(max_bytes: int, keep: int) -> str:
     return json.dumps({"max_bytes": max_bytes, "keep": keep}) + "\n"
 
 
+def unchanged(lines: bytes) -> bytes:
+    return lines
+
+
 @dataclass
 class Partial:
     data: bytes
@@ -161,7 +165,7 @@ class LogFile:
     path: Path
     max_bytes: int = 0
     keep: int = 1
-    clean: Callable[[bytes], bytes] = bytes
+    clean: Callable[[bytes], bytes] = unchanged
     """What is done to each line before it is written (NGiNX's lose their query strings)."""
     limits: Limits | None = None
     """Where max_bytes and keep come from, if not fixed."""
@@ -175,8 +179,9 @@ class LogFile:
 
     def write(self, data: bytes, source: tuple[int, str]) -> None:
         """Write what ``source`` (pid, stream name) sent, up to its last complete line."""
+        now = self.clock()
         if self.limits is not None:
-            self.limits.refresh(self.clock())
+            self.limits.refresh(now)
             self.max_bytes, self.keep = self.limits.max_bytes, self.limits.keep
         held = self.partial.pop(source, None)
         if held is not None:
@@ -186,14 +191,15 @@ class LogFile:
         if len(rest) > PARTIAL_LIMIT:
             whole, rest = data + b"\n", b""
         if rest:
-            since = held.since if held is not None and end == 0 else self.clock()
+            since = held.since if held is not None and end == 0 else now
             self.partial[source] = Partial(rest, since)
-        self.write_stale()
+        if self.partial:
+            self.write_stale(now)
         if whole:
             self.append(self.clean(whole))
 
-    def write_stale(self) -> None:
-        limit = self.clock() - PARTIAL_SECONDS
+    def write_stale(self, now: float) -> None:
+        limit = now - PARTIAL_SECONDS
         for source, held in list(self.partial.items()):
             if held.since < limit:
                 self.end_of(source)
@@ -255,7 +261,8 @@ _OPEN: dict[str, LogFile] = {}
 autoreload's, which writes to the wsgi log) share one file and one rotation."""
 
 
-def acquire(path: Path, limits: Limits | None, clean: Callable[[bytes], bytes] = bytes) -> LogFile:
+def acquire(path: Path, limits: Limits | None,
+            clean: Callable[[bytes], bytes] = unchanged) -> LogFile:  # fmt: skip
     log = _OPEN.get(str(path))
     if log is None:
         log = _OPEN[str(path)] = LogFile(path, clean=clean, limits=limits)

@@ -37,7 +37,7 @@ class LogStream:
     (strings); the stdout and the stderr stream of one log share its :class:`LogFile`.
     """
 
-    clean: Callable[[bytes], bytes] = bytes
+    clean: Callable[[bytes], bytes] = staticmethod(logfile.unchanged)
 
     def __init__(self, filename: str, limits: str = "", **_: Any) -> None:
         """``limits``: the ``logs.json`` to take the size and count of rotated files from

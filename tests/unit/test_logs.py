@@ -18,7 +18,8 @@ from circus.stream.redirector import Redirector
 from tornado.ioloop import IOLoop
 
 from stackctl import logfile
-from stackctl.follow import DRAIN_SECONDS, Follower
+from stackctl.flapping import last_crash
+from stackctl.follow import DRAIN_SECONDS, Follower, last_lines
 from stackctl.hooks import flush_output_before_reap
 from stackctl.logfile import (
     LIMITS_FILE,
@@ -334,3 +335,12 @@ def test_circusd_log_handler_reopens_after_rotation_but_never_through_a_link(
         for handler in logger.handlers:
             handler.close()
         logger.handlers = []
+
+
+def test_a_crash_just_before_a_rotation_is_still_found(tmp_path: Path) -> None:
+    log = tmp_path / "wsgi.log"
+    traceback = ["Traceback (most recent call last):", '  File "app.py"', "RuntimeError: boom"]
+    (tmp_path / "wsgi.log.1").write_text("\n".join(["banner"] * 50 + traceback) + "\n")
+    log.write_text("banner\nbanner\n")
+    assert last_crash(log).splitlines() == [*traceback, "banner", "banner"]
+    assert last_lines(log, 4) == [*traceback[1:], "banner", "banner"]
