@@ -113,6 +113,9 @@ class Rotator:
         self.check_nginx()
 
     def check_nginx(self) -> None:
+        due = [path for path in self.reopened_on_signal if self.due(path)]
+        if not due and not self.held:
+            return  # the common case: no need to ask circusd anything
         master = self.master()
         if self.held and not self.released(master):
             waited = self.clock() - self.rotated_at
@@ -123,7 +126,6 @@ class Rotator:
             log.warning("NGiNX still writes to %s after %d s", ", ".join(map(str, self.held)),
                         waited)  # fmt: skip
             self.held = {}
-        due = [path for path in self.reopened_on_signal if self.due(path)]
         if not due:
             return
         self.rotated_at = self.clock()

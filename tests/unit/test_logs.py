@@ -344,3 +344,17 @@ def test_a_crash_just_before_a_rotation_is_still_found(tmp_path: Path) -> None:
     log.write_text("banner\nbanner\n")
     assert last_crash(log).splitlines() == [*traceback, "banner", "banner"]
     assert last_lines(log, 4) == [*traceback[1:], "banner", "banner"]
+
+
+def test_circusd_is_not_asked_for_nginx_while_no_log_is_due(tmp_path: Path) -> None:
+    (tmp_path / "nginx-access.log").write_text("x" * 99)
+    asked: list[str] = []
+
+    def master() -> int | None:
+        asked.append("list nginx")
+        return None
+
+    rotate = Rotator(Limits(None, max_bytes=100, keep=1), reopened_by_itself=[],
+                     reopened_on_signal=[tmp_path / "nginx-access.log"], master=master)  # fmt: skip
+    rotate.check()
+    assert asked == []
