@@ -34,7 +34,8 @@ class LogStream:
     """A watcher's stdout or stderr, as Circus hands it over: ``{"data", "pid", "name"}``.
 
     Circus passes the ``stdout_stream.*`` keys of the watcher's section as keyword arguments
-    (strings); the stdout and the stderr stream of one log share its :class:`LogFile`.
+    (strings); the stdout and the stderr stream of one log share its :class:`LogFile`. Circus
+    closes the streams of a watcher it stops and opens the same ones again when it starts it.
     """
 
     clean: Callable[[bytes], bytes] = staticmethod(logfile.unchanged)
@@ -42,19 +43,31 @@ class LogStream:
     def __init__(self, filename: str, limits: str = "", **_: Any) -> None:
         """``limits``: the ``logs.json`` to take the size and count of rotated files from
         (:class:`stackctl.logfile.Limits`); none, no rotation."""
-        self.log = logfile.acquire(Path(filename), logfile.Limits(Path(limits)) if limits else None,
-                                   type(self).clean)  # fmt: skip
+        self.path = Path(filename)
+        self.limits = logfile.Limits(Path(limits)) if limits else None
+        self.log: logfile.LogFile | None = None
+        self.open()
+
+    def open(self) -> logfile.LogFile:
+        if self.log is None:
+            self.log = logfile.acquire(self.path, self.limits, type(self).clean)
+        return self.log
 
     def __call__(self, data: dict[str, Any]) -> None:
         raw = data["data"]
-        self.log.write(raw.encode() if isinstance(raw, str) else raw, (data["pid"], data["name"]))
+        data_bytes = raw.encode() if isinstance(raw, str) else raw
+        # Open again if need be: the last output of a stopped watcher may come after close().
+        self.open().write(data_bytes, (data["pid"], data["name"]))
 
     def end_of_process(self, pid: int) -> None:
         """The process is gone: what it left without a newline is written out."""
-        self.log.end_of_process(pid)
+        if self.log is not None:
+            self.log.end_of_process(pid)
 
     def close(self) -> None:
-        logfile.release(self.log)
+        if self.log is not None:
+            logfile.release(self.log)
+            self.log = None
 
 
 class QuerylessLogStream(LogStream):

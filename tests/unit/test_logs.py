@@ -358,3 +358,18 @@ def test_circusd_is_not_asked_for_nginx_while_no_log_is_due(tmp_path: Path) -> N
                      reopened_on_signal=[tmp_path / "nginx-access.log"], master=master)  # fmt: skip
     rotate.check()
     assert asked == []
+
+
+def test_a_stream_closed_when_its_watcher_stops_writes_again_when_it_starts(
+    tmp_path: Path,
+) -> None:
+    """Circus closes a watcher's streams at its stop and opens the same ones at its start."""
+    log = tmp_path / "wsgi.log"
+    out = stream(log, 100, 2)
+    out({"data": b"before the stop\n", "pid": 1, "name": "stdout"})
+    out.close()
+    out.close()  # Circus may close twice (a stop, then a reload of the stream)
+    out.open()
+    out({"data": b"after the start\n", "pid": 2, "name": "stdout"})
+    out.close()
+    assert log.read_bytes() == b"before the stop\nafter the start\n"
