@@ -31,7 +31,7 @@ from stackctl.logfile import (
     no_follow_handlers,
     shift,
 )
-from stackctl.logrotate import Rotator
+from stackctl.logrotate import HELD_LIMIT, RESIGNAL_SECONDS, Rotator
 from stackctl.logstream import LogStream, QuerylessLogStream
 
 
@@ -373,3 +373,24 @@ def test_a_stream_closed_when_its_watcher_stops_writes_again_when_it_starts(
     out({"data": b"after the start\n", "pid": 2, "name": "stdout"})
     out.close()
     assert log.read_bytes() == b"before the stop\nafter the start\n"
+
+
+def test_a_renamed_log_held_too_long_is_signalled_again_then_let_go(tmp_path: Path) -> None:
+    access = tmp_path / "nginx-access.log"
+    access.write_text("x" * 100)
+    sent: list[tuple[int, int]] = []
+    now = [0.0]
+    rotate = rotator(tmp_path, sent, master=os.getpid())
+    rotate.clock = lambda: now[0]
+    held = os.open(access, os.O_WRONLY | os.O_APPEND)  # a worker that never reopens
+    try:
+        rotate.check()
+        access.write_text("z" * 100)
+        now[0] = RESIGNAL_SECONDS + 1
+        rotate.check()
+        assert len(sent) == 2 and (tmp_path / "nginx-access.log.1").read_text() == "x" * 100
+        now[0] = HELD_LIMIT + 1
+        rotate.check()  # the log must not grow without end behind a stuck worker
+        assert (tmp_path / "nginx-access.log.1").read_text() == "z" * 100
+    finally:
+        os.close(held)
