@@ -94,9 +94,9 @@ class NoFollowWatchedFileHandler(logging.handlers.WatchedFileHandler):
                     opener=no_follow)  # fmt: skip
 
 
-def no_follow_handlers(logger: logging.Logger) -> None:
+def no_follow_handlers(target: logging.Logger) -> None:
     """Replace the logger's file handlers (Circus's, for ``logoutput``) by :class:`NoFollow...`."""
-    for n, handler in enumerate(logger.handlers):
+    for n, handler in enumerate(target.handlers):
         if isinstance(handler, logging.handlers.WatchedFileHandler) and not isinstance(
             handler, NoFollowWatchedFileHandler
         ):
@@ -104,7 +104,7 @@ def no_follow_handlers(logger: logging.Logger) -> None:
             replacement.setFormatter(handler.formatter)
             replacement.setLevel(handler.level)
             handler.close()
-            logger.handlers[n] = replacement
+            target.handlers[n] = replacement
 
 
 LIMITS_FILE = "logs.json"
