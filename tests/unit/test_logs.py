@@ -3,6 +3,7 @@ logs, and the follower of `stackctl logs -f`."""
 
 from __future__ import annotations
 
+import json
 import logging
 import logging.handlers
 import os
@@ -23,6 +24,7 @@ from stackctl.follow import DRAIN_SECONDS, Follower, last_lines
 from stackctl.hooks import flush_output_before_reap
 from stackctl.logfile import (
     LIMITS_FILE,
+    MIB,
     Limits,
     LogFile,
     NoFollowWatchedFileHandler,
@@ -33,6 +35,7 @@ from stackctl.logfile import (
 )
 from stackctl.logrotate import HELD_LIMIT, RESIGNAL_SECONDS, Rotator
 from stackctl.logstream import LogStream, QuerylessLogStream
+from tests.unit.test_render import circus_ini, files, make_stack
 
 
 def stream(log: Path, max_bytes: int, keep: int) -> LogStream:
@@ -394,3 +397,21 @@ def test_a_renamed_log_held_too_long_is_signalled_again_then_let_go(tmp_path: Pa
         assert (tmp_path / "nginx-access.log.1").read_text() == "z" * 100
     finally:
         os.close(held)
+
+
+def test_every_watcher_writes_through_stackctl_streams_with_the_rendered_limits(
+    tmp_path: Path,
+) -> None:
+    stack = make_stack(tmp_path, "[wsgi]\nautoreload = true\n[logs]\nmax_mb = 7\nkeep = 2\n")
+    rendered = files(stack)
+    ini = circus_ini(stack)
+    limits = str(stack.run_dir / LIMITS_FILE)
+    watchers = [s for s in ini.sections() if s.startswith("watcher:")]
+    assert {"watcher:wsgi", "watcher:ws", "watcher:nginx", "watcher:autoreload"} <= set(watchers)
+    for section in watchers:
+        for pipe in ("stdout_stream", "stderr_stream"):
+            assert ini[section][f"{pipe}.class"].startswith("stackctl.logstream."), section
+            assert ini[section][f"{pipe}.limits"] == limits
+    assert ini["plugin:logrotate"]["limits"] == limits
+    assert ini["plugin:logrotate"]["nginx_access_log"] == str(stack.nginx_access_log)
+    assert json.loads(rendered[LIMITS_FILE]) == {"max_bytes": 7 * MIB, "keep": 2}
