@@ -31,6 +31,7 @@ from typing import Any
 
 import circus.arbiter
 import circus.circusd
+import circus.util
 import psutil
 from circus.arbiter import Arbiter
 from circus.commands.reload import Reload
@@ -39,6 +40,7 @@ from circus.util import parse_env_dict, synchronized
 from circus.watcher import Watcher
 from tornado import gen
 
+from stackctl.logfile import no_follow_handlers
 from stackctl.readiness import forget_dead_marks, marked_since, reloading, startup_timeout
 
 logger = logging.getLogger("circus")
@@ -295,9 +297,16 @@ def reload_answer(info: dict[str, Any]) -> dict[str, Any]:
     return {"info": info}
 
 
+def configure_logger(*args: Any, **kwargs: Any) -> None:
+    """Circus's, but circusd.log is opened without following a symbolic link."""
+    circus.util.configure_logger(*args, **kwargs)
+    no_follow_handlers(logging.getLogger())
+
+
 def main() -> None:
     circus.arbiter.Watcher = StackWatcher
     circus.circusd.Arbiter = StackArbiter
+    circus.circusd.configure_logger = configure_logger
     circus.circusd.main()
 
 

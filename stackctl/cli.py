@@ -16,6 +16,7 @@ from typing import Any
 
 from stackctl import generation, profile, realtime, service, supervisor
 from stackctl.errors import EXIT_STACK_ERROR, StackError
+from stackctl.follow import Follower
 from stackctl.settings import SETTINGS
 from stackctl.stack import NO_PROGRAMS, Stack, check_port_allowed, plan
 from stackctl.watchers import LOGS, WATCHERS
@@ -278,33 +279,31 @@ def reload_running(args: argparse.Namespace, running: Stack) -> int:
 def cmd_logs(args: argparse.Namespace) -> int:
     stack = load_running_stack(args, writes=False)
     names = [args.watcher] if args.watcher else LOGS
-    paths = [stack.log_dir / f"{n}.log" for n in names]
-    for path in paths:
-        if path.is_file():
-            lines = path.read_text(errors="replace").splitlines()[-args.lines :]
-            for line in lines:
-                print(f"{path.stem}: {line}" if len(paths) > 1 else line)
-    if args.follow:
-        follow(paths, prefix=len(paths) > 1)
+    followers = [Follower(stack.log_dir / f"{n}.log") for n in names]
+    prefix = len(followers) > 1
+    try:
+        for follower in followers:
+            show(follower.path, follower.tail(args.lines), prefix)
+        if args.follow:
+            follow(followers, prefix)
+    finally:
+        for follower in followers:
+            follower.close()
     return 0
 
 
-def follow(paths: list[Path], prefix: bool) -> None:
-    offsets = {p: p.stat().st_size if p.is_file() else 0 for p in paths}
+def show(path: Path, lines: list[bytes], prefix: bool) -> None:
+    for raw in lines:
+        line = raw.decode(errors="replace")
+        print(f"{path.stem}: {line}" if prefix else line, flush=True)
+
+
+def follow(followers: list[Follower], prefix: bool) -> None:
+    """Until Ctrl-C, across rotations (stackctl.follow)."""
     try:
         while True:
-            for path in paths:
-                if not path.is_file():
-                    continue
-                size = path.stat().st_size
-                if size < offsets[path]:
-                    offsets[path] = 0  # rotated or truncated
-                if size > offsets[path]:
-                    with path.open(errors="replace") as f:
-                        f.seek(offsets[path])
-                        for line in f.read().splitlines():
-                            print(f"{path.stem}: {line}" if prefix else line, flush=True)
-                        offsets[path] = f.tell()
+            for follower in followers:
+                show(follower.path, follower.poll(), prefix)
             time.sleep(0.25)
     except KeyboardInterrupt:
         pass
@@ -434,7 +433,7 @@ def build_parser() -> argparse.ArgumentParser:
     reload.add_argument("--sequential", action="store_true", help="one process at a time")
 
     logs = command("logs", cmd_logs, "show the watchers' logs")
-    logs.add_argument("watcher", nargs="?", choices=LOGS)
+    logs.add_argument("watcher", nargs="?", choices=[*LOGS, "nginx-access"])
     logs.add_argument("-f", "--follow", action="store_true")
     logs.add_argument("-n", "--lines", type=int, default=40)
 

@@ -24,6 +24,7 @@ from typing import Any
 
 from circus.plugins import CircusPlugin
 
+from stackctl.follow import last_lines
 from stackctl.readiness import ready_mark, reload_under_way
 from stackctl.watchers import WATCHERS
 
@@ -79,7 +80,7 @@ def failure_note(run_dir: Path, watcher: str) -> Path:
 
 def log_tail(path: Path, lines: int = 15) -> str:
     try:
-        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+        return "\n".join(last_lines(path, lines))
     except OSError:
         return f"(no log at {path})"
 
@@ -91,7 +92,7 @@ def last_crash(path: Path, lines: int = 15, search: int = 400) -> str:
     already: the end of the log is its start-up banner, not the error that matters.
     """
     try:
-        recent = path.read_text(errors="replace").splitlines()[-search:]
+        recent = last_lines(path, search)
     except OSError:
         return f"(no log at {path})"
     starts = [i for i, line in enumerate(recent) if line.startswith("Traceback (most recent")]

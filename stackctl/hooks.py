@@ -39,6 +39,11 @@ def flush_output_before_reap(watcher: Any, arbiter: Any, hook_name: str, process
         while fd in redirector.pipes and select.select([fd], [], [], 0)[0]:
             handler(fd, READ)
     redirector.remove_redirections(process)
+    for stream in (watcher.stdout_stream, watcher.stderr_stream):
+        # A last line without its newline (a crash mid-print) is written out now.
+        end_of_process = getattr(stream, "end_of_process", None)
+        if end_of_process is not None:
+            end_of_process(process_pid)
     return True
 
 

@@ -33,6 +33,7 @@ from stackctl.settings import (
     SETTINGS,
     AppConfig,
     Invalid,
+    LogsConfig,
     MediaConfig,
     PathsConfig,
     RedisConfig,
@@ -65,6 +66,7 @@ class Profile:
     media: MediaConfig
     redis: RedisConfig
     paths: PathsConfig
+    logs: LogsConfig
     sources: Mapping[str, str] = field(default_factory=dict, compare=False)
     """Which file (or the command line, or the defaults) gave each key its value."""
 

@@ -32,6 +32,7 @@ import psutil
 from stackctl import generation
 from stackctl.errors import StackError
 from stackctl.flapping import failure_note, has_exception, last_crash, log_tail
+from stackctl.logfile import LIMITS_FILE
 from stackctl.readiness import marked_since, ready_mark, startup_timeout
 from stackctl.render import File
 from stackctl.render.nginx import INCLUDES as NGINX_INCLUDES
@@ -344,4 +345,7 @@ def apply_config(stack: Stack) -> list[str]:
     if "redis.conf" in changed:
         restart_redis(stack)
         done.append("Redis restarted")
+    if LIMITS_FILE in changed:
+        logs = stack.profile.logs
+        done.append(f"logs now rotate at {logs.max_mb} MiB, {logs.keep} kept (nothing restarted)")
     return done

@@ -540,6 +540,19 @@ class PathsConfig:
     )
 
 
+@dataclass(frozen=True)
+class LogsConfig:
+    max_mb: int = setting(
+        100,
+        int_range(0, 1_048_576),
+        "Size in MiB at which a log (each watcher's, circusd's, NGiNX's access log) is rotated: "
+        "renamed to .1 (the older ones to .2, .3...) and started anew; 0: never.",
+    )
+    keep: int = setting(
+        5, int_range(1, 1000), "Rotated files kept per log; the oldest beyond that is deleted."
+    )
+
+
 SECTION_TYPES: dict[str, type] = {
     "server": ServerConfig,
     "app": AppConfig,
@@ -549,6 +562,7 @@ SECTION_TYPES: dict[str, type] = {
     "media": MediaConfig,
     "redis": RedisConfig,
     "paths": PathsConfig,
+    "logs": LogsConfig,
 }
 """Each section of a profile and the class its keys are declared in, in the README's order."""
 

@@ -121,6 +121,10 @@ class Stack:
         return self.log_dir / "nginx-error.log"
 
     @property
+    def nginx_access_log(self) -> Path:
+        return self.log_dir / "nginx-access.log"
+
+    @property
     def local_host(self) -> str:
         """Where a client on this host reaches NGiNX: a wildcard listen means loopback."""
         host = self.profile.server.listen.host

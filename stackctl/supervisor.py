@@ -25,6 +25,7 @@ import psutil
 from stackctl import flapping, processes
 from stackctl.errors import StackError
 from stackctl.flapping import FAILED_DIR, failure_note
+from stackctl.logfile import no_follow
 from stackctl.profile import Profile
 from stackctl.readiness import READY_DIR
 from stackctl.stack import Stack
@@ -222,7 +223,7 @@ def start(stack: Stack, timeout: float) -> Running:
     If they do not within ``timeout``, everything started is stopped again and the error
     says which watcher failed, with its log.
     """
-    out = (stack.log_dir / "circusd.out").open("ab")
+    out = open(stack.log_dir / "circusd.out", "ab", opener=no_follow)  # noqa: SIM115
     env = {**os.environ, processes.MARKER: str(stack.run_dir)}
     proc = subprocess.Popen(
         [stack.programs.python, "-m", "stackctl.circusd", str(stack.circus_ini)],

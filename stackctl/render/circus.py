@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import shlex
 
+from stackctl.logfile import LIMITS_FILE, MIB, limits_json
 from stackctl.render import File, render_template
 from stackctl.stack import Stack
 from stackctl.watchers import WATCHERS
@@ -84,6 +85,9 @@ def render(stack: Stack) -> list[File]:
         log_dir=stack.log_dir,
         stack_dir=stack.stack_dir,
         logs=log_files(stack),
+        log_limits=stack.run_dir / LIMITS_FILE,
+        nginx_access_log=stack.nginx_access_log,
+        nginx_error_log=stack.nginx_error_log,
         wsgi_cmd=wsgi_command(stack),
         ws_cmd=ws_command(stack),
         nginx_cmd=nginx_command(stack),
@@ -93,4 +97,8 @@ def render(stack: Stack) -> list[File]:
         worker_env=stack.worker_env(),
         ws_env=stack.shared_env(),
     )
-    return [File(stack.circus_ini.name, content)]
+    logs = stack.profile.logs
+    return [
+        File(stack.circus_ini.name, content),
+        File(LIMITS_FILE, limits_json(logs.max_mb * MIB, logs.keep)),
+    ]

@@ -35,7 +35,7 @@ def render(stack: Stack) -> list[File]:
         rlimit_nofile=stack.open_files,
         worker_connections=stack.open_files - SPARE_FDS,
         pid_file=stack.run_dir / "nginx.pid",
-        access_log=stack.log_dir / "nginx-access.log",
+        access_log=stack.nginx_access_log,
         user=stack.nginx_user,
         max_body=profile.server.max_body,
         temp_paths={name: stack.run_dir / "nginx-temp" / name for name in TEMP_PATHS},

@@ -26,7 +26,8 @@ def test_a_dead_process_output_reaches_the_log_and_its_pipes_leave_the_loop() ->
     redirector.start()
     fds = set(redirector.pipes)
     process.wait(timeout=10)
-    watcher = SimpleNamespace(stream_redirector=redirector, processes={process.pid: process})
+    watcher = SimpleNamespace(stream_redirector=redirector, processes={process.pid: process},
+                              stdout_stream=collect, stderr_stream=collect)  # fmt: skip
     try:
         # The event loop never ran: only the hook can have read the pipes.
         assert flush_output_before_reap(watcher, None, "before_reap", process.pid)

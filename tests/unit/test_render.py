@@ -15,7 +15,7 @@ import pytest
 
 from stackctl import generation, profile
 from stackctl.errors import StackError
-from stackctl.logstream import QuerylessFileStream, without_queries
+from stackctl.logstream import QuerylessLogStream, without_queries
 from stackctl.render import (
     ini_env,
     ini_value,
@@ -346,7 +346,7 @@ class TestQuerylessStream:
         assert without_queries(line.decode()) == expected
 
     def test_the_stream_writes_what_it_cut(self, tmp_path: Path) -> None:
-        stream = QuerylessFileStream(filename=str(tmp_path / "nginx.log"))
+        stream = QuerylessLogStream(filename=str(tmp_path / "nginx.log"))
         stream({"data": b'request: "GET /?token=s3cret HTTP/1.1"\n', "pid": 1, "name": "x"})
         stream.close()
         assert (tmp_path / "nginx.log").read_text() == 'request: "GET /?[query removed] HTTP/1.1"\n'
@@ -356,4 +356,4 @@ class TestQuerylessStream:
         assert "\nerror_log stderr warn;\n" in files(stack)["nginx.conf"]
         nginx = circus_ini(stack)["watcher:nginx"]
         for stream in ("stdout_stream", "stderr_stream"):
-            assert nginx[f"{stream}.class"] == "stackctl.logstream.QuerylessFileStream"
+            assert nginx[f"{stream}.class"] == "stackctl.logstream.QuerylessLogStream"
