@@ -149,7 +149,6 @@ def cmd_up(args: argparse.Namespace) -> int:
     # Everything the stack creates from here on (logs, pid files, sockets) is the stack
     # user's alone; the processes circusd starts inherit this.
     os.umask(0o077)
-    realtime.ensure_secret(stack.secret_file)
     generation.write(stack, generation.render_all(stack))
     save_state(stack, overrides_from(args))
     try:

@@ -1,6 +1,6 @@
 """Loading the app and marking a uWSGI worker ready, for :mod:`stackctl.wsgi` and reloads.
 
-The mark, a file named after the worker's pid in ``<run_dir>/ready/``, tells a reload
+The mark, a file named after the worker's pid in ``<run_dir>/service/ready/``, tells a reload
 (:mod:`stackctl.circusd`, and the canary of ``stackctl reload``) that a new worker has loaded
 the app and is about to accept, so that old workers are stopped only once their replacements
 can serve.
@@ -20,6 +20,9 @@ from pathlib import Path
 from typing import Any
 
 APP_VARIABLE = "STACKCTL_WSGI_APP"
+SERVICE_DIR = "service"
+"""The one directory of the run directory where the app's processes (maybe another user than
+the one who started the stack) may write: their marks, Redis's socket and data."""
 READY_DIR = "ready"
 RELOADING_MARK = "reloading"
 STARTUP_SECONDS = 30.0
@@ -72,8 +75,12 @@ def startup_timeout(graceful_timeout: float) -> float:
     return graceful_timeout + STARTUP_SECONDS
 
 
+def ready_dir(run_dir: Path) -> Path:
+    return run_dir / SERVICE_DIR / READY_DIR
+
+
 def ready_mark(run_dir: Path, pid: int) -> Path:
-    return run_dir / READY_DIR / str(pid)
+    return ready_dir(run_dir) / str(pid)
 
 
 def marked_since(run_dir: Path, pid: int, started: float) -> bool:
@@ -86,7 +93,7 @@ def marked_since(run_dir: Path, pid: int, started: float) -> bool:
 
 
 def forget_dead_marks(run_dir: Path) -> None:
-    directory = run_dir / READY_DIR
+    directory = ready_dir(run_dir)
     for mark in directory.glob("*") if directory.is_dir() else ():
         if not Path(f"/proc/{mark.name}").exists():
             mark.unlink(missing_ok=True)
