@@ -15,7 +15,7 @@ from __future__ import annotations
 import importlib
 import os
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Any
 
@@ -93,10 +93,20 @@ def marked_since(run_dir: Path, pid: int, started: float) -> bool:
 
 
 def forget_dead_marks(run_dir: Path) -> None:
-    directory = ready_dir(run_dir)
-    for mark in directory.glob("*") if directory.is_dir() else ():
-        if not Path(f"/proc/{mark.name}").exists():
-            mark.unlink(missing_ok=True)
+    """Remove the marks of processes that are gone. circusd (maybe root) does it in a
+    directory the service user owns: a link put there in place of the directory must not
+    make it delete files elsewhere, so the directory is opened without following one."""
+    try:
+        directory = os.open(ready_dir(run_dir), os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
+    except OSError:
+        return  # none yet, or not a real directory: no mark of ours to forget
+    try:
+        for name in os.listdir(directory):
+            if name.isdigit() and not Path(f"/proc/{name}").exists():
+                with suppress(OSError):  # gone meanwhile, or not a mark
+                    os.unlink(name, dir_fd=directory)
+    finally:
+        os.close(directory)
 
 
 def mark_ready() -> None:

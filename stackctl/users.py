@@ -85,19 +85,41 @@ def check_service_user(stack: Stack) -> None:
                 f'"" or {me!r} to run it as yourself'
             )
         return
+    check_trusted_source(profile)
     if user.uid == 0 and profile.server.user != ROOT_NAME:
         why = (
-            f"names {user.name!r}, uid 0" if profile.server.user
-            else f"is not set, and root owns the stack directory {stack.stack_dir}"
+            f"{where(profile)} names {user.name!r}, uid 0" if profile.server.user
+            else f"server.user is not set, and root owns the stack directory {stack.stack_dir}"
         )  # fmt: skip
         raise StackError(
-            f"{where(profile)} {why}: the app's workers, the websocket worker and Redis would "
+            f"{why}: the app's workers, the websocket worker and Redis would "
             "run as root, where a flaw in the app gives away the machine. Create a user for "
             f"the app ({NEW_USER_HINT}) and set server.user to it (in the profile, or --set "
             "server.user=myapp), or give it the stack directory (chown -R myapp: "
             f"{stack.stack_dir}). To run them as root anyway, write server.user = "
             f'"{ROOT_NAME}"'
         )
+
+
+def check_trusted_source(profile: Profile) -> None:
+    """Root takes server.user from the command line, or from a file only root can change: a
+    service user who may edit stack.toml (the owner of the stack directory, say) would
+    otherwise write server.user = "root" there and wait for the next reload."""
+    source = profile.source("server.user")
+    if not profile.server.user or source in ("defaults", "command line"):
+        return
+    path = Path(source)
+    for what in (path, path.parent):
+        info = what.stat()
+        if info.st_uid != 0 or info.st_mode & 0o022:
+            raise StackError(
+                f"{where(profile)}: {what} can be changed by a user other than root (owner "
+                f"uid {info.st_uid}, mode {info.st_mode & 0o7777:o}), who could name any user "
+                "there, root included; root takes server.user only from a file that only "
+                "root can change, in a directory that only root can change (say a profile in "
+                "a root-owned profiles/ directory), or from the command line (--set "
+                'server.user=...). Or leave it "" for the owner of the stack directory'
+            )
 
 
 def switch_to(user: ServiceUser) -> dict[str, Any]:
