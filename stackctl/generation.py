@@ -90,10 +90,10 @@ def make_service_dir(stack: Stack) -> None:
     descriptor = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
     try:
         owner = os.fstat(descriptor).st_uid
-        if owner not in (stack.runner_uid, stack.user.uid):
-            raise StackError(f"{directory} belongs to uid {owner}; remove it, stackctl "
-                             "creates it again")  # fmt: skip
         if owner != stack.user.uid:
+            if stack.runner_uid != 0:  # only root can give it away, or take it back
+                raise StackError(f"{directory} belongs to uid {owner}, not to you; remove "
+                                 "it (as root), stackctl creates it again")  # fmt: skip
             os.fchown(descriptor, stack.user.uid, stack.user.gid)
         os.fchmod(descriptor, 0o700)
     finally:
