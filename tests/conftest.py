@@ -53,10 +53,11 @@ def stackctl(
     env: dict[str, str] | None = None,
     timeout: float = 180,
     check: bool = True,
-    app_as_root: bool = True,
 ) -> subprocess.CompletedProcess[str]:
     """Run the real command line, as a user would (as root: see APP_AS_ROOT)."""
-    extra = APP_AS_ROOT if app_as_root and args and args[0] in STARTS_APP else ()
+    words = [a for i, a in enumerate(args) if i == 0 or args[i - 1] not in ("-C", "--stack")]
+    command = next((a for a in words if not a.startswith("-")), None)
+    extra = APP_AS_ROOT if command in STARTS_APP else ()
     result = subprocess.run(
         [sys.executable, "-m", "stackctl", *args, *extra],
         cwd=cwd,
