@@ -103,7 +103,10 @@ def save_state(stack: Stack, overrides: list[tuple[str, Any]]) -> None:
         "overrides": overrides,
         "stack_dir": str(stack.stack_dir),  # whose run directory this is
     }
-    (stack.run_dir / STATE_FILE).write_text(json.dumps(state))
+    with (stack.run_dir / STATE_FILE).open("w") as f:
+        # The service user's group may read it, as it may the configs (`stackctl status`).
+        realtime.share(f.fileno(), stack.file_mode, stack.shared_gid)
+        f.write(json.dumps(state))
 
 
 # --- commands ------------------------------------------------------------------------------------

@@ -117,9 +117,7 @@ def stage(stack: Stack, files: list[File], directory: Path) -> None:
     for file in files:
         path = directory / file.name
         with path.open("w") as f:
-            if stack.shared_gid is not None:
-                os.fchown(f.fileno(), -1, stack.shared_gid)
-            os.fchmod(f.fileno(), stack.file_mode)
+            realtime.share(f.fileno(), stack.file_mode, stack.shared_gid)
             f.write(file.content)
             f.flush()
             os.fsync(f.fileno())
