@@ -206,9 +206,9 @@ def write(
     """
     target = target or stack.run_dir
     check_service_user(stack)
-    check_service_user_reaches(stack)
     check_static(stack)
     make_dirs(stack)
+    check_service_user_reaches(stack)  # the directories made for it, too
     check_app(stack)
     target.mkdir(parents=True, exist_ok=True)
     staging = target / STAGING

@@ -146,6 +146,9 @@ def needed_paths(stack: Stack) -> dict[Path, str]:
         Path(sys.prefix): "read",  # the virtualenv uWSGI's `home` names
         Path(stackctl.__file__).parent: "read",
         stack.stack_dir: "read",
+        stack.run_dir: "read",  # its configs; an existing directory on the way may be closed
+        stack.service_dir: "write",
+        stack.secret_file: "read",
     }
     if programs.redis_server and stack.embedded_redis:
         found[Path(programs.redis_server)] = "run"
@@ -154,10 +157,13 @@ def needed_paths(stack: Stack) -> dict[Path, str]:
     return found
 
 
-# Each argument is "run:PATH" or "read:PATH"; what the user cannot do is printed back.
+# Each argument is "run:PATH", "read:PATH" or "write:PATH"; what the user cannot do is printed
+# back. (A directory must also be searchable: -x.)
 _PROBE = (
     'for item; do path="${item#*:}"; case "$item" in '
-    'run:*) test -x "$path" ;; *) test -r "$path" -a -x "$path" ;; esac '
+    'run:*) test -x "$path" ;; '
+    'write:*) test -w "$path" -a -x "$path" ;; '
+    '*) test -r "$path" -a \\( -f "$path" -o -x "$path" \\) ;; esac '
     '|| printf "%s\\n" "$item"; done'
 )
 
@@ -186,10 +192,7 @@ def check_service_user_reaches(stack: Stack) -> None:
     missing = unreachable(stack.user, needed_paths(stack))
     if not missing:
         return
-    lines = "\n".join(
-        f"  cannot {'run' if item.startswith('run:') else 'read'} {item.split(':', 1)[1]}"
-        for item in missing
-    )
+    lines = "\n".join(f"  cannot {item.replace(':', ' ', 1)}" for item in missing)
     raise StackError(
         f"{where(stack.profile)}: the app's processes run as {stack.user.name!r}, who cannot "
         f"reach what they need:\n{lines}\nInstall stackctl and the app where that user can "

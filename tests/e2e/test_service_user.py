@@ -321,6 +321,9 @@ def test_a_service_user_who_cannot_read_the_app_is_told_before_anything_starts(
             f"stackctl: command line: server.user: {service_user.name!r}: the app's processes "
             f"run as {service_user.name!r}, who cannot reach what they need:\n"
             f"  cannot read {site}\n"
+            f"  cannot read {site / '.stackctl' / 'run'}\n"
+            f"  cannot write {site / '.stackctl' / 'run' / 'service'}\n"
+            f"  cannot read {site / '.stackctl' / 'secret'}\n"
             f"  cannot read {site / 'static'}\n"  # NGiNX's workers serve it, as that user
             "Install stackctl and the app where that user can read them (e.g. python3 -m venv "
             "/opt/stackctl, and the app under /srv), not under /root, which is private to "
@@ -328,6 +331,7 @@ def test_a_service_user_who_cannot_read_the_app_is_told_before_anything_starts(
             f"{service_user.group} and chmod g+rx, on every directory on the way)\n"
         )
         assert not processes.find(site / ".stackctl" / "run")
+        assert not (site / ".stackctl" / "run" / "circus.ini").exists()
     finally:
         shutil.rmtree(site.parent, ignore_errors=True)
 

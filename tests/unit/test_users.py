@@ -9,7 +9,9 @@ import configparser
 import dataclasses
 import os
 import pwd
+import shutil
 import stat
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -19,7 +21,7 @@ from stackctl.errors import StackError
 from stackctl.readiness import forget_dead_marks, ready_dir
 from stackctl.settings import Invalid, user_name
 from stackctl.stack import Stack, plan
-from stackctl.users import ServiceUser, check_service_user, service_user
+from stackctl.users import ServiceUser, check_service_user, service_user, unreachable
 from tests.unit.test_render import PROGRAMS, files, make_stack
 
 SERVICE = ServiceUser("svc", 4242, 4343, "svcgroup")
@@ -181,3 +183,26 @@ def test_stale_marks_are_never_deleted_through_a_link(tmp_path: Path) -> None:
     (ready_dir(tmp_path) / str(os.getpid())).touch()
     forget_dead_marks(tmp_path)
     assert [p.name for p in ready_dir(tmp_path).iterdir()] == [str(os.getpid())]
+
+
+@as_root
+def test_what_the_user_cannot_reach_is_asked_of_the_kernel_as_that_user() -> None:
+    nobody = pwd.getpwnam("nobody")
+    user = ServiceUser("nobody", nobody.pw_uid, nobody.pw_gid, "")
+    base = Path(tempfile.mkdtemp(dir="/tmp"))
+    try:
+        base.chmod(0o755)
+        closed, shared = base / "closed", base / "shared"
+        closed.mkdir(mode=0o700)
+        (closed / "app.py").write_text("")
+        shared.mkdir(mode=0o755)
+        (shared / "app.py").write_text("")
+        asked = {Path("/bin/sh"): "run", closed: "read", closed / "app.py": "read",
+                 shared: "read", shared / "app.py": "read", shared / "x": "write"}  # fmt: skip
+        assert unreachable(user, asked) == [
+            f"read:{closed}",
+            f"read:{closed / 'app.py'}",
+            f"write:{shared / 'x'}",
+        ]
+    finally:
+        shutil.rmtree(base)
