@@ -30,8 +30,8 @@ def render_all(stack: Stack) -> list[File]:
 
 
 def make_dirs(stack: Stack) -> None:
-    """Create the run, log and .stackctl directories, the user's running stackctl: the run
-    directory holds the Circus control sockets, the logs show who asked for what.
+    """Create the run, log and .stackctl directories, owned by the user running stackctl: the
+    run directory holds the Circus control sockets, the logs show who asked for what.
 
     Only that user may write in them. When root runs the app as another user, that user's
     group may read them (configs, logs, the key that signs tokens; mode 2750, the setgid bit
