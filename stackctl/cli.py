@@ -120,6 +120,12 @@ def cmd_init(args: argparse.Namespace) -> int:
     print(f"wrote {directory / profile.STACK_FILE} (app {facts.wsgi})")
     if facts.note:
         print(f"note: {facts.note}")
+    if os.geteuid() == 0 and directory.stat().st_uid == 0:
+        print(
+            "note: root owns this directory, and stackctl does not run an app as root unless "
+            'told: set server.user = "myapp" (a user of its own) in a profile, or chown the '
+            "directory to that user (see the README's \"Running as root\")"
+        )
     print(f"next: cd {shlex.quote(str(directory))} && stackctl up")
     return 0
 

@@ -33,7 +33,7 @@ from stackctl.errors import EXIT_STACK_ERROR
 from stackctl.stack import NO_PROGRAMS, Stack, plan
 from stackctl.supervisor import call
 from stackctl.users import ServiceUser
-from tests.conftest import REPO, data_of, free_port
+from tests.conftest import REPO, data_of, free_port, stackctl
 
 pytestmark = pytest.mark.e2e
 
@@ -365,3 +365,10 @@ def test_a_normal_user_runs_the_whole_stack_as_themselves(
             assert "only root can start processes as another user" in other.stderr
     finally:
         shutil.rmtree(site.parent, ignore_errors=True)
+
+
+def test_init_as_root_in_roots_directory_says_the_app_needs_a_user(short_tmp: Path) -> None:
+    if os.geteuid() != 0:
+        pytest.skip("the note is for root")
+    out = stackctl("init", str(short_tmp / "site"), "--demo", cwd=short_tmp).stdout
+    assert "note: root owns this directory, and stackctl does not run an app as root" in out
