@@ -206,3 +206,26 @@ def test_what_the_user_cannot_reach_is_asked_of_the_kernel_as_that_user() -> Non
         ]
     finally:
         shutil.rmtree(base)
+
+
+def test_init_writes_through_no_link_planted_in_the_stack_directory(tmp_path: Path) -> None:
+    """Root may run init in a directory the app's user owns, who may have planted links."""
+    from stackctl.init import init
+
+    decoy, elsewhere, site = tmp_path / "shadow", tmp_path / "elsewhere", tmp_path / "site"
+    decoy.write_text("precious")
+    elsewhere.mkdir()
+    site.mkdir()
+    (site / ".stack.toml.tmp").symlink_to(decoy)
+    init(site, demo=True, app=None, force=False)
+    assert not (site / "stack.toml").is_symlink() and "[app]" in (site / "stack.toml").read_text()
+    (site / "demo_app.py").unlink()
+    (site / "demo_app.py").symlink_to(decoy)
+    with pytest.raises(StackError, match=r"demo_app.py: cannot write it \("):
+        init(site, demo=True, app=None, force=True)
+    (site / "demo_app.py").unlink()
+    shutil.rmtree(site / "static")
+    (site / "static").symlink_to(elsewhere)
+    with pytest.raises(StackError, match=r"static: cannot write in it \("):
+        init(site, demo=True, app=None, force=True)
+    assert decoy.read_text() == "precious" and not list(elsewhere.iterdir())
