@@ -284,6 +284,8 @@ def stackctl_stack(run: Path, app: str, workers: int, *options: str) -> Iterator
             "--profile",
             "prod",
             *options,
+            # The site is root's, in a temporary directory: say that its app runs as root.
+            *(("--set", "server.user=root") if os.geteuid() == 0 else ()),
         ],
         cwd=site,
         check=True,

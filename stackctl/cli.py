@@ -109,7 +109,10 @@ def save_state(stack: Stack, overrides: list[tuple[str, Any]]) -> None:
         "overrides": overrides,
         "stack_dir": str(stack.stack_dir),  # whose run directory this is
     }
-    (stack.run_dir / STATE_FILE).write_text(json.dumps(state))
+    with (stack.run_dir / STATE_FILE).open("w") as f:
+        # The service user's group may read it, as it may the configs (`stackctl status`).
+        realtime.share(f.fileno(), stack.file_mode, stack.shared_gid)
+        f.write(json.dumps(state))
 
 
 # --- commands ------------------------------------------------------------------------------------
@@ -123,6 +126,12 @@ def cmd_init(args: argparse.Namespace) -> int:
     print(f"wrote {directory / profile.STACK_FILE} (app {facts.wsgi})")
     for note in facts.notes:
         print(f"note: {note}")
+    if os.geteuid() == 0 and directory.stat().st_uid == 0:
+        print(
+            "note: root owns this directory, and stackctl does not run an app as root unless "
+            'told: set server.user = "myapp" (a user of its own) in a profile, or chown the '
+            "directory to that user (see the README's \"Running as root\")"
+        )
     print(f"next: cd {shlex.quote(str(directory))} && stackctl up")
     return 0
 
@@ -157,7 +166,6 @@ def cmd_up(args: argparse.Namespace) -> int:
     # user's alone; the processes circusd starts inherit this.
     os.umask(0o077)
     show_deploy_checks(stack)
-    realtime.ensure_secret(stack.secret_file)
     generation.write(stack, generation.render_all(stack))
     save_state(stack, overrides_from(args))
     try:

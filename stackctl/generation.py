@@ -16,9 +16,11 @@ from collections.abc import Callable
 from contextlib import suppress
 from pathlib import Path, PurePosixPath
 
+from stackctl import realtime
 from stackctl.errors import StackError
 from stackctl.render import File, circus, nginx, redis, uwsgi
-from stackctl.stack import Stack, stack_owner
+from stackctl.stack import Stack, private_dirs
+from stackctl.users import as_service_user, check_service_user, check_service_user_reaches
 
 STAGING = ".next"
 
@@ -28,59 +30,94 @@ def render_all(stack: Stack) -> list[File]:
 
 
 def make_dirs(stack: Stack) -> None:
-    """Create the run and log directories, mode 0700: the run directory holds the Circus
-    control sockets, the logs show who asked for what; only the stack's user may reach them.
+    """Create the run, log and .stackctl directories, owned by the user running stackctl: the
+    run directory holds the Circus control sockets, the logs show who asked for what.
 
-    Stack.plan refused symbolic links and other users' directories on the way; os.mkdir
-    never follows a link that appears since, and a directory that already exists has its
-    mode changed only when it is the stack owner's own."""
-    owner = stack_owner(stack.stack_dir)
-    for key in ("paths.run_dir", "paths.log_dir"):
-        relative = getattr(stack.profile.paths, key.split(".")[1])
+    Only that user may write in them. When root runs the app as another user, that user's
+    group may read them (configs, logs, the key that signs tokens; mode 2750, the setgid bit
+    giving the sockets circusd binds there the group too), and the one directory its
+    processes write in, the service directory, is theirs (0700). Stack.plan refused symbolic
+    links and other users' directories on the way; os.mkdir never follows a link that appears
+    since, and a directory that already exists has its mode changed only when it is the
+    user's own."""
+    for key, relative in private_dirs(stack).items():
         try:
-            make_private(make_private_dir(stack.stack_dir, relative), owner)
+            make_private_dir(stack, stack.stack_dir, relative)
         except OSError as e:  # Stack.plan checked; this is what changed since
             raise StackError(
-                f"{stack.profile.source(key)}: {key}: {relative!r}: cannot create or make "
-                f"private {e.filename}: {e.strerror}"
+                f"{key}: cannot create or make private {e.filename}: {e.strerror}"
             ) from None
-    make_private_dir(stack.run_dir, "nginx-temp")
-    make_logs_private(stack.log_dir, owner)
+    make_private_dir(stack, stack.run_dir, stack.nginx_temp_dir.name)
+    make_service_dir(stack)
+    make_logs_private(stack.log_dir, stack.runner_uid)
+    realtime.ensure_secret(stack.secret_file, stack.file_mode, stack.shared_gid)
 
 
-def make_private_dir(base: Path, relative: str) -> Path:
+def make_private_dir(stack: Stack, base: Path, relative: str) -> Path:
+    """Each directory of ``relative`` under ``base``, created if missing; the last one, and
+    those created on the way, made private (one that was there may be the app's own)."""
     directory = base
-    for part in PurePosixPath(relative).parts:
+    parts = PurePosixPath(relative).parts
+    for index, part in enumerate(parts):
         directory = directory / part
-        with suppress(FileExistsError):
+        try:
             os.mkdir(directory, 0o700)
+            created = True
+        except FileExistsError:
+            created = False
+        if created or index == len(parts) - 1:
+            make_private(stack, directory)
     return directory
 
 
-def make_private(directory: Path, owner: int) -> None:
+def make_private(stack: Stack, directory: Path) -> None:
     descriptor = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
     try:
-        if os.fstat(descriptor).st_uid == owner:
-            os.fchmod(descriptor, 0o700)
+        if os.fstat(descriptor).st_uid == stack.runner_uid:
+            if stack.shared_gid is not None:
+                os.fchown(descriptor, -1, stack.shared_gid)
+            os.fchmod(descriptor, stack.dir_mode)
+    finally:
+        os.close(descriptor)
+
+
+def make_service_dir(stack: Stack) -> None:
+    """The service user's own directory in the run directory: root creates it (in its own
+    directory, where nobody could have planted a link) and hands it over."""
+    directory = stack.service_dir
+    with suppress(FileExistsError):
+        os.mkdir(directory, 0o700)
+    descriptor = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
+    try:
+        owner = os.fstat(descriptor).st_uid
+        if owner != stack.user.uid:
+            if stack.runner_uid != 0:  # only root can give it away, or take it back
+                raise StackError(f"{directory} belongs to uid {owner}, not to you; remove "
+                                 "it (as root), stackctl creates it again")  # fmt: skip
+            os.fchown(descriptor, stack.user.uid, stack.user.gid)
+        os.fchmod(descriptor, 0o700)
     finally:
         os.close(descriptor)
 
 
 def make_logs_private(log_dir: Path, owner: int) -> None:
     """Older stacks left their logs readable by all (NGiNX's access log was 0644 in a 0755
-    directory): fixed here, for the stack owner's own files (not links to others')."""
+    directory): fixed here, for the user's own files (not links to others')."""
     for path in log_dir.iterdir():
         info = os.lstat(path)
         if stat.S_ISREG(info.st_mode) and info.st_nlink == 1 and info.st_uid == owner:
             os.chmod(path, 0o600)
 
 
-def stage(files: list[File], directory: Path) -> None:
+def stage(stack: Stack, files: list[File], directory: Path) -> None:
+    """Write ``files`` into ``directory``, readable by the service user's processes (uWSGI
+    and Redis read their configs) when root runs them as that user."""
     shutil.rmtree(directory, ignore_errors=True)
     directory.mkdir(mode=0o700)
     for file in files:
         path = directory / file.name
         with path.open("w") as f:
+            realtime.share(f.fileno(), stack.file_mode, stack.shared_gid)
             f.write(file.content)
             f.flush()
             os.fsync(f.fileno())
@@ -122,7 +159,8 @@ APP_TIMEOUT = 120
 
 
 def run_app_python(stack: Stack, code: str, what: str) -> subprocess.CompletedProcess[str]:
-    """Run ``code`` in a separate interpreter, the way a worker runs: its environment, in the
+    """Run ``code`` in a separate interpreter, the way a worker runs: as the service user (the
+    app's code never runs as root unless the profile says so), with its environment, in the
     stack directory. ``what`` says what took too long, if it does."""
     try:
         return subprocess.run(
@@ -132,6 +170,7 @@ def run_app_python(stack: Stack, code: str, what: str) -> subprocess.CompletedPr
             capture_output=True,
             text=True,
             timeout=APP_TIMEOUT,
+            **as_service_user(stack),
         )
     except subprocess.TimeoutExpired:
         raise StackError(f"{what} took over {APP_TIMEOUT} s") from None
@@ -146,7 +185,8 @@ def import_failure(stack: Stack, result: subprocess.CompletedProcess[str]) -> St
 
 
 def check_app(stack: Stack) -> None:
-    """Import the WSGI callable the way a worker will, in a separate interpreter."""
+    """Import the WSGI callable the way a worker will, in a separate interpreter, as the
+    service user (the app's code never runs as root unless the profile says so)."""
     code = (
         "from stackctl.readiness import load_or_explain; "
         f"load_or_explain({stack.profile.app.wsgi!r})"
@@ -183,13 +223,15 @@ def write(
     canary worker) and raise StackError to refuse them.
     """
     target = target or stack.run_dir
+    check_service_user(stack)
     check_static(stack)
-    check_app(stack)
     make_dirs(stack)
+    check_service_user_reaches(stack)  # the directories made for it, too
+    check_app(stack)
     target.mkdir(parents=True, exist_ok=True)
     staging = target / STAGING
     try:
-        stage(files, staging)
+        stage(stack, files, staging)
         check_circus(staging / stack.circus_ini.name)
         check_nginx(stack, staging / stack.nginx_conf.name)
         if trial is not None:

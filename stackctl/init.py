@@ -5,9 +5,9 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
 import subprocess
 import sys
+from contextlib import suppress
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -159,16 +159,54 @@ def app_facts(stack_dir: Path, app: str | None) -> AppFacts:
 
 
 def copy_demo(stack_dir: Path) -> AppFacts:
-    source = resources.demo_dir()
+    directory = open_directory(stack_dir)
+    try:
+        copy_into(resources.demo_dir(), directory, stack_dir)
+    finally:
+        os.close(directory)
+    return AppFacts(wsgi=DEMO_APP, static_dir="static")
+
+
+# init may run as root in a directory the app's user owns, who could have put a link where a
+# file is written (stack.toml's temporary file pointing at /etc/shadow): every directory and
+# file is opened relative to its parent's descriptor, and no link is followed.
+NO_LINK = os.O_NOFOLLOW
+
+
+def open_directory(path: Path, parent: int | None = None) -> int:
+    try:
+        return os.open(path, os.O_RDONLY | os.O_DIRECTORY | NO_LINK, dir_fd=parent)
+    except OSError as e:
+        raise StackError(f"{path}: cannot write in it ({e.strerror}); a symbolic link? "
+                         "Remove it, init writes it again") from None  # fmt: skip
+
+
+def copy_into(source: Path, directory: int, where: Path) -> None:
+    """Copy the files under ``source`` into the directory open as ``directory``."""
     for item in source.iterdir():
         if item.name == "__pycache__":
             continue
-        target = stack_dir / item.name
         if item.is_dir():
-            shutil.copytree(item, target, dirs_exist_ok=True)
+            with suppress(FileExistsError):
+                os.mkdir(item.name, 0o755, dir_fd=directory)
+            inner = open_directory(where / item.name, directory)
+            try:
+                copy_into(item, inner, where / item.name)
+            finally:
+                os.close(inner)
         else:
-            shutil.copy2(item, target)
-    return AppFacts(wsgi=DEMO_APP, static_dir="static")
+            write_file(directory, item.name, item.read_bytes(), where)
+
+
+def write_file(directory: int, name: str, data: bytes, where: Path) -> None:
+    flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | NO_LINK
+    try:
+        descriptor = os.open(name, flags, 0o644, dir_fd=directory)
+    except OSError as e:
+        raise StackError(f"{where / name}: cannot write it ({e.strerror}); a symbolic link? "
+                         "Remove it, init writes it again") from None  # fmt: skip
+    with os.fdopen(descriptor, "wb") as f:
+        f.write(data)
 
 
 def toml_string(value: str) -> str:
@@ -210,7 +248,13 @@ def init(stack_dir: Path, *, demo: bool, app: str | None, force: bool) -> AppFac
     if path.exists() and not force:
         raise StackError(f"{path}: already exists; pass --force to write it again")
     facts = copy_demo(stack_dir) if demo else app_facts(stack_dir, app)
-    temp = path.with_name(f".{STACK_FILE}.tmp")
-    temp.write_text(stack_file_text(facts))
-    os.replace(temp, path)
+    temp = f".{STACK_FILE}.tmp"
+    directory = open_directory(stack_dir)
+    try:
+        with suppress(FileNotFoundError):
+            os.unlink(temp, dir_fd=directory)  # a link planted here is removed, not followed
+        write_file(directory, temp, stack_file_text(facts).encode(), stack_dir)
+        os.replace(temp, STACK_FILE, src_dir_fd=directory, dst_dir_fd=directory)
+    finally:
+        os.close(directory)
     return facts

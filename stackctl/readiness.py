@@ -1,6 +1,6 @@
 """Loading the app and marking a uWSGI worker ready, for :mod:`stackctl.wsgi` and reloads.
 
-The mark, a file named after the worker's pid in ``<run_dir>/ready/``, tells a reload
+The mark, a file named after the worker's pid in ``<run_dir>/service/ready/``, tells a reload
 (:mod:`stackctl.circusd`, and the canary of ``stackctl reload``) that a new worker has loaded
 the app and is about to accept, so that old workers are stopped only once their replacements
 can serve.
@@ -15,11 +15,14 @@ from __future__ import annotations
 import importlib
 import os
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Any
 
 APP_VARIABLE = "STACKCTL_WSGI_APP"
+SERVICE_DIR = "service"
+"""The one directory of the run directory where the app's processes (maybe another user than
+the one who started the stack) may write: their marks, Redis's socket and data."""
 READY_DIR = "ready"
 RELOADING_MARK = "reloading"
 STARTUP_SECONDS = 30.0
@@ -72,8 +75,12 @@ def startup_timeout(graceful_timeout: float) -> float:
     return graceful_timeout + STARTUP_SECONDS
 
 
+def ready_dir(run_dir: Path) -> Path:
+    return run_dir / SERVICE_DIR / READY_DIR
+
+
 def ready_mark(run_dir: Path, pid: int) -> Path:
-    return run_dir / READY_DIR / str(pid)
+    return ready_dir(run_dir) / str(pid)
 
 
 def marked_since(run_dir: Path, pid: int, started: float) -> bool:
@@ -86,10 +93,20 @@ def marked_since(run_dir: Path, pid: int, started: float) -> bool:
 
 
 def forget_dead_marks(run_dir: Path) -> None:
-    directory = run_dir / READY_DIR
-    for mark in directory.glob("*") if directory.is_dir() else ():
-        if not Path(f"/proc/{mark.name}").exists():
-            mark.unlink(missing_ok=True)
+    """Remove the marks of processes that are gone. circusd (maybe root) does it in a
+    directory the service user owns: a link put there in place of the directory must not
+    make it delete files elsewhere, so the directory is opened without following one."""
+    try:
+        directory = os.open(ready_dir(run_dir), os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
+    except OSError:
+        return  # none yet, or not a real directory: no mark of ours to forget
+    try:
+        for name in os.listdir(directory):
+            if name.isdigit() and not Path(f"/proc/{name}").exists():
+                with suppress(OSError):  # gone meanwhile, or not a mark
+                    os.unlink(name, dir_fd=directory)
+    finally:
+        os.close(directory)
 
 
 def mark_ready() -> None:

@@ -29,6 +29,7 @@ import socket
 import sys
 import threading
 from collections.abc import Callable, Iterable, Iterator
+from contextlib import suppress
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -337,19 +338,54 @@ def secret() -> bytes:
     return Path(_environment(SECRET_FILE_VARIABLE)).read_bytes().strip()
 
 
-def ensure_secret(path: Path) -> None:
-    """Create the stack's signing secret once, readable by its owner only."""
-    if path.exists():
-        return
+def ensure_secret(path: Path, mode: int = 0o600, gid: int | None = None) -> None:
+    """Create the stack's signing secret once, readable by its owner and, when root runs the
+    app as another user, by that user's group ``gid`` (``mode`` 0640); an existing one gets
+    that mode and group. Every file is opened in its directory, without following a link:
+    root must never write, or change the mode of, a file someone else planted there."""
     path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-    if path.parent.is_symlink():
-        raise StackError(f"{path.parent} is a symbolic link; remove it, stackctl recreates it")
-    staged = path.with_suffix(".new")
-    staged.unlink(missing_ok=True)  # a link planted here is removed, never followed
-    descriptor = os.open(staged, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+    try:
+        directory = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
+    except OSError:
+        raise StackError(
+            f"{path.parent} is a symbolic link or not a directory; remove it, stackctl "
+            "recreates it"
+        ) from None
+    try:
+        try:
+            descriptor = os.open(path.name, os.O_RDONLY | os.O_NOFOLLOW, dir_fd=directory)
+        except FileNotFoundError:
+            create_secret(directory, path.name, mode, gid)
+            return
+        except OSError:
+            raise StackError(f"{path} is a symbolic link; remove it") from None
+        try:
+            share(descriptor, mode, gid)
+        finally:
+            os.close(descriptor)
+    finally:
+        os.close(directory)
+
+
+def create_secret(directory: int, name: str, mode: int, gid: int | None) -> None:
+    staged = f"{name}.new"
+    with suppress(FileNotFoundError):
+        os.unlink(staged, dir_fd=directory)  # a link planted here is removed, never followed
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
+    descriptor = os.open(staged, flags, 0o600, dir_fd=directory)
     with os.fdopen(descriptor, "w") as f:
+        share(f.fileno(), mode, gid)
         f.write(secrets.token_urlsafe(32))
-    os.replace(staged, path)
+    os.replace(staged, name, src_dir_fd=directory, dst_dir_fd=directory)
+
+
+def share(descriptor: int, mode: int, gid: int | None) -> None:
+    """Give a file of the user's own its mode and group (a file of someone else's is left)."""
+    if os.fstat(descriptor).st_uid != os.geteuid():
+        return
+    if gid is not None:
+        os.fchown(descriptor, -1, gid)
+    os.fchmod(descriptor, mode)
 
 
 def token(user: str | None, groups: Iterable[str] = (), key: bytes | None = None) -> str:

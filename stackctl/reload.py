@@ -38,6 +38,7 @@ from stackctl.render import File
 from stackctl.render.nginx import INCLUDES as NGINX_INCLUDES
 from stackctl.stack import Stack
 from stackctl.supervisor import call
+from stackctl.users import as_service_user
 
 POLL = 0.05
 NGINX_LISTEN_PATIENCE = 5.0
@@ -61,7 +62,8 @@ def longest(stack: Stack) -> float:
 def canary(stack: Stack, timeout: float, ini: Path | None = None) -> None:
     """Start one worker on ``ini`` (the running uWSGI config unless told), outside Circus;
     refuse the reload if it cannot serve."""
-    socket_path = stack.run_dir / f"canary-{os.getpid()}.sock"
+    # The canary runs the app's code: as the service user, writing only where it may.
+    socket_path = stack.service_dir / f"canary-{os.getpid()}.sock"
     output = stack.log_dir / "wsgi-canary.log"
     with output.open("wb") as out:
         args = [stack.programs.uwsgi, "--ini", str(ini or stack.uwsgi_ini),
@@ -73,7 +75,7 @@ def canary(stack: Stack, timeout: float, ini: Path | None = None) -> None:
             args, cwd=stack.stack_dir, env={**os.environ, **stack.worker_env()},
             stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True,
             # A trial run: it must not take CPU from the workers serving meanwhile.
-            preexec_fn=lambda: os.nice(CANARY_NICENESS),
+            preexec_fn=lambda: os.nice(CANARY_NICENESS), **as_service_user(stack),
         )  # fmt: skip
     mark = ready_mark(stack.run_dir, proc.pid)
     try:

@@ -304,6 +304,17 @@ def server_names(value: Any) -> str:
     return value
 
 
+def user_name(value: Any) -> str:
+    """Syntax only: whether the user exists is checked where the stack is planned."""
+    if not isinstance(value, str) or not re.fullmatch(r"([A-Za-z_][A-Za-z0-9_.-]{0,31})?", value):
+        raise _expect(
+            'a user name of this machine (up to 32 letters, digits, "_", "." or "-", not '
+            'starting with a digit, "." or "-"), or "" for the owner of the stack directory',
+            value,
+        )
+    return value
+
+
 def size(value: Any) -> str:
     if not isinstance(value, str) or not re.fullmatch(r"\d{1,6}[kKmMgG]?", value):
         raise _expect('a size such as "10m", "512k" or "0" (no limit)', value)
@@ -362,6 +373,13 @@ class ServerConfig:
         int_range(1, 3600),
         "Seconds a request may take: NGiNX then answers 504, and a second later uWSGI "
         "kills the worker still running it (harakiri); Circus starts a fresh one.",
+    )
+    user: str = setting(
+        "",
+        user_name,
+        "User the app's processes (uWSGI, the websocket worker, Redis, NGiNX's workers) run "
+        "as when root starts the stack; empty: the owner of the stack directory. Running them "
+        'as root takes "root", written explicitly.',
     )
 
 

@@ -16,7 +16,9 @@ from pathlib import Path, PurePosixPath
 
 from stackctl.errors import StackError
 from stackctl.profile import Profile
+from stackctl.readiness import SERVICE_DIR
 from stackctl.settings import Invalid, Listen, check_clean_path
+from stackctl.users import ServiceUser, service_user
 
 # sun_path in struct sockaddr_un is 108 bytes, including the terminating NUL.
 _UNIX_PATH_MAX = 107
@@ -49,8 +51,48 @@ class Stack:
     static_dir: Path | None
     open_files: int
     """The open-files limit the processes can raise themselves to (the hard limit, capped)."""
-    nginx_user: str | None
-    """Set when running as root: NGiNX workers then run as the owner of the stack directory."""
+    user: ServiceUser
+    """Who the app's processes run as (server.user)."""
+    runner_uid: int
+    """Who runs stackctl (its effective uid): root may hand the app to ``user``."""
+
+    # When root starts the stack for another user, circusd and the NGiNX master stay root (they
+    # bind the ports) and the rest runs as that user, who may read the configs and logs (group)
+    # but not change them: the run, log and .stackctl directories stay root's. What the user's
+    # processes write goes into service_dir, theirs alone. Otherwise one user owns it all.
+    @property
+    def switches_user(self) -> bool:
+        return self.runner_uid == 0 and self.user.uid != 0
+
+    @property
+    def shared_gid(self) -> int | None:
+        """The group of what root makes for the service user to read, when it switches."""
+        return self.user.gid if self.switches_user else None
+
+    @property
+    def dir_mode(self) -> int:
+        """The run, log and .stackctl directories: the service user's group may only read;
+        setgid, so that what circusd creates there (the pools' sockets) has that group too."""
+        return 0o2750 if self.switches_user else 0o700
+
+    @property
+    def file_mode(self) -> int:
+        """The rendered configs and the key that signs tokens."""
+        return 0o640 if self.switches_user else 0o600
+
+    @property
+    def service_dir(self) -> Path:
+        """Owned by the service user, mode 0700: its processes' sockets, marks and data."""
+        return self.run_dir / SERVICE_DIR
+
+    @property
+    def nginx_user(self) -> str | None:
+        """NGiNX's ``user`` directive; only root's NGiNX switches (to nobody, if not told)."""
+        return f"{self.user.name} {self.user.group}" if self.runner_uid == 0 else None
+
+    @property
+    def private_dir(self) -> Path:
+        return self.stack_dir / PRIVATE_DIR
     media_dir: Path | None = None
     """Uploaded files NGiNX serves at media.url; None when media.dir is empty."""
 
@@ -74,7 +116,7 @@ class Stack:
 
     @property
     def redis_socket(self) -> Path:
-        return self.run_dir / "redis.sock"
+        return self.service_dir / "redis.sock"
 
     @property
     def redis_url(self) -> str:
@@ -114,7 +156,7 @@ class Stack:
     def secret_file(self) -> Path:
         """Signs realtime tokens. Outside the run directory, so that it outlives ``down``:
         tokens handed out before a restart stay valid."""
-        return self.stack_dir / ".stackctl" / "secret"
+        return self.private_dir / "secret"
 
     @property
     def nginx_error_log(self) -> Path:
@@ -123,6 +165,12 @@ class Stack:
     @property
     def nginx_access_log(self) -> Path:
         return self.log_dir / "nginx-access.log"
+
+    @property
+    def nginx_temp_dir(self) -> Path:
+        """Not in service_dir: NGiNX's master (root) chowns its temp paths to the service user
+        following symbolic links, so they must sit where that user cannot plant one."""
+        return self.run_dir / "nginx-temp"
 
     @property
     def local_host(self) -> str:
@@ -232,7 +280,7 @@ def check_port_allowed(stack: Stack) -> None:
         f"{stack.profile.source('server.listen')}: server.listen: {listen} is a privileged "
         f"port (below {first}), which only root may listen on. Pick a port from {first} up, "
         f"e.g. --listen {Listen(listen.host, 8080)}, and forward port {listen.port} to it; "
-        "or start the stack as root (NGiNX's workers then run as the stack directory's owner)"
+        "or start the stack as root (the app's processes then run as server.user)"
     )
 
 
@@ -453,18 +501,6 @@ def open_files_limit(wanted: int = MIN_OPEN_FILES) -> int:
     return wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
 
 
-def nginx_worker_user(stack_dir: Path) -> str | None:
-    # As root, NGiNX would drop its workers to "nobody", who cannot reach the sockets in the
-    # 0700 run directory; the owner of the stack can.
-    if os.geteuid() != 0:
-        return None
-    import grp
-    import pwd
-
-    info = stack_dir.stat()
-    return f"{pwd.getpwuid(info.st_uid).pw_name} {grp.getgrgid(info.st_gid).gr_name}"
-
-
 def plan(profile: Profile, programs: Programs | None = None, *, writes: bool = True) -> Stack:
     """Resolve a profile against this machine. ``programs`` may be given to skip the lookup.
 
@@ -483,7 +519,8 @@ def plan(profile: Profile, programs: Programs | None = None, *, writes: bool = T
         log_dir=(base / profile.paths.log_dir).resolve(),
         static_dir=static_dir,
         open_files=open_files_limit(open_files_wanted(profile)),
-        nginx_user=nginx_worker_user(base),
+        user=service_user(profile, os.geteuid()),
+        runner_uid=os.geteuid(),
         media_dir=media_dir,
     )
     check_written_paths(stack)

@@ -27,7 +27,7 @@ from stackctl.errors import StackError
 from stackctl.flapping import FAILED_DIR, failure_note
 from stackctl.logfile import no_follow
 from stackctl.profile import Profile
-from stackctl.readiness import READY_DIR
+from stackctl.readiness import ready_dir
 from stackctl.stack import Stack
 from stackctl.watchers import STOP_ORDER, WATCHERS
 
@@ -87,11 +87,12 @@ def clean_stale(stack: Stack) -> list[int]:
     """After a crash: stop leftover processes and remove pid files and sockets of the dead stack."""
     leftovers = processes.find(stack.run_dir)
     processes.kill_all(leftovers)
-    for directory in (FAILED_DIR, READY_DIR):
-        shutil.rmtree(stack.run_dir / directory, ignore_errors=True)
-    for path in (stack.circus_pidfile, stack.run_dir / processes.NGINX_PIDFILE, stack.wsgi_socket,
-                 stack.ws_socket, stack.redis_socket, stack.run_dir / "circus.ctl",
-                 stack.run_dir / "circus.pub", *stack.run_dir.glob("canary-*.sock")):  # fmt: skip
+    for directory in (stack.run_dir / FAILED_DIR, ready_dir(stack.run_dir)):
+        shutil.rmtree(directory, ignore_errors=True)
+    for path in (stack.circus_pidfile, stack.run_dir / processes.NGINX_PIDFILE,
+                 stack.wsgi_socket, stack.ws_socket, stack.redis_socket,
+                 stack.run_dir / "circus.ctl", stack.run_dir / "circus.pub",
+                 *stack.service_dir.glob("canary-*.sock")):  # fmt: skip
         path.unlink(missing_ok=True)
     return [p.pid for p in leftovers]
 

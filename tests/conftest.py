@@ -40,6 +40,13 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+APP_AS_ROOT: tuple[str, ...] = ("--set", "server.user=root") if os.geteuid() == 0 else ()
+"""The tests' stacks live in root's directories under /tmp, and stackctl refuses to run an app
+as root unless told so: the tests that are not about the service user tell it (the service
+user's own tests, tests/e2e/test_service_user.py, run the split for real)."""
+STARTS_APP = ("up", "render")
+
+
 def stackctl(
     *args: str,
     cwd: Path,
@@ -47,9 +54,12 @@ def stackctl(
     timeout: float = 180,
     check: bool = True,
 ) -> subprocess.CompletedProcess[str]:
-    """Run the real command line, as a user would."""
+    """Run the real command line, as a user would (as root: see APP_AS_ROOT)."""
+    words = [a for i, a in enumerate(args) if i == 0 or args[i - 1] not in ("-C", "--stack")]
+    command = next((a for a in words if not a.startswith("-")), None)
+    extra = APP_AS_ROOT if command in STARTS_APP else ()
     result = subprocess.run(
-        [sys.executable, "-m", "stackctl", *args],
+        [sys.executable, "-m", "stackctl", *args, *extra],
         cwd=cwd,
         env=env or dict(os.environ),
         capture_output=True,

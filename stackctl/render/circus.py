@@ -69,6 +69,17 @@ def autoreload_command(stack: Stack) -> str:
     return shlex.join(tied_to_circusd(stack, args))
 
 
+SOCKET_UMASK = 0o117
+"""The sockets circusd binds for the pools: rw for their owner and group, nothing for others."""
+
+
+def run_as(stack: Stack) -> dict[str, int]:
+    """Circus's uid and gid options for the watchers that run the app's code and data."""
+    if not stack.switches_user:
+        return {}
+    return {"uid": stack.user.uid, "gid": stack.user.gid}
+
+
 def render(stack: Stack) -> list[File]:
     content = render_template(
         "circus.ini.j2",
@@ -80,6 +91,8 @@ def render(stack: Stack) -> list[File]:
         wsgi_socket=stack.wsgi_socket,
         ws_socket=stack.ws_socket,
         backlog=stack.profile.wsgi.backlog,
+        socket_umask=SOCKET_UMASK,  # Circus reads it as a decimal number
+        run_as=run_as(stack),
         redis_cmd=redis_command(stack),
         run_dir=stack.run_dir,
         log_dir=stack.log_dir,

@@ -38,7 +38,7 @@ def render(stack: Stack) -> list[File]:
         access_log=stack.nginx_access_log,
         user=stack.nginx_user,
         max_body=profile.server.max_body,
-        temp_paths={name: stack.run_dir / "nginx-temp" / name for name in TEMP_PATHS},
+        temp_paths={name: stack.nginx_temp_dir / name for name in TEMP_PATHS},
         wsgi_upstream=f"unix:{stack.wsgi_socket}",
         ws_upstream=f"unix:{stack.ws_socket}",
         listen=profile.server.listen,

@@ -13,6 +13,6 @@ def render(stack: Stack) -> list[File]:
         "redis.conf.j2",
         profile=stack.profile.name,
         socket=stack.redis_socket,
-        run_dir=stack.run_dir,
+        data_dir=stack.service_dir,
     )
     return [File(stack.redis_conf.name, content)]

@@ -20,7 +20,7 @@ import pytest
 
 from stackctl import processes
 from stackctl.errors import EXIT_STACK_ERROR
-from tests.conftest import free_port, stackctl, wait_for
+from tests.conftest import APP_AS_ROOT, free_port, stackctl, wait_for
 
 pytestmark = pytest.mark.e2e
 
@@ -324,7 +324,7 @@ def test_a_normal_user_finds_nginx_in_sbin_and_is_told_about_privileged_ports(
         f"stackctl: command line: server.listen: 127.0.0.1:80 is a privileged port (below "
         f"{first}), which only root may listen on. Pick a port from {first} up, e.g. "
         "--listen 127.0.0.1:8080, and forward port 80 to it; or start the stack as root "
-        "(NGiNX's workers then run as the stack directory's owner)\n"
+        "(the app's processes then run as server.user)\n"
     )
     assert not processes.find((site / ".stackctl" / "run").resolve())
 
@@ -496,7 +496,8 @@ def test_ctrl_c_while_the_stack_starts_stops_it(
 ) -> None:
     no_leaks(site)
     up = subprocess.Popen(
-        [sys.executable, "-m", "stackctl", "up", "--listen", f"127.0.0.1:{free_port()}"],
+        [sys.executable, "-m", "stackctl", "up", "--listen", f"127.0.0.1:{free_port()}",
+         *APP_AS_ROOT],  # fmt: skip
         cwd=site,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,

@@ -194,13 +194,14 @@ def test_foreground_up_stops_everything_on_ctrl_c(short_tmp: Path) -> None:
     import sys
 
     from stackctl import processes
-    from tests.conftest import free_port
+    from tests.conftest import APP_AS_ROOT, free_port
 
     stackctl("init", str(short_tmp / "site"), "--demo", cwd=short_tmp)
     site = short_tmp / "site"
     port = free_port()
     up = subprocess.Popen(
-        [sys.executable, "-m", "stackctl", "up", "--listen", f"127.0.0.1:{port}", "--workers", "2"],
+        [sys.executable, "-m", "stackctl", "up", "--listen", f"127.0.0.1:{port}", "--workers", "2",
+         *APP_AS_ROOT],  # fmt: skip
         cwd=site,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,

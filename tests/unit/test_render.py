@@ -25,6 +25,7 @@ from stackctl.render import (
     uwsgi_value,
 )
 from stackctl.stack import Programs, Stack
+from stackctl.users import ServiceUser
 
 NGINX = shutil.which("nginx") or "/usr/sbin/nginx"
 
@@ -47,7 +48,8 @@ def make_stack(tmp_path: Path, stack_toml: str = "", **fields) -> Stack:
         log_dir=tmp_path / "log",
         static_dir=tmp_path / "static",
         open_files=20000,
-        nginx_user=None,
+        user=ServiceUser("alice", 1000, 1000, "alice"),
+        runner_uid=1000,
     )
     values.update(fields)
     return Stack(**values)
@@ -98,7 +100,7 @@ def test_watchers_start_redis_first_and_nginx_last(tmp_path: Path) -> None:
 def test_workers_get_the_redis_url_and_the_cleanup_marker(tmp_path: Path) -> None:
     ini = circus_ini(make_stack(tmp_path))
     env = ini["env:wsgi"]
-    assert env["STACKCTL_REDIS_URL"] == f"unix://{tmp_path / 'run' / 'redis.sock'}"
+    assert env["STACKCTL_REDIS_URL"] == f"unix://{tmp_path / 'run' / 'service' / 'redis.sock'}"
     assert env["STACKCTL_RUN_DIR"] == str(tmp_path / "run")
     assert env["PYTHONPATH"] == str(tmp_path)
 
@@ -143,12 +145,9 @@ def test_nginx_without_static_dir_has_no_static_location(tmp_path: Path) -> None
     assert "location /_stackctl/" in conf  # realtime.js is stackctl's own, always served
 
 
-def test_nginx_user_only_when_given(tmp_path: Path) -> None:
+def test_nginx_user_only_when_root_starts_it(tmp_path: Path) -> None:
     assert "\nuser " not in files(make_stack(tmp_path))["nginx.conf"]
-    assert (
-        "\nuser www-data www-data;"
-        in files(make_stack(tmp_path, nginx_user="www-data www-data"))["nginx.conf"]
-    )
+    assert "\nuser alice alice;" in files(make_stack(tmp_path, runner_uid=0))["nginx.conf"]
 
 
 def test_uwsgi_runs_one_masterless_worker_per_process(tmp_path: Path) -> None:
@@ -168,7 +167,7 @@ def test_uwsgi_runs_one_masterless_worker_per_process(tmp_path: Path) -> None:
 def test_redis_listens_on_a_unix_socket_only(tmp_path: Path) -> None:
     conf = files(make_stack(tmp_path))["redis.conf"]
     assert "port 0\n" in conf
-    assert f'unixsocket "{tmp_path / "run" / "redis.sock"}"' in conf
+    assert f'unixsocket "{tmp_path / "run" / "service" / "redis.sock"}"' in conf
 
 
 def test_rendering_is_pure(tmp_path: Path) -> None:

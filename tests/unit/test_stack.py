@@ -51,7 +51,7 @@ def test_a_ready_mark_left_by_an_earlier_process_with_the_same_pid_does_not_coun
     from stackctl.readiness import marked_since, ready_mark
 
     mark = ready_mark(tmp_path, 4242)
-    mark.parent.mkdir()
+    mark.parent.mkdir(parents=True)
     mark.touch()
     os.utime(mark, (time.time() - 60, time.time() - 60))  # written a minute ago
     assert not marked_since(tmp_path, 4242, started=time.time() - 1)
