@@ -14,7 +14,7 @@ import psutil
 import pytest
 
 from stackctl import processes
-from tests.conftest import free_port, stackctl
+from tests.conftest import APP_AS_ROOT, free_port, stackctl
 from tests.unit.test_systemd import settings, unit_args
 
 pytestmark = pytest.mark.e2e
@@ -144,7 +144,7 @@ def test_unit_command_lines_start_reload_and_stop_a_real_stack(short_tmp: Path, 
     port = free_port()
     stackctl("service", "install", "--unit-dir", str(units), "--profile", "dev",
              "--set", f"server.listen=127.0.0.1:{port}", "--set", "wsgi.workers=2",
-             cwd=stack_dir)  # fmt: skip
+             *APP_AS_ROOT, cwd=stack_dir)  # fmt: skip
     values = settings((units / "stackctl-shop.service").read_text())
     assert values["WorkingDirectory"] == [str(stack_dir)]
     assert values["NoNewPrivileges"] == ["yes"] and values["ProtectSystem"] == ["full"]
@@ -206,7 +206,7 @@ def test_main_process_fails_when_circusd_dies_so_systemd_restarts_it(
     units.mkdir()
     stackctl("service", "install", "--unit-dir", str(units),
              "--set", f"server.listen=127.0.0.1:{free_port()}", "--set", "wsgi.workers=1",
-             cwd=stack_dir)  # fmt: skip
+             *APP_AS_ROOT, cwd=stack_dir)  # fmt: skip
     values = settings((units / "stackctl-shop.service").read_text())
     assert values["Restart"] == ["on-failure"]
     notify_path = str(short_tmp / "notify")
