@@ -346,7 +346,9 @@ def check_tls_settings(profile: Profile) -> None:
 
     problem = profile_problem(profile.tls.certificate, profile.tls.key)
     if problem:
-        raise StackError(f"{profile.source('tls.key')}: {problem}")
+        # Name the file that set the key, or, when none did, the one that set the certificate.
+        key = "tls.key" if profile.tls.key else "tls.certificate"
+        raise StackError(f"{profile.source(key)}: {problem}")
     plain, secure = profile.server.listen, profile.tls.listen
     if profile.tls.certificate and plain.port == secure.port:
         raise StackError(

@@ -388,7 +388,12 @@ def check_static_dir(stack: Stack) -> None:
         )
 
 
-def check_static_relations(stack: Stack, static: Path, key: str = "static.dir") -> None:
+STATIC_ALLOWED = 'a directory of static files only, such as "static" beside stack.toml'
+
+
+def check_static_relations(
+    stack: Stack, static: Path, key: str = "static.dir", allowed: str = STATIC_ALLOWED
+) -> None:
     # The static directory (or another that NGiNX serves files from, such as tls.acme_dir)
     # may sit inside the stack directory, not the other way round; it may not overlap the
     # private directories at all.
@@ -409,9 +414,8 @@ def check_static_relations(stack: Stack, static: Path, key: str = "static.dir") 
             raise StackError(
                 f"{stack.profile.source(key)}: {key}: {stack.profile.value(key)!r} "
                 f"resolves to {static}, which {relation} {what} ({directory}): NGiNX would "
-                "serve the stack's configs, logs or the key that signs tokens. Allowed: a "
-                'directory of static files only, such as "static" beside stack.toml, or "" '
-                "for none"
+                "serve the stack's configs, logs or the key that signs tokens. Allowed: "
+                f'{allowed}, or "" for none'
             )
 
 
@@ -420,7 +424,8 @@ def check_acme_dir(stack: Stack) -> None:
     same rules as static.dir (settings.stack_subdir kept it inside the stack already)."""
     if stack.acme_dir is None:
         return
-    check_static_relations(stack, stack.acme_dir, "tls.acme_dir")
+    allowed = 'a directory for certbot\'s challenges only, such as "acme" beside stack.toml'
+    check_static_relations(stack, stack.acme_dir, "tls.acme_dir", allowed)
     if stack.stack_dir not in stack.acme_dir.parents:
         raise StackError(
             f"{stack.profile.source('tls.acme_dir')}: tls.acme_dir: "

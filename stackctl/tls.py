@@ -153,7 +153,7 @@ def has_ocsp(cert: x509.Certificate) -> bool:
 
 
 def make_self_signed(
-    dns: Iterable[str], addresses: Iterable[str], days: int = SELF_SIGNED_DAYS
+    dns: Iterable[str], addresses: Iterable[str], days: float = SELF_SIGNED_DAYS
 ) -> tuple[bytes, bytes]:
     """A new ECDSA P-256 key and a certificate for it naming ``dns`` and ``addresses``:
     (certificate PEM, key PEM)."""

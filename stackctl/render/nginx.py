@@ -57,7 +57,9 @@ def name_servers(resolv_conf: str) -> list[str]:
     found = []
     for line in resolv_conf.splitlines():
         fields = line.split()
-        if len(fields) >= 2 and fields[0] == "nameserver" and is_ip_address(fields[1]):
+        # NGiNX takes no IPv6 zone (fe80::1%eth0): such a server is left out.
+        usable = len(fields) >= 2 and is_ip_address(fields[1]) and "%" not in fields[1]
+        if usable and fields[0] == "nameserver":
             found.append(f"[{fields[1]}]" if ":" in fields[1] else fields[1])
     return found
 

@@ -19,7 +19,15 @@ from websockets.sync.client import connect
 from stackctl import realtime
 from stackctl.stack import Stack
 from stackctl.tls import make_self_signed
-from tests.conftest import REPO, app_site, data_of, free_port, running_stack, stackctl
+from tests.conftest import (
+    REPO,
+    app_site,
+    data_of,
+    free_port,
+    running_stack,
+    stackctl,
+    wait_for,
+)
 
 pytestmark = pytest.mark.e2e
 
@@ -139,6 +147,37 @@ def test_a_wss_client_with_a_token_receives_a_published_message(stack: Stack) ->
         assert data_of(ws.recv(timeout=10)) == {"n": 1}
 
 
+def curl_h2(stack: Stack, *args: str) -> list[str]:
+    cert = stack.stack_dir / ".stackctl" / "tls" / "cert.pem"
+    return ["curl", "--http2", "--silent", "--show-error", "--cacert", str(cert), *args]
+
+
+def test_event_streams_and_long_polls_are_served_over_http2(stack: Stack) -> None:
+    realtime.publish("feed", {"n": 2}, url=stack.redis_url)
+    query = f"?since=0-0&token={a_token(stack)}"
+    poll = subprocess.run(
+        curl_h2(stack, "--write-out", "\n%{http_version}", f"{stack.url()}poll/feed{query}"),
+        capture_output=True, text=True, timeout=30,
+    )  # fmt: skip
+    answer, version = poll.stdout.rsplit("\n", 1)
+    assert version == "2", poll.stderr
+    assert [m["data"] for m in json.loads(answer)["messages"]] == [{"n": 2}]
+    # An event stream never ends by itself: read until the replayed message arrives.
+    with subprocess.Popen(
+        curl_h2(stack, "--include", "--no-buffer", "--max-time", "30",
+                f"{stack.url()}events/feed{query}"),
+        stdout=subprocess.PIPE, text=True,
+    ) as stream:  # fmt: skip
+        try:
+            assert stream.stdout is not None
+            assert stream.stdout.readline().startswith("HTTP/2 200")
+            lines = iter(stream.stdout.readline, "")
+            data = next(line for line in lines if line.startswith("data:"))
+        finally:
+            stream.kill()
+    assert json.loads(data.removeprefix("data:"))["data"] == {"n": 2}
+
+
 def test_one_client_ip_may_hold_only_so_many_realtime_connections(stack: Stack) -> None:
     url = wss_url(stack, "news", a_token(stack))
     with ExitStack() as held:
@@ -225,3 +264,22 @@ def test_reload_serves_a_renewed_certificate_and_refuses_a_broken_one() -> None:
         assert "nginx -t" in refused.stderr
         assert "tls.certificate" in refused.stderr  # the hint says which setting to look at
         assert served_certificate(stack) == normal(renewed[0])
+
+
+# --- the optional request rate limit --------------------------------------------------------------
+
+
+def test_requests_are_not_rate_limited_by_default(stack: Stack) -> None:
+    assert {https_get(stack, "/")[0] for _ in range(30)} == {200}
+
+
+def test_a_request_rate_limit_answers_429_past_its_burst_and_spares_static_files() -> None:
+    limits = ["limits.requests_per_second=1", "limits.burst=2"]
+    with running_stack(
+        echo_site(), "--workers", "1", *(a for s in limits for a in ("--set", s))
+    ) as stack:
+        wait_for(lambda: http_get(stack, "/")[0] == 200, what="a request let through")
+        app = [http_get(stack, "/")[0] for _ in range(10)]
+        static = [http_get(stack, "/_stackctl/realtime.js")[0] for _ in range(10)]
+    assert set(app) <= {200, 429} and app[-1] == 429, app
+    assert set(static) == {200}
