@@ -11,6 +11,7 @@ import resource
 import shutil
 import stat
 import sys
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
@@ -133,12 +134,13 @@ class Stack:
         """Where the site is served: tls.listen with HTTPS (server.listen then redirects)."""
         return self.profile.tls.listen if self.tls else self.profile.server.listen
 
-    def listens(self) -> dict[str, Listen]:
-        """Every address NGiNX listens on, by the key that sets it."""
+    def listens(self, keys: Iterable[str] | None = None) -> dict[str, Listen]:
+        """Every address NGiNX listens on (or those of ``keys``), by the key that sets it."""
         found = {"server.listen": self.profile.server.listen}
         if self.tls:
             found["tls.listen"] = self.profile.tls.listen
-        return found
+        wanted = set(found if keys is None else keys)
+        return {k: v for k, v in found.items() if k in wanted}
 
     @property
     def scheme(self) -> str:
@@ -239,11 +241,11 @@ def first_unprivileged_port() -> int:
         return 1024
 
 
-def check_port_allowed(stack: Stack) -> None:
+def check_port_allowed(stack: Stack, keys: Iterable[str] | None = None) -> None:
     """NGiNX binds server.listen itself, as the user who starts the stack: below the kernel's
     first unprivileged port, only root can (binding would fail with EACCES)."""
     first = first_unprivileged_port()
-    for key, listen in stack.listens().items():
+    for key, listen in stack.listens(keys).items():
         if listen.port < first and os.geteuid() != 0:
             raise privileged_port(stack, key, listen, first)
 

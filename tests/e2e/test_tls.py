@@ -283,3 +283,20 @@ def test_a_request_rate_limit_answers_429_past_its_burst_and_spares_static_files
         static = [http_get(stack, "/_stackctl/realtime.js")[0] for _ in range(10)]
     assert set(app) <= {200, 429} and app[-1] == 429, app
     assert set(static) == {200}
+
+
+def test_reload_turns_https_on_for_a_running_plain_stack() -> None:
+    with running_stack(echo_site(), "--workers", "1") as plain:
+        site, tls_port = plain.stack_dir, free_port()
+        settings = ["tls.certificate=self-signed", f"tls.listen=127.0.0.1:{tls_port}"]
+        done = stackctl("reload", *(a for s in settings for a in ("--set", s)), cwd=site)
+        assert "NGiNX reloaded its config" in done.stdout
+        status, headers, _ = http_get(plain, "/")
+        assert (status, headers["Location"]) == (301, f"https://127.0.0.1:{tls_port}/")
+        context = ssl.create_default_context(cafile=site / ".stackctl" / "tls" / "cert.pem")
+        conn = http.client.HTTPSConnection("127.0.0.1", tls_port, timeout=10, context=context)
+        try:
+            conn.request("GET", "/")
+            assert conn.getresponse().status == 200
+        finally:
+            conn.close()
