@@ -6,6 +6,7 @@ programs to run), so that templates stay free of logic and renderers stay pure.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import resource
 import shutil
@@ -436,30 +437,35 @@ def check_acme_dir(stack: Stack) -> None:
         )
 
 
-def resolve_tls(profile: Profile, writes: bool) -> Tls | None:
-    """The certificate and key of ``tls.certificate``, made when self-signed and checked
-    when stackctl will render configs that name them (a reader only needs the paths)."""
+def resolve_tls(profile: Profile) -> Tls | None:
+    """Where the certificate and key of ``tls.certificate`` are; nothing is read yet (a
+    `down` must work whatever the files hold): :func:`checked_tls` reads them."""
     settings = profile.tls
     if settings.certificate == TLS_OFF:
         return None
-    cert_source, key_source = profile.source("tls.certificate"), profile.source("tls.key")
     if settings.certificate == SELF_SIGNED:
-        if writes:
-            cert, key = ensure_self_signed(profile.stack_dir, profile.server.names)
-        else:
-            cert, key = self_signed_paths(profile.stack_dir)
+        cert, key = self_signed_paths(profile.stack_dir)
     else:
         # An absolute path stays as it is: certbot's live/ names are links to its archive.
-        cert = profile.stack_dir / settings.certificate
-        key = profile.stack_dir / settings.key
-    if not writes:
-        return Tls(cert, key, digest="", ocsp=False)
-    return check_pair(
-        f"{cert_source}: tls.certificate: {settings.certificate!r}",
-        cert,
-        f"{key_source}: tls.key: {settings.key!r}" if settings.key else "tls.key",
-        key,
+        cert, key = profile.stack_dir / settings.certificate, profile.stack_dir / settings.key
+    return Tls(cert, key, digest="", ocsp=False)
+
+
+def checked_tls(stack: Stack) -> Stack:
+    """The stack with its certificate made (when self-signed) and checked, for rendering the
+    configs that name it."""
+    if stack.tls is None:
+        return stack
+    settings, profile = stack.profile.tls, stack.profile
+    if settings.certificate == SELF_SIGNED:
+        ensure_self_signed(stack.stack_dir, profile.server.names)
+    checked = check_pair(
+        f"{profile.source('tls.certificate')}: tls.certificate: {settings.certificate!r}",
+        stack.tls.certificate,
+        f"{profile.source('tls.key')}: tls.key: {settings.key!r}" if settings.key else "tls.key",
+        stack.tls.key,
     )
+    return dataclasses.replace(stack, tls=checked)
 
 
 def open_files_limit(wanted: int = 65536) -> int:
@@ -498,7 +504,7 @@ def plan(profile: Profile, programs: Programs | None = None, *, writes: bool = T
         static_dir=static_dir,
         open_files=open_files_limit(),
         nginx_user=nginx_worker_user(base),
-        tls=resolve_tls(profile, writes),
+        tls=resolve_tls(profile),
         acme_dir=(base / profile.tls.acme_dir).resolve() if profile.tls.acme_dir else None,
     )
     check_written_paths(stack)

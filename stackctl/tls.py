@@ -48,7 +48,8 @@ class Tls:
     digest: str
     """Of the certificate and key files as read now: a renewal changes the rendered config."""
     ocsp: bool
-    """The certificate names an OCSP responder, so NGiNX may staple its answers."""
+    """The certificate names an OCSP responder and the file holds its issuer (its chain):
+    NGiNX can staple the responder's answers. Without the issuer it would only warn."""
 
 
 def profile_problem(certificate: str, key: str) -> str | None:
@@ -127,7 +128,7 @@ def check_pair(where_cert: str, cert_path: Path, where_key: str, key_path: Path)
             f"{leaf.not_valid_after_utc:%Y-%m-%d %H:%M} UTC, not now; renew it"
         )
     digest = hashlib.sha256(cert_bytes + b"\0" + key_bytes).hexdigest()
-    return Tls(cert_path, key_path, digest, has_ocsp(leaf))
+    return Tls(cert_path, key_path, digest, has_ocsp(leaf) and len(chain) > 1)
 
 
 def leaf_der(pem: bytes) -> bytes:

@@ -265,6 +265,10 @@ def test_reload_serves_a_renewed_certificate_and_refuses_a_broken_one() -> None:
         assert "tls.certificate" in refused.stderr  # the hint says which setting to look at
         assert served_certificate(stack) == normal(renewed[0])
 
+        # Whatever the files hold by now, the stack can be stopped.
+        write_pair(site, b"", b"")
+        assert "stack stopped" in stackctl("down", cwd=site).stdout
+
 
 # --- the optional request rate limit --------------------------------------------------------------
 
