@@ -95,6 +95,9 @@ def test_the_site_is_served_over_http2_with_the_self_signed_certificate(stack: S
     assert result.stdout == "2 200", result.stderr
     key = stack.stack_dir / ".stackctl" / "tls" / "key.pem"
     assert key.stat().st_mode & 0o777 == 0o600
+    # `status` checks the site where it is served: over HTTPS.
+    status = stackctl("status", cwd=stack.stack_dir)
+    assert status.stdout.startswith(stack.url()) and "site      ok" in status.stdout
 
 
 def test_plain_http_redirects_to_https_except_certbots_challenges(stack: Stack) -> None:
@@ -131,6 +134,7 @@ def test_the_app_sees_forwarded_headers_from_the_connection_and_no_proxy_header(
     assert environ["HTTP_X_FORWARDED_HOST"] == "127.0.0.1"
     assert "HTTP_PROXY" not in environ
     assert environ["HTTPS"] == "on"
+    assert environ["wsgi.url_scheme"] == "https"  # Django's request.is_secure(), CSRF checks
 
 
 def wss_url(stack: Stack, channel: str, token: str) -> str:
