@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import os
 import re
@@ -17,12 +18,13 @@ from stackctl.errors import StackError
 from stackctl.render import nginx
 from stackctl.stack import Stack, checked_tls, plan
 from stackctl.tls import (
-    Tls,
+    Stapling,
     check_pair,
     ensure_self_signed,
     make_self_signed,
     san_names,
     self_signed_paths,
+    stapling,
 )
 from tests.unit.test_render import NGINX, PROGRAMS
 
@@ -257,17 +259,25 @@ def test_port_443_is_left_out_of_the_redirect(tmp_path: Path) -> None:
 
 
 def test_stapling_only_with_a_responder_a_resolver_and_the_cas(tmp_path: Path) -> None:
-    stack = planned(tmp_path, "tls.certificate=self-signed")
-    assert stack.tls is not None
-    with_ocsp = Stack(**{**stack.__dict__, "tls": Tls(**{**stack.tls.__dict__, "ocsp": True})})
     resolv = "# comment\nnameserver 192.0.2.53\nnameserver fe80::1%eth0\nnameserver 2001:db8::1\n"
     cas = tmp_path / "cas.pem"
-    assert not nginx.tls_values(with_ocsp, resolv, cas).stapling  # no CA bundle
+    assert stapling(True, resolv, cas) is None  # no CA bundle
     cas.write_text("")
-    values = nginx.tls_values(with_ocsp, resolv, cas)
-    assert values.stapling and values.resolvers == "192.0.2.53 [2001:db8::1]"
-    assert not nginx.tls_values(with_ocsp, "", cas).stapling
-    assert not nginx.tls_values(stack, resolv, cas).stapling
+    assert stapling(True, resolv, cas) == Stapling("192.0.2.53 [2001:db8::1]", cas)
+    assert stapling(True, "", cas) is None
+    assert stapling(False, resolv, cas) is None
+
+
+def test_stapling_rendered_when_the_certificate_allows_it(tmp_path: Path) -> None:
+    stack = planned(tmp_path, "tls.certificate=self-signed")
+    assert stack.tls is not None
+    assert "ssl_stapling" not in conf(stack)["nginx.conf"]
+    on = Stapling("192.0.2.53", tmp_path / "cas.pem")
+    with_ocsp = dataclasses.replace(stack, tls=dataclasses.replace(stack.tls, stapling=on))
+    text = nginx.render(with_ocsp)[0].content
+    assert "ssl_stapling on;" in text and "ssl_stapling_verify on;" in text
+    assert f'ssl_trusted_certificate "{tmp_path}/cas.pem";' in text
+    assert "resolver 192.0.2.53;" in text
 
 
 def test_security_headers_forwarded_headers_and_limits(tmp_path: Path) -> None:
