@@ -243,8 +243,9 @@ def first_unprivileged_port() -> int:
 
 
 def check_port_allowed(stack: Stack, keys: Iterable[str] | None = None) -> None:
-    """NGiNX binds server.listen itself, as the user who starts the stack: below the kernel's
-    first unprivileged port, only root can (binding would fail with EACCES)."""
+    """NGiNX binds server.listen (and tls.listen) itself, as the user who starts the stack:
+    below the kernel's first unprivileged port, only root can (binding would fail with
+    EACCES). ``keys`` limits the check to those addresses."""
     first = first_unprivileged_port()
     for key, listen in stack.listens(keys).items():
         if listen.port < first and os.geteuid() != 0:
