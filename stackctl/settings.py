@@ -540,6 +540,16 @@ REFERRER_POLICIES = (
 )  # fmt: skip
 
 
+def networks(value: Any) -> tuple[str, ...]:
+    form = 'a list of IP addresses or networks, such as ["127.0.0.1", "10.0.0.0/8", "::1"]'
+    if not isinstance(value, list | tuple) or not all(isinstance(v, str) for v in value):
+        raise _expect(form, value)
+    try:
+        return tuple(str(ipaddress.ip_network(v, strict=False)) for v in value)
+    except ValueError:
+        raise _expect(form, value) from None
+
+
 def one_of(*choices: str) -> Callable[[Any], str]:
     def parse(value: Any) -> str:
         if value not in choices:
@@ -612,6 +622,12 @@ class LimitsConfig:
     )
     burst: int = setting(
         20, int_range(0, 1_000_000), "Requests over limits.requests_per_second let through."
+    )
+    exempt: tuple[str, ...] = setting(
+        ("127.0.0.1", "::1"),
+        networks,
+        "Client addresses (or networks) these limits leave alone: this host's own clients, "
+        "such as a proxy in front or a load test, all share one address.",
     )
 
 

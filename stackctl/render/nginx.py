@@ -100,6 +100,7 @@ def render(stack: Stack) -> list[File]:
         realtime_per_ip=profile.limits.realtime_per_ip,
         requests_per_second=profile.limits.requests_per_second,
         burst=profile.limits.burst,
+        exempt=profile.limits.exempt,
     )
     security_headers = render_template("nginx/security_headers.conf.j2", hsts=headers["hsts"])
     includes = [

@@ -69,6 +69,7 @@ FILE_CERT = ("tls.certificate=site.pem", "tls.key=site.key", "tls.listen=127.0.0
         (["headers.frame_options=ALLOW-FROM x"], "headers.frame_options: expected one of"),
         (["headers.referrer_policy=nope"], "headers.referrer_policy: expected one of"),
         (["limits.realtime_per_ip=0"], "limits.realtime_per_ip: expected a positive integer"),
+        (['limits.exempt=["10.0.0.0/8", "host"]'], "limits.exempt: expected a list of IP"),
         (
             ["tls.certificate=self-signed", "tls.listen=127.0.0.1:8000"],
             "tls.listen: '127.0.0.1:8000' uses the port of server.listen",
@@ -297,6 +298,9 @@ def test_security_headers_forwarded_headers_and_limits(tmp_path: Path) -> None:
     assert text.count('proxy_set_header Proxy "";') == 3
     assert "limit_req" not in text.replace("limit_req_", "")  # off by default
     assert "uwsgi_param HTTP_PROXY" in files["uwsgi_params"]
+    assert "        127.0.0.1/32 0;\n        ::1/128 0;\n" in text  # this host's own: not counted
+    exempt = conf(planned(tmp_path, 'limits.exempt=["10.1.2.3/8"]'))["nginx.conf"]
+    assert "        10.0.0.0/8 0;\n    }" in exempt
     limited = conf(planned(tmp_path, "limits.requests_per_second=5", "limits.burst=9"))
     assert "rate=5r/s;" in limited["nginx.conf"]
     assert "limit_req zone=requests_per_ip burst=9 nodelay;" in limited["nginx.conf"]
