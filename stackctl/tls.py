@@ -51,7 +51,7 @@ class Tls:
     """The certificate names an OCSP responder and the file holds its issuer (its chain):
     NGiNX can staple the responder's answers. Without the issuer it would only warn."""
     stapling: Stapling | None = None
-    """What NGiNX needs besides to staple; None: no stapling."""
+    """What NGiNX needs, besides the certificate, to staple; None: no stapling."""
 
 
 @dataclass(frozen=True)
