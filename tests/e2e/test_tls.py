@@ -325,14 +325,22 @@ def test_a_request_rate_limit_answers_429_past_its_burst_and_spares_static_files
     assert set(this_host) == {200}
 
 
-def test_reload_turns_https_on_for_a_running_plain_stack() -> None:
-    with running_stack(echo_site(), "--workers", "1") as plain:
-        site, tls_port = plain.stack_dir, free_port()
+def test_reload_turns_https_on_for_a_plain_stack_that_served_certbots_challenge() -> None:
+    site = echo_site()
+    challenges = site / "acme" / ".well-known" / "acme-challenge"
+    challenges.mkdir(parents=True)
+    (challenges / ACME_TOKEN).write_text("proof")
+    with running_stack(site, "--workers", "1", "--set", "tls.acme_dir=acme") as plain:
+        # Before any certificate: the challenge is served, the rest goes to the app.
+        assert http_get(plain, f"/.well-known/acme-challenge/{ACME_TOKEN}")[::2] == (200, b"proof")
+        assert http_get(plain, "/")[0] == 200
+        tls_port = free_port()
         settings = ["tls.certificate=self-signed", f"tls.listen=127.0.0.1:{tls_port}"]
         done = stackctl("reload", *(a for s in settings for a in ("--set", s)), cwd=site)
         assert "NGiNX reloaded its config" in done.stdout
         status, headers, _ = http_get(plain, "/")
         assert (status, headers["Location"]) == (301, f"https://127.0.0.1:{tls_port}/")
+        assert http_get(plain, f"/.well-known/acme-challenge/{ACME_TOKEN}")[::2] == (200, b"proof")
         context = ssl.create_default_context(cafile=site / ".stackctl" / "tls" / "cert.pem")
         conn = http.client.HTTPSConnection("127.0.0.1", tls_port, timeout=10, context=context)
         try:

@@ -254,6 +254,12 @@ def test_with_tls_http2_mozilla_settings_and_a_redirecting_plain_server(tmp_path
     assert stack.url() == "https://127.0.0.1:8443/"
 
 
+def test_certbots_challenges_are_served_before_https_is_on(tmp_path: Path) -> None:
+    text = conf(planned(tmp_path, "tls.acme_dir=acme"))["nginx.conf"]
+    assert "location ^~ /.well-known/acme-challenge/ {" in text
+    assert f'root "{tmp_path}/acme/";' in text and "ssl" not in text
+
+
 def test_port_443_is_left_out_of_the_redirect(tmp_path: Path) -> None:
     stack = planned(tmp_path, "tls.certificate=self-signed", "tls.listen=127.0.0.1:443")
     assert "return 301 https://$host$request_uri;" in conf(stack)["nginx.conf"]
