@@ -438,6 +438,21 @@ def check_acme_dir(stack: Stack) -> None:
         )
 
 
+def check_key_not_served(stack: Stack) -> None:
+    """NGiNX serves every file of static.dir and tls.acme_dir to anyone: a private key there
+    would be published."""
+    if stack.tls is None:
+        return
+    key = stack.tls.key.resolve()
+    for served_key, served in (("static.dir", stack.static_dir), ("tls.acme_dir", stack.acme_dir)):
+        if served is not None and served in key.parents:
+            raise StackError(
+                f"{stack.profile.source('tls.key')}: tls.key: {stack.profile.tls.key!r} resolves "
+                f"to {key}, inside {served_key} ({served}), whose files NGiNX serves to anyone: "
+                "keep the key elsewhere (readable by root only), e.g. /etc/ssl/private/"
+            )
+
+
 def resolve_tls(profile: Profile) -> Tls | None:
     """Where the certificate and key of ``tls.certificate`` are; nothing is read yet (a
     `down` must work whatever the files hold): :func:`checked_tls` reads them."""
@@ -513,5 +528,6 @@ def plan(profile: Profile, programs: Programs | None = None, *, writes: bool = T
         check_private_dirs(stack)
         check_static_dir(stack)
         check_acme_dir(stack)
+        check_key_not_served(stack)
     check_socket_paths(stack)
     return stack

@@ -92,6 +92,12 @@ def test_prod_serves_https_on_443_and_dev_sends_no_hsts(tmp_path: Path) -> None:
     assert prod.tls.certificate == dev.tls.certificate == ""  # HTTPS needs a certificate first
 
 
+def test_a_key_where_nginx_serves_files_is_refused(tmp_path: Path) -> None:
+    settings = ("tls.certificate=static/site.pem", "tls.key=static/site.key")
+    with pytest.raises(StackError, match=r"tls\.key: 'static/site\.key' .* inside static\.dir"):
+        planned(tmp_path, *settings)
+
+
 def test_acme_dir_may_not_overlap_the_private_directories(tmp_path: Path) -> None:
     with pytest.raises(
         StackError, match=r"tls\.acme_dir: '\.stackctl/run' .* is inside the stack's \.stackctl"
