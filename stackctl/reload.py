@@ -43,6 +43,9 @@ from stackctl.tls import leaf_der
 
 POLL = 0.05
 NGINX_LISTEN_PATIENCE = 5.0
+# NGiNX's old workers stop accepting once the HUP reaches them, within a second when idle;
+# a busy machine may take longer, and waiting ends as soon as the new certificate is served.
+CERTIFICATE_PATIENCE = 15.0
 NGINX_FILES = {*NGINX_RENDERED, *NGINX_INCLUDES}
 RELOAD_LOCK = "reload.lock"
 ANSWER_LIMIT = 65536  # bytes of the check path's answer read: its status and a glimpse
@@ -242,7 +245,7 @@ def reload_nginx(stack: Stack, previous: list[File]) -> None:
             )
         time.sleep(POLL)
     if stack.tls:
-        wait_for_certificate(stack, time.monotonic() + NGINX_LISTEN_PATIENCE)
+        wait_for_certificate(stack, time.monotonic() + CERTIFICATE_PATIENCE)
 
 
 def wait_for_certificate(stack: Stack, deadline: float) -> None:
