@@ -20,7 +20,10 @@ python3 -c "import pathlib, sys, sysconfig
 sys.exit(not (pathlib.Path(sysconfig.get_path('include')) / 'Python.h').is_file())" \
     || packages+=(python3-dev)
 command -v gcc >/dev/null || packages+=(gcc)
-if [ "$job" = bench ]; then command -v wrk >/dev/null || packages+=(wrk); fi
+if [ "$job" = bench ]; then
+    command -v wrk >/dev/null || packages+=(wrk)
+    command -v h2load >/dev/null || packages+=(nghttp2-client)  # benchmarks/tls.py
+fi
 # The browser test opens the demo page in headless Chromium.
 if [ "$job" = test ]; then command -v chromium >/dev/null || packages+=(chromium); fi
 if [ "${#packages[@]}" -gt 0 ]; then
@@ -59,6 +62,7 @@ case "$job" in
         python benchmarks/reload.py || status=1
         python benchmarks/reload.py --storm || status=1
         python benchmarks/ws_fanout.py || status=1
+        python benchmarks/tls.py || status=1
         exit "$status"
         ;;
     *)

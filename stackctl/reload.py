@@ -17,6 +17,7 @@ import os
 import re
 import signal
 import socket
+import ssl
 import struct
 import subprocess
 import textwrap
@@ -36,13 +37,18 @@ from stackctl.logfile import LIMITS_FILE
 from stackctl.readiness import marked_since, ready_mark, startup_timeout
 from stackctl.render import File
 from stackctl.render.nginx import INCLUDES as NGINX_INCLUDES
-from stackctl.stack import Stack
+from stackctl.render.nginx import RENDERED as NGINX_RENDERED
+from stackctl.stack import Listen, Stack
 from stackctl.supervisor import call
+from stackctl.tls import leaf_der
 from stackctl.users import as_service_user
 
 POLL = 0.05
 NGINX_LISTEN_PATIENCE = 5.0
-NGINX_FILES = {"nginx.conf", *NGINX_INCLUDES}
+# NGiNX's old workers stop accepting once the HUP reaches them, within a second when idle;
+# a busy machine may take longer, and waiting ends as soon as the new certificate is served.
+CERTIFICATE_PATIENCE = 15.0
+NGINX_FILES = {*NGINX_RENDERED, *NGINX_INCLUDES}
 RELOAD_LOCK = "reload.lock"
 ANSWER_LIMIT = 65536  # bytes of the check path's answer read: its status and a glimpse
 CANARY_NICENESS = 10
@@ -242,10 +248,29 @@ def reload_nginx(stack: Stack, previous: list[File]) -> None:
                 put_back(stack.run_dir, file)
             call(stack, "signal", name="nginx", signum=int(signal.SIGHUP))
             raise StackError(
-                f"NGiNX could not listen on {stack.profile.server.listen}, so it kept its previous "
-                f"config and the site is served as before. NGiNX says:\n"
+                f"NGiNX could not listen on {' and '.join(map(str, stack.listens().values()))}, "
+                "so it kept its previous config and the site is served as before. NGiNX says:\n"
                 + textwrap.indent(log_tail(stack.log_dir / "nginx.log", 3), "    ")
             )
+        time.sleep(POLL)
+    if stack.tls:
+        wait_for_certificate(stack, time.monotonic() + CERTIFICATE_PATIENCE)
+
+
+def wait_for_certificate(stack: Stack, deadline: float) -> None:
+    """NGiNX's old workers answer new connections until the HUP reaches them: return once a
+    new connection gets the certificate just rendered, so that what runs after the reload
+    (certbot's deploy hook, a check) sees it."""
+    assert stack.tls is not None
+    wanted = leaf_der(stack.tls.certificate.read_bytes())
+    address = (stack.local_host, stack.front.port)
+    while time.monotonic() < deadline:
+        try:
+            served = ssl.PEM_cert_to_DER_cert(ssl.get_server_certificate(address, timeout=2))
+        except (OSError, ValueError):
+            served = b""
+        if served == wanted:
+            return
         time.sleep(POLL)
 
 
@@ -256,16 +281,24 @@ def put_back(directory: Path, file: File) -> None:
 
 
 def nginx_listens(stack: Stack) -> bool:
-    """The NGiNX master holds a listening socket on ``server.listen``."""
-    listen = stack.profile.server.listen
-    wanted = {info[4][0] for info in socket.getaddrinfo(listen.host, listen.port)}
+    """The NGiNX master holds a listening socket on ``server.listen`` (and ``tls.listen``)."""
+    return not unheld_listens(stack)
+
+
+def unheld_listens(stack: Stack) -> list[str]:
+    """The keys of the addresses the stack listens on that the NGiNX master does not hold."""
+    keys = list(stack.listens())
     try:
         (master,) = call(stack, "list", name="nginx")["pids"]
         sockets = psutil.Process(int(master)).net_connections(kind="inet")
     except (ValueError, psutil.Error):
-        return False
-    return any(c.status == psutil.CONN_LISTEN and c.laddr.port == listen.port
-               and c.laddr.ip in wanted for c in sockets)  # fmt: skip
+        return keys
+    listening = {(c.laddr.ip, c.laddr.port) for c in sockets if c.status == psutil.CONN_LISTEN}
+    return [key for key in keys if not addresses(stack.listens()[key]) & listening]
+
+
+def addresses(listen: Listen) -> set[tuple[str, int]]:
+    return {(str(info[4][0]), listen.port) for info in socket.getaddrinfo(listen.host, listen.port)}
 
 
 def restart_redis(stack: Stack) -> None:

@@ -6,18 +6,21 @@ programs to run), so that templates stay free of logic and renderers stay pure.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import resource
 import shutil
 import stat
 import sys
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
 from stackctl.errors import StackError
 from stackctl.profile import Profile
 from stackctl.readiness import SERVICE_DIR
-from stackctl.settings import Invalid, Listen, check_clean_path
+from stackctl.settings import SELF_SIGNED, TLS_OFF, Invalid, Listen, check_clean_path
+from stackctl.tls import Tls, check_pair, ensure_self_signed, self_signed_paths
 from stackctl.users import ServiceUser, service_user
 
 # sun_path in struct sockaddr_un is 108 bytes, including the terminating NUL.
@@ -95,6 +98,10 @@ class Stack:
         return self.stack_dir / PRIVATE_DIR
     media_dir: Path | None = None
     """Uploaded files NGiNX serves at media.url; None when media.dir is empty."""
+    tls: Tls | None = None
+    """The certificate NGiNX serves over HTTPS; None without HTTPS."""
+    acme_dir: Path | None = None
+    """certbot's webroot, served at /.well-known/acme-challenge/ over plain HTTP."""
 
     @property
     def stack_dir(self) -> Path:
@@ -175,12 +182,28 @@ class Stack:
     @property
     def local_host(self) -> str:
         """Where a client on this host reaches NGiNX: a wildcard listen means loopback."""
-        host = self.profile.server.listen.host
-        return {"0.0.0.0": "127.0.0.1", "*": "127.0.0.1", "::": "::1"}.get(host, host)
+        return loopback(self.front.host)
+
+    @property
+    def front(self) -> Listen:
+        """Where the site is served: tls.listen with HTTPS (server.listen then redirects)."""
+        return self.profile.tls.listen if self.tls else self.profile.server.listen
+
+    def listens(self, keys: Iterable[str] | None = None) -> dict[str, Listen]:
+        """Every address NGiNX listens on (or those of ``keys``), by the key that sets it."""
+        found = {"server.listen": self.profile.server.listen}
+        if self.tls:
+            found["tls.listen"] = self.profile.tls.listen
+        wanted = set(found if keys is None else keys)
+        return {k: v for k, v in found.items() if k in wanted}
+
+    @property
+    def scheme(self) -> str:
+        return "https" if self.tls else "http"
 
     def url(self) -> str:
         host = f"[{self.local_host}]" if ":" in self.local_host else self.local_host
-        return f"http://{host}:{self.profile.server.listen.port}/"
+        return f"{self.scheme}://{host}:{self.front.port}/"
 
     def shared_env(self) -> dict[str, str]:
         """Environment of every watcher: how the app finds Redis, and how cleanup finds them."""
@@ -203,6 +226,10 @@ class Stack:
         if self.profile.app.django_settings:
             env["DJANGO_SETTINGS_MODULE"] = self.profile.app.django_settings
         return env
+
+
+def loopback(host: str) -> str:
+    return {"0.0.0.0": "127.0.0.1", "*": "127.0.0.1", "::": "::1"}.get(host, host)
 
 
 def usable_cpus() -> int:
@@ -269,17 +296,27 @@ def first_unprivileged_port() -> int:
         return 1024
 
 
-def check_port_allowed(stack: Stack) -> None:
-    """NGiNX binds server.listen itself, as the user who starts the stack: below the kernel's
-    first unprivileged port, only root can (binding would fail with EACCES)."""
-    listen = stack.profile.server.listen
+def check_port_allowed(stack: Stack, keys: Iterable[str] | None = None) -> None:
+    """NGiNX binds server.listen (and tls.listen) itself, as the user who starts the stack:
+    below the kernel's first unprivileged port, only root can (binding would fail with
+    EACCES). ``keys`` limits the check to those addresses."""
     first = first_unprivileged_port()
-    if listen.port >= first or os.geteuid() == 0:
-        return
-    raise StackError(
-        f"{stack.profile.source('server.listen')}: server.listen: {listen} is a privileged "
+    for key, listen in stack.listens(keys).items():
+        if listen.port < first and os.geteuid() != 0:
+            raise privileged_port(stack, key, listen, first)
+
+
+def suggest_listen(key: str, host: str) -> str:
+    if key == "server.listen":
+        return f"--listen {Listen(host, 8080)}"
+    return f"--set {key}={Listen(host, 8443)}"
+
+
+def privileged_port(stack: Stack, key: str, listen: Listen, first: int) -> StackError:
+    return StackError(
+        f"{stack.profile.source(key)}: {key}: {listen} is a privileged "
         f"port (below {first}), which only root may listen on. Pick a port from {first} up, "
-        f"e.g. --listen {Listen(listen.host, 8080)}, and forward port {listen.port} to it; "
+        f"e.g. {suggest_listen(key, listen.host)}, and forward port {listen.port} to it; "
         "or start the stack as root (the app's processes then run as server.user)"
     )
 
@@ -306,6 +343,7 @@ def check_written_paths(stack: Stack) -> None:
         "paths.log_dir": ("paths.log_dir", stack.log_dir),
         "static.dir": ("static.dir", stack.static_dir),
         "media.dir": ("media.dir", stack.media_dir),
+        "tls.acme_dir": ("tls.acme_dir", stack.acme_dir),
     }
     for what, (key, path) in paths.items():
         if path is None:
@@ -391,6 +429,7 @@ STATIC_INSIDE_ADVICE = (
     'STATIC_ROOT = BASE_DIR / "staticfiles" with `manage.py collectstatic`, and set static.dir '
     'to it ("staticfiles")'
 )
+ACME_INSIDE_ADVICE = 'choose a directory inside it, such as "acme" beside stack.toml'
 MEDIA_INSIDE_ADVICE = (
     "keep uploaded files in a directory inside the stack, e.g. Django's "
     'MEDIA_ROOT = BASE_DIR / "media", and set media.dir to it ("media")'
@@ -417,6 +456,9 @@ def served_dirs(stack: Stack) -> list[ServedDir]:
                   STATIC_INSIDE_ADVICE, "static") if stack.static_dir else None,
         ServedDir("media.dir", stack.profile.media.dir, stack.media_dir, "uploaded files",
                   MEDIA_INSIDE_ADVICE, "media") if stack.media_dir else None,
+        ServedDir("tls.acme_dir", stack.profile.tls.acme_dir, stack.acme_dir,
+                  "certbot's challenge files", ACME_INSIDE_ADVICE, "acme")
+        if stack.acme_dir else None,
     ]  # fmt: skip
     return [served for served in found if served is not None]
 
@@ -481,6 +523,53 @@ def check_served_relations(stack: Stack, served: ServedDir, where: str) -> None:
             )
 
 
+def check_key_not_served(stack: Stack) -> None:
+    """NGiNX serves every file of static.dir, media.dir and tls.acme_dir to anyone: a private
+    key there would be published."""
+    if stack.tls is None:
+        return
+    key = stack.tls.key.resolve()
+    for served in served_dirs(stack):
+        if served.path in key.parents:
+            raise StackError(
+                f"{stack.profile.source('tls.key')}: tls.key: {stack.profile.tls.key!r} resolves "
+                f"to {key}, inside {served.key} ({served.path}), whose files NGiNX serves to "
+                "anyone: "
+                "keep the key elsewhere (readable by root only), e.g. /etc/ssl/private/"
+            )
+
+
+def resolve_tls(profile: Profile) -> Tls | None:
+    """Where the certificate and key of ``tls.certificate`` are; nothing is read yet (a
+    `down` must work whatever the files hold): :func:`checked_tls` reads them."""
+    settings = profile.tls
+    if settings.certificate == TLS_OFF:
+        return None
+    if settings.certificate == SELF_SIGNED:
+        cert, key = self_signed_paths(profile.stack_dir)
+    else:
+        # An absolute path stays as it is: certbot's live/ names are links to its archive.
+        cert, key = profile.stack_dir / settings.certificate, profile.stack_dir / settings.key
+    return Tls(cert, key, digest="", ocsp=False)
+
+
+def checked_tls(stack: Stack) -> Stack:
+    """The stack with its certificate made (when self-signed) and checked, for rendering the
+    configs that name it."""
+    if stack.tls is None:
+        return stack
+    settings, profile = stack.profile.tls, stack.profile
+    if settings.certificate == SELF_SIGNED:
+        ensure_self_signed(stack.stack_dir, profile.server.names)
+    checked = check_pair(
+        f"{profile.source('tls.certificate')}: tls.certificate: {settings.certificate!r}",
+        stack.tls.certificate,
+        f"{profile.source('tls.key')}: tls.key: {settings.key!r}" if settings.key else "tls.key",
+        stack.tls.key,
+    )
+    return dataclasses.replace(stack, tls=checked)
+
+
 # A connection is a descriptor, so each NGiNX worker may have as many as its open-files
 # limit allows, less some for logs and listeners. (A proxied websocket holds two: client and
 # upstream.)
@@ -522,10 +611,13 @@ def plan(profile: Profile, programs: Programs | None = None, *, writes: bool = T
         user=service_user(profile, os.geteuid()),
         runner_uid=os.geteuid(),
         media_dir=media_dir,
+        tls=resolve_tls(profile),
+        acme_dir=(base / profile.tls.acme_dir).resolve() if profile.tls.acme_dir else None,
     )
     check_written_paths(stack)
     if writes:
         check_private_dirs(stack)
         check_served_dirs(stack)
+        check_key_not_served(stack)
     check_socket_paths(stack)
     return stack

@@ -154,8 +154,9 @@ def needed_paths(stack: Stack) -> dict[Path, str]:
         found[Path(programs.redis_server)] = "run"
     if stack.static_dir is not None and stack.static_dir.is_dir():
         found[stack.static_dir] = "read"  # NGiNX's workers serve it
-    if stack.media_dir is not None and stack.media_dir.is_dir():
-        found[stack.media_dir] = "read"  # the same (the app writes uploads there: its owner's call)
+    for served in (stack.media_dir, stack.acme_dir):  # the same (who writes: their owner's call)
+        if served is not None and served.is_dir():
+            found[served] = "read"
     return found
 
 

@@ -6,11 +6,27 @@ self-contained: upgrading stackctl cannot change a running NGiNX's includes unde
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from pathlib import Path
+
 from stackctl import resources
 from stackctl.render import File, render_template
 from stackctl.stack import SPARE_FDS, Stack
+from stackctl.tls import Stapling
 
 INCLUDES = ("uwsgi_params", "mime.types")
+HEADERS_FILE = "security_headers.conf"
+RENDERED = ("nginx.conf", HEADERS_FILE)
+"""The NGiNX files rendered from the profile, beside the copied includes."""
+
+# Mozilla's intermediate configuration (ssl-config.mozilla.org, version 5.7). The DHE suites
+# need ssl_dhparam, which is not set: NGiNX then simply does not offer them.
+MOZILLA_INTERMEDIATE_CIPHERS = ":".join([
+    "ECDHE-ECDSA-AES128-GCM-SHA256", "ECDHE-RSA-AES128-GCM-SHA256",
+    "ECDHE-ECDSA-AES256-GCM-SHA384", "ECDHE-RSA-AES256-GCM-SHA384",
+    "ECDHE-ECDSA-CHACHA20-POLY1305", "ECDHE-RSA-CHACHA20-POLY1305",
+    "DHE-RSA-AES128-GCM-SHA256", "DHE-RSA-AES256-GCM-SHA384", "DHE-RSA-CHACHA20-POLY1305",
+])  # fmt: skip
 TEMP_PATHS = ("body", "proxy", "uwsgi", "fastcgi", "scgi")
 
 MEDIA_CSP = (
@@ -27,8 +43,56 @@ MEDIA_HEADERS = (
 )
 
 
+@dataclass(frozen=True)
+class TlsValues:
+    listen: str
+    port_suffix: str
+    certificate: Path
+    key: Path
+    digest: str
+    ciphers: str
+    stapling: Stapling | None
+
+
+def tls_values(stack: Stack) -> TlsValues:
+    assert stack.tls is not None
+    listen = stack.profile.tls.listen
+    return TlsValues(
+        listen=str(listen),
+        port_suffix="" if listen.port == 443 else f":{listen.port}",
+        certificate=stack.tls.certificate,
+        key=stack.tls.key,
+        digest=stack.tls.digest,
+        ciphers=MOZILLA_INTERMEDIATE_CIPHERS,
+        stapling=stack.tls.stapling,
+    )
+
+
+def header_values(stack: Stack) -> dict[str, str]:
+    """The values of the security headers, "" for one not sent."""
+    headers = stack.profile.headers
+    return {
+        "nosniff": "nosniff" if headers.nosniff else "",
+        "referrer_policy": headers.referrer_policy,
+        "frame_options": headers.frame_options,
+        # Over HTTPS only: a browser ignores it over HTTP, and it would pin a host to HTTPS.
+        "hsts": f"max-age={headers.hsts}" if headers.hsts and stack.tls else "",
+    }
+
+
+def media_headers(headers: dict[str, str]) -> list[tuple[str, str]]:
+    """An upload's own headers, beside the security headers its location includes too: nosniff
+    always, and only once (the security headers send it unless the profile turned it off)."""
+    return [
+        (name, value)
+        for name, value in MEDIA_HEADERS
+        if not (name == "X-Content-Type-Options" and headers["nosniff"])
+    ]
+
+
 def render(stack: Stack) -> list[File]:
     profile = stack.profile
+    headers = header_values(stack)
     content = render_template(
         "nginx/nginx.conf.j2",
         profile=profile.name,
@@ -47,12 +111,24 @@ def render(stack: Stack) -> list[File]:
         static_url=profile.static.url,
         media_alias=f"{stack.media_dir}/" if stack.media_dir else "",
         media_url=profile.media.url,
-        media_headers=MEDIA_HEADERS,
+        media_headers=media_headers(headers),
         realtime_prefixes=[profile.ws.prefix, profile.ws.sse_prefix, profile.ws.poll_prefix],
         client_dir=f"{resources.client_dir().resolve()}/",  # disable_symlinks checks it
         timeout=profile.server.timeout,
+        tls=tls_values(stack) if stack.tls else None,
+        acme_dir=f"{stack.acme_dir}/" if stack.acme_dir else "",
+        headers=headers,
+        realtime_per_ip=profile.limits.realtime_per_ip,
+        requests_per_second=profile.limits.requests_per_second,
+        burst=profile.limits.burst,
+        exempt=profile.limits.exempt,
     )
+    security_headers = render_template("nginx/security_headers.conf.j2", hsts=headers["hsts"])
     includes = [
         File(name, (resources.templates_dir() / "nginx" / name).read_text()) for name in INCLUDES
     ]
-    return [File(stack.nginx_conf.name, content), *includes]
+    return [
+        File(stack.nginx_conf.name, content),
+        File(HEADERS_FILE, security_headers),
+        *includes,
+    ]

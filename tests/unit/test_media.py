@@ -122,22 +122,33 @@ def test_media_dir_may_be_missing_but_not_a_file(tmp_path: Path) -> None:
         generation.check_static(planned)
 
 
-def rendered_nginx(tmp_path: Path) -> str:
-    planned = stack.plan(load(tmp_path, "media.dir=uploads"), PROGRAMS)
+def rendered_nginx(tmp_path: Path, *sets: str) -> str:
+    planned = stack.plan(load(tmp_path, "media.dir=uploads", *sets), PROGRAMS)
     return {f.name: f.content for f in generation.render_all(planned)}["nginx.conf"]
 
 
-def test_nginx_serves_media_as_files_with_safe_headers(tmp_path: Path) -> None:
-    conf = rendered_nginx(tmp_path)
+def media_location(conf: str) -> str:
     location = conf[conf.index('location ^~ "/media/" {') :]
-    location = location[: location.index("\n        }\n")]
+    return location[: location.index("\n        }\n")]
+
+
+def test_nginx_serves_media_as_files_with_safe_headers(tmp_path: Path) -> None:
+    location = media_location(rendered_nginx(tmp_path))
     assert f'alias "{tmp_path.resolve() / "uploads"}/";' in location
-    assert 'add_header X-Content-Type-Options "nosniff" always;' in location
+    # nosniff comes with the security headers, once; a location of its own headers would
+    # otherwise drop them (HSTS, frame options).
+    assert "include security_headers.conf;" in location
+    assert "X-Content-Type-Options" not in location
     assert f'add_header Content-Security-Policy "{MEDIA_CSP}" always;' in location
     assert "add_header Content-Disposition $media_disposition always;" in location
     assert "location ~ /\\. {\n                deny all;" in location
     for never in ("uwsgi_pass", "proxy_pass", "try_files", "immutable", "autoindex on"):
         assert never not in location
+
+
+def test_uploads_are_nosniff_even_when_the_profile_turns_the_header_off(tmp_path: Path) -> None:
+    location = media_location(rendered_nginx(tmp_path, "headers.nosniff=false"))
+    assert 'add_header X-Content-Type-Options "nosniff" always;' in location
     assert MEDIA_CSP.startswith("sandbox;") and "script-src" not in MEDIA_CSP
     assert "default-src 'none'" in MEDIA_CSP
 
