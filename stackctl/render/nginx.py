@@ -6,7 +6,9 @@ self-contained: upgrading stackctl cannot change a running NGiNX's includes unde
 
 from __future__ import annotations
 
-from stackctl import resources
+import re
+
+from stackctl import compress, resources
 from stackctl.render import File, render_template
 from stackctl.stack import Stack
 
@@ -17,6 +19,18 @@ TEMP_PATHS = ("body", "proxy", "uwsgi", "fastcgi", "scgi")
 # allows, less some for logs and listeners. (A proxied websocket holds two: client and
 # upstream.)
 SPARE_FDS = 1024
+
+IMMUTABLE_CACHE = "public, max-age=31536000, immutable"
+"""For fingerprinted names: a year (RFC 9111's advice for "never expires"), and browsers do
+not even revalidate on reload."""
+
+
+def immutable_location(static_url: str, name_pattern: str) -> str:
+    """The location regex for the fingerprinted files under ``static_url``, in any directory
+    there; "" when the profile names none."""
+    if not name_pattern:
+        return ""
+    return f"^{re.escape(static_url)}(?:.*/)?(?:{name_pattern})$"
 
 
 def render(stack: Stack) -> list[File]:
@@ -37,6 +51,11 @@ def render(stack: Stack) -> list[File]:
         server_names=profile.server.names,
         static_alias=f"{stack.static_dir}/" if stack.static_dir else "",
         static_url=profile.static.url,
+        immutable_location=immutable_location(profile.static.url, profile.static.immutable),
+        immutable_cache=IMMUTABLE_CACHE,
+        gzip_static=profile.static.compress,
+        gzip_types=" ".join(compress.GZIP_TYPES),
+        gzip_min_length=compress.GZIP_MIN_LENGTH,
         realtime_prefixes=[profile.ws.prefix, profile.ws.sse_prefix, profile.ws.poll_prefix],
         client_dir=f"{resources.client_dir().resolve()}/",  # disable_symlinks checks it
         timeout=profile.server.timeout,
