@@ -86,10 +86,19 @@ def _ms(value: str, unit: str) -> float:
 SETTLE_SECONDS = 1.0
 
 
-def wrk(name: str, url: str, connections: int, seconds: int, threads: int = 2) -> Result:
+def wrk(
+    name: str,
+    url: str,
+    connections: int,
+    seconds: int,
+    threads: int = 2,
+    headers: tuple[str, ...] = (),
+) -> Result:
+    """``headers``: request headers as "Name: value" (wrk sends no Accept-Encoding itself)."""
     out = subprocess.run(
         [
             "wrk",
+            *(arg for header in headers for arg in ("-H", header)),
             "--latency",
             "-t",
             str(min(threads, connections)),
@@ -263,10 +272,16 @@ def circusctl(run: Path, *args: str) -> None:
 
 
 @contextmanager
-def stackctl_stack(run: Path, app: str, workers: int, *options: str) -> Iterator[Server]:
-    """The product: `stackctl up --detach` on the same app, stopped with `stackctl down`."""
+def stackctl_stack(
+    run: Path, app: str, workers: int, *options: str, static: dict[str, bytes] | None = None
+) -> Iterator[Server]:
+    """The product: `stackctl up --detach` on the same app, stopped with `stackctl down`.
+    ``static``: files (path -> content) of a static directory to serve, if any."""
     site = Path(tempfile.mkdtemp(prefix=f"site-{app}-", dir=run))
     (site / "bench_apps.py").write_text(APPS)
+    for name, content in (static or {}).items():
+        (site / "static" / name).parent.mkdir(parents=True, exist_ok=True)
+        (site / "static" / name).write_bytes(content)
     port = free_port()
     stackctl = [sys.executable, "-m", "stackctl"]
     subprocess.run(

@@ -178,16 +178,27 @@ def refresh(directory: int, name: str, path: Path, outcome: Outcome) -> None:
 
 def is_fresh(directory: int, gz_name: str, source: os.stat_result) -> bool:
     """A .gz is fresh when it is a real file stamped with its source's modification time
-    (write_gzip stamps it): any change to the source, even to an older copy, redoes it."""
+    (write_gzip stamps it), so that any change to the source, even to an older copy, redoes
+    it; and when it ends as a whole gzip file of its source does, with the source's size: a
+    .gz cut short by a crash (it is not synced: a pass over a large tree would take three
+    times as long) is redone, not served."""
     try:
         gz = os.stat(gz_name, dir_fd=directory, follow_symlinks=False)
     except FileNotFoundError:
         return False
-    return (
+    if not (
         stat.S_ISREG(gz.st_mode)
         and gz.st_mtime_ns == source.st_mtime_ns
         and gz.st_size >= GZIP_HEADER_SIZE
-    )
+    ):
+        return False
+    descriptor = os.open(gz_name, SOURCE, dir_fd=directory)
+    try:
+        # The last four bytes of a gzip file: the uncompressed size, modulo 2**32 (RFC 1952).
+        tail = os.pread(descriptor, 4, os.fstat(descriptor).st_size - 4)
+    finally:
+        os.close(descriptor)
+    return int.from_bytes(tail, "little") == source.st_size % 2**32
 
 
 def write_gzip(directory: int, name: str) -> None:
@@ -211,7 +222,6 @@ def write_gzip(directory: int, name: str) -> None:
                 if os.geteuid() == 0:  # the app's user keeps owning what is in its tree
                     os.fchown(out_fd, info.st_uid, info.st_gid)
                 os.fchmod(out_fd, stat.S_IMODE(info.st_mode) & 0o666)
-                os.fsync(out_fd)
                 os.utime(out_fd, ns=(info.st_atime_ns, info.st_mtime_ns))
             os.rename(temporary, name + ".gz", src_dir_fd=directory, dst_dir_fd=directory)
         except BaseException:
