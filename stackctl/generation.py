@@ -105,7 +105,23 @@ def check_nginx(stack: Stack, conf: Path) -> None:
     if result.returncode != 0:
         raise StackError(
             f"the rendered NGiNX config was rejected by `nginx -t`:\n{result.stderr.strip()}"
+            + certificate_hint(stack, result.stderr)
         )
+
+
+def certificate_hint(stack: Stack, said: str) -> str:
+    """NGiNX names the file, not the setting: say which setting gave it, and that nothing
+    changed for the site."""
+    if stack.tls is None or not {str(stack.tls.certificate), str(stack.tls.key)} & set(
+        said.replace('"', " ").split()
+    ):
+        return ""
+    return (
+        f"\nNGiNX cannot use the certificate of tls.certificate ({stack.tls.certificate}) with "
+        f"the key of tls.key ({stack.tls.key}); the running site keeps the certificate it has. "
+        "Check that the files are a certificate (then its chain) and its key, RSA keys of at "
+        "least 2048 bits"
+    )
 
 
 def check_circus(conf: Path) -> None:

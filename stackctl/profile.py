@@ -32,11 +32,14 @@ from stackctl.settings import (
     SECTIONS,
     SETTINGS,
     AppConfig,
+    HeadersConfig,
     Invalid,
+    LimitsConfig,
     PathsConfig,
     RedisConfig,
     ServerConfig,
     StaticConfig,
+    TlsConfig,
     WsConfig,
     WsgiConfig,
 )
@@ -63,11 +66,18 @@ class Profile:
     static: StaticConfig
     redis: RedisConfig
     paths: PathsConfig
+    tls: TlsConfig
+    headers: HeadersConfig
+    limits: LimitsConfig
     sources: Mapping[str, str] = field(default_factory=dict, compare=False)
     """Which file (or the command line, or the defaults) gave each key its value."""
 
     def source(self, key: str) -> str:
         return self.sources.get(key, "defaults")
+
+    def value(self, key: str) -> Any:
+        section, name = key.split(".", 1)
+        return getattr(getattr(self, section), name)
 
 
 @dataclass(frozen=True)
@@ -286,6 +296,7 @@ def build(name: str, reason: str, stack_dir: Path, layers: list[Layer]) -> Profi
     }
     built = Profile(name=name, reason=reason, stack_dir=stack_dir, sources=sources, **sections)
     check_url_prefixes(built)
+    check_tls_settings(built)
     return built
 
 
@@ -327,6 +338,24 @@ def check_url_prefixes(profile: Profile) -> None:
                     f"{profile.source(other)}); each URL prefix needs its own, and none may "
                     "start with another: change one of them"
                 )
+
+
+def check_tls_settings(profile: Profile) -> None:
+    """The certificate and key settings go together; HTTPS needs a port of its own."""
+    from stackctl.tls import profile_problem
+
+    problem = profile_problem(profile.tls.certificate, profile.tls.key)
+    if problem:
+        # Name the file that set the key, or, when none did, the one that set the certificate.
+        key = "tls.key" if profile.tls.key else "tls.certificate"
+        raise StackError(f"{profile.source(key)}: {problem}")
+    plain, secure = profile.server.listen, profile.tls.listen
+    if profile.tls.certificate and plain.port == secure.port:
+        raise StackError(
+            f"{profile.source('tls.listen')}: tls.listen: {str(secure)!r} uses the port of "
+            f"server.listen ({plain}, from {profile.source('server.listen')}); HTTPS needs a "
+            'port of its own, such as "0.0.0.0:443" beside "0.0.0.0:80"'
+        )
 
 
 def load(

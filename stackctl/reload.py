@@ -17,6 +17,7 @@ import os
 import re
 import signal
 import socket
+import ssl
 import struct
 import subprocess
 import textwrap
@@ -35,12 +36,14 @@ from stackctl.flapping import failure_note, has_exception, last_crash, log_tail
 from stackctl.readiness import marked_since, ready_mark, startup_timeout
 from stackctl.render import File
 from stackctl.render.nginx import INCLUDES as NGINX_INCLUDES
+from stackctl.render.nginx import RENDERED as NGINX_RENDERED
 from stackctl.stack import Stack
 from stackctl.supervisor import call
+from stackctl.tls import leaf_der
 
 POLL = 0.05
 NGINX_LISTEN_PATIENCE = 5.0
-NGINX_FILES = {"nginx.conf", *NGINX_INCLUDES}
+NGINX_FILES = {*NGINX_RENDERED, *NGINX_INCLUDES}
 RELOAD_LOCK = "reload.lock"
 ANSWER_LIMIT = 65536  # bytes of the check path's answer read: its status and a glimpse
 CANARY_NICENESS = 10
@@ -237,6 +240,25 @@ def reload_nginx(stack: Stack, previous: list[File]) -> None:
                 f"config and the site is served as before. NGiNX says:\n"
                 + textwrap.indent(log_tail(stack.log_dir / "nginx.log", 3), "    ")
             )
+        time.sleep(POLL)
+    if stack.tls:
+        wait_for_certificate(stack, time.monotonic() + NGINX_LISTEN_PATIENCE)
+
+
+def wait_for_certificate(stack: Stack, deadline: float) -> None:
+    """NGiNX's old workers answer new connections until the HUP reaches them: return once a
+    new connection gets the certificate just rendered, so that what runs after the reload
+    (certbot's deploy hook, a check) sees it."""
+    assert stack.tls is not None
+    wanted = leaf_der(stack.tls.certificate.read_bytes())
+    address = (stack.local_host, stack.front.port)
+    while time.monotonic() < deadline:
+        try:
+            served = ssl.PEM_cert_to_DER_cert(ssl.get_server_certificate(address, timeout=2))
+        except (OSError, ValueError):
+            served = b""
+        if served == wanted:
+            return
         time.sleep(POLL)
 
 

@@ -574,6 +574,107 @@ class PathsConfig:
     )
 
 
+TLS_OFF = ""
+SELF_SIGNED = "self-signed"
+
+
+def certificate(value: Any) -> str:
+    if value == SELF_SIGNED:
+        return value
+    if not isinstance(value, str) or not _is_clean_path(value):
+        raise _expect(
+            f'the path of a PEM certificate file {_PATH_RULE}, "self-signed", or "" for no HTTPS',
+            value,
+        )
+    return value
+
+
+def optional_stack_subdir(value: Any) -> str:
+    return "" if value == "" else stack_subdir(value)
+
+
+# Referrer-Policy values a browser understands (the W3C Referrer Policy list), or "" for none.
+REFERRER_POLICIES = (
+    "no-referrer", "no-referrer-when-downgrade", "origin", "origin-when-cross-origin",
+    "same-origin", "strict-origin", "strict-origin-when-cross-origin", "unsafe-url",
+)  # fmt: skip
+
+
+def one_of(*choices: str) -> Callable[[Any], str]:
+    def parse(value: Any) -> str:
+        if value not in choices:
+            raise _expect("one of " + ", ".join(f'"{c}"' for c in choices), value)
+        return str(value)
+
+    return parse
+
+
+@dataclass(frozen=True)
+class TlsConfig:
+    certificate: str = setting(
+        TLS_OFF,
+        certificate,
+        "HTTPS: a PEM certificate file (the full chain), relative to the stack directory or "
+        'absolute; "self-signed" for one stackctl makes (staging and tests only); "" for none.',
+    )
+    key: str = setting(
+        "", optional_path, "The certificate's private key (PEM), when tls.certificate is a file."
+    )
+    listen: Listen = setting(
+        "127.0.0.1:8443",
+        listen,
+        "Address NGiNX serves HTTPS (HTTP/2 and HTTP/1.1) on, HOST:PORT, when TLS is on; "
+        "server.listen then redirects to it.",
+    )
+    acme_dir: str = setting(
+        "",
+        optional_stack_subdir,
+        "Webroot for certbot (certbot certonly --webroot -w DIR), inside the stack directory: "
+        'NGiNX serves its /.well-known/acme-challenge/ over plain HTTP; "" for none.',
+    )
+
+
+@dataclass(frozen=True)
+class HeadersConfig:
+    hsts: int = setting(
+        31536000,
+        int_range(0, 2 * 31536000),
+        "Strict-Transport-Security max-age in seconds, sent only over HTTPS; 0 for none.",
+    )
+    nosniff: bool = setting(
+        True, boolean, "Send X-Content-Type-Options: nosniff unless the app sends its own."
+    )
+    referrer_policy: str = setting(
+        "strict-origin-when-cross-origin",
+        one_of(*REFERRER_POLICIES, ""),
+        'Referrer-Policy unless the app sends its own; "" for none.',
+    )
+    frame_options: str = setting(
+        "DENY",
+        one_of("DENY", "SAMEORIGIN", ""),
+        'X-Frame-Options unless the app sends its own: DENY, SAMEORIGIN or "" for none.',
+    )
+
+
+@dataclass(frozen=True)
+class LimitsConfig:
+    realtime_per_ip: int = setting(
+        100,
+        int_range(1, 1_000_000),
+        "Open websocket, event-stream and long-poll requests one client IP may hold; the "
+        "next get 429.",
+    )
+    requests_per_second: int = setting(
+        0,
+        int_range(0, 1_000_000),
+        "Requests per second one client IP may send to the app (static files excepted); "
+        "over it, plus limits.burst, they get 429. 0: no limit.",
+    )
+    burst: int = setting(
+        20, int_range(0, 1_000_000), "Requests over limits.requests_per_second let through."
+    )
+
+
 SECTION_TYPES: dict[str, type] = {
     "server": ServerConfig,
     "app": AppConfig,
@@ -582,6 +683,9 @@ SECTION_TYPES: dict[str, type] = {
     "static": StaticConfig,
     "redis": RedisConfig,
     "paths": PathsConfig,
+    "tls": TlsConfig,
+    "headers": HeadersConfig,
+    "limits": LimitsConfig,
 }
 """Each section of a profile and the class its keys are declared in, in the README's order."""
 

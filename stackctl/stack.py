@@ -16,7 +16,8 @@ from pathlib import Path, PurePosixPath
 
 from stackctl.errors import StackError
 from stackctl.profile import Profile
-from stackctl.settings import Invalid, Listen, check_clean_path
+from stackctl.settings import SELF_SIGNED, TLS_OFF, Invalid, Listen, check_clean_path
+from stackctl.tls import Tls, check_pair, ensure_self_signed, self_signed_paths
 
 # sun_path in struct sockaddr_un is 108 bytes, including the terminating NUL.
 _UNIX_PATH_MAX = 107
@@ -51,6 +52,10 @@ class Stack:
     """The open-files limit the processes can raise themselves to (the hard limit, capped)."""
     nginx_user: str | None
     """Set when running as root: NGiNX workers then run as the owner of the stack directory."""
+    tls: Tls | None = None
+    """The certificate NGiNX serves over HTTPS; None without HTTPS."""
+    acme_dir: Path | None = None
+    """certbot's webroot, served at /.well-known/acme-challenge/ over plain HTTP."""
 
     @property
     def stack_dir(self) -> Path:
@@ -121,12 +126,27 @@ class Stack:
     @property
     def local_host(self) -> str:
         """Where a client on this host reaches NGiNX: a wildcard listen means loopback."""
-        host = self.profile.server.listen.host
-        return {"0.0.0.0": "127.0.0.1", "*": "127.0.0.1", "::": "::1"}.get(host, host)
+        return loopback(self.front.host)
+
+    @property
+    def front(self) -> Listen:
+        """Where the site is served: tls.listen with HTTPS (server.listen then redirects)."""
+        return self.profile.tls.listen if self.tls else self.profile.server.listen
+
+    def listens(self) -> dict[str, Listen]:
+        """Every address NGiNX listens on, by the key that sets it."""
+        found = {"server.listen": self.profile.server.listen}
+        if self.tls:
+            found["tls.listen"] = self.profile.tls.listen
+        return found
+
+    @property
+    def scheme(self) -> str:
+        return "https" if self.tls else "http"
 
     def url(self) -> str:
         host = f"[{self.local_host}]" if ":" in self.local_host else self.local_host
-        return f"http://{host}:{self.profile.server.listen.port}/"
+        return f"{self.scheme}://{host}:{self.front.port}/"
 
     def shared_env(self) -> dict[str, str]:
         """Environment of every watcher: how the app finds Redis, and how cleanup finds them."""
@@ -149,6 +169,10 @@ class Stack:
         if self.profile.app.django_settings:
             env["DJANGO_SETTINGS_MODULE"] = self.profile.app.django_settings
         return env
+
+
+def loopback(host: str) -> str:
+    return {"0.0.0.0": "127.0.0.1", "*": "127.0.0.1", "::": "::1"}.get(host, host)
 
 
 def usable_cpus() -> int:
@@ -218,14 +242,23 @@ def first_unprivileged_port() -> int:
 def check_port_allowed(stack: Stack) -> None:
     """NGiNX binds server.listen itself, as the user who starts the stack: below the kernel's
     first unprivileged port, only root can (binding would fail with EACCES)."""
-    listen = stack.profile.server.listen
     first = first_unprivileged_port()
-    if listen.port >= first or os.geteuid() == 0:
-        return
-    raise StackError(
-        f"{stack.profile.source('server.listen')}: server.listen: {listen} is a privileged "
+    for key, listen in stack.listens().items():
+        if listen.port < first and os.geteuid() != 0:
+            raise privileged_port(stack, key, listen, first)
+
+
+def suggest_listen(key: str, host: str) -> str:
+    if key == "server.listen":
+        return f"--listen {Listen(host, 8080)}"
+    return f"--set {key}={Listen(host, 8443)}"
+
+
+def privileged_port(stack: Stack, key: str, listen: Listen, first: int) -> StackError:
+    return StackError(
+        f"{stack.profile.source(key)}: {key}: {listen} is a privileged "
         f"port (below {first}), which only root may listen on. Pick a port from {first} up, "
-        f"e.g. --listen {Listen(listen.host, 8080)}, and forward port {listen.port} to it; "
+        f"e.g. {suggest_listen(key, listen.host)}, and forward port {listen.port} to it; "
         "or start the stack as root (NGiNX's workers then run as the stack directory's owner)"
     )
 
@@ -251,6 +284,7 @@ def check_written_paths(stack: Stack) -> None:
         "paths.run_dir": ("paths.run_dir", stack.run_dir),
         "paths.log_dir": ("paths.log_dir", stack.log_dir),
         "static.dir": ("static.dir", stack.static_dir),
+        "tls.acme_dir": ("tls.acme_dir", stack.acme_dir),
     }
     for what, (key, path) in paths.items():
         if path is None:
@@ -354,9 +388,15 @@ def check_static_dir(stack: Stack) -> None:
         )
 
 
-def check_static_relations(stack: Stack, static: Path) -> None:
-    # The static directory may sit inside the stack directory, not the other way round; it
-    # may not overlap the private directories at all.
+STATIC_ALLOWED = 'a directory of static files only, such as "static" beside stack.toml'
+
+
+def check_static_relations(
+    stack: Stack, static: Path, key: str = "static.dir", allowed: str = STATIC_ALLOWED
+) -> None:
+    # The static directory (or another that NGiNX serves files from, such as tls.acme_dir)
+    # may sit inside the stack directory, not the other way round; it may not overlap the
+    # private directories at all.
     private = {
         "the stack directory": (stack.stack_dir, False),
         "the stack's .stackctl directory": (stack.stack_dir / ".stackctl", True),
@@ -372,12 +412,52 @@ def check_static_relations(stack: Stack, static: Path) -> None:
         )  # fmt: skip
         if relation:
             raise StackError(
-                f"{stack.profile.source('static.dir')}: static.dir: {stack.profile.static.dir!r} "
+                f"{stack.profile.source(key)}: {key}: {stack.profile.value(key)!r} "
                 f"resolves to {static}, which {relation} {what} ({directory}): NGiNX would "
-                "serve the stack's configs, logs or the key that signs tokens. Allowed: a "
-                'directory of static files only, such as "static" beside stack.toml, or "" '
-                "for none"
+                "serve the stack's configs, logs or the key that signs tokens. Allowed: "
+                f'{allowed}, or "" for none'
             )
+
+
+def check_acme_dir(stack: Stack) -> None:
+    """certbot writes challenge files into tls.acme_dir and NGiNX serves them to anyone: the
+    same rules as static.dir (settings.stack_subdir kept it inside the stack already)."""
+    if stack.acme_dir is None:
+        return
+    allowed = 'a directory for certbot\'s challenges only, such as "acme" beside stack.toml'
+    check_static_relations(stack, stack.acme_dir, "tls.acme_dir", allowed)
+    if stack.stack_dir not in stack.acme_dir.parents:
+        raise StackError(
+            f"{stack.profile.source('tls.acme_dir')}: tls.acme_dir: "
+            f"{stack.profile.tls.acme_dir!r} resolves to {stack.acme_dir}, outside the stack "
+            f"directory {stack.stack_dir}; choose a directory inside it"
+        )
+
+
+def resolve_tls(profile: Profile, writes: bool) -> Tls | None:
+    """The certificate and key of ``tls.certificate``, made when self-signed and checked
+    when stackctl will render configs that name them (a reader only needs the paths)."""
+    settings = profile.tls
+    if settings.certificate == TLS_OFF:
+        return None
+    cert_source, key_source = profile.source("tls.certificate"), profile.source("tls.key")
+    if settings.certificate == SELF_SIGNED:
+        if writes:
+            cert, key = ensure_self_signed(profile.stack_dir, profile.server.names)
+        else:
+            cert, key = self_signed_paths(profile.stack_dir)
+    else:
+        # An absolute path stays as it is: certbot's live/ names are links to its archive.
+        cert = profile.stack_dir / settings.certificate
+        key = profile.stack_dir / settings.key
+    if not writes:
+        return Tls(cert, key, digest="", ocsp=False)
+    return check_pair(
+        f"{cert_source}: tls.certificate: {settings.certificate!r}",
+        cert,
+        f"{key_source}: tls.key: {settings.key!r}" if settings.key else "tls.key",
+        key,
+    )
 
 
 def open_files_limit(wanted: int = 65536) -> int:
@@ -416,10 +496,13 @@ def plan(profile: Profile, programs: Programs | None = None, *, writes: bool = T
         static_dir=static_dir,
         open_files=open_files_limit(),
         nginx_user=nginx_worker_user(base),
+        tls=resolve_tls(profile, writes),
+        acme_dir=(base / profile.tls.acme_dir).resolve() if profile.tls.acme_dir else None,
     )
     check_written_paths(stack)
     if writes:
         check_private_dirs(stack)
         check_static_dir(stack)
+        check_acme_dir(stack)
     check_socket_paths(stack)
     return stack

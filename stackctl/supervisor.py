@@ -12,6 +12,7 @@ import os
 import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import textwrap
 import time
@@ -97,9 +98,25 @@ def clean_stale(stack: Stack) -> list[int]:
 # --- readiness --------------------------------------------------------------------------------
 
 
+def probe_tls() -> ssl.SSLContext:
+    """For stackctl's own probes of its own NGiNX over loopback: whether it serves, not who
+    it is (a self-signed certificate names no CA, and a real one may name no loopback)."""
+    context = ssl.create_default_context()
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    return context
+
+
 def http_answers(stack: Stack) -> bool:
-    """True once NGiNX and a WSGI worker behind it answer ``GET /`` (any status below 500)."""
-    conn = http.client.HTTPConnection(stack.local_host, stack.profile.server.listen.port, timeout=2)
+    """True once NGiNX and a WSGI worker behind it answer ``GET /`` (any status below 500):
+    over HTTPS when it is on, since plain HTTP then only redirects."""
+    conn = (
+        http.client.HTTPSConnection(
+            stack.local_host, stack.front.port, timeout=2, context=probe_tls()
+        )
+        if stack.tls
+        else http.client.HTTPConnection(stack.local_host, stack.front.port, timeout=2)
+    )
     try:
         conn.request("GET", "/", headers={"Host": "localhost"})
         return conn.getresponse().status < 500
@@ -109,15 +126,26 @@ def http_answers(stack: Stack) -> bool:
         conn.close()
 
 
+def front_socket(stack: Stack, address: tuple[str, int]) -> socket.socket:
+    plain = socket.create_connection(address, timeout=2)
+    if not stack.tls:
+        return plain
+    try:
+        return probe_tls().wrap_socket(plain)
+    except OSError:
+        plain.close()
+        raise
+
+
 def websocket_accepts(stack: Stack) -> bool:
     """True once the ws worker, through NGiNX, completes a websocket handshake."""
     from wsproto import ConnectionType, WSConnection
     from wsproto.events import AcceptConnection, RejectConnection, Request
 
-    address = (stack.local_host, stack.profile.server.listen.port)
+    address = (stack.local_host, stack.front.port)
     ws = WSConnection(ConnectionType.CLIENT)
     try:
-        with closing(socket.create_connection(address, timeout=2)) as sock:
+        with closing(front_socket(stack, address)) as sock:
             sock.sendall(
                 ws.send(Request(host="localhost", target=f"{stack.profile.ws.prefix}_ready"))
             )
@@ -202,17 +230,18 @@ class Running:
 
 
 def check_port_free(stack: Stack) -> None:
-    listen = stack.profile.server.listen
-    family = socket.AF_INET6 if ":" in listen.host else socket.AF_INET
-    with closing(socket.socket(family, socket.SOCK_STREAM)) as probe:
-        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            probe.bind((listen.host, listen.port))
-        except OSError as e:
-            raise StackError(
-                f"server.listen: {listen} is not available ({e.strerror}); stop what holds it, "
-                "or pick another address with --listen HOST:PORT"
-            ) from None
+    for key, listen in stack.listens().items():
+        family = socket.AF_INET6 if ":" in listen.host else socket.AF_INET
+        with closing(socket.socket(family, socket.SOCK_STREAM)) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                probe.bind((listen.host, listen.port))
+            except OSError as e:
+                flag = "--listen HOST:PORT" if key == "server.listen" else f"--set {key}=HOST:PORT"
+                raise StackError(
+                    f"{key}: {listen} is not available ({e.strerror}); stop what holds it, "
+                    f"or pick another address with {flag}"
+                ) from None
 
 
 def start(stack: Stack, timeout: float) -> Running:

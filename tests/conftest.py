@@ -78,6 +78,16 @@ def wait_for(check: Callable[[], bool], timeout: float = 15.0, what: str = "cond
     raise AssertionError(f"timed out after {timeout} s waiting for {what}")
 
 
+def app_site(app: Path, wsgi: str) -> Path:
+    """A new stack directory (short path, under /tmp) holding a copy of the test app ``app``,
+    initialised for its callable ``wsgi``."""
+    site = Path(tempfile.mkdtemp(prefix="sc", dir="/tmp")) / "site"
+    site.mkdir()
+    shutil.copy(app, site)
+    stackctl("init", ".", "--app", wsgi, cwd=site)
+    return site
+
+
 @pytest.fixture
 def short_tmp() -> Iterator[Path]:
     """A temp dir with a short path: unix socket paths are limited to 107 bytes."""

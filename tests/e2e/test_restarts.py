@@ -4,10 +4,8 @@ from __future__ import annotations
 
 import os
 import re
-import shutil
 import signal
 import subprocess
-import tempfile
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -20,7 +18,7 @@ from stackctl import processes
 from stackctl.errors import EXIT_STACK_ERROR
 from stackctl.stack import Stack
 from stackctl.supervisor import call
-from tests.conftest import REPO, data_of, running_stack, stackctl, wait_for
+from tests.conftest import REPO, app_site, data_of, running_stack, stackctl, wait_for
 from tests.load import Load
 
 pytestmark = pytest.mark.e2e
@@ -32,11 +30,7 @@ LOAD_APP = REPO / "tests" / "apps" / "loadapp.py"
 
 
 def load_site() -> Path:
-    site = Path(tempfile.mkdtemp(prefix="sc", dir="/tmp")) / "site"
-    site.mkdir()
-    shutil.copy(LOAD_APP, site)
-    stackctl("init", ".", "--app", "loadapp:application", cwd=site)
-    return site
+    return app_site(LOAD_APP, "loadapp:application")
 
 
 @pytest.fixture(scope="module")

@@ -106,6 +106,8 @@ def test_fingerprinted_names_are_cached_for_good_and_others_for_an_hour(site: Si
     assert status == 200
     assert headers["Cache-Control"] == IMMUTABLE_CACHE == "public, max-age=31536000, immutable"
     assert "Expires" not in headers
+    # Its own add_header must not drop the security headers every static file gets.
+    assert headers["X-Content-Type-Options"] == "nosniff"
     for name in ("app.css", "css/base.0123456789xy.css"):  # "xy": no hex digits, no hash
         status, headers, _ = site.get(name)
         assert (status, headers["Cache-Control"]) == (200, "max-age=3600"), name
