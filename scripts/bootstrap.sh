@@ -13,7 +13,10 @@ export PATH="$PATH:/usr/sbin:/sbin"
 
 packages=()
 command -v nginx >/dev/null || packages+=(nginx-light)
-if [ "$job" = bench ]; then command -v wrk >/dev/null || packages+=(wrk); fi
+if [ "$job" = bench ]; then
+    command -v wrk >/dev/null || packages+=(wrk)
+    command -v h2load >/dev/null || packages+=(nghttp2-client)  # benchmarks/tls.py
+fi
 # The browser test opens the demo page in headless Chromium.
 if [ "$job" = test ]; then command -v chromium >/dev/null || packages+=(chromium); fi
 if [ "${#packages[@]}" -gt 0 ]; then
@@ -52,6 +55,7 @@ case "$job" in
         python benchmarks/reload.py || status=1
         python benchmarks/reload.py --storm || status=1
         python benchmarks/ws_fanout.py || status=1
+        python benchmarks/tls.py || status=1
         exit "$status"
         ;;
     *)

@@ -236,8 +236,8 @@ def reload_nginx(stack: Stack, previous: list[File]) -> None:
                 put_back(stack.run_dir, file)
             call(stack, "signal", name="nginx", signum=int(signal.SIGHUP))
             raise StackError(
-                f"NGiNX could not listen on {stack.profile.server.listen}, so it kept its previous "
-                f"config and the site is served as before. NGiNX says:\n"
+                f"NGiNX could not listen on {' and '.join(map(str, stack.listens().values()))}, "
+                "so it kept its previous config and the site is served as before. NGiNX says:\n"
                 + textwrap.indent(log_tail(stack.log_dir / "nginx.log", 3), "    ")
             )
         time.sleep(POLL)
@@ -269,16 +269,20 @@ def put_back(directory: Path, file: File) -> None:
 
 
 def nginx_listens(stack: Stack) -> bool:
-    """The NGiNX master holds a listening socket on ``server.listen``."""
-    listen = stack.profile.server.listen
-    wanted = {info[4][0] for info in socket.getaddrinfo(listen.host, listen.port)}
+    """The NGiNX master holds a listening socket on ``server.listen`` (and ``tls.listen``)."""
     try:
         (master,) = call(stack, "list", name="nginx")["pids"]
         sockets = psutil.Process(int(master)).net_connections(kind="inet")
     except (ValueError, psutil.Error):
         return False
-    return any(c.status == psutil.CONN_LISTEN and c.laddr.port == listen.port
-               and c.laddr.ip in wanted for c in sockets)  # fmt: skip
+    listening = {(c.laddr.ip, c.laddr.port) for c in sockets if c.status == psutil.CONN_LISTEN}
+    for listen in stack.listens().values():
+        wanted = {
+            (info[4][0], listen.port) for info in socket.getaddrinfo(listen.host, listen.port)
+        }
+        if not wanted & listening:
+            return False
+    return True
 
 
 def restart_redis(stack: Stack) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ssl
 import tempfile
 import urllib.parse
 import urllib.request
@@ -10,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from tests.browser import Browser, chromium_binary
-from tests.conftest import REPO, running_stack, stackctl
+from tests.conftest import REPO, free_port, running_stack, stackctl
 
 pytestmark = pytest.mark.e2e
 
@@ -18,38 +19,49 @@ ARTIFACTS = REPO / "tests" / "artifacts"
 BOARD_ITEMS = "Array.from(document.querySelectorAll('#board li')).map(li => li.textContent)"
 
 
-def post(url: str, message: str) -> None:
+def post(url: str, message: str, context: ssl.SSLContext | None = None) -> None:
     body = urllib.parse.urlencode({"message": message}).encode()
     headers = {"Accept": "application/json"}
     request = urllib.request.Request(url + "post", data=body, headers=headers)
-    with urllib.request.urlopen(request, timeout=10) as response:
+    with urllib.request.urlopen(request, timeout=10, context=context) as response:
         assert response.status == 200
 
 
-def test_a_message_posted_elsewhere_appears_in_the_page_even_across_a_worker_restart() -> None:
+@pytest.mark.parametrize("scheme", ["http", "https"])
+def test_a_message_posted_elsewhere_appears_in_the_page_even_across_a_worker_restart(
+    scheme: str,
+) -> None:
     binary = chromium_binary()
     # The test job installs Chromium (scripts/bootstrap.sh); a machine without it fails here
     # rather than skipping silently.
     assert binary, "Chromium is needed: apt-get install -y chromium"
     root = Path(tempfile.mkdtemp(prefix="sc", dir="/tmp"))
     stackctl("init", str(root / "site"), "--demo", cwd=root)
-    with running_stack(root / "site", "--workers", "1") as stack, Browser(binary) as browser:
+    tls = ["--set", "tls.certificate=self-signed", "--set", f"tls.listen=127.0.0.1:{free_port()}"]
+    args = ["--workers", "1", *(tls if scheme == "https" else [])]
+    with running_stack(root / "site", *args) as stack, Browser(binary) as browser:
         url = stack.url()
+        assert url.startswith(f"{scheme}://")
+        # Over https the page and its websocket (wss, realtime.js follows the page's scheme)
+        # use the stack's self-signed certificate, which the browser is told to accept.
+        browser.call("Security.setIgnoreCertificateErrors", ignore=True)
+        cert = stack.stack_dir / ".stackctl" / "tls" / "cert.pem"
+        context = ssl.create_default_context(cafile=cert) if scheme == "https" else None
         browser.open(url)
         browser.wait_for("document.getElementById('state').textContent === 'live'")
 
-        post(url, "hello from another client")
+        post(url, "hello from another client", context)
         browser.wait_for(f"{BOARD_ITEMS}.includes('hello from another client')")
 
         # The worker restarts (close 1012); a message posted meanwhile is not lost: the page
         # reconnects by itself and resumes from the last id it saw.
         stackctl("reload", "ws", cwd=stack.stack_dir)
-        post(url, "posted during the restart")
+        post(url, "posted during the restart", context)
         browser.wait_for(f"{BOARD_ITEMS}.includes('posted during the restart')")
         browser.wait_for("document.getElementById('state').textContent === 'live'")
         assert browser.evaluate(BOARD_ITEMS) == [
             "posted during the restart",
             "hello from another client",
         ]
-        png = browser.screenshot(ARTIFACTS / "browser-demo.png")
+        png = browser.screenshot(ARTIFACTS / f"browser-demo-{scheme}.png")
     assert png.startswith(b"\x89PNG\r\n\x1a\n") and len(png) > 5000
