@@ -134,7 +134,8 @@ def wait_http(port: int, timeout: float = 30.0) -> None:
         conn = http.client.HTTPConnection("127.0.0.1", port, timeout=1)
         try:
             conn.request("GET", "/")
-            if conn.getresponse().status == 200:
+            # A redirect answers too: with TLS on, server.listen sends every visitor to https.
+            if conn.getresponse().status in (200, 301):
                 return
         except OSError:
             pass
@@ -273,12 +274,18 @@ def circusctl(run: Path, *args: str) -> None:
 
 @contextmanager
 def stackctl_stack(
-    run: Path, app: str, workers: int, *options: str, static: dict[str, bytes] | None = None
+    run: Path,
+    app: str,
+    workers: int,
+    *options: str,
+    static: dict[str, bytes] | None = None,
+    apps: str = APPS,
 ) -> Iterator[Server]:
     """The product: `stackctl up --detach` on the same app, stopped with `stackctl down`.
-    ``static``: files (path -> content) of a static directory to serve, if any."""
+    ``static``: files (path -> content) of a static directory to serve, if any; ``apps``:
+    the source of the bench_apps module, whose callable ``app`` is served."""
     site = Path(tempfile.mkdtemp(prefix=f"site-{app}-", dir=run))
-    (site / "bench_apps.py").write_text(APPS)
+    (site / "bench_apps.py").write_text(apps)
     for name, content in (static or {}).items():
         (site / "static" / name).parent.mkdir(parents=True, exist_ok=True)
         (site / "static" / name).write_bytes(content)
