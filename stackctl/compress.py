@@ -91,6 +91,8 @@ def compress_static(stack: Stack) -> Outcome | None:
     profile leaves compression to NGiNX (static.compress = false)."""
     if stack.static_dir is None or not stack.profile.static.compress:
         return None
+    if not stack.static_dir.is_dir():
+        return None  # generation.check_static says so, naming the key
     if stack.stack_dir not in stack.static_dir.parents:  # Stack.plan refuses it for writers
         return Outcome(failures=[f"{stack.static_dir}: outside the stack directory"])
     try:

@@ -14,11 +14,12 @@ from pathlib import Path
 import pytest
 
 from stackctl import profile
-from stackctl.compress import compress_tree, compressible_extensions
+from stackctl.compress import compress_static, compress_tree, compressible_extensions
 from stackctl.errors import StackError
 from stackctl.render import nginx_regex
 from stackctl.render.nginx import immutable_location
 from stackctl.settings import DJANGO_MANIFEST_NAME, Invalid, file_name_pattern
+from stackctl.stack import NO_PROGRAMS, plan
 
 NGINX = shutil.which("nginx") or "/usr/sbin/nginx"
 
@@ -264,3 +265,16 @@ def test_as_root_the_gz_belongs_to_its_source_s_owner(tmp_path: Path) -> None:
     info = (static / "vendor.js.gz").stat()
     assert (info.st_uid, info.st_gid) == (65534, 65534)
     assert (static / "css" / "app.css.gz").stat().st_uid == 0
+
+
+@pytest.mark.parametrize("name, compressed", [("prod", 3), ("dev", None)])
+def test_the_stack_compresses_unless_its_profile_leaves_it_to_nginx(
+    tmp_path: Path, name: str, compressed: int | None
+) -> None:
+    static = tree(tmp_path)
+    (tmp_path / "site" / "stack.toml").write_text('[app]\nwsgi = "a:b"\n')
+    stack = plan(profile.load(tmp_path / "site", name, [], hostnames=["h"]), NO_PROGRAMS)
+    assert stack.static_dir == static
+    outcome = compress_static(stack)
+    assert (outcome and outcome.compressed) == compressed
+    assert len(gz_files(static)) == (compressed or 0)
