@@ -242,9 +242,10 @@ def reload_running(args: argparse.Namespace, running: Stack) -> int:
     check_run_dir_owner(stack)
     # The rest of what `up` checks runs on the new generation in apply_config; the port, only
     # when NGiNX does not hold it already (the files it was read from may have changed since).
-    if not reload.nginx_listens(stack):
-        check_port_allowed(stack)
-        supervisor.check_port_free(stack)
+    unheld = reload.unheld_listens(stack)
+    if unheld:
+        check_port_allowed(stack, unheld)
+        supervisor.check_port_free(stack, unheld)
     # Before NGiNX serves the new generation: a changed file's stale .gz goes as soon as can be.
     print_compression(stack)
     done = reload.apply_config(stack)

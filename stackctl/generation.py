@@ -18,12 +18,15 @@ from pathlib import Path, PurePosixPath
 
 from stackctl.errors import StackError
 from stackctl.render import File, circus, nginx, redis, uwsgi
-from stackctl.stack import Stack, stack_owner
+from stackctl.stack import Stack, checked_tls, stack_owner
 
 STAGING = ".next"
 
 
 def render_all(stack: Stack) -> list[File]:
+    """Every config of a generation. The certificate is read (and made, when self-signed)
+    here, so that what renders checks it and what only stops or reads a stack does not."""
+    stack = checked_tls(stack)
     return [*circus.render(stack), *nginx.render(stack), *uwsgi.render(stack), *redis.render(stack)]
 
 

@@ -37,7 +37,7 @@ from stackctl.readiness import marked_since, ready_mark, startup_timeout
 from stackctl.render import File
 from stackctl.render.nginx import INCLUDES as NGINX_INCLUDES
 from stackctl.render.nginx import RENDERED as NGINX_RENDERED
-from stackctl.stack import Stack
+from stackctl.stack import Listen, Stack
 from stackctl.supervisor import call
 from stackctl.tls import leaf_der
 
@@ -270,19 +270,23 @@ def put_back(directory: Path, file: File) -> None:
 
 def nginx_listens(stack: Stack) -> bool:
     """The NGiNX master holds a listening socket on ``server.listen`` (and ``tls.listen``)."""
+    return not unheld_listens(stack)
+
+
+def unheld_listens(stack: Stack) -> list[str]:
+    """The keys of the addresses the stack listens on that the NGiNX master does not hold."""
+    keys = list(stack.listens())
     try:
         (master,) = call(stack, "list", name="nginx")["pids"]
         sockets = psutil.Process(int(master)).net_connections(kind="inet")
     except (ValueError, psutil.Error):
-        return False
+        return keys
     listening = {(c.laddr.ip, c.laddr.port) for c in sockets if c.status == psutil.CONN_LISTEN}
-    for listen in stack.listens().values():
-        wanted = {
-            (info[4][0], listen.port) for info in socket.getaddrinfo(listen.host, listen.port)
-        }
-        if not wanted & listening:
-            return False
-    return True
+    return [key for key in keys if not addresses(stack.listens()[key]) & listening]
+
+
+def addresses(listen: Listen) -> set[tuple[str, int]]:
+    return {(str(info[4][0]), listen.port) for info in socket.getaddrinfo(listen.host, listen.port)}
 
 
 def restart_redis(stack: Stack) -> None:

@@ -6,11 +6,13 @@ programs to run), so that templates stay free of logic and renderers stay pure.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import resource
 import shutil
 import stat
 import sys
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
@@ -133,12 +135,13 @@ class Stack:
         """Where the site is served: tls.listen with HTTPS (server.listen then redirects)."""
         return self.profile.tls.listen if self.tls else self.profile.server.listen
 
-    def listens(self) -> dict[str, Listen]:
-        """Every address NGiNX listens on, by the key that sets it."""
+    def listens(self, keys: Iterable[str] | None = None) -> dict[str, Listen]:
+        """Every address NGiNX listens on (or those of ``keys``), by the key that sets it."""
         found = {"server.listen": self.profile.server.listen}
         if self.tls:
             found["tls.listen"] = self.profile.tls.listen
-        return found
+        wanted = set(found if keys is None else keys)
+        return {k: v for k, v in found.items() if k in wanted}
 
     @property
     def scheme(self) -> str:
@@ -239,11 +242,12 @@ def first_unprivileged_port() -> int:
         return 1024
 
 
-def check_port_allowed(stack: Stack) -> None:
-    """NGiNX binds server.listen itself, as the user who starts the stack: below the kernel's
-    first unprivileged port, only root can (binding would fail with EACCES)."""
+def check_port_allowed(stack: Stack, keys: Iterable[str] | None = None) -> None:
+    """NGiNX binds server.listen (and tls.listen) itself, as the user who starts the stack:
+    below the kernel's first unprivileged port, only root can (binding would fail with
+    EACCES). ``keys`` limits the check to those addresses."""
     first = first_unprivileged_port()
-    for key, listen in stack.listens().items():
+    for key, listen in stack.listens(keys).items():
         if listen.port < first and os.geteuid() != 0:
             raise privileged_port(stack, key, listen, first)
 
@@ -434,30 +438,35 @@ def check_acme_dir(stack: Stack) -> None:
         )
 
 
-def resolve_tls(profile: Profile, writes: bool) -> Tls | None:
-    """The certificate and key of ``tls.certificate``, made when self-signed and checked
-    when stackctl will render configs that name them (a reader only needs the paths)."""
+def resolve_tls(profile: Profile) -> Tls | None:
+    """Where the certificate and key of ``tls.certificate`` are; nothing is read yet (a
+    `down` must work whatever the files hold): :func:`checked_tls` reads them."""
     settings = profile.tls
     if settings.certificate == TLS_OFF:
         return None
-    cert_source, key_source = profile.source("tls.certificate"), profile.source("tls.key")
     if settings.certificate == SELF_SIGNED:
-        if writes:
-            cert, key = ensure_self_signed(profile.stack_dir, profile.server.names)
-        else:
-            cert, key = self_signed_paths(profile.stack_dir)
+        cert, key = self_signed_paths(profile.stack_dir)
     else:
         # An absolute path stays as it is: certbot's live/ names are links to its archive.
-        cert = profile.stack_dir / settings.certificate
-        key = profile.stack_dir / settings.key
-    if not writes:
-        return Tls(cert, key, digest="", ocsp=False)
-    return check_pair(
-        f"{cert_source}: tls.certificate: {settings.certificate!r}",
-        cert,
-        f"{key_source}: tls.key: {settings.key!r}" if settings.key else "tls.key",
-        key,
+        cert, key = profile.stack_dir / settings.certificate, profile.stack_dir / settings.key
+    return Tls(cert, key, digest="", ocsp=False)
+
+
+def checked_tls(stack: Stack) -> Stack:
+    """The stack with its certificate made (when self-signed) and checked, for rendering the
+    configs that name it."""
+    if stack.tls is None:
+        return stack
+    settings, profile = stack.profile.tls, stack.profile
+    if settings.certificate == SELF_SIGNED:
+        ensure_self_signed(stack.stack_dir, profile.server.names)
+    checked = check_pair(
+        f"{profile.source('tls.certificate')}: tls.certificate: {settings.certificate!r}",
+        stack.tls.certificate,
+        f"{profile.source('tls.key')}: tls.key: {settings.key!r}" if settings.key else "tls.key",
+        stack.tls.key,
     )
+    return dataclasses.replace(stack, tls=checked)
 
 
 def open_files_limit(wanted: int = 65536) -> int:
@@ -496,7 +505,7 @@ def plan(profile: Profile, programs: Programs | None = None, *, writes: bool = T
         static_dir=static_dir,
         open_files=open_files_limit(),
         nginx_user=nginx_worker_user(base),
-        tls=resolve_tls(profile, writes),
+        tls=resolve_tls(profile),
         acme_dir=(base / profile.tls.acme_dir).resolve() if profile.tls.acme_dir else None,
     )
     check_written_paths(stack)

@@ -16,7 +16,7 @@ import ssl
 import subprocess
 import textwrap
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from contextlib import closing
 from dataclasses import dataclass
 from typing import Any
@@ -229,8 +229,8 @@ class Running:
     process: subprocess.Popen[bytes]
 
 
-def check_port_free(stack: Stack) -> None:
-    for key, listen in stack.listens().items():
+def check_port_free(stack: Stack, keys: Iterable[str] | None = None) -> None:
+    for key, listen in stack.listens(keys).items():
         family = socket.AF_INET6 if ":" in listen.host else socket.AF_INET
         with closing(socket.socket(family, socket.SOCK_STREAM)) as probe:
             probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)

@@ -48,7 +48,56 @@ class Tls:
     digest: str
     """Of the certificate and key files as read now: a renewal changes the rendered config."""
     ocsp: bool
-    """The certificate names an OCSP responder, so NGiNX may staple its answers."""
+    """The certificate names an OCSP responder and the file holds its issuer (its chain):
+    NGiNX can staple the responder's answers. Without the issuer it would only warn."""
+    stapling: Stapling | None = None
+    """What NGiNX needs besides to staple; None: no stapling."""
+
+
+@dataclass(frozen=True)
+class Stapling:
+    resolvers: str
+    """Name servers for NGiNX's resolver, which reads no resolv.conf: "IP [IPv6]..."."""
+    ca_bundle: Path
+    """The CAs that the responder's answers are checked against."""
+
+
+SYSTEM_CA_BUNDLE = Path("/etc/ssl/certs/ca-certificates.crt")
+RESOLV_CONF = Path("/etc/resolv.conf")
+
+
+def name_servers(resolv_conf: str) -> list[str]:
+    """The name servers of resolv.conf, as NGiNX's resolver directive takes them."""
+    from stackctl.settings import is_ip_address
+
+    found = []
+    for line in resolv_conf.splitlines():
+        fields = line.split()
+        # NGiNX takes no IPv6 zone (fe80::1%eth0): such a server is left out.
+        usable = len(fields) >= 2 and is_ip_address(fields[1]) and "%" not in fields[1]
+        if usable and fields[0] == "nameserver":
+            found.append(f"[{fields[1]}]" if ":" in fields[1] else fields[1])
+    return found
+
+
+def stapling(ocsp: bool, resolv_conf: str, ca_bundle: Path) -> Stapling | None:
+    """Stapling needs the responder's name resolved and its answers checked against the CAs;
+    without either, NGiNX would warn at every start and staple nothing."""
+    resolvers = name_servers(resolv_conf)
+    if not (ocsp and resolvers and ca_bundle.is_file()):
+        return None
+    return Stapling(" ".join(resolvers), ca_bundle)
+
+
+def host_stapling(ocsp: bool) -> Stapling | None:
+    """:func:`stapling` with this host's resolv.conf and CA bundle."""
+    if not ocsp:
+        return None
+    try:
+        resolv_conf = RESOLV_CONF.read_text()
+    except OSError:
+        return None
+    return stapling(ocsp, resolv_conf, SYSTEM_CA_BUNDLE)
 
 
 def profile_problem(certificate: str, key: str) -> str | None:
@@ -127,7 +176,8 @@ def check_pair(where_cert: str, cert_path: Path, where_key: str, key_path: Path)
             f"{leaf.not_valid_after_utc:%Y-%m-%d %H:%M} UTC, not now; renew it"
         )
     digest = hashlib.sha256(cert_bytes + b"\0" + key_bytes).hexdigest()
-    return Tls(cert_path, key_path, digest, has_ocsp(leaf))
+    ocsp = has_ocsp(leaf) and len(chain) > 1
+    return Tls(cert_path, key_path, digest, ocsp, host_stapling(ocsp))
 
 
 def leaf_der(pem: bytes) -> bytes:

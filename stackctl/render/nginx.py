@@ -13,6 +13,7 @@ from pathlib import Path
 from stackctl import compress, resources
 from stackctl.render import File, render_template
 from stackctl.stack import Stack
+from stackctl.tls import Stapling
 
 INCLUDES = ("uwsgi_params", "mime.types")
 HEADERS_FILE = "security_headers.conf"
@@ -27,9 +28,6 @@ MOZILLA_INTERMEDIATE_CIPHERS = ":".join([
     "ECDHE-ECDSA-CHACHA20-POLY1305", "ECDHE-RSA-CHACHA20-POLY1305",
     "DHE-RSA-AES128-GCM-SHA256", "DHE-RSA-AES256-GCM-SHA384", "DHE-RSA-CHACHA20-POLY1305",
 ])  # fmt: skip
-
-SYSTEM_CA_BUNDLE = Path("/etc/ssl/certs/ca-certificates.crt")
-RESOLV_CONF = Path("/etc/resolv.conf")
 TEMP_PATHS = ("body", "proxy", "uwsgi", "fastcgi", "scgi")
 
 # A connection is a descriptor, so each worker may have as many as its open-files limit
@@ -58,32 +56,12 @@ class TlsValues:
     key: Path
     digest: str
     ciphers: str
-    stapling: bool
-    trusted: Path
-    resolvers: str
+    stapling: Stapling | None
 
 
-def name_servers(resolv_conf: str) -> list[str]:
-    """The name servers of resolv.conf, for NGiNX's resolver (it reads no resolv.conf)."""
-    from stackctl.settings import is_ip_address
-
-    found = []
-    for line in resolv_conf.splitlines():
-        fields = line.split()
-        # NGiNX takes no IPv6 zone (fe80::1%eth0): such a server is left out.
-        usable = len(fields) >= 2 and is_ip_address(fields[1]) and "%" not in fields[1]
-        if usable and fields[0] == "nameserver":
-            found.append(f"[{fields[1]}]" if ":" in fields[1] else fields[1])
-    return found
-
-
-def tls_values(stack: Stack, resolv_conf: str, ca_bundle: Path = SYSTEM_CA_BUNDLE) -> TlsValues:
+def tls_values(stack: Stack) -> TlsValues:
     assert stack.tls is not None
     listen = stack.profile.tls.listen
-    resolvers = name_servers(resolv_conf)
-    # Stapling needs the responder's name resolved, and its answers checked against the CAs;
-    # without either, NGiNX would warn at every start and staple nothing.
-    stapling = stack.tls.ocsp and bool(resolvers) and ca_bundle.is_file()
     return TlsValues(
         listen=str(listen),
         port_suffix="" if listen.port == 443 else f":{listen.port}",
@@ -91,9 +69,7 @@ def tls_values(stack: Stack, resolv_conf: str, ca_bundle: Path = SYSTEM_CA_BUNDL
         key=stack.tls.key,
         digest=stack.tls.digest,
         ciphers=MOZILLA_INTERMEDIATE_CIPHERS,
-        stapling=stapling,
-        trusted=ca_bundle,
-        resolvers=" ".join(resolvers),
+        stapling=stack.tls.stapling,
     )
 
 
@@ -111,7 +87,6 @@ def header_values(stack: Stack) -> dict[str, str]:
 
 def render(stack: Stack) -> list[File]:
     profile = stack.profile
-    resolv_conf = RESOLV_CONF.read_text() if stack.tls and RESOLV_CONF.is_file() else ""
     headers = header_values(stack)
     content = render_template(
         "nginx/nginx.conf.j2",
@@ -137,7 +112,7 @@ def render(stack: Stack) -> list[File]:
         realtime_prefixes=[profile.ws.prefix, profile.ws.sse_prefix, profile.ws.poll_prefix],
         client_dir=f"{resources.client_dir().resolve()}/",  # disable_symlinks checks it
         timeout=profile.server.timeout,
-        tls=tls_values(stack, resolv_conf) if stack.tls else None,
+        tls=tls_values(stack) if stack.tls else None,
         acme_dir=f"{stack.acme_dir}/" if stack.acme_dir else "",
         headers=headers,
         realtime_per_ip=profile.limits.realtime_per_ip,

@@ -95,6 +95,9 @@ def test_the_site_is_served_over_http2_with_the_self_signed_certificate(stack: S
     assert result.stdout == "2 200", result.stderr
     key = stack.stack_dir / ".stackctl" / "tls" / "key.pem"
     assert key.stat().st_mode & 0o777 == 0o600
+    # `status` checks the site where it is served: over HTTPS.
+    status = stackctl("status", cwd=stack.stack_dir)
+    assert status.stdout.startswith(stack.url()) and "site      ok" in status.stdout
 
 
 def test_plain_http_redirects_to_https_except_certbots_challenges(stack: Stack) -> None:
@@ -131,6 +134,7 @@ def test_the_app_sees_forwarded_headers_from_the_connection_and_no_proxy_header(
     assert environ["HTTP_X_FORWARDED_HOST"] == "127.0.0.1"
     assert "HTTP_PROXY" not in environ
     assert environ["HTTPS"] == "on"
+    assert environ["wsgi.url_scheme"] == "https"  # Django's request.is_secure(), CSRF checks
 
 
 def wss_url(stack: Stack, channel: str, token: str) -> str:
@@ -265,6 +269,10 @@ def test_reload_serves_a_renewed_certificate_and_refuses_a_broken_one() -> None:
         assert "tls.certificate" in refused.stderr  # the hint says which setting to look at
         assert served_certificate(stack) == normal(renewed[0])
 
+        # Whatever the files hold by now, the stack can be stopped.
+        write_pair(site, b"", b"")
+        assert "stack stopped" in stackctl("down", cwd=site).stdout
+
 
 # --- the optional request rate limit --------------------------------------------------------------
 
@@ -283,3 +291,20 @@ def test_a_request_rate_limit_answers_429_past_its_burst_and_spares_static_files
         static = [http_get(stack, "/_stackctl/realtime.js")[0] for _ in range(10)]
     assert set(app) <= {200, 429} and app[-1] == 429, app
     assert set(static) == {200}
+
+
+def test_reload_turns_https_on_for_a_running_plain_stack() -> None:
+    with running_stack(echo_site(), "--workers", "1") as plain:
+        site, tls_port = plain.stack_dir, free_port()
+        settings = ["tls.certificate=self-signed", f"tls.listen=127.0.0.1:{tls_port}"]
+        done = stackctl("reload", *(a for s in settings for a in ("--set", s)), cwd=site)
+        assert "NGiNX reloaded its config" in done.stdout
+        status, headers, _ = http_get(plain, "/")
+        assert (status, headers["Location"]) == (301, f"https://127.0.0.1:{tls_port}/")
+        context = ssl.create_default_context(cafile=site / ".stackctl" / "tls" / "cert.pem")
+        conn = http.client.HTTPSConnection("127.0.0.1", tls_port, timeout=10, context=context)
+        try:
+            conn.request("GET", "/")
+            assert conn.getresponse().status == 200
+        finally:
+            conn.close()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import os
 import re
@@ -15,14 +16,15 @@ from cryptography import x509
 from stackctl import generation, profile
 from stackctl.errors import StackError
 from stackctl.render import nginx
-from stackctl.stack import Stack, plan
+from stackctl.stack import Stack, checked_tls, plan
 from stackctl.tls import (
-    Tls,
+    Stapling,
     check_pair,
     ensure_self_signed,
     make_self_signed,
     san_names,
     self_signed_paths,
+    stapling,
 )
 from tests.unit.test_render import NGINX, PROGRAMS
 
@@ -154,18 +156,68 @@ def test_a_linked_tls_directory_is_refused(tmp_path: Path) -> None:
 def test_a_key_that_is_not_the_certificates_is_refused(tmp_path: Path) -> None:
     write_pair(tmp_path, (make_self_signed(["a.test"], [])[0], make_self_signed(["a.test"], [])[1]))
     with pytest.raises(StackError, match=r"tls\.key: 'site\.key'.* is not the private key of"):
-        planned(tmp_path, *FILE_CERT)
+        conf(planned(tmp_path, *FILE_CERT))
 
 
 def test_missing_unreadable_and_expired_certificates_are_named(tmp_path: Path) -> None:
     with pytest.raises(StackError, match=r"tls\.certificate: 'site\.pem': .*site\.pem: no such"):
-        planned(tmp_path, *FILE_CERT)
+        conf(planned(tmp_path, *FILE_CERT))
     write_pair(tmp_path, (b"not pem", make_self_signed(["a.test"], [])[1]))
     with pytest.raises(StackError, match="holds no PEM certificate"):
-        planned(tmp_path, *FILE_CERT)
+        conf(planned(tmp_path, *FILE_CERT))
     write_pair(tmp_path, make_self_signed(["a.test"], [], days=-0.001))
     with pytest.raises(StackError, match=r"valid from .* not now; renew it"):
-        planned(tmp_path, *FILE_CERT)
+        conf(planned(tmp_path, *FILE_CERT))
+
+
+def test_stopping_or_reading_a_stack_does_not_read_its_certificate(tmp_path: Path) -> None:
+    stack = planned(tmp_path, *FILE_CERT)  # what `down` and `status` do: no such files here
+    assert stack.url() == "https://127.0.0.1:8443/"
+    assert not (tmp_path / ".stackctl" / "tls").exists()
+
+
+def chain_with_ocsp() -> tuple[bytes, bytes, bytes]:
+    """A CA, and a certificate it signed that names an OCSP responder: (leaf, CA, key)."""
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import AuthorityInformationAccessOID, NameOID
+
+    def name(text: str) -> x509.Name:
+        return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, text)])
+
+    now = datetime.datetime.now(datetime.UTC)
+    ca_key, key = ec.generate_private_key(ec.SECP256R1()), ec.generate_private_key(ec.SECP256R1())
+
+    def issued(subject: str, public: object, **extensions: x509.ExtensionType) -> x509.Certificate:
+        builder = (
+            x509.CertificateBuilder().subject_name(name(subject)).issuer_name(name("Test CA"))
+            .public_key(public).serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(days=1))
+            .not_valid_after(now + datetime.timedelta(days=30))
+        )  # fmt: skip
+        for extension in extensions.values():
+            builder = builder.add_extension(extension, critical=False)
+        return builder.sign(ca_key, hashes.SHA256())
+
+    responder = x509.AccessDescription(
+        AuthorityInformationAccessOID.OCSP,
+        x509.UniformResourceIdentifier("http://ocsp.example.test"),
+    )
+    leaf = issued("a.test", key.public_key(), aia=x509.AuthorityInformationAccess([responder]))
+    ca = issued("Test CA", ca_key.public_key())
+    pem = serialization.Encoding.PEM
+    key_pem = key.private_bytes(
+        pem, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
+    return leaf.public_bytes(pem), ca.public_bytes(pem), key_pem
+
+
+def test_stapling_needs_a_responder_and_the_issuer_in_the_file(tmp_path: Path) -> None:
+    leaf, ca, key = chain_with_ocsp()
+    write_pair(tmp_path, (leaf, key))
+    assert not check_pair("c", tmp_path / "site.pem", "k", tmp_path / "site.key").ocsp
+    write_pair(tmp_path, (leaf + ca, key))
+    assert check_pair("c", tmp_path / "site.pem", "k", tmp_path / "site.key").ocsp
 
 
 def test_the_digest_follows_the_files(tmp_path: Path) -> None:
@@ -196,7 +248,8 @@ def test_with_tls_http2_mozilla_settings_and_a_redirecting_plain_server(tmp_path
     assert "ssl_stapling" not in text  # a self-signed certificate names no OCSP responder
     assert "return 301 https://$host:8443$request_uri;" in text
     assert f'root "{tmp_path}/acme/";' in text
-    assert stack.tls is not None and stack.tls.digest in text
+    checked = checked_tls(stack).tls
+    assert checked is not None and checked.digest in text
     assert stack.url() == "https://127.0.0.1:8443/"
 
 
@@ -206,17 +259,25 @@ def test_port_443_is_left_out_of_the_redirect(tmp_path: Path) -> None:
 
 
 def test_stapling_only_with_a_responder_a_resolver_and_the_cas(tmp_path: Path) -> None:
-    stack = planned(tmp_path, "tls.certificate=self-signed")
-    assert stack.tls is not None
-    with_ocsp = Stack(**{**stack.__dict__, "tls": Tls(**{**stack.tls.__dict__, "ocsp": True})})
     resolv = "# comment\nnameserver 192.0.2.53\nnameserver fe80::1%eth0\nnameserver 2001:db8::1\n"
     cas = tmp_path / "cas.pem"
-    assert not nginx.tls_values(with_ocsp, resolv, cas).stapling  # no CA bundle
+    assert stapling(True, resolv, cas) is None  # no CA bundle
     cas.write_text("")
-    values = nginx.tls_values(with_ocsp, resolv, cas)
-    assert values.stapling and values.resolvers == "192.0.2.53 [2001:db8::1]"
-    assert not nginx.tls_values(with_ocsp, "", cas).stapling
-    assert not nginx.tls_values(stack, resolv, cas).stapling
+    assert stapling(True, resolv, cas) == Stapling("192.0.2.53 [2001:db8::1]", cas)
+    assert stapling(True, "", cas) is None
+    assert stapling(False, resolv, cas) is None
+
+
+def test_stapling_rendered_when_the_certificate_allows_it(tmp_path: Path) -> None:
+    stack = planned(tmp_path, "tls.certificate=self-signed")
+    assert stack.tls is not None
+    assert "ssl_stapling" not in conf(stack)["nginx.conf"]
+    on = Stapling("192.0.2.53", tmp_path / "cas.pem")
+    with_ocsp = dataclasses.replace(stack, tls=dataclasses.replace(stack.tls, stapling=on))
+    text = nginx.render(with_ocsp)[0].content
+    assert "ssl_stapling on;" in text and "ssl_stapling_verify on;" in text
+    assert f'ssl_trusted_certificate "{tmp_path}/cas.pem";' in text
+    assert "resolver 192.0.2.53;" in text
 
 
 def test_security_headers_forwarded_headers_and_limits(tmp_path: Path) -> None:
