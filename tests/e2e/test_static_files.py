@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import gzip
 import tempfile
+import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
