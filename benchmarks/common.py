@@ -86,10 +86,19 @@ def _ms(value: str, unit: str) -> float:
 SETTLE_SECONDS = 1.0
 
 
-def wrk(name: str, url: str, connections: int, seconds: int, threads: int = 2) -> Result:
+def wrk(
+    name: str,
+    url: str,
+    connections: int,
+    seconds: int,
+    threads: int = 2,
+    headers: tuple[str, ...] = (),
+) -> Result:
+    """``headers``: request headers as "Name: value" (wrk sends no Accept-Encoding itself)."""
     out = subprocess.run(
         [
             "wrk",
+            *(arg for header in headers for arg in ("-H", header)),
             "--latency",
             "-t",
             str(min(threads, connections)),
@@ -125,7 +134,8 @@ def wait_http(port: int, timeout: float = 30.0) -> None:
         conn = http.client.HTTPConnection("127.0.0.1", port, timeout=1)
         try:
             conn.request("GET", "/")
-            if conn.getresponse().status == 200:
+            # A redirect answers too: with TLS on, server.listen sends every visitor to https.
+            if conn.getresponse().status in (200, 301):
                 return
         except OSError:
             pass
@@ -263,10 +273,22 @@ def circusctl(run: Path, *args: str) -> None:
 
 
 @contextmanager
-def stackctl_stack(run: Path, app: str, workers: int, *options: str) -> Iterator[Server]:
-    """The product: `stackctl up --detach` on the same app, stopped with `stackctl down`."""
+def stackctl_stack(
+    run: Path,
+    app: str,
+    workers: int,
+    *options: str,
+    static: dict[str, bytes] | None = None,
+    apps: str = APPS,
+) -> Iterator[Server]:
+    """The product: `stackctl up --detach` on the same app, stopped with `stackctl down`.
+    ``static``: files (path -> content) of a static directory to serve, if any; ``apps``:
+    the source of the bench_apps module, whose callable ``app`` is served."""
     site = Path(tempfile.mkdtemp(prefix=f"site-{app}-", dir=run))
-    (site / "bench_apps.py").write_text(APPS)
+    (site / "bench_apps.py").write_text(apps)
+    for name, content in (static or {}).items():
+        (site / "static" / name).parent.mkdir(parents=True, exist_ok=True)
+        (site / "static" / name).write_bytes(content)
     port = free_port()
     stackctl = [sys.executable, "-m", "stackctl"]
     subprocess.run(

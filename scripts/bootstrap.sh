@@ -24,8 +24,10 @@ if [ "$job" = bench ]; then
     command -v wrk >/dev/null || packages+=(wrk)
     command -v h2load >/dev/null || packages+=(nghttp2-client)  # benchmarks/tls.py
 fi
-# The browser test opens the demo page in headless Chromium.
-if [ "$job" = test ]; then command -v chromium >/dev/null || packages+=(chromium); fi
+# The browser test opens the demo page in headless Chromium; benchmarks/page_load.py too.
+if [ "$job" = test ] || [ "$job" = bench ]; then
+    command -v chromium >/dev/null || packages+=(chromium)
+fi
 if [ "${#packages[@]}" -gt 0 ]; then
     if [ "$(id -u)" != 0 ]; then
         echo "stackctl needs ${packages[*]} from apt; run this as root, or first:" >&2
@@ -63,6 +65,7 @@ case "$job" in
         python benchmarks/reload.py --storm || status=1
         python benchmarks/ws_fanout.py || status=1
         python benchmarks/tls.py || status=1
+        python benchmarks/page_load.py || status=1
         exit "$status"
         ;;
     *)

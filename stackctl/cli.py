@@ -167,6 +167,7 @@ def cmd_up(args: argparse.Namespace) -> int:
     os.umask(0o077)
     show_deploy_checks(stack)
     generation.write(stack, generation.render_all(stack))
+    print_compression(stack)
     save_state(stack, overrides_from(args))
     try:
         running = supervisor.start(stack, timeout=args.timeout)
@@ -276,12 +277,35 @@ def reload_running(args: argparse.Namespace, running: Stack) -> int:
     if unheld:
         check_port_allowed(stack, unheld)
         supervisor.check_port_free(stack, unheld)
+    # Before NGiNX serves the new generation: a changed file's stale .gz goes as soon as can be.
+    print_compression(stack)
     done = reload.apply_config(stack)
     save_state(stack, overrides)
     for line in done:
         print(line)
     if not done or args.watcher is not None:
         print(reload.reload_watcher(stack, args.watcher or "wsgi", sequential=args.sequential))
+    return 0
+
+
+def print_compression(stack: Stack) -> None:
+    from stackctl.compress import compress_static
+
+    outcome = compress_static(stack)
+    if outcome is not None:
+        print(outcome.summary())
+
+
+def cmd_compress(args: argparse.Namespace) -> int:
+    """Compress the static files that changed, without a reload: after collectstatic, say."""
+    stack = load_running_stack(args)
+    if stack.static_dir is None:
+        print("static.dir is empty: this stack serves no static files")
+    elif not stack.profile.static.compress:
+        print(f"static.compress is off in profile {stack.profile.name}: NGiNX compresses static "
+              "files on each request, and would not send a .gz file")  # fmt: skip
+    else:
+        print_compression(stack)
     return 0
 
 
@@ -440,6 +464,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     reload.add_argument("watcher", nargs="?", choices=WATCHERS)
     reload.add_argument("--sequential", action="store_true", help="one process at a time")
+
+    command("compress", cmd_compress, "compress the static files that changed (file.gz beside "
+            "each), which `up` and `reload` also do")  # fmt: skip
 
     logs = command("logs", cmd_logs, "show the watchers' logs")
     logs.add_argument("watcher", nargs="?", choices=[*LOGS, "nginx-access"])

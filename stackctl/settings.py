@@ -321,6 +321,52 @@ def size(value: Any) -> str:
     return value
 
 
+# A file-name pattern reaches NGiNX as a regular expression in a quoted string: it may hold
+# only what a name pattern needs, so that nothing in it can be read as NGiNX syntax, as a
+# variable ($), or as a regex feature that Python's re and NGiNX's PCRE read differently.
+_NAME_PATTERN_CHARS = re.compile(r"[\w.~/\-\[\]()|?*+^{},:\\]*")
+_NAME_PATTERN_ESCAPED = set(".-+()[]|?*^dw")
+_QUANTIFIER = re.compile(r"\{\d{1,3}(,\d{0,3})?\}")
+
+DJANGO_MANIFEST_NAME = r"[^/]+\.[0-9a-f]{12}(\.[^/]+)?"
+"""ManifestStaticFilesStorage's names, such as base.0123456789ab.css (12 hex digits of MD5)."""
+
+
+def _plain_escapes(value: str) -> bool:
+    """Every backslash escapes one of the characters a name pattern may escape."""
+    escaped = False
+    for char in value:
+        if escaped and char not in _NAME_PATTERN_ESCAPED:
+            return False
+        escaped = not escaped and char == "\\"
+    return not escaped
+
+
+def file_name_pattern(value: Any) -> str:
+    form = (
+        f'a regular expression for file names, such as "{DJANGO_MANIFEST_NAME}" (Django\'s '
+        'ManifestStaticFilesStorage), or "" for none; made of letters, digits, '
+        r". _ ~ - / [ ] ( ) | ? * + ^ : and {n} or {n,m}, with \ only before d, w or one of "
+        "those, and (? only as (?:"
+    )
+    if (
+        not isinstance(value, str)
+        or len(value) > 200
+        or not _NAME_PATTERN_CHARS.fullmatch(value)
+        or not _plain_escapes(value)
+        or re.search(r"[{}]", _QUANTIFIER.sub("", value))
+        or re.search(r"\(\?(?!:)", value)
+    ):
+        raise _expect(form, value)
+    try:
+        re.compile(value)
+    except re.error as e:
+        raise Invalid(
+            f"{_describe(value)} is not a regular expression ({e}); expected {form}"
+        ) from None
+    return value
+
+
 REQUIRED: Any = object()
 """Default of a setting that has none: the stack file or a profile must give it."""
 
@@ -520,6 +566,20 @@ class StaticConfig:
         "static",
         optional_path,
         "Directory of static files, relative to the stack directory; empty for none.",
+    )
+    immutable: str = setting(
+        DJANGO_MANIFEST_NAME,
+        file_name_pattern,
+        "Regular expression matching the whole name of a fingerprinted static file (a new "
+        "content gets a new name): browsers keep those a year without asking again "
+        "(Cache-Control: immutable); other static files, an hour. Empty for none.",
+    )
+    compress: bool = setting(
+        True,
+        boolean,
+        "Compress static files once, at up and reload (or `stackctl compress`), into file.gz "
+        "beside each, which NGiNX sends as is (gzip_static); off, NGiNX compresses them on "
+        "every request (dev: an edited file shows at once).",
     )
 
 

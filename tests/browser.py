@@ -29,12 +29,13 @@ def chromium_binary() -> str | None:
 
 
 class Browser:
-    def __init__(self, binary: str) -> None:
+    def __init__(self, binary: str, flags: tuple[str, ...] = ()) -> None:
+        """``flags``: more Chromium command-line switches, such as --disable-http2."""
         self.profile = Path(tempfile.mkdtemp(prefix="chromium-"))
         self.process = subprocess.Popen(
             [binary, "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run",
              "--remote-debugging-port=0", f"--user-data-dir={self.profile}",
-             "--window-size=900,700", "about:blank"],
+             "--window-size=900,700", *flags, "about:blank"],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
         )  # fmt: skip
         self.ids = count(1)

@@ -7,6 +7,7 @@ templates; writing is :func:`stackctl.generation.write` 's job.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -32,6 +33,24 @@ def nginx_quote(value: Any) -> str:
     """A double-quoted NGiNX string. ``$`` would start a variable there, so it is refused."""
     text = _reject(str(value), "$\n\r\0", "NGiNX")
     return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+# A location regex is not expanded (no variables), so "$" is its end anchor; every other
+# character outside this set is refused rather than escaped.
+_NGINX_REGEX = re.compile(r"[\w.~/\-\[\]()|?*+^{},:\\$]*")
+
+
+def nginx_regex(value: Any) -> str:
+    """A regular expression for an NGiNX ``location ~``, double-quoted (NGiNX needs quotes
+    around a regex with braces). ``stackctl.settings.file_name_pattern`` has checked what
+    the profile gives; this refuses what no location regex stackctl writes may hold."""
+    text = str(value)
+    if not _NGINX_REGEX.fullmatch(text):
+        raise StackError(
+            f"{text!r} cannot be written into the NGiNX config as a regular expression: only "
+            "letters, digits and . ~ / - [ ] ( ) | ? * + ^ { } , : \\ $ may appear in one"
+        )
+    return '"' + text.replace("\\", "\\\\") + '"'
 
 
 def ini_value(value: Any) -> str:
@@ -68,7 +87,12 @@ def environment() -> Any:
         lstrip_blocks=True,
     )
     env.filters.update(
-        nginx=nginx_quote, ini=ini_value, ini_env=ini_env, uwsgi=uwsgi_value, redis=redis_value
+        nginx=nginx_quote,
+        nginx_regex=nginx_regex,
+        ini=ini_value,
+        ini_env=ini_env,
+        uwsgi=uwsgi_value,
+        redis=redis_value,
     )
     return env
 

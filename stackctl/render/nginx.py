@@ -6,10 +6,11 @@ self-contained: upgrading stackctl cannot change a running NGiNX's includes unde
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from stackctl import resources
+from stackctl import compress, resources
 from stackctl.render import File, render_template
 from stackctl.stack import SPARE_FDS, Stack
 from stackctl.tls import Stapling
@@ -41,6 +42,18 @@ MEDIA_HEADERS = (
     ("X-Content-Type-Options", "nosniff"),  # an upload is never read as another type
     ("Content-Security-Policy", MEDIA_CSP),
 )
+
+IMMUTABLE_CACHE = "public, max-age=31536000, immutable"
+"""For fingerprinted names: a year (RFC 9111's advice for "never expires"), and browsers do
+not even revalidate on reload."""
+
+
+def immutable_location(static_url: str, name_pattern: str) -> str:
+    """The location regex for the fingerprinted files under ``static_url``, in any directory
+    there; "" when the profile names none."""
+    if not name_pattern:
+        return ""
+    return f"^{re.escape(static_url)}(?:.*/)?(?:{name_pattern})$"
 
 
 @dataclass(frozen=True)
@@ -112,6 +125,11 @@ def render(stack: Stack) -> list[File]:
         media_alias=f"{stack.media_dir}/" if stack.media_dir else "",
         media_url=profile.media.url,
         media_headers=media_headers(headers),
+        immutable_location=immutable_location(profile.static.url, profile.static.immutable),
+        immutable_cache=IMMUTABLE_CACHE,
+        gzip_static=profile.static.compress,
+        gzip_types=" ".join(compress.GZIP_TYPES),
+        gzip_min_length=compress.GZIP_MIN_LENGTH,
         realtime_prefixes=[profile.ws.prefix, profile.ws.sse_prefix, profile.ws.poll_prefix],
         client_dir=f"{resources.client_dir().resolve()}/",  # disable_symlinks checks it
         timeout=profile.server.timeout,
