@@ -19,6 +19,8 @@ import pytest
 
 from stackctl import processes, profile
 from stackctl.stack import NO_PROGRAMS, Stack, plan
+from stackctl.users import ServiceUser
+from tests import service_users
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -138,3 +140,15 @@ def no_leaks() -> Iterator[Callable[[Path], None]]:
     yield stacks.append
     leaked = [line for stack_dir in stacks for line in stop_and_check(stack_dir)]
     assert not leaked, f"processes left behind: {leaked}"
+
+
+@pytest.fixture(scope="session")
+def service_user() -> Iterator[ServiceUser]:
+    """A system user made for this session (removed at its end), for the app's processes."""
+    yield from service_users.make_service_user()
+
+
+@pytest.fixture(scope="session")
+def python(service_user: ServiceUser) -> Iterator[Path]:
+    """The interpreter of a virtualenv the service user can run, with this checkout in it."""
+    yield from service_users.make_venv()

@@ -152,9 +152,9 @@ def status_of(url: str) -> int:
 
 def test_nginx_never_serves_dotfiles_from_the_static_dir(demo: Stack) -> None:
     assert status_of(demo.url() + "static/board.css") == 200
-    assert status_of(demo.url() + "static/.env") == 403
-    assert status_of(demo.url() + "static/sub/.git/config") == 403
-    assert status_of(demo.url() + "static/%2eenv") == 403  # decoded before it is matched
+    assert status_of(demo.url() + "static/.env") == 404
+    assert status_of(demo.url() + "static/sub/.git/config") == 404
+    assert status_of(demo.url() + "static/%2eenv") == 404  # decoded before it is matched
 
 
 def test_nginx_follows_no_symlink_in_the_static_dir(demo: Stack) -> None:

@@ -117,4 +117,4 @@ def test_fingerprinted_names_are_cached_for_good_and_others_for_an_hour(site: Si
 
 def test_a_dotfile_with_a_fingerprinted_name_is_still_refused(site: Site) -> None:
     (site.static / ".env.0123456789ab.css").write_text("SECRET=1\n")
-    assert site.get(".env.0123456789ab.css")[0] == 403
+    assert site.get(".env.0123456789ab.css")[0] == 404

@@ -141,7 +141,7 @@ def test_nginx_serves_media_as_files_with_safe_headers(tmp_path: Path) -> None:
     assert "X-Content-Type-Options" not in location
     assert f'add_header Content-Security-Policy "{MEDIA_CSP}" always;' in location
     assert "add_header Content-Disposition $media_disposition always;" in location
-    assert "location ~ /\\. {\n                deny all;" in location
+    assert "location ~ /\\. {\n                return 404;" in location
     for never in ("uwsgi_pass", "proxy_pass", "try_files", "immutable", "autoindex on"):
         assert never not in location
 
