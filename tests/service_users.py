@@ -110,3 +110,16 @@ def loaded(site: Path) -> Stack:
                 NO_PROGRAMS, writes=False)  # fmt: skip
 
 
+@contextmanager
+def running_site(python: Path, site: Path, *up_args: str) -> Iterator[Stack]:
+    """``stackctl up --detach UP_ARGS`` in ``site`` (made by :func:`new_site`); on exit the
+    stack is stopped, nothing of it may be left, and the site's directory is removed."""
+    try:
+        with stopped_at_exit(site / ".stackctl" / "run"):
+            run(python, "up", "--detach", *up_args, cwd=site)
+            try:
+                yield loaded(site)
+            finally:
+                run(python, "down", cwd=site, check=False)
+    finally:
+        shutil.rmtree(site.parent, ignore_errors=True)

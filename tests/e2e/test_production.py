@@ -25,7 +25,7 @@ from stackctl.stack import Stack
 from stackctl.supervisor import call
 from stackctl.users import ServiceUser
 from tests.conftest import data_of, free_port
-from tests.service_users import loaded, new_site, run, stopped_at_exit
+from tests.service_users import new_site, run, running_site
 
 pytestmark = pytest.mark.e2e
 
@@ -43,20 +43,13 @@ def server(python: Path, service_user: ServiceUser) -> Iterator[Stack]:
     (media / "page.html").write_text("<html><script>alert(document.cookie)</script></html>")
     shutil.chown(media, service_user.name, service_user.group)
     (site / "static" / ".env").write_text("SECRET=never served\n")
-    try:
-        with stopped_at_exit(site / ".stackctl" / "run"):
-            run(python, "up", "--detach", "--profile", "prod",
-                "--listen", f"127.0.0.1:{free_port()}", "--workers", "2",
-                "--set", f"server.user={service_user.name}",
-                "--set", "tls.certificate=self-signed",
-                "--set", f"tls.listen=127.0.0.1:{free_port()}",
-                "--set", "media.dir=media", cwd=site)  # fmt: skip
-            try:
-                yield loaded(site)
-            finally:
-                run(python, "down", cwd=site, check=False)
-    finally:
-        shutil.rmtree(site.parent, ignore_errors=True)
+    with running_site(python, site, "--profile", "prod",
+                      "--listen", f"127.0.0.1:{free_port()}", "--workers", "2",
+                      "--set", f"server.user={service_user.name}",
+                      "--set", "tls.certificate=self-signed",
+                      "--set", f"tls.listen=127.0.0.1:{free_port()}",
+                      "--set", "media.dir=media") as stack:  # fmt: skip
+        yield stack
 
 
 def certificate(stack: Stack) -> Path:

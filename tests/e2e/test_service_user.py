@@ -30,25 +30,20 @@ from stackctl.stack import Stack
 from stackctl.supervisor import call
 from stackctl.users import ServiceUser
 from tests.conftest import data_of, free_port, stackctl
-from tests.service_users import loaded, new_site, run, stopped_at_exit
+from tests.service_users import loaded, new_site, run, running_site, stopped_at_exit
 
 pytestmark = pytest.mark.e2e
+
 
 @pytest.fixture(scope="module")
 def split(python: Path, service_user: ServiceUser) -> Iterator[Stack]:
     """The demo, in a directory the service user owns, started by root with server.user unset:
     the app runs as the owner of the stack directory."""
     site = new_site(python, service_user)
-    try:
-        with stopped_at_exit(site / ".stackctl" / "run"):
-            run(python, "up", "--detach", "--listen", f"127.0.0.1:{free_port()}",
-                "--workers", "2", cwd=site)  # fmt: skip
-            try:
-                yield loaded(site)
-            finally:
-                run(python, "down", cwd=site, check=False)
-    finally:
-        shutil.rmtree(site.parent, ignore_errors=True)
+    with running_site(
+        python, site, "--listen", f"127.0.0.1:{free_port()}", "--workers", "2"
+    ) as stack:
+        yield stack
 
 
 def ids(pid: int) -> tuple[int, int]:
