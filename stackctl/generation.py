@@ -20,7 +20,12 @@ from stackctl import realtime
 from stackctl.errors import StackError
 from stackctl.render import File, circus, nginx, redis, uwsgi
 from stackctl.stack import Stack, checked_tls, private_dirs
-from stackctl.users import as_service_user, check_service_user, check_service_user_reaches
+from stackctl.users import (
+    app_python_paths,
+    as_service_user,
+    check_service_user,
+    check_service_user_reaches,
+)
 
 STAGING = ".next"
 
@@ -193,6 +198,12 @@ def run_app_python(stack: Stack, code: str, what: str) -> subprocess.CompletedPr
         )
     except subprocess.TimeoutExpired:
         raise StackError(f"{what} took over {APP_TIMEOUT} s") from None
+    except OSError as e:
+        # Django's checks run before `up` makes the directories whose reach it checks: the
+        # service user may not even reach the interpreter (a virtualenv under /root).
+        # Names what that user cannot reach, and what to do, when that is the reason.
+        check_service_user_reaches(stack, app_python_paths(stack))
+        raise StackError(f"{what}: cannot start {stack.programs.python}: {e.strerror}") from None
 
 
 def import_failure(stack: Stack, result: subprocess.CompletedProcess[str]) -> StackError:

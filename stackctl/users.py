@@ -142,10 +142,7 @@ def needed_paths(stack: Stack) -> dict[Path, str]:
     programs = stack.programs
     found: dict[Path, str] = {
         Path(programs.uwsgi): "run",
-        Path(programs.python): "run",
-        Path(sys.prefix): "read",  # the virtualenv uWSGI's `home` names
-        Path(stackctl.__file__).parent: "read",
-        stack.stack_dir: "read",
+        **app_python_paths(stack),
         stack.run_dir: "read",  # its configs; an existing directory on the way may be closed
         stack.service_dir: "write",
         stack.secret_file: "read",
@@ -187,12 +184,23 @@ def unreachable(user: ServiceUser, paths: dict[Path, str]) -> list[str]:
     return [line for line in result.stdout.splitlines() if line]
 
 
-def check_service_user_reaches(stack: Stack) -> None:
-    """The service user must be able to run the programs and read the app, or the workers die
-    at start with nothing but "permission denied" in a log: say so first, and what to do."""
+def app_python_paths(stack: Stack) -> dict[Path, str]:
+    """What an interpreter started as the service user to load the app opens first."""
+    return {
+        Path(stack.programs.python): "run",
+        Path(sys.prefix): "read",  # the virtualenv (uWSGI's `home`)
+        Path(stackctl.__file__).parent: "read",
+        stack.stack_dir: "read",
+    }
+
+
+def check_service_user_reaches(stack: Stack, paths: dict[Path, str] | None = None) -> None:
+    """The service user must be able to run the programs and read the app (``paths``, by
+    default all of needed_paths), or the workers die at start with nothing but "permission
+    denied" in a log: say so first, and what to do."""
     if not stack.switches_user:
         return
-    missing = unreachable(stack.user, needed_paths(stack))
+    missing = unreachable(stack.user, needed_paths(stack) if paths is None else paths)
     if not missing:
         return
     lines = "\n".join(f"  cannot {item.replace(':', ' ', 1)}" for item in missing)

@@ -11,6 +11,7 @@ import pytest
 from stackctl import profile, stack
 from stackctl.deploy_checks import Answer, Finding, deploy_checks, judge
 from stackctl.errors import StackError
+from stackctl.users import ServiceUser
 from tests.unit.test_render import PROGRAMS
 
 HSTS = Finding("security.W004", 30, "You have not set a value for the SECURE_HSTS_SECONDS.", "")
@@ -104,8 +105,34 @@ def test_asking_is_running_the_workers_interpreter(tmp_path: Path) -> None:
     # The same interpreter missing, asked for: the check does run, and says what failed.
     programs = dataclasses.replace(PROGRAMS, python=str(tmp_path / "no-python"))
     planned = stack.plan(load(tmp_path, "prod"), programs)
-    with pytest.raises(FileNotFoundError):
+    with pytest.raises(StackError) as error:
         deploy_checks(planned)
+    assert str(error.value) == (
+        "app.deploy_checks: Django's deployment checks: cannot start "
+        f"{tmp_path / 'no-python'}: No such file or directory"
+    )
+
+
+def test_an_interpreter_the_service_user_cannot_start_is_named_before_anything(
+    tmp_path: Path, service_user: ServiceUser
+) -> None:
+    # A virtualenv made with a Python under /root (0700): root runs stackctl from it, but the
+    # service user cannot even start its interpreter. The checks run before `up` checks the
+    # rest of what that user needs: they name it too, rather than end in a traceback.
+    private = tmp_path / "root-only"
+    private.mkdir(mode=0o700)
+    (private / "python3").symlink_to(sys.executable)
+    programs = dataclasses.replace(PROGRAMS, python=str(private / "python3"))
+    chosen = load(tmp_path, "prod", f"server.user={service_user.name}")
+    with pytest.raises(StackError) as error:
+        deploy_checks(stack.plan(chosen, programs))
+    message = str(error.value)
+    assert message.startswith(
+        f"command line: server.user: {service_user.name!r}: the app's processes run as "
+        f"{service_user.name!r}, who cannot reach what they need:\n"
+    ), message
+    assert f"\n  cannot run {private / 'python3'}\n" in message
+    assert "not under /root, which is private to root" in message
 
 
 def tiny_django(root: Path, settings: str) -> stack.Stack:
