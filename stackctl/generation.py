@@ -20,7 +20,12 @@ from stackctl import realtime
 from stackctl.errors import StackError
 from stackctl.render import File, circus, nginx, redis, uwsgi
 from stackctl.stack import Stack, checked_tls, private_dirs
-from stackctl.users import as_service_user, check_service_user, check_service_user_reaches
+from stackctl.users import (
+    as_service_user,
+    check_service_user,
+    check_service_user_reaches,
+    check_stack_dir_kept,
+)
 
 STAGING = ".next"
 
@@ -28,6 +33,7 @@ STAGING = ".next"
 def render_all(stack: Stack) -> list[File]:
     """Every config of a generation. The certificate is read (and made, when self-signed)
     here, so that what renders checks it and what only stops or reads a stack does not."""
+    check_stack_dir_kept(stack)  # before the key of a self-signed certificate is written
     stack = checked_tls(stack)
     return [*circus.render(stack), *nginx.render(stack), *uwsgi.render(stack), *redis.render(stack)]
 

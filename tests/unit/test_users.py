@@ -229,3 +229,43 @@ def test_init_writes_through_no_link_planted_in_the_stack_directory(tmp_path: Pa
     with pytest.raises(StackError, match=r"static: cannot write in it \("):
         init(site, demo=True, app=None, force=True)
     assert decoy.read_text() == "precious" and not list(elsewhere.iterdir())
+
+
+@as_root
+@pytest.mark.parametrize(
+    ("site_owner", "site_mode", "parent_owner", "parent_mode", "problem"),
+    [
+        (4242, 0o755, 0, 0o755, "owns or can write in the stack directory"),
+        (0, 0o775, 0, 0o755, None),  # group root: not the user's
+        (0, 0o757, 0, 0o755, "owns or can write in the stack directory"),
+        (0, 0o755, 4242, 0o755, "can rename"),  # the user's parent: .../site renamed
+        (0, 0o755, 0, 0o777, "can rename"),
+        (0, 0o755, 0, 0o1777, None),  # like /tmp: only an entry's owner renames it
+        (4242, 0o555, 0, 0o1777, "owns or can write in the stack directory"),  # chmod is theirs
+        (0, 0o755, 0, 0o755, None),
+    ],
+)
+def test_root_refuses_a_stack_directory_the_service_user_could_replace_parts_of(
+    site_owner: int, site_mode: int, parent_owner: int, parent_mode: int, problem: str | None
+) -> None:
+    """A user who can rename .stackctl (or the stack directory) could have root's circusd and
+    NGiNX follow links planted in a directory of its own put in its place."""
+    top = Path(tempfile.mkdtemp(prefix="screname", dir="/tmp"))
+    try:
+        parent, site = top / "parent", top / "parent" / "site"
+        site.mkdir(parents=True)
+        for path, owner, mode in ((parent, parent_owner, parent_mode), (site, site_owner,
+                                                                        site_mode)):  # fmt: skip
+            os.chown(path, owner, 0)
+            path.chmod(mode)
+        stack = stack_for(site, 0, SERVICE, overrides=[("server.user", "svc")])
+        if problem is None:
+            check_service_user(stack)
+        else:
+            with pytest.raises(StackError) as e:
+                check_service_user(stack)
+            assert str(e.value).startswith(f"command line: server.user: 'svc': the app's "
+                                           f"processes run as 'svc', who {problem}")
+            assert f"in place of {site / '.stackctl'}" in str(e.value)
+    finally:
+        shutil.rmtree(top)
