@@ -319,7 +319,7 @@ def test_request_logs_have_paths_never_query_strings(tmp_path: Path) -> None:
         assert leaky not in log_format
     uwsgi_ini = rendered["uwsgi.ini"]
     log_line = next(line for line in uwsgi_ini.splitlines() if line.startswith("log-format"))
-    assert "%(method) %(var.PATH_INFO) %(proto)" in log_line
+    assert "%(method) %(var.STACKCTL_LOG_PATH) %(proto)" in log_line
     assert "%(uri)" not in log_line and "%(referer)" not in log_line
 
 
