@@ -88,6 +88,14 @@ def check_service_user(stack: Stack) -> None:
         return
     check_trusted_source(profile)
     check_stack_dir_kept(stack)
+    if user.uid != 0 and 0 in os.getgrouplist(user.name, user.gid):
+        raise StackError(
+            f"{where(profile)}: {user.name!r} is in root's group (gid 0): the app's processes "
+            "would get it too, with whatever root's group may read or write on this machine. "
+            f"Give the user a group of its own (usermod -g {user.name} -G '' {user.name}, "
+            f'after groupadd {user.name}), or write server.user = "{ROOT_NAME}" to run the app '
+            "as root outright"
+        )
     if user.uid == 0 and profile.server.user != ROOT_NAME:
         why = (
             f"{where(profile)} names {user.name!r}, uid 0" if profile.server.user

@@ -91,6 +91,19 @@ def test_a_normal_user_cannot_name_another_user(tmp_path: Path) -> None:
     )
 
 
+def test_a_service_user_in_roots_group_is_refused(tmp_path: Path) -> None:
+    """uid 0 was refused, gid 0 was not: the app then ran with root's group."""
+    in_root_group = ServiceUser("svc", 4242, 0, "root")
+    with pytest.raises(StackError) as e:
+        check_service_user(stack_for(tmp_path, 0, in_root_group,
+                                     overrides=[("server.user", "svc")]))  # fmt: skip
+    assert str(e.value).startswith(
+        "command line: server.user: 'svc': 'svc' is in root's group (gid 0): the app's "
+        "processes would get it too"
+    )
+    check_service_user(stack_for(tmp_path, 0, SERVICE, overrides=[("server.user", "svc")]))
+
+
 @as_root
 def test_root_takes_the_user_only_from_a_file_only_root_can_change(tmp_path: Path) -> None:
     stack = stack_for(tmp_path, 0, SERVICE, '[server]\nuser = "svc"\n')
