@@ -22,6 +22,7 @@ from stackctl.render import File, circus, nginx, redis, uwsgi
 from stackctl.stack import Stack, checked_tls, private_dirs
 from stackctl.users import (
     as_service_user,
+    check_key_private,
     check_service_user,
     check_service_user_reaches,
     check_stack_dir_kept,
@@ -252,6 +253,7 @@ def write(
     check_static(stack)
     make_dirs(stack)
     check_service_user_reaches(stack)  # the directories made for it, too
+    check_key_private(stack)
     check_app(stack)
     target.mkdir(parents=True, exist_ok=True)
     staging = target / STAGING

@@ -270,3 +270,21 @@ def check_service_user_reaches(stack: Stack) -> None:
         "/root, which is private to root; or give the user access (chmod o+rx, or chgrp "
         f"{stack.user.group} and chmod g+rx, on every directory on the way)"
     )
+
+
+def check_key_private(stack: Stack) -> None:
+    """The app's processes must not be able to read the certificate's private key: a flaw
+    in the app would give it away, and with it the site's identity until the certificate
+    ends. (NGiNX's master, root, reads it before its workers take the service user.)"""
+    if not stack.switches_user or stack.tls is None:
+        return
+    key = stack.tls.key
+    if unreachable(stack.user, {key: "read"}):
+        return
+    profile = stack.profile
+    raise StackError(
+        f"{profile.source('tls.key')}: tls.key: {profile.tls.key!r}: {key} can be read by "
+        f"{stack.user.name!r}, who runs the app: a flaw in the app would give away the "
+        f"private key. Make it readable by root only (chown root: {key} && chmod 600 {key}), "
+        "in a directory the user cannot write in"
+    )

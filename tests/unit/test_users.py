@@ -21,7 +21,13 @@ from stackctl.errors import StackError
 from stackctl.readiness import forget_dead_marks, ready_dir
 from stackctl.settings import Invalid, user_name
 from stackctl.stack import Stack, plan
-from stackctl.users import ServiceUser, check_service_user, service_user, unreachable
+from stackctl.users import (
+    ServiceUser,
+    check_key_private,
+    check_service_user,
+    service_user,
+    unreachable,
+)
 from tests.unit.test_render import PROGRAMS, files, make_stack
 
 SERVICE = ServiceUser("svc", 4242, 4343, "svcgroup")
@@ -280,5 +286,35 @@ def test_root_refuses_a_stack_directory_the_service_user_could_replace_parts_of(
             assert str(e.value).startswith(f"command line: server.user: 'svc': the app's "
                                            f"processes run as 'svc', who {problem}")
             assert f"in place of {site / '.stackctl'}" in str(e.value)
+    finally:
+        shutil.rmtree(top)
+
+
+@as_root
+def test_a_private_key_the_service_user_can_read_is_refused(tmp_path: Path) -> None:
+    """NGiNX's master reads the key as root: nothing told that the app's user could too."""
+    from stackctl.tls import Tls
+
+    entry = pwd.getpwnam("nobody")
+    nobody = ServiceUser("nobody", entry.pw_uid, entry.pw_gid, "nogroup")
+    top = Path(tempfile.mkdtemp(prefix="sckey", dir="/tmp"))
+    try:
+        top.chmod(0o755)
+        key = top / "site.key"
+        key.write_text("-----BEGIN PRIVATE KEY-----\n")
+        key.chmod(0o644)
+        stack = dataclasses.replace(
+            stack_for(tmp_path, 0, nobody, overrides=[("tls.certificate", "site.pem"),
+                                                      ("tls.key", str(key))]),
+            tls=Tls(top / "site.pem", key, digest="", ocsp=False),
+        )  # fmt: skip
+        with pytest.raises(StackError) as e:
+            check_key_private(stack)
+        assert str(e.value).startswith(
+            f"command line: tls.key: {str(key)!r}: {key} can be read by 'nobody', who runs "
+            "the app: a flaw in the app would give away the private key"
+        )
+        key.chmod(0o600)
+        check_key_private(stack)
     finally:
         shutil.rmtree(top)
