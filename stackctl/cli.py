@@ -14,7 +14,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from stackctl import generation, profile, realtime, service, supervisor
+from stackctl import generation, profile, realtime, service, supervisor, users
 from stackctl.errors import EXIT_STACK_ERROR, StackError
 from stackctl.follow import Follower
 from stackctl.settings import SETTINGS
@@ -129,8 +129,8 @@ def cmd_init(args: argparse.Namespace) -> int:
     if os.geteuid() == 0 and directory.stat().st_uid == 0:
         print(
             "note: root owns this directory, and stackctl does not run an app as root unless "
-            'told: set server.user = "myapp" (a user of its own) in a profile, or chown the '
-            "directory to that user (see the README's \"Running as root\")"
+            'told: set server.user = "myapp" (a user of its own) in a profile only root can '
+            "change, or on the command line (see the README's \"Running as root\")"
         )
     print(f"next: cd {shlex.quote(str(directory))} && stackctl up")
     return 0
@@ -157,6 +157,7 @@ def cmd_up(args: argparse.Namespace) -> int:
             f"a stack is already running in {stack.stack_dir} (circusd pid {running_pid}); "
             "use `stackctl reload` or `stackctl down`"
         )
+    users.check_stack_dir_kept(stack)  # before root removes or writes anything there
     stale = supervisor.clean_stale(stack) if stack.run_dir.is_dir() else []
     if stale:
         print(f"cleaned up after a stack that died: stopped pids {stale}")
@@ -268,6 +269,7 @@ def reload_running(args: argparse.Namespace, running: Stack) -> int:
     chosen = profile.load(args.stack, args.profile or state["profile"], overrides)
     stack = plan(chosen)
     check_run_dir_owner(stack)
+    users.check_stack_dir_kept(stack)
     # Before anything is touched: the workers a reload starts (Circus's own, and those a
     # `circusctl reload` would start from the same files) load these settings.
     show_deploy_checks(stack)

@@ -23,8 +23,10 @@ from stackctl.stack import Stack, checked_tls, private_dirs
 from stackctl.users import (
     app_python_paths,
     as_service_user,
+    check_key_private,
     check_service_user,
     check_service_user_reaches,
+    check_stack_dir_kept,
 )
 
 STAGING = ".next"
@@ -33,6 +35,7 @@ STAGING = ".next"
 def render_all(stack: Stack) -> list[File]:
     """Every config of a generation. The certificate is read (and made, when self-signed)
     here, so that what renders checks it and what only stops or reads a stack does not."""
+    check_stack_dir_kept(stack)  # before the key of a self-signed certificate is written
     stack = checked_tls(stack)
     return [*circus.render(stack), *nginx.render(stack), *uwsgi.render(stack), *redis.render(stack)]
 
@@ -257,6 +260,7 @@ def write(
     check_static(stack)
     make_dirs(stack)
     check_service_user_reaches(stack)  # the directories made for it, too
+    check_key_private(stack)
     check_app(stack)
     target.mkdir(parents=True, exist_ok=True)
     staging = target / STAGING

@@ -342,6 +342,41 @@ def _plain_escapes(value: str) -> bool:
     return not escaped
 
 
+_REPEATS = re.compile(r"[+*]|\{\d{1,3},\d{0,3}\}")
+"""What repeats the group before it more than once: +, *, {n,} or {n,m} (m > 1 decided below)."""
+
+
+def _nested_repeat(value: str) -> str | None:
+    """A repeated group that itself repeats or chooses (``(\\w+)+``, ``(a|aa)*``), if any: it
+    can be matched in exponentially many ways, and NGiNX tries them all on each request's
+    path until PCRE's limit, then answers 500 (90 ms of a worker per request, measured)."""
+    opened: list[tuple[int, bool]] = []  # each open group: where, and whether it repeats inside
+    escaped = in_class = False
+    for index, char in enumerate(value):
+        if escaped or (in_class and char != "]"):
+            escaped = char == "\\" and not escaped
+            continue
+        if char == "\\":
+            escaped = True
+        elif char == "[":
+            in_class = True
+        elif char == "]":
+            in_class = False
+        elif char == "(":
+            opened.append((index, False))
+        elif char == ")" and opened:
+            start, inner = opened.pop()
+            after = _REPEATS.match(value, index + 1)
+            many = after is not None and not re.fullmatch(r"\{\d+,[01]\}", after.group())
+            if inner and many:
+                return value[start : after.end() if after else index + 1]
+            if opened and inner:
+                opened[-1] = (opened[-1][0], True)
+        elif opened and (char in "+*|" or (char == "{" and _REPEATS.match(value, index))):
+            opened[-1] = (opened[-1][0], True)
+    return None
+
+
 def file_name_pattern(value: Any) -> str:
     form = (
         f'a regular expression for file names, such as "{DJANGO_MANIFEST_NAME}" (Django\'s '
@@ -364,6 +399,14 @@ def file_name_pattern(value: Any) -> str:
         raise Invalid(
             f"{_describe(value)} is not a regular expression ({e}); expected {form}"
         ) from None
+    nested = _nested_repeat(value)
+    if nested:
+        raise Invalid(
+            f"{_describe(value)}: {nested!r} repeats a group that repeats or chooses inside, "
+            "which NGiNX may try to match in more ways than it has time for (each request "
+            "then answers 500); expected a pattern without such nesting, e.g. "
+            r'"[\w-]+\.[0-9a-f]{8,20}\.(css|js)"'
+        )
     return value
 
 

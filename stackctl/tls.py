@@ -129,9 +129,27 @@ def san_names(server_names: str) -> tuple[list[str], list[str]]:
 # --- checking a certificate and its key ----------------------------------------------------------
 
 
+PEM_MAX_BYTES = 1 << 20
+"""A certificate chain or a key is a few kilobytes: a larger file is not one, and reading it
+whole (/dev/zero, a log named by mistake) would exhaust memory before any check could say so."""
+
+
 def _read(what: str, path: Path) -> bytes:
+    """The file's bytes. Links are followed (certbot's live/ names are links), but only a
+    regular file is read: a FIFO would hang `up` or a reload, and a device never ends."""
     try:
-        return path.read_bytes()
+        descriptor = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+        with os.fdopen(descriptor, "rb") as f:
+            info = os.fstat(descriptor)
+            if not stat.S_ISREG(info.st_mode):
+                kind = "a directory" if stat.S_ISDIR(info.st_mode) else "a FIFO, socket or device"
+                raise StackError(f"{what}: {path}: is {kind}, not a PEM file")
+            if info.st_size > PEM_MAX_BYTES:
+                raise StackError(
+                    f"{what}: {path}: is {info.st_size} bytes, too large for a PEM certificate "
+                    f"chain or key (at most {PEM_MAX_BYTES} bytes; they are a few kilobytes)"
+                )
+            return f.read(PEM_MAX_BYTES + 1)
     except FileNotFoundError:
         raise StackError(f"{what}: {path}: no such file") from None
     except IsADirectoryError:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import grp
 import os
 import pwd
+import stat
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -86,6 +87,15 @@ def check_service_user(stack: Stack) -> None:
             )
         return
     check_trusted_source(profile)
+    check_stack_dir_kept(stack)
+    if user.uid != 0 and 0 in os.getgrouplist(user.name, user.gid):
+        raise StackError(
+            f"{where(profile)}: {user.name!r} is in root's group (gid 0): the app's processes "
+            "would get it too, with whatever root's group may read or write on this machine. "
+            f"Give the user a group of its own (usermod -g {user.name} -G '' {user.name}, "
+            f'after groupadd {user.name}), or write server.user = "{ROOT_NAME}" to run the app '
+            "as root outright"
+        )
     if user.uid == 0 and profile.server.user != ROOT_NAME:
         why = (
             f"{where(profile)} names {user.name!r}, uid 0" if profile.server.user
@@ -95,10 +105,67 @@ def check_service_user(stack: Stack) -> None:
             f"{why}: the app's workers, the websocket worker and Redis would "
             "run as root, where a flaw in the app gives away the machine. Create a user for "
             f"the app ({NEW_USER_HINT}) and set server.user to it (in the profile, or --set "
-            "server.user=myapp), or give it the stack directory (chown -R myapp: "
-            f"{stack.stack_dir}). To run them as root anyway, write server.user = "
+            "server.user=myapp), keeping the stack directory root's (the user "
+            "must not be able to write in it). To run them as root anyway, write server.user = "
             f'"{ROOT_NAME}"'
         )
+
+
+def check_stack_dir_kept(stack: Stack) -> None:
+    """Root acts on files under the stack directory by their paths (circusd opens, rotates
+    and deletes logs; NGiNX's master reopens its access log and gives it, and its temporary
+    directories, to the service user, following links). A service user who can rename
+    ``.stackctl`` (by writing in the stack directory, or in a directory above it) could put a
+    directory of its own in its place meanwhile, with links in it to /etc/shadow: root would
+    then write, delete or hand over whatever they lead to. So when root runs the app as
+    another user, that user may neither write in the stack directory nor rename it or a
+    directory above it."""
+    if not stack.switches_user:
+        return
+    user = stack.user
+    groups = set(os.getgrouplist(user.name, user.gid))
+    problem = rename_right(stack.stack_dir, user.uid, groups)
+    if problem is None:
+        return
+    raise StackError(
+        f"{where(stack.profile)}: the app's processes run as {user.name!r}, who {problem}: "
+        f"they could put a directory of their own in place of {stack.private_dir} and have "
+        "root's circusd and NGiNX write, delete or give away files through links planted "
+        "there. Keep the stack directory and those above it root's and not writable by "
+        f"{user.name!r} (chown root: {stack.stack_dir} && chmod 755 {stack.stack_dir}), give "
+        f"{user.name!r} only the directories the app writes in (uploads: chown -R "
+        f"{user.name}: {stack.stack_dir}/media), and name it with server.user on the command "
+        "line or in a profile only root can change"
+    )
+
+
+def rename_right(stack_dir: Path, uid: int, groups: set[int]) -> str | None:
+    """How ``uid`` could replace the stack directory's entries or one on the way to it, in an
+    error's words; None if it cannot (by the mode bits: an ACL granting more is not seen)."""
+    info = os.stat(stack_dir)
+    if info.st_uid == uid or _may_write(info, uid, groups):
+        return f"owns or can write in the stack directory {stack_dir}"
+    child = stack_dir
+    for parent in stack_dir.parents:
+        above = os.stat(parent)
+        sticky = above.st_mode & stat.S_ISVTX
+        # In a sticky directory (/tmp) only the owner of an entry, or of the directory, may
+        # rename it.
+        if above.st_uid == uid or (
+            _may_write(above, uid, groups) and (not sticky or os.lstat(child).st_uid == uid)
+        ):
+            return f"can rename {child} (in {parent}, which they own or can write in)"
+        child = parent
+    return None
+
+
+def _may_write(info: os.stat_result, uid: int, groups: set[int]) -> bool:
+    mode = info.st_mode
+    if info.st_uid == uid:
+        return bool(mode & stat.S_IWUSR)
+    if info.st_gid in groups:
+        return bool(mode & stat.S_IWGRP)
+    return bool(mode & stat.S_IWOTH)
 
 
 def check_trusted_source(profile: Profile) -> None:
@@ -210,4 +277,22 @@ def check_service_user_reaches(stack: Stack, paths: dict[Path, str] | None = Non
         "read them (e.g. python3 -m venv /opt/stackctl, and the app under /srv), not under "
         "/root, which is private to root; or give the user access (chmod o+rx, or chgrp "
         f"{stack.user.group} and chmod g+rx, on every directory on the way)"
+    )
+
+
+def check_key_private(stack: Stack) -> None:
+    """The app's processes must not be able to read the certificate's private key: a flaw
+    in the app would give it away, and with it the site's identity until the certificate
+    ends. (NGiNX's master, root, reads it before its workers take the service user.)"""
+    if not stack.switches_user or stack.tls is None:
+        return
+    key = stack.tls.key
+    if unreachable(stack.user, {key: "read"}):
+        return
+    profile = stack.profile
+    raise StackError(
+        f"{profile.source('tls.key')}: tls.key: {profile.tls.key!r}: {key} can be read by "
+        f"{stack.user.name!r}, who runs the app: a flaw in the app would give away the "
+        f"private key. Make it readable by root only (chown root: {key} && chmod 600 {key}), "
+        "in a directory the user cannot write in"
     )

@@ -63,7 +63,10 @@ def redis_command(stack: Stack) -> str:
 def autoreload_command(stack: Stack) -> str:
     if not stack.profile.wsgi.autoreload:
         return ""
-    args = [stack.programs.python, "-m", "stackctl.autoreload", str(stack.stack_dir),
+    # It runs as root, in the stack directory, with PYTHONPATH naming it (as every watcher):
+    # -I keeps both off sys.path, so that no module of the app's is imported in place of the
+    # standard library's; -u, as PYTHONUNBUFFERED (ignored by -I) did.
+    args = [stack.programs.python, "-I", "-u", "-m", "stackctl.autoreload", str(stack.stack_dir),
             "--endpoint", stack.circus_endpoint,
             "--ignore", str(stack.run_dir), "--ignore", str(stack.log_dir)]  # fmt: skip
     return shlex.join(tied_to_circusd(stack, args))

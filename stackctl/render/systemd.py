@@ -124,7 +124,10 @@ def stackctl_command(stack: Stack, *args: str) -> list[str]:
             f"cannot tell which Python runs this stackctl ({sys.executable!r}); run it by an "
             "absolute path, e.g. /opt/stackctl/bin/stackctl service install"
         )
-    return [sys.executable, "-m", "stackctl", "-C", str(stack.stack_dir), *args]
+    # -P: `python -m` would put the working directory, the stack directory, first on
+    # sys.path, and root's stackctl would import the app's secrets.py or types.py in place of
+    # the standard library's.
+    return [sys.executable, "-P", "-m", "stackctl", "-C", str(stack.stack_dir), *args]
 
 
 def hardening(stack: Stack) -> list[str]:

@@ -201,6 +201,19 @@ def test_no_token_in_any_log_and_logs_are_private(demo: Stack) -> None:
         assert mode & 0o077 == 0, f"{path} is {oct(mode)}: others may read it"
 
 
+def test_a_client_cannot_write_a_line_of_its_own_into_the_apps_log(demo: Stack) -> None:
+    """uWSGI logged the decoded path: a %0A in it began a line the client wrote."""
+    assert status_of(demo.url() + "forged%0A1.2.3.4%20FORGED%20LINE%0d%1b[2J?token=x") == 404
+    wsgi = demo.log_dir / "wsgi.log"
+    wait_for(lambda: "/forged" in wsgi.read_text(errors="replace"),
+             what="the request in wsgi.log")  # fmt: skip
+    lines = wsgi.read_text(errors="replace").splitlines()
+    (logged,) = [line for line in lines if "/forged" in line]
+    assert "GET /forged%0A1.2.3.4%20FORGED%20LINE%0d%1b[2J HTTP/1.1 => 404" in logged
+    assert not [line for line in lines if "FORGED" in line and line is not logged]
+    assert "\x1b" not in wsgi.read_text(errors="replace")
+
+
 def test_the_wsgi_backlog_logged_is_the_one_the_socket_has(demo: Stack) -> None:
     # circusd binds the socket with wsgi.backlog; uWSGI used to log its own default of 100.
     log = (demo.log_dir / "wsgi.log").read_text()

@@ -37,11 +37,12 @@ pytestmark = pytest.mark.e2e
 
 @pytest.fixture(scope="module")
 def split(python: Path, service_user: ServiceUser) -> Iterator[Stack]:
-    """The demo, in a directory the service user owns, started by root with server.user unset:
-    the app runs as the owner of the stack directory."""
-    site = new_site(python, service_user)
+    """The demo, in a directory root keeps, started by root with server.user naming the
+    service user on the command line."""
+    site = new_site(python, None)
+    user = f"server.user={service_user.name}"
     with running_site(
-        python, site, "--listen", f"127.0.0.1:{free_port()}", "--workers", "2"
+        python, site, "--listen", f"127.0.0.1:{free_port()}", "--workers", "2", "--set", user
     ) as stack:
         yield stack
 
@@ -192,6 +193,38 @@ def test_a_user_who_owns_the_stack_directory_cannot_make_root_act_as_they_wish(
         shutil.rmtree(decoy_dir, ignore_errors=True)
 
 
+def test_a_stack_directory_the_service_user_may_write_or_rename_is_refused(
+    python: Path, service_user: ServiceUser
+) -> None:
+    """Such a user could rename .stackctl and put a directory of its own in its place while
+    the stack runs: NGiNX's master (root) would reopen its access log there and give it to
+    the user through a link planted at its name (it made a root-owned decoy the user's)."""
+    site = new_site(python, service_user)  # the service user's own directory
+    try:
+        with stopped_at_exit(site / ".stackctl" / "run"):
+            listen = f"127.0.0.1:{free_port()}"
+            refused = run(python, "up", "--detach", "--listen", listen, cwd=site, check=False)
+            assert refused.returncode == EXIT_STACK_ERROR, refused.stdout + refused.stderr
+            assert refused.stderr.startswith(
+                f"stackctl: defaults: server.user: '': the app's processes run as "
+                f"{service_user.name!r}, who owns or can write in the stack directory {site}: "
+                f"they could put a directory of their own in place of {site / '.stackctl'}"
+            ), refused.stderr
+            assert f"chown root: {site}" in refused.stderr
+            assert not (site / ".stackctl").exists()
+            # Root's directory, in one the user owns: renamed as easily.
+            for path in [site, *site.rglob("*")]:
+                os.chown(path, 0, 0, follow_symlinks=False)
+            os.chown(site.parent, service_user.uid, service_user.gid)
+            refused = run(python, "up", "--detach", "--listen", listen, "--set",
+                          f"server.user={service_user.name}", cwd=site, check=False)  # fmt: skip
+            assert refused.returncode == EXIT_STACK_ERROR, refused.stdout + refused.stderr
+            assert f"who can rename {site} (in {site.parent}, which they own" in refused.stderr
+            assert not (site / ".stackctl").exists()
+    finally:
+        shutil.rmtree(site.parent, ignore_errors=True)
+
+
 def test_root_as_the_app_is_refused_unless_written_then_runs_as_root(python: Path) -> None:
     site = new_site(python, None)  # root's own stack directory
     try:
@@ -203,7 +236,7 @@ def test_root_as_the_app_is_refused_unless_written_then_runs_as_root(python: Pat
                 f"stackctl: server.user is not set, and root owns the stack directory {site}: "
                 "the app's workers, the websocket worker and Redis would run as root"
             ), refused.stderr
-            assert "useradd --system" in refused.stderr and "chown -R myapp:" in refused.stderr
+            assert "useradd --system" in refused.stderr and "chown" not in refused.stderr
             assert not (site / ".stackctl" / "run" / "circus.ini").exists()
             run(python, "up", "--detach", "--listen", listen, "--set", "server.user=root",
                 cwd=site)  # fmt: skip

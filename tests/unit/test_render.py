@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import configparser
 import dataclasses
+import os
 import shlex
 import shutil
 import subprocess
@@ -110,7 +111,7 @@ def test_dev_code_reload_is_one_watcher_that_watches_the_stack_but_not_its_run_d
 ) -> None:
     watcher = circus_ini(make_stack(tmp_path))["watcher:autoreload"]  # the dev profile
     assert watcher["cmd"] == (
-        f"/opt/bin/python -m stackctl.autoreload {tmp_path} --endpoint ipc://{tmp_path}/run/"
+        f"/opt/bin/python -I -u -m stackctl.autoreload {tmp_path} --endpoint ipc://{tmp_path}/run/"
         f"circus.ctl --ignore {tmp_path}/run --ignore {tmp_path}/log"
     )
     prod = dataclasses.replace(make_stack(tmp_path), profile=profile.load(tmp_path, "prod", []))
@@ -318,7 +319,7 @@ def test_request_logs_have_paths_never_query_strings(tmp_path: Path) -> None:
         assert leaky not in log_format
     uwsgi_ini = rendered["uwsgi.ini"]
     log_line = next(line for line in uwsgi_ini.splitlines() if line.startswith("log-format"))
-    assert "%(method) %(var.PATH_INFO) %(proto)" in log_line
+    assert "%(method) %(var.STACKCTL_LOG_PATH) %(proto)" in log_line
     assert "%(uri)" not in log_line and "%(referer)" not in log_line
 
 
@@ -356,3 +357,18 @@ class TestQuerylessStream:
         nginx = circus_ini(stack)["watcher:nginx"]
         for stream in ("stdout_stream", "stderr_stream"):
             assert nginx[f"{stream}.class"] == "stackctl.logstream.QuerylessLogStream"
+
+
+def test_the_code_reload_run_by_root_imports_nothing_from_the_stack_directory(
+    tmp_path: Path,
+) -> None:
+    """It runs as circusd's user (root) in the stack directory, with PYTHONPATH naming it:
+    a module of the app's named like one of the standard library's was imported instead."""
+    marker = tmp_path / "imported"
+    (tmp_path / "argparse.py").write_text(f"open({str(marker)!r}, 'w').close()\n")
+    words = shlex.split(circus_ini(make_stack(tmp_path))["watcher:autoreload"]["cmd"])
+    command = [sys.executable, *words[words.index("/opt/bin/python") + 1 :], "--help"]
+    ran = subprocess.run(command, cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(tmp_path)},
+                         capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert ran.returncode == 0, ran.stderr
+    assert not marker.exists()

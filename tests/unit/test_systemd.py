@@ -7,6 +7,7 @@ import os
 import pwd
 import shlex
 import socket
+import subprocess
 import sys
 from pathlib import Path
 
@@ -50,7 +51,7 @@ def test_unit_runs_up_in_the_foreground_with_reload_and_down(tmp_path: Path) -> 
     assert unit.content.startswith(service.WRITTEN_BY)
     values = settings(unit.content)
     python = sys.executable
-    base = [python, "-m", "stackctl", "-C", "/srv/shop"]
+    base = [python, "-P", "-m", "stackctl", "-C", "/srv/shop"]
     assert unit_args(values["ExecStart"][0]) == [
         *base,
         "up",
@@ -290,3 +291,14 @@ def test_with_systemd_running_install_reloads_it_and_uninstall_stops_first(
         "daemon-reload absent",
     ]
     assert lines == ["stopped and disabled stackctl-shop.service", f"removed {unit}"]
+
+
+def test_the_units_stackctl_imports_nothing_from_the_stack_directory(tmp_path: Path) -> None:
+    """systemd starts it as root in the stack directory (WorkingDirectory): with a plain
+    `python -m`, the app's own secrets.py was imported in place of the standard library's."""
+    marker = tmp_path / "imported"
+    (tmp_path / "secrets.py").write_text(f"open({str(marker)!r}, 'w').close()\n")
+    command = systemd.stackctl_command(at(make_stack(tmp_path), str(tmp_path)), "--version")
+    ran = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=60)
+    assert ran.returncode == 0, ran.stderr
+    assert not marker.exists()

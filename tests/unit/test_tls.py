@@ -8,6 +8,8 @@ import os
 import re
 import stat
 import subprocess
+import threading
+from contextlib import suppress
 from pathlib import Path
 
 import pytest
@@ -174,6 +176,41 @@ def test_missing_unreadable_and_expired_certificates_are_named(tmp_path: Path) -
         conf(planned(tmp_path, *FILE_CERT))
     write_pair(tmp_path, make_self_signed(["a.test"], [], days=-0.001))
     with pytest.raises(StackError, match=r"valid from .* not now; renew it"):
+        conf(planned(tmp_path, *FILE_CERT))
+
+
+def test_a_fifo_or_a_huge_file_as_certificate_is_refused_without_waiting(tmp_path: Path) -> None:
+    """A FIFO hung `up` and `reload` in open(), waiting for a writer; /dev/zero or a huge
+    file was read whole into memory (/dev/zero: until the kernel killed stackctl)."""
+    key = make_self_signed(["a.test"], [])[1]
+    write_pair(tmp_path, (b"", key))
+    (tmp_path / "site.pem").unlink()
+    os.mkfifo(tmp_path / "site.pem")
+    outcome: list[BaseException | None] = []
+
+    def attempt() -> None:
+        try:
+            conf(planned(tmp_path, *FILE_CERT))
+            outcome.append(None)
+        except BaseException as e:  # noqa: BLE001 - handed to the test's thread
+            outcome.append(e)
+
+    reader = threading.Thread(target=attempt)
+    reader.start()
+    reader.join(timeout=20)
+    waited = reader.is_alive()
+    if waited:  # the old way: blocked in open(); a writer that closes at once frees it
+        with suppress(OSError):
+            os.close(os.open(tmp_path / "site.pem", os.O_WRONLY | os.O_NONBLOCK))
+        reader.join(timeout=20)
+    assert not waited, "reading a FIFO as the certificate waited for a writer"
+    assert isinstance(outcome[0], StackError)
+    assert re.search(r"tls\.certificate: 'site\.pem': .*site\.pem: is a FIFO, socket or "
+                     r"device, not a PEM file", str(outcome[0])), outcome[0]  # fmt: skip
+    (tmp_path / "site.pem").unlink()
+    with (tmp_path / "site.pem").open("wb") as f:
+        f.truncate(64 << 20)  # sparse: no disk used
+    with pytest.raises(StackError, match=r"site\.pem: is 67108864 bytes, too large for a PEM"):
         conf(planned(tmp_path, *FILE_CERT))
 
 

@@ -21,7 +21,13 @@ from stackctl.errors import StackError
 from stackctl.readiness import forget_dead_marks, ready_dir
 from stackctl.settings import Invalid, user_name
 from stackctl.stack import Stack, plan
-from stackctl.users import ServiceUser, check_service_user, service_user, unreachable
+from stackctl.users import (
+    ServiceUser,
+    check_key_private,
+    check_service_user,
+    service_user,
+    unreachable,
+)
 from tests.unit.test_render import PROGRAMS, files, make_stack
 
 SERVICE = ServiceUser("svc", 4242, 4343, "svcgroup")
@@ -89,6 +95,19 @@ def test_a_normal_user_cannot_name_another_user(tmp_path: Path) -> None:
         f'start processes as another user; start the stack as root, or set server.user to "" '
         f"or {me!r} to run it as yourself"
     )
+
+
+def test_a_service_user_in_roots_group_is_refused(tmp_path: Path) -> None:
+    """uid 0 was refused, gid 0 was not: the app then ran with root's group."""
+    in_root_group = ServiceUser("svc", 4242, 0, "root")
+    with pytest.raises(StackError) as e:
+        check_service_user(stack_for(tmp_path, 0, in_root_group,
+                                     overrides=[("server.user", "svc")]))  # fmt: skip
+    assert str(e.value).startswith(
+        "command line: server.user: 'svc': 'svc' is in root's group (gid 0): the app's "
+        "processes would get it too"
+    )
+    check_service_user(stack_for(tmp_path, 0, SERVICE, overrides=[("server.user", "svc")]))
 
 
 @as_root
@@ -229,3 +248,73 @@ def test_init_writes_through_no_link_planted_in_the_stack_directory(tmp_path: Pa
     with pytest.raises(StackError, match=r"static: cannot write in it \("):
         init(site, demo=True, app=None, force=True)
     assert decoy.read_text() == "precious" and not list(elsewhere.iterdir())
+
+
+@as_root
+@pytest.mark.parametrize(
+    ("site_owner", "site_mode", "parent_owner", "parent_mode", "problem"),
+    [
+        (4242, 0o755, 0, 0o755, "owns or can write in the stack directory"),
+        (0, 0o775, 0, 0o755, None),  # group root: not the user's
+        (0, 0o757, 0, 0o755, "owns or can write in the stack directory"),
+        (0, 0o755, 4242, 0o755, "can rename"),  # the user's parent: .../site renamed
+        (0, 0o755, 0, 0o777, "can rename"),
+        (0, 0o755, 0, 0o1777, None),  # like /tmp: only an entry's owner renames it
+        (4242, 0o555, 0, 0o1777, "owns or can write in the stack directory"),  # chmod is theirs
+        (0, 0o755, 0, 0o755, None),
+    ],
+)
+def test_root_refuses_a_stack_directory_the_service_user_could_replace_parts_of(
+    site_owner: int, site_mode: int, parent_owner: int, parent_mode: int, problem: str | None
+) -> None:
+    """A user who can rename .stackctl (or the stack directory) could have root's circusd and
+    NGiNX follow links planted in a directory of its own put in its place."""
+    top = Path(tempfile.mkdtemp(prefix="screname", dir="/tmp"))
+    try:
+        parent, site = top / "parent", top / "parent" / "site"
+        site.mkdir(parents=True)
+        for path, owner, mode in ((parent, parent_owner, parent_mode), (site, site_owner,
+                                                                        site_mode)):  # fmt: skip
+            os.chown(path, owner, 0)
+            path.chmod(mode)
+        stack = stack_for(site, 0, SERVICE, overrides=[("server.user", "svc")])
+        if problem is None:
+            check_service_user(stack)
+        else:
+            with pytest.raises(StackError) as e:
+                check_service_user(stack)
+            assert str(e.value).startswith(f"command line: server.user: 'svc': the app's "
+                                           f"processes run as 'svc', who {problem}")
+            assert f"in place of {site / '.stackctl'}" in str(e.value)
+    finally:
+        shutil.rmtree(top)
+
+
+@as_root
+def test_a_private_key_the_service_user_can_read_is_refused(tmp_path: Path) -> None:
+    """NGiNX's master reads the key as root: nothing told that the app's user could too."""
+    from stackctl.tls import Tls
+
+    entry = pwd.getpwnam("nobody")
+    nobody = ServiceUser("nobody", entry.pw_uid, entry.pw_gid, "nogroup")
+    top = Path(tempfile.mkdtemp(prefix="sckey", dir="/tmp"))
+    try:
+        top.chmod(0o755)
+        key = top / "site.key"
+        key.write_text("-----BEGIN PRIVATE KEY-----\n")
+        key.chmod(0o644)
+        stack = dataclasses.replace(
+            stack_for(tmp_path, 0, nobody, overrides=[("tls.certificate", "site.pem"),
+                                                      ("tls.key", str(key))]),
+            tls=Tls(top / "site.pem", key, digest="", ocsp=False),
+        )  # fmt: skip
+        with pytest.raises(StackError) as e:
+            check_key_private(stack)
+        assert str(e.value).startswith(
+            f"command line: tls.key: {str(key)!r}: {key} can be read by 'nobody', who runs "
+            "the app: a flaw in the app would give away the private key"
+        )
+        key.chmod(0o600)
+        check_key_private(stack)
+    finally:
+        shutil.rmtree(top)
