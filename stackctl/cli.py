@@ -17,7 +17,7 @@ from typing import Any
 from stackctl import generation, profile, realtime, service, supervisor, users
 from stackctl.errors import EXIT_STACK_ERROR, StackError
 from stackctl.follow import Follower
-from stackctl.settings import SETTINGS
+from stackctl.settings import BY_KEY, SETTINGS
 from stackctl.stack import NO_PROGRAMS, Stack, check_port_allowed, plan
 from stackctl.watchers import LOGS, WATCHERS
 
@@ -91,9 +91,27 @@ def check_run_dir_owner(stack: Stack) -> None:
     )
 
 
-def load_running_stack(args: argparse.Namespace, *, writes: bool = True) -> Stack:
+def load_running_stack(
+    args: argparse.Namespace, *, writes: bool = True, as_saved: bool = False
+) -> Stack:
     """The stack as ``up`` started it (its recorded profile and command-line overrides), to
-    find its files and sockets; the programs are not looked up."""
+    find its files and sockets; the programs are not looked up.
+
+    ``as_saved``: for what only stops or looks at the running stack (down, status, logs), a
+    profile edited into something invalid since is said, and the settings the stack was
+    started with are used instead: a typo in stack.toml must not keep a stack from stopping.
+    """
+    try:
+        return load_as_started(args, writes)
+    except StackError as problem:
+        saved = saved_stack(args, writes) if as_saved else None
+        if saved is None:
+            raise
+        print(f"stackctl: {problem}\n(using {profile.SAVED})", file=sys.stderr)
+        return saved
+
+
+def load_as_started(args: argparse.Namespace, writes: bool) -> Stack:
     guess = load_stack(args, programs=False, writes=writes)
     state_path = guess.run_dir / STATE_FILE
     if not state_path.is_file():
@@ -103,11 +121,29 @@ def load_running_stack(args: argparse.Namespace, *, writes: bool = True) -> Stac
     return plan(chosen, NO_PROGRAMS, writes=writes)
 
 
+def saved_stack(args: argparse.Namespace, writes: bool) -> Stack | None:
+    """The running stack from the settings ``up`` saved, when its run directory is the
+    default one (the profile that would say otherwise cannot be read)."""
+    stack_dir = Path(args.stack).resolve()
+    state_path = stack_dir / BY_KEY["paths.run_dir"].default / STATE_FILE
+    try:
+        state = json.loads(state_path.read_text())
+        values = state["settings"]
+    except (OSError, ValueError, KeyError):
+        return None
+    try:
+        saved = profile.from_saved_values(stack_dir, state["profile"], values)
+        return plan(saved, NO_PROGRAMS, writes=writes)
+    except StackError:  # saved by an older stackctl, whose checks were not as strict
+        return None
+
+
 def save_state(stack: Stack, overrides: list[tuple[str, Any]]) -> None:
     state = {
         "profile": stack.profile.name,
         "overrides": overrides,
         "stack_dir": str(stack.stack_dir),  # whose run directory this is
+        "settings": profile.saved_values(stack.profile),
     }
     with (stack.run_dir / STATE_FILE).open("w") as f:
         # The service user's group may read it, as it may the configs (`stackctl status`).
@@ -208,7 +244,7 @@ def show_deploy_checks(stack: Stack) -> None:
 
 
 def cmd_down(args: argparse.Namespace) -> int:
-    stack = load_running_stack(args)
+    stack = load_running_stack(args, as_saved=True)
     pid = supervisor.running_pid(stack)
     killed = supervisor.stop(stack, pid)
     if pid is None and not killed:
@@ -226,7 +262,7 @@ def require_running(stack: Stack) -> None:
 def cmd_status(args: argparse.Namespace) -> int:
     """Each watcher and its processes, then whether the site, Redis and realtime delivery
     work; exits 1 when one does not."""
-    stack = load_running_stack(args, writes=False)
+    stack = load_running_stack(args, writes=False, as_saved=True)
     require_running(stack)
     print(f"{stack.url()}  profile {stack.profile.name}")
     for watcher in supervisor.status(stack):
@@ -312,7 +348,7 @@ def cmd_compress(args: argparse.Namespace) -> int:
 
 
 def cmd_logs(args: argparse.Namespace) -> int:
-    stack = load_running_stack(args, writes=False)
+    stack = load_running_stack(args, writes=False, as_saved=True)
     names = [args.watcher] if args.watcher else LOGS
     followers = [Follower(stack.log_dir / f"{n}.log") for n in names]
     prefix = len(followers) > 1

@@ -304,6 +304,25 @@ def build(name: str, reason: str, stack_dir: Path, layers: list[Layer]) -> Profi
     return built
 
 
+SAVED = "the settings the running stack was started with"
+
+
+def saved_values(profile: Profile) -> dict[str, Any]:
+    """Every key's value as a profile file would write it, for :func:`from_saved_values`."""
+
+    def plain(value: Any) -> Any:
+        return list(value) if isinstance(value, tuple) else value if isinstance(
+            value, bool | int | str) else str(value)  # fmt: skip
+
+    return {s.key: plain(profile.value(s.key)) for s in SETTINGS}
+
+
+def from_saved_values(stack_dir: Path, name: str, values: Mapping[str, Any]) -> Profile:
+    """The profile a stack was started with, from :func:`saved_values`, checked again: to
+    stop or inspect a stack whose profile files were since edited into something invalid."""
+    return build(name, SAVED, stack_dir.resolve(), [defaults_layer(), validate(SAVED, values)])
+
+
 CLIENT_PREFIX = "/_stackctl/"
 """Where NGiNX serves stackctl's browser client, realtime.js."""
 

@@ -130,6 +130,30 @@ def test_app_crashing_at_start_is_reported_and_nothing_is_left(site: Path) -> No
     assert "RuntimeError: boom at start" in message
 
 
+def test_a_profile_broken_while_running_refuses_reload_but_not_status_or_down(
+    site: Path, no_leaks: Callable[[Path], None]
+) -> None:
+    no_leaks(site)
+    port = free_port()
+    stackctl("up", "--detach", "--listen", f"127.0.0.1:{port}", "--workers", "1", cwd=site)
+    with (site / "stack.toml").open("a") as stack_file:
+        stack_file.write('\n[ws]\nping_interval = "often"\n')  # a typo, since `up`
+    refused = stackctl("reload", cwd=site, check=False)
+    assert refused.returncode == EXIT_STACK_ERROR
+    assert "ws.ping_interval: expected a positive integer" in refused.stderr
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=10) as page:
+        assert page.status == 200  # still the running generation
+    status = stackctl("status", cwd=site)  # it is healthy: exit 0
+    assert "ws.ping_interval" in status.stderr
+    assert "using the settings the running stack was started with" in status.stderr
+    assert "wsgi" in status.stdout
+    down = stackctl("down", cwd=site)
+    assert "stack stopped" in down.stdout and "ws.ping_interval" in down.stderr
+    assert not processes.find((site / ".stackctl" / "run").resolve())
+    with pytest.raises(ConnectionRefusedError):
+        socket.create_connection(("127.0.0.1", port), timeout=10).close()
+
+
 def test_reload_refuses_a_listen_address_that_injects_nginx_config(
     site: Path, no_leaks: Callable[[Path], None]
 ) -> None:

@@ -407,3 +407,16 @@ def test_a_profile_name_is_a_plain_file_name(stack_dir: Path, name: str) -> None
     path = write(stack_dir / "profiles" / "web.toml", f"extends = {json.dumps(name)}\n")
     with pytest.raises(StackError, match=f"^{re.escape(str(path))}: extends: .* is not a profile"):
         load(stack_dir, "web")
+
+
+def test_saved_settings_give_back_the_same_profile(stack_dir: Path) -> None:
+    # What `down` and `status` use once the profile files no longer load.
+    overrides = [("server.listen", "[::1]:8080"), ("ws.allowed_origins", ["https://a.example"]),
+                 ("wsgi.workers", 3), ("tls.certificate", "self-signed")]  # fmt: skip
+    started = load(stack_dir, "prod", overrides)
+    saved = json.loads(json.dumps(profile.saved_values(started)))  # as state.json keeps them
+    again = profile.from_saved_values(stack_dir, "prod", saved)
+    assert dataclasses.replace(again, reason=started.reason) == started
+    assert again.source("wsgi.workers") == profile.SAVED
+    with pytest.raises(StackError, match=r"^the settings .*: wsgi\.workers: expected"):
+        profile.from_saved_values(stack_dir, "prod", {**saved, "wsgi.workers": "many"})
