@@ -65,11 +65,27 @@ class TlsValues:
     digest: str
     ciphers: str
     stapling: Stapling | None
+    site_names: list[str]
+    """The names the plain-HTTP redirect keeps as the client gave them; [] for any."""
+    first_name: str
+    """Where the redirect sends a request for another name; "" to keep any."""
+
+
+def redirect_names(server_names: str) -> tuple[list[str], str]:
+    """The redirect to https names the host the client asked for, but only one of the site's:
+    a made-up Host header (behind a shared cache, a poisoned redirect) gets the site's first
+    plain name instead. With "_" (any name), or wildcards only, any host is kept."""
+    names = [name for name in server_names.split(" ") if name != "_"]
+    plain = [name for name in names if "*" not in name and not name.startswith(".")]
+    if not plain or "_" in server_names.split(" "):
+        return [], ""
+    return names, plain[0]
 
 
 def tls_values(stack: Stack) -> TlsValues:
     assert stack.tls is not None
     listen = stack.profile.tls.listen
+    site_names, first_name = redirect_names(stack.profile.server.names)
     return TlsValues(
         listen=str(listen),
         port_suffix="" if listen.port == 443 else f":{listen.port}",
@@ -78,6 +94,8 @@ def tls_values(stack: Stack) -> TlsValues:
         digest=stack.tls.digest,
         ciphers=MOZILLA_INTERMEDIATE_CIPHERS,
         stapling=stack.tls.stapling,
+        site_names=site_names,
+        first_name=first_name,
     )
 
 

@@ -348,3 +348,26 @@ def test_reload_turns_https_on_for_a_plain_stack_that_served_certbots_challenge(
             assert conn.getresponse().status == 200
         finally:
             conn.close()
+
+
+def test_the_redirect_to_https_names_only_the_sites_own_hosts() -> None:
+    names = "server.names=localhost www.localhost *.shop.localhost"
+    with running_stack(echo_site(), *tls_args("self-signed", names)) as stack:
+        port = stack.profile.tls.listen.port
+
+        def location(host: str) -> str:
+            conn = http.client.HTTPConnection("127.0.0.1", stack.profile.server.listen.port,
+                                              timeout=10)  # fmt: skip
+            try:
+                conn.request("GET", "/a?b=1", headers={"Host": host})
+                response = conn.getresponse()
+                assert response.status == 301
+                return str(response.headers["Location"])
+            finally:
+                conn.close()
+
+        assert location("www.localhost") == f"https://www.localhost:{port}/a?b=1"
+        assert location("x.shop.localhost") == f"https://x.shop.localhost:{port}/a?b=1"
+        # A made-up Host (a cache in front would keep the answer for everyone) gets the site.
+        assert location("evil.example") == f"https://localhost:{port}/a?b=1"
+        assert location("a@evil.example") == f"https://localhost:{port}/a?b=1"

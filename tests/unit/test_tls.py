@@ -370,3 +370,13 @@ def test_nginx_accepts_the_tls_config_with_no_warning(tmp_path: Path) -> None:
     )
     assert result.returncode == 0, result.stderr
     assert "[warn]" not in result.stderr and "[emerg]" not in result.stderr
+
+
+def test_the_redirect_keeps_only_the_sites_names() -> None:
+    assert nginx.redirect_names("_") == ([], "")
+    assert nginx.redirect_names("*.example.com") == ([], "")  # no plain name to send others to
+    assert nginx.redirect_names("example.com _") == ([], "")  # "_": any host is the site's
+    assert nginx.redirect_names(".example.com www.example.org") == (
+        [".example.com", "www.example.org"],
+        "www.example.org",
+    )
