@@ -58,10 +58,16 @@ class Stack:
     """Who the app's processes run as (server.user)."""
     runner_uid: int
     """Who runs stackctl (its effective uid): root may hand the app to ``user``."""
+    media_dir: Path | None = None
+    """Uploaded files NGiNX serves at media.url; None when media.dir is empty."""
+    tls: Tls | None = None
+    """The certificate NGiNX serves over HTTPS; None without HTTPS."""
+    acme_dir: Path | None = None
+    """certbot's webroot, served at /.well-known/acme-challenge/ over plain HTTP."""
 
     # When root starts the stack for another user, circusd and the NGiNX master stay root (they
-    # bind the ports) and the rest runs as that user, who may read the configs and logs (group)
-    # but not change them: the run, log and .stackctl directories stay root's. What the user's
+    # bind the ports) and the rest runs as that user, who may read the configs (group) but
+    # not change them: the run, log and .stackctl directories stay root's. What the user's
     # processes write goes into service_dir, theirs alone. Otherwise one user owns it all.
     @property
     def switches_user(self) -> bool:
@@ -96,12 +102,6 @@ class Stack:
     @property
     def private_dir(self) -> Path:
         return self.stack_dir / PRIVATE_DIR
-    media_dir: Path | None = None
-    """Uploaded files NGiNX serves at media.url; None when media.dir is empty."""
-    tls: Tls | None = None
-    """The certificate NGiNX serves over HTTPS; None without HTTPS."""
-    acme_dir: Path | None = None
-    """certbot's webroot, served at /.well-known/acme-challenge/ over plain HTTP."""
 
     @property
     def stack_dir(self) -> Path:
@@ -111,8 +111,8 @@ class Stack:
     def embedded_redis(self) -> bool:
         return self.profile.redis.url == "embedded"
 
-    # Sockets and control endpoints all live in the run directory (mode 0700), never on a
-    # TCP port that every local user could reach.
+    # Sockets and control endpoints all live in the run directory (closed to other users),
+    # never on a TCP port that every local user could reach.
     @property
     def wsgi_socket(self) -> Path:
         return self.run_dir / "wsgi.sock"
