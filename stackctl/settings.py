@@ -467,8 +467,8 @@ class ServerConfig:
         "",
         user_name,
         "User the app's processes (uWSGI, the websocket worker, Redis, NGiNX's workers) run "
-        "as when root starts the stack; empty: the owner of the stack directory. Running them "
-        'as root takes "root", written explicitly.',
+        "as. Empty: yourself, when a normal user starts the stack; root must name one, who "
+        'may not write in the stack directory, or write "root" to run them as root.',
     )
 
 
