@@ -67,7 +67,9 @@ class Load:
             try:
                 try:
                     failure = self._send(conn, *request)
-                except (BrokenPipeError, http.client.RemoteDisconnected):
+                # The close crosses the request: EOF, EPIPE, or ECONNRESET when the request's
+                # bytes reach a socket the server has just closed unread.
+                except (BrokenPipeError, ConnectionResetError, http.client.RemoteDisconnected):
                     if not reused:
                         raise
                     conn.close()

@@ -21,7 +21,7 @@ import pytest
 from websockets.sync.client import connect
 
 from stackctl import processes
-from tests.conftest import REPO, data_of, free_port
+from tests.conftest import APP_AS_ROOT, REPO, data_of, free_port
 from tests.wheels import build_wheel
 
 pytestmark = pytest.mark.e2e
@@ -96,7 +96,7 @@ def test_the_wheel_installed_in_a_fresh_venv_runs_the_demo(outside: Path, python
     port = free_port()
     url = f"http://127.0.0.1:{port}/"
     try:
-        run(stackctl, "up", "--detach", "--listen", f"127.0.0.1:{port}", cwd=site)
+        run(stackctl, "up", "--detach", "--listen", f"127.0.0.1:{port}", *APP_AS_ROOT, cwd=site)
         status, body = get(url)
         assert status == 200 and b"<title>stackctl demo: live board</title>" in body
         assert get(url + "_stackctl/realtime.js")[0] == 200  # the client, from the venv
