@@ -131,6 +131,8 @@ def saved_stack(args: argparse.Namespace, writes: bool) -> Stack | None:
         values = state["settings"]
     except (OSError, ValueError, KeyError):
         return None
+    if state.get("stack_dir") != str(stack_dir):
+        return None  # another stack's run directory: its settings are not this stack's
     try:
         saved = profile.from_saved_values(stack_dir, state["profile"], values)
         return plan(saved, NO_PROGRAMS, writes=writes)

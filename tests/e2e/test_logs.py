@@ -129,6 +129,8 @@ def lines_of(path: Path) -> list[str]:
 
 
 def lines_on_disk(log: Path) -> list[str]:
+    # Between its rename and NGiNX's reopen, a rotated access log has no current file yet.
+    wait_for(log.exists, 15, f"a new {log.name} after its rotation")
     lines = []
     for path in [log, *backups(log)]:
         data = path.read_bytes()
