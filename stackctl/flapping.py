@@ -100,9 +100,26 @@ def last_crash(path: Path, lines: int = 15, search: int = 400) -> str:
         return "\n".join(recent[-lines:])
     # A process stopped while circusd was still reading its pipe leaves a traceback without
     # its last line, the exception: show the last one that has it.
-    ends = [*starts[1:], len(recent)]
-    complete = [a for a, b in zip(starts, ends, strict=True) if has_exception(recent[a:b])]
-    return "\n".join(recent[(complete or starts)[-1] :][: 2 * lines])
+    for start in reversed(starts):
+        own, end = traceback_at(recent, start)
+        if end is not None:
+            return "\n".join([*own, *recent[end + 1 :]][: 2 * lines])
+    return "\n".join(recent[starts[-1] :][: 2 * lines])
+
+
+def traceback_at(recent: list[str], start: int) -> tuple[list[str], int | None]:
+    """The traceback that begins at ``recent[start]``, and where its exception line is (None
+    if it has none). Workers starting together write into one log at once: the lines of
+    another's start-up banner may come between a traceback's own, which are indented (the
+    frames and their code) up to the exception line, which is not."""
+    own = [recent[start]]
+    for index in range(start + 1, len(recent)):
+        line = recent[index]
+        if EXCEPTION_LINE.match(line):
+            return [*own, line], index
+        if line.startswith((" ", "\t")):
+            own.append(line)
+    return own, None
 
 
 EXCEPTION_LINE = re.compile(r"[A-Za-z_][\w.]*(Error|Exception|Exit|Interrupt)\b")

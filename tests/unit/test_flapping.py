@@ -91,3 +91,14 @@ def test_a_crash_report_skips_a_traceback_cut_short(tmp_path: Path) -> None:
     whole = ["Traceback (most recent call last):", '  File "app.py"', "RuntimeError: boom"]
     log.write_text("\n".join([*whole, "banner", *whole[:2], "banner"]))
     assert last_crash(log).splitlines()[:3] == whole
+
+
+def test_a_crash_report_leaves_out_the_lines_other_workers_wrote_in_between(
+    tmp_path: Path,
+) -> None:
+    # Four workers crash at once: one's start-up banner lands between another's frames.
+    log = tmp_path / "wsgi.log"
+    frames = ["Traceback (most recent call last):", '  File "app.py", line 6', "    raise boom"]
+    banner = [f"thunder lock: disabled (banner line {n})" for n in range(40)]
+    log.write_text("\n".join([*frames[:2], *banner, frames[2], "RuntimeError: boom", "GAME OVER"]))
+    assert last_crash(log).splitlines() == [*frames, "RuntimeError: boom", "GAME OVER"]
