@@ -226,7 +226,7 @@ def nginx_uwsgi(run: Path, app: str, processes: int) -> AbstractContextManager[S
     uwsgi = f"""{_program("uwsgi")} --master --processes {processes} --socket {sock}
         --listen 1024 --module bench_apps:{app} --chdir {run} --home {sys.prefix}
         --disable-logging --die-on-term""".split()
-    return behind_nginx(run, f"include {_uwsgi_params()}; uwsgi_pass unix:{sock};", uwsgi)
+    return behind_nginx(run, f"include {_uwsgi_params(run)}; uwsgi_pass unix:{sock};", uwsgi)
 
 
 def nginx_gunicorn(run: Path, app: str, workers: int) -> AbstractContextManager[Server]:
@@ -263,7 +263,7 @@ def nginx_circus_uwsgi(run: Path, app: str, processes: int) -> AbstractContextMa
                             app_options=app_options)  # fmt: skip
     (run / "circus.ini").write_text(ini)
     circusd = [_program("circusd"), str(run / "circus.ini")]
-    location = f"include {_uwsgi_params()}; uwsgi_pass unix:{run}/circus-web.sock;"
+    location = f"include {_uwsgi_params(run)}; uwsgi_pass unix:{run}/circus-web.sock;"
     return behind_nginx(run, location, circusd)
 
 
@@ -325,7 +325,13 @@ def _program(name: str) -> str:
     return str(beside) if beside.exists() else (shutil.which(name) or name)
 
 
-def _uwsgi_params() -> Path:
+def _uwsgi_params(run: Path) -> Path:
+    """The peers' uwsgi_params: stackctl's, less the lines that name variables only
+    stackctl's own NGiNX config defines (NGiNX refuses to start on an unknown variable)."""
     from stackctl import resources
 
-    return resources.templates_dir() / "nginx" / "uwsgi_params"
+    shipped = (resources.templates_dir() / "nginx" / "uwsgi_params").read_text()
+    params = run / "peer_uwsgi_params"
+    params.write_text("".join(line for line in shipped.splitlines(keepends=True)
+                              if "$stackctl_" not in line))  # fmt: skip
+    return params
