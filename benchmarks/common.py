@@ -196,6 +196,11 @@ def nginx_command(run: Path, port: int, location: str) -> list[str]:
     return [nginx, "-p", str(run), "-c", str(conf), "-e", str(run / "nginx-error.log")]
 
 
+APP_AS_ROOT: tuple[str, ...] = ("--set", "server.user=root") if os.geteuid() == 0 else ()
+"""The benchmarks' sites are root's, in temporary directories: say that their apps run as root
+(stackctl refuses it unless told)."""
+
+
 @dataclass(frozen=True)
 class Server:
     port: int
@@ -306,8 +311,7 @@ def stackctl_stack(
             "--profile",
             "prod",
             *options,
-            # The site is root's, in a temporary directory: say that its app runs as root.
-            *(("--set", "server.user=root") if os.geteuid() == 0 else ()),
+            *APP_AS_ROOT,
         ],
         cwd=site,
         check=True,

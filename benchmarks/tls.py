@@ -29,7 +29,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import APPS, SETTLE_SECONDS, free_port, workdir, wrk  # noqa: E402
+from common import APP_AS_ROOT, APPS, SETTLE_SECONDS, free_port, workdir, wrk  # noqa: E402
 
 from stackctl.stack import usable_cpus  # noqa: E402
 
@@ -90,7 +90,7 @@ def tls_stack(run: Path, workers: int) -> Iterator[str]:
     up = [*stackctl, "up", "--detach", "--profile", "prod", "--listen",
           f"127.0.0.1:{free_port()}", "--workers", str(workers),
           "--set", "tls.certificate=self-signed",
-          "--set", f"tls.listen=127.0.0.1:{tls_port}"]  # fmt: skip
+          "--set", f"tls.listen=127.0.0.1:{tls_port}", *APP_AS_ROOT]  # fmt: skip
     subprocess.run([*stackctl, "init", "--app", "bench_apps:hello"], cwd=site, check=True,
                    capture_output=True)  # fmt: skip
     try:
