@@ -50,7 +50,11 @@ case "$job" in
     demo)
         [ -f demo-site/stack.toml ] || stackctl init demo-site --demo
         cd demo-site
-        exec stackctl up
+        # stackctl runs no app as root unless told: on this machine, for the demo on loopback,
+        # say so (a server gets a user of its own: see the README's "Production server").
+        as_root=()
+        [ "$(id -u)" = 0 ] && as_root=(--set server.user=root)
+        exec stackctl up "${as_root[@]}"
         ;;
     test)
         ruff check stackctl tests examples benchmarks
