@@ -83,6 +83,11 @@ class Profile:
         section, name = key.split(".", 1)
         return getattr(getattr(self, section), name)
 
+    def where(self, key: str) -> str:
+        """How an error names a key: the file that set it, the key and its value."""
+        value = self.value(key)
+        return f"{self.source(key)}: {key}: {str(value) if isinstance(value, Listen) else value!r}"
+
 
 @dataclass(frozen=True)
 class Layer:
@@ -349,7 +354,7 @@ def check_url_prefixes(profile: Profile) -> None:
     # Of two equal prefixes, the error names first the one that was set, not a default.
     for key in sorted(prefixes, key=lambda k: profile.source(k) == "defaults"):
         prefix = prefixes[key]
-        where = f"{profile.source(key)}: {key}: {prefix!r}"
+        where = profile.where(key)
         if prefix.startswith(CLIENT_PREFIX) or CLIENT_PREFIX.startswith(prefix):
             raise StackError(
                 f"{where} overlaps {CLIENT_PREFIX}, where stackctl serves its browser client; "
@@ -377,7 +382,7 @@ def check_tls_settings(profile: Profile) -> None:
     plain, secure = profile.server.listen, profile.tls.listen
     if profile.tls.certificate and plain.port == secure.port:
         raise StackError(
-            f"{profile.source('tls.listen')}: tls.listen: {str(secure)!r} uses the port of "
+            f"{profile.where('tls.listen')} uses the port of "
             f"server.listen ({plain}, from {profile.source('server.listen')}); HTTPS needs a "
             'port of its own, such as "0.0.0.0:443" beside "0.0.0.0:80"'
         )

@@ -364,8 +364,8 @@ def private_dirs(stack: Stack) -> dict[str, str]:
     file and key that set it) -> its path relative to the stack directory."""
     paths = stack.profile.paths
     return {
-        f"{stack.profile.source('paths.run_dir')}: paths.run_dir: {paths.run_dir!r}": paths.run_dir,
-        f"{stack.profile.source('paths.log_dir')}: paths.log_dir: {paths.log_dir!r}": paths.log_dir,
+        stack.profile.where("paths.run_dir"): paths.run_dir,
+        stack.profile.where("paths.log_dir"): paths.log_dir,
         f"the stack's {PRIVATE_DIR} directory": PRIVATE_DIR,
     }
 
@@ -471,7 +471,7 @@ def check_served_dirs(stack: Stack) -> None:
     the headers that keep them from running script)."""
     served = served_dirs(stack)
     where = {
-        one.key: f"{stack.profile.source(one.key)}: {one.key}: {one.value!r}" for one in served
+        one.key: stack.profile.where(one.key) for one in served
     }
     for one in served:  # the stack's own files first: the worst of what could be served
         check_served_relations(stack, one, where[one.key])
@@ -532,7 +532,7 @@ def check_key_not_served(stack: Stack) -> None:
     for served in served_dirs(stack):
         if served.path in key.parents:
             raise StackError(
-                f"{stack.profile.source('tls.key')}: tls.key: {stack.profile.tls.key!r} resolves "
+                f"{stack.profile.where('tls.key')} resolves "
                 f"to {key}, inside {served.key} ({served.path}), whose files NGiNX serves to "
                 "anyone: "
                 "keep the key elsewhere (readable by root only), e.g. /etc/ssl/private/"
@@ -562,9 +562,9 @@ def checked_tls(stack: Stack) -> Stack:
     if settings.certificate == SELF_SIGNED:
         ensure_self_signed(stack.stack_dir, profile.server.names)
     checked = check_pair(
-        f"{profile.source('tls.certificate')}: tls.certificate: {settings.certificate!r}",
+        profile.where("tls.certificate"),
         stack.tls.certificate,
-        f"{profile.source('tls.key')}: tls.key: {settings.key!r}" if settings.key else "tls.key",
+        profile.where("tls.key") if settings.key else "tls.key",
         stack.tls.key,
     )
     return dataclasses.replace(stack, tls=checked)

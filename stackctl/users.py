@@ -40,7 +40,7 @@ class ServiceUser:
 
 def where(profile: Profile) -> str:
     """How an error names the setting: the file that set it (or the defaults), key and value."""
-    return f"{profile.source('server.user')}: server.user: {profile.server.user!r}"
+    return profile.where("server.user")
 
 
 def service_user(profile: Profile, runner_uid: int) -> ServiceUser:
@@ -291,7 +291,7 @@ def check_key_private(stack: Stack) -> None:
         return
     profile = stack.profile
     raise StackError(
-        f"{profile.source('tls.key')}: tls.key: {profile.tls.key!r}: {key} can be read by "
+        f"{profile.where('tls.key')}: {key} can be read by "
         f"{stack.user.name!r}, who runs the app: a flaw in the app would give away the "
         f"private key. Make it readable by root only (chown root: {key} && chmod 600 {key}), "
         "in a directory the user cannot write in"
