@@ -93,17 +93,34 @@ def wait_for(check: Callable[[], bool], timeout: float = 15.0, what: str = "cond
 def app_site(app: Path, wsgi: str) -> Path:
     """A new stack directory (short path, under /tmp) holding a copy of the test app ``app``,
     initialised for its callable ``wsgi``."""
-    site = Path(tempfile.mkdtemp(prefix="sc", dir="/tmp")) / "site"
+    site = short_dir() / "site"
     site.mkdir()
     shutil.copy(app, site)
     stackctl("init", ".", "--app", wsgi, cwd=site)
     return site
 
 
+_MADE: list[Path] = []
+
+
+def short_dir() -> Path:
+    """A temp dir with a short path (unix socket paths are limited to 107 bytes), removed at
+    the end of the session at the latest."""
+    path = Path(tempfile.mkdtemp(prefix="sc", dir="/tmp"))
+    _MADE.append(path)
+    return path
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _remove_short_dirs() -> Iterator[None]:
+    yield
+    for path in _MADE:
+        shutil.rmtree(path, ignore_errors=True)
+
+
 @pytest.fixture
 def short_tmp() -> Iterator[Path]:
-    """A temp dir with a short path: unix socket paths are limited to 107 bytes."""
-    path = Path(tempfile.mkdtemp(prefix="sc", dir="/tmp"))
+    path = short_dir()
     yield path
     shutil.rmtree(path, ignore_errors=True)
 

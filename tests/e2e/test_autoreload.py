@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import tempfile
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -10,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from stackctl.stack import Stack
-from tests.conftest import running_stack, stackctl, wait_for
+from tests.conftest import running_stack, short_dir, stackctl, wait_for
 from tests.e2e.test_django import django_project
 from tests.e2e.test_restarts import wsgi_pids
 
@@ -28,7 +27,7 @@ def application(environ, start_response):
 
 
 def lazy_site() -> Path:
-    site = Path(tempfile.mkdtemp(prefix="sc", dir="/tmp")) / "site"
+    site = short_dir() / "site"
     site.mkdir()
     (site / "lazyapp.py").write_text(APP)
     (site / "routes.py").write_text('ANSWER = "old"\n')

@@ -3,15 +3,13 @@
 from __future__ import annotations
 
 import ssl
-import tempfile
 import urllib.parse
 import urllib.request
-from pathlib import Path
 
 import pytest
 
 from tests.browser import Browser, chromium_binary
-from tests.conftest import REPO, free_port, running_stack, stackctl
+from tests.conftest import REPO, free_port, running_stack, short_dir, stackctl
 
 pytestmark = pytest.mark.e2e
 
@@ -35,7 +33,7 @@ def test_a_message_posted_elsewhere_appears_in_the_page_even_across_a_worker_res
     # The test job installs Chromium (scripts/bootstrap.sh); a machine without it fails here
     # rather than skipping silently.
     assert binary, "Chromium is needed: apt-get install -y chromium"
-    root = Path(tempfile.mkdtemp(prefix="sc", dir="/tmp"))
+    root = short_dir()
     stackctl("init", str(root / "site"), "--demo", cwd=root)
     tls = ["--set", "tls.certificate=self-signed", "--set", f"tls.listen=127.0.0.1:{free_port()}"]
     args = ["--workers", "1", *(tls if scheme == "https" else [])]

@@ -16,16 +16,15 @@ import pytest
 from websockets.sync.client import connect
 
 from stackctl.stack import Stack, usable_cpus
-from tests.conftest import data_of, running_stack, stackctl, wait_for
+from tests.conftest import data_of, running_stack, short_dir, stackctl, wait_for
 
 pytestmark = pytest.mark.e2e
 
 
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
-    import tempfile
 
-    root = Path(tempfile.mkdtemp(prefix="sc", dir="/tmp"))
+    root = short_dir()
     stackctl("init", str(root / "site"), "--demo", cwd=root)
     with running_stack(root / "site") as stack:
         yield stack
@@ -161,9 +160,8 @@ def test_logs_show_each_watcher(demo: Stack) -> None:
 
 
 def test_down_leaves_none_of_the_stacks_pids_alive(tmp_path: Path) -> None:
-    import tempfile
 
-    root = Path(tempfile.mkdtemp(prefix="sc", dir="/tmp"))
+    root = short_dir()
     stackctl("init", str(root / "site"), "--demo", cwd=root)
     with running_stack(root / "site", "--workers", "2") as stack:
         out = stackctl("status", cwd=stack.stack_dir).stdout

@@ -5,18 +5,16 @@ from __future__ import annotations
 import shutil
 import stat
 import subprocess
-import tempfile
 import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 
 from stackctl.readiness import ready_mark
 from stackctl.stack import Stack
-from tests.conftest import running_stack, stackctl, wait_for
+from tests.conftest import running_stack, short_dir, stackctl, wait_for
 from tests.e2e.test_restarts import load_site, port, wsgi_pids
 from tests.load import Load
 
@@ -127,7 +125,7 @@ BACKLOG = 777
 
 @pytest.fixture(scope="module")
 def demo() -> Iterator[Stack]:
-    site = Path(tempfile.mkdtemp(prefix="sc", dir="/tmp")) / "site"
+    site = short_dir() / "site"
     stackctl("init", str(site), "--demo", cwd=site.parent)
     (site / "static" / ".env").write_text("SECRET_KEY=do-not-serve\n")
     (site / "static" / "sub" / ".git").mkdir(parents=True)

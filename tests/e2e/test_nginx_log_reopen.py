@@ -11,7 +11,6 @@ import pwd
 import shutil
 import stat
 import subprocess
-import tempfile
 import threading
 from collections import Counter
 from collections.abc import Iterator
@@ -21,7 +20,7 @@ import pytest
 
 from stackctl.logfile import Limits, backups
 from stackctl.logrotate import Rotator, open_files, process_tree
-from tests.conftest import free_port, wait_for
+from tests.conftest import free_port, short_dir, wait_for
 
 pytestmark = pytest.mark.e2e
 
@@ -55,7 +54,7 @@ def nginx_as_another_user() -> Iterator[tuple[subprocess.Popen[bytes], Path, int
     if os.geteuid() != 0:
         pytest.skip("NGiNX workers run as another user only when its master is root")
     worker = pwd.getpwnam(WORKER_USER)
-    root = Path(tempfile.mkdtemp(prefix="sc", dir="/tmp"))
+    root = short_dir()
     root.chmod(0o755)  # the workers reach the log directory through it
     log_dir = root / "log"
     log_dir.mkdir(mode=0o750)

@@ -6,13 +6,11 @@ from __future__ import annotations
 import json
 import re
 import socket
-import tempfile
 import threading
 import time
 import urllib.request
 from collections.abc import Iterator
 from contextlib import ExitStack, closing
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -25,7 +23,7 @@ from wsproto.events import AcceptConnection, Request, TextMessage
 
 from stackctl import realtime
 from stackctl.stack import Stack
-from tests.conftest import data_of, running_stack, stackctl
+from tests.conftest import data_of, running_stack, short_dir, stackctl
 from tests.followers import Follower
 
 pytestmark = pytest.mark.e2e
@@ -37,7 +35,7 @@ HISTORY = 100
 
 @pytest.fixture(scope="module")
 def stack() -> Iterator[Stack]:
-    root = Path(tempfile.mkdtemp(prefix="sc", dir="/tmp"))
+    root = short_dir()
     stackctl("init", str(root / "site"), "--demo", cwd=root)
     settings = [f"ws.token_max_age={TOKEN_MAX_AGE}", f"ws.queue_limit={QUEUE_LIMIT}",
                 'ws.client_publish=["chat", "room.*"]', f"ws.history={HISTORY}"]  # fmt: skip

@@ -4,15 +4,13 @@ can show, such as coming back with a fresh token when the server ends an expired
 from __future__ import annotations
 
 import json
-import tempfile
 import time
-from pathlib import Path
 
 import pytest
 
 from stackctl import realtime
 from tests.browser import Browser, chromium_binary
-from tests.conftest import running_stack, stackctl
+from tests.conftest import running_stack, short_dir, stackctl
 
 pytestmark = pytest.mark.e2e
 
@@ -31,7 +29,7 @@ window.feed = new StackctlFeed(["user:alice"], {
 def test_a_page_comes_back_with_a_fresh_token_when_its_token_expires() -> None:
     binary = chromium_binary()
     assert binary, "Chromium is needed: apt-get install -y chromium"
-    root = Path(tempfile.mkdtemp(prefix="sc", dir="/tmp"))
+    root = short_dir()
     stackctl("init", str(root / "site"), "--demo", cwd=root)
     setting = f"ws.token_max_age={TOKEN_MAX_AGE}"
     with (

@@ -10,7 +10,6 @@ import signal
 import socket
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 import urllib.error
@@ -32,7 +31,7 @@ from wsproto.events import AcceptConnection, CloseConnection, Ping, Request
 
 from stackctl import realtime
 from stackctl.stack import Stack
-from tests.conftest import data_of, running_stack, stackctl, wait_for
+from tests.conftest import data_of, running_stack, short_dir, stackctl, wait_for
 from tests.e2e.test_realtime import sse_events, ws_url
 from tests.followers import Follower
 
@@ -44,7 +43,7 @@ HISTORY = 1000  # the default
 
 @pytest.fixture(scope="module")
 def stack() -> Iterator[Stack]:
-    root = Path(tempfile.mkdtemp(prefix="sc", dir="/tmp"))
+    root = short_dir()
     stackctl("init", str(root / "site"), "--demo", cwd=root)
     with running_stack(
         root / "site", "--workers", "1", "--set", 'ws.client_publish=["*"]',

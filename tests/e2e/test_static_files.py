@@ -4,7 +4,6 @@ fingerprinted names cached by browsers for good (static.immutable)."""
 from __future__ import annotations
 
 import gzip
-import tempfile
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
@@ -15,7 +14,7 @@ import pytest
 
 from stackctl.render.nginx import IMMUTABLE_CACHE
 from stackctl.stack import Stack
-from tests.conftest import running_stack, stackctl
+from tests.conftest import running_stack, short_dir, stackctl
 
 pytestmark = pytest.mark.e2e
 
@@ -42,7 +41,7 @@ class Site:
 
 @pytest.fixture(scope="module")
 def site() -> Iterator[Site]:
-    root = Path(tempfile.mkdtemp(prefix="sc", dir="/tmp"))
+    root = short_dir()
     stackctl("init", str(root / "site"), "--demo", cwd=root)
     static = root / "site" / "static"
     (static / "css").mkdir()

@@ -9,7 +9,6 @@ import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from contextlib import ExitStack, closing
-from pathlib import Path
 
 import pytest
 from websockets.exceptions import ConnectionClosed, InvalidStatus
@@ -18,16 +17,15 @@ from wsproto import ConnectionType, WSConnection
 from wsproto.events import AcceptConnection, Ping, Request
 
 from stackctl.stack import Stack
-from tests.conftest import data_of, running_stack, stackctl, wait_for
+from tests.conftest import data_of, running_stack, short_dir, stackctl, wait_for
 
 pytestmark = pytest.mark.e2e
 
 
 @pytest.fixture(scope="module")
 def stack() -> Iterator[Stack]:
-    import tempfile
 
-    root = Path(tempfile.mkdtemp(prefix="sc", dir="/tmp"))
+    root = short_dir()
     stackctl("init", str(root / "site"), "--demo", cwd=root)
     limits = ["ws.ping_interval=1", "ws.max_message=1024", "ws.max_connections=3"]
     args = [arg for limit in limits for arg in ("--set", limit)]
