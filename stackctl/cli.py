@@ -215,11 +215,9 @@ def cmd_up(args: argparse.Namespace) -> int:
         supervisor.stop(stack)
         print("interrupted while starting; stack stopped")
         return EXIT_INTERRUPTED
-    print(
-        f"stack up: {stack.url()}  (websockets: {stack.url().replace('http', 'ws', 1)}"
-        f"{stack.profile.ws.prefix.lstrip('/')}<channel>)"
-    )
-    print(f"{stack.workers} wsgi workers; logs in {stack.log_dir}")
+    for line in what_runs(stack):
+        print(line)
+    print(f"logs in {stack.log_dir}")
     if args.detach:
         print(f'circusd pid {running.process.pid}; `eval "$(stackctl env)"` then circusctl works')
         return 0
@@ -238,8 +236,28 @@ def cmd_up(args: argparse.Namespace) -> int:
     return status
 
 
+def what_runs(stack: Stack) -> list[str]:
+    """What `up` started, in a line per part this host runs."""
+    lines = []
+    if "nginx" in stack.watchers:
+        lines.append(f"stack up: {stack.url()}  (websockets: "
+                     f"{stack.url().replace('http', 'ws', 1)}"
+                     f"{stack.profile.ws.prefix.lstrip('/')}<channel>)")  # fmt: skip
+    if "wsgi" in stack.watchers:
+        lines.append(f"{stack.workers} wsgi workers on {stack.wsgi_address}")
+    if "ws" in stack.watchers:
+        lines.append(f"websocket worker on {stack.ws_address}")
+    if stack.redis_listen:
+        sentinel = f", Sentinel on {stack.sentinel_listen}" if stack.sentinel_listen else ""
+        lines.append(f"Redis on {stack.redis_listen}{sentinel}")
+    return lines
+
+
 def show_deploy_checks(stack: Stack) -> None:
     from stackctl.deploy_checks import deploy_checks
+
+    if "wsgi" not in stack.watchers:
+        return  # the app runs on the app hosts; a front or redis host may not even have it
 
     for line in deploy_checks(stack):
         print(line, flush=True)
@@ -323,8 +341,26 @@ def reload_running(args: argparse.Namespace, running: Stack) -> int:
     save_state(stack, overrides)
     for line in done:
         print(line)
-    if not done or args.watcher is not None:
-        print(reload.reload_watcher(stack, args.watcher or "wsgi", sequential=args.sequential))
+    watcher = args.watcher or ("wsgi" if not done and "wsgi" in stack.watchers else None)
+    if watcher is not None:
+        if watcher not in stack.watchers:
+            raise StackError(f"this host runs no {watcher} (cluster.roles: "
+                             f"{', '.join(stack.profile.cluster.roles)})")  # fmt: skip
+        print(reload.reload_watcher(stack, watcher, sequential=args.sequential))
+    elif not done:
+        print("nothing changed")
+    return 0
+
+
+def cmd_secrets(args: argparse.Namespace) -> int:
+    """Make the files every host of a cluster shares, once, on one host."""
+    stack = load_stack(args, programs=False)
+    for path in generation.shared_secrets(stack):
+        existed = path.exists()
+        realtime.ensure_secret(path)
+        print(f"{'kept' if existed else 'made'} {path}")
+    print("copy them to the same place in the stack directory of every other host of the "
+          "cluster (readable by the user who runs stackctl only), then `stackctl up` there")
     return 0
 
 
@@ -504,6 +540,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     reload.add_argument("watcher", nargs="?", choices=WATCHERS)
     reload.add_argument("--sequential", action="store_true", help="one process at a time")
+
+    command("secrets", cmd_secrets, "make the token key and the Redis password that every "
+            "host of a cluster shares, for copying to the others")  # fmt: skip
 
     command("compress", cmd_compress, "compress the static files that changed (file.gz beside "
             "each), which `up` and `reload` also do")  # fmt: skip

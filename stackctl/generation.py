@@ -16,7 +16,7 @@ from collections.abc import Callable
 from contextlib import suppress
 from pathlib import Path, PurePosixPath
 
-from stackctl import realtime
+from stackctl import cluster, realtime
 from stackctl.errors import StackError
 from stackctl.render import File, circus, nginx, redis, uwsgi
 from stackctl.stack import Stack, checked_tls, private_dirs
@@ -61,7 +61,53 @@ def make_dirs(stack: Stack) -> None:
     make_private_dir(stack, stack.run_dir, stack.nginx_temp_dir.name)
     make_service_dir(stack)
     make_logs_private(stack.log_dir, stack.runner_uid)
-    realtime.ensure_secret(stack.secret_file, stack.file_mode, stack.shared_gid)
+    make_secrets(stack)
+
+
+SHARED_SECRETS_ADVICE = (
+    "the hosts of a cluster share it: run `stackctl secrets` once, on one host, then copy "
+    "{files} from its stack directory to the same place on every other host"
+)
+
+
+def shared_secrets(stack: Stack) -> list[Path]:
+    """The files every host of a cluster must hold alike: the key that signs tokens (a token
+    made on one app host is checked on another) and, with redis hosts, the Redis password."""
+    found = [stack.secret_file]
+    if stack.profile.cluster.redis_hosts:
+        found.append(stack.redis_password_file)
+    return found
+
+
+def make_secrets(stack: Stack) -> None:
+    """The key that signs tokens, made on first use on a single host; in a cluster, each file
+    every host must share is required, not made (one made here would differ from the
+    others'), and given the mode and group the service user reads it with."""
+    shared = shared_secrets(stack)
+    if cluster.is_cluster(stack.profile):
+        missing = [path for path in shared if not path.exists()]
+        if missing:
+            names = " and ".join(str(path.relative_to(stack.stack_dir)) for path in shared)
+            raise StackError(
+                f"{missing[0]}: missing; " + SHARED_SECRETS_ADVICE.format(files=names)
+            )
+    for path in shared:
+        realtime.ensure_secret(path, stack.file_mode, stack.shared_gid)
+    if stack.shared_redis:
+        password = stack.redis_password_file.read_text().splitlines()[0].strip()
+        write_private(stack, stack.redis_auth_conf, redis.auth_conf(password))
+
+
+def write_private(stack: Stack, path: Path, content: str) -> None:
+    """Write a file of the .stackctl directory (the user's own, closed to others) atomically,
+    readable by the service user's group when root runs the app as another user."""
+    staged = path.with_name(path.name + ".new")
+    staged.unlink(missing_ok=True)
+    descriptor = os.open(staged, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+    with os.fdopen(descriptor, "w") as f:
+        realtime.share(f.fileno(), stack.file_mode, stack.shared_gid)
+        f.write(content)
+    os.replace(staged, path)
 
 
 def make_private_dir(stack: Stack, base: Path, relative: str) -> Path:
@@ -257,17 +303,20 @@ def write(
     """
     target = target or stack.run_dir
     check_service_user(stack)
-    check_static(stack)
+    if "nginx" in stack.watchers:
+        check_static(stack)
     make_dirs(stack)
     check_service_user_reaches(stack)  # the directories made for it, too
     check_key_private(stack)
-    check_app(stack)
+    if "wsgi" in stack.watchers:
+        check_app(stack)
     target.mkdir(parents=True, exist_ok=True)
     staging = target / STAGING
     try:
         stage(stack, files, staging)
         check_circus(staging / stack.circus_ini.name)
-        check_nginx(stack, staging / stack.nginx_conf.name)
+        if "nginx" in stack.watchers:
+            check_nginx(stack, staging / stack.nginx_conf.name)
         if trial is not None:
             trial(staging)
         for file in files:

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from stackctl import resources
+from stackctl import cluster, resources
 from stackctl.errors import StackError
 from stackctl.settings import (
     BY_KEY,
@@ -32,6 +32,7 @@ from stackctl.settings import (
     SECTIONS,
     SETTINGS,
     AppConfig,
+    ClusterConfig,
     HeadersConfig,
     Invalid,
     LimitsConfig,
@@ -73,6 +74,7 @@ class Profile:
     tls: TlsConfig
     headers: HeadersConfig
     limits: LimitsConfig
+    cluster: ClusterConfig
     sources: Mapping[str, str] = field(default_factory=dict, compare=False)
     """Which file (or the command line, or the defaults) gave each key its value."""
 
@@ -306,6 +308,7 @@ def build(name: str, reason: str, stack_dir: Path, layers: list[Layer]) -> Profi
     built = Profile(name=name, reason=reason, stack_dir=stack_dir, sources=sources, **sections)
     check_url_prefixes(built)
     check_tls_settings(built)
+    cluster.check(built)
     return built
 
 

@@ -25,7 +25,6 @@ import json
 import os
 import re
 import secrets
-import socket
 import sys
 import threading
 from collections.abc import Callable, Iterable, Iterator
@@ -40,8 +39,8 @@ from itsdangerous import BadSignature, SignatureExpired, URLSafeTimedSerializer
 from stackctl import profile
 from stackctl.errors import StackError
 from stackctl.profile import STACK_FILE
-from stackctl.settings import BY_KEY
-from stackctl.stack import NO_PROGRAMS, plan
+from stackctl.settings import BY_KEY, Listen
+from stackctl.stack import NO_PROGRAMS, open_connection, plan
 
 REDIS_URL_VARIABLE = "STACKCTL_REDIS_URL"
 SECRET_FILE_VARIABLE = "STACKCTL_SECRET_FILE"
@@ -305,15 +304,13 @@ class Health:
     """A few words: "delivering", or what is wrong."""
 
 
-def health(ws_socket: Path, prefix: str = "/ws/", timeout: float = 3.0) -> Health:
-    """Ask the realtime worker behind ``ws_socket`` (the unix socket Circus holds for it,
-    ``Stack.ws_socket``) whether it can deliver; no NGiNX involved. Never raises: a worker that
-    does not answer is not healthy either."""
+def health(ws_address: Path | Listen, prefix: str = "/ws/", timeout: float = 3.0) -> Health:
+    """Ask the realtime worker behind ``ws_address`` (the socket Circus holds for it,
+    ``Stack.ws_address``) whether it can deliver; no NGiNX involved. Never raises: a worker
+    that does not answer is not healthy either."""
     request = (f"GET {prefix}{HEALTH_PATH} HTTP/1.0\r\nHost: localhost\r\n\r\n").encode()
     try:
-        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
-            sock.settimeout(timeout)
-            sock.connect(str(ws_socket))
+        with open_connection(ws_address, timeout) as sock:
             sock.sendall(request)
             response = b""
             while chunk := sock.recv(65536):

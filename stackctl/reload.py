@@ -38,7 +38,7 @@ from stackctl.readiness import marked_since, ready_mark, startup_timeout
 from stackctl.render import File
 from stackctl.render.nginx import INCLUDES as NGINX_INCLUDES
 from stackctl.render.nginx import RENDERED as NGINX_RENDERED
-from stackctl.stack import Listen, Stack
+from stackctl.stack import Listen, Stack, open_connection
 from stackctl.supervisor import call
 from stackctl.tls import leaf_der
 from stackctl.users import as_service_user
@@ -119,7 +119,7 @@ def compare_answers(stack: Stack, canary_socket: Path, timeout: float) -> None:
     if new.status < 400:
         return
     try:
-        old = uwsgi_get(stack.wsgi_socket, path, host, timeout)
+        old = uwsgi_get(stack.wsgi_address, path, host, timeout)
     except OSError:
         return  # no running worker answered: nothing to be worse than
     if old.status < 400:
@@ -147,7 +147,7 @@ class Answer:
     body: bytes
 
 
-def uwsgi_get(socket_path: Path, path: str, host: str, timeout: float) -> Answer:
+def uwsgi_get(address: Path | Listen, path: str, host: str, timeout: float) -> Answer:
     """GET ``path`` straight from a uWSGI socket, in the uwsgi protocol NGiNX speaks to it."""
     target = urllib.parse.urlsplit(path)
     variables = {
@@ -159,9 +159,7 @@ def uwsgi_get(socket_path: Path, path: str, host: str, timeout: float) -> Answer
         struct.pack("<H", len(k)) + k.encode() + struct.pack("<H", len(v.encode())) + v.encode()
         for k, v in variables.items()
     )
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as conn:
-        conn.settimeout(max(timeout, 1.0))
-        conn.connect(str(socket_path))
+    with open_connection(address, max(timeout, 1.0)) as conn:
         conn.sendall(struct.pack("<BHB", 0, len(packet), 0) + packet)
         chunks: list[bytes] = []
         while (chunk := conn.recv(65536)) and sum(map(len, chunks)) < ANSWER_LIMIT:
@@ -170,7 +168,7 @@ def uwsgi_get(socket_path: Path, path: str, host: str, timeout: float) -> Answer
     status_line = head.split(b"\r\n", 1)[0].decode("latin-1")
     match = re.match(r"HTTP/\S+ (\d{3})", status_line)
     if not match:
-        raise OSError(f"{socket_path} answered something that is not HTTP: {status_line!r}")
+        raise OSError(f"{address} answered something that is not HTTP: {status_line!r}")
     return Answer(int(match.group(1)), status_line.split(" ", 1)[1], body)
 
 

@@ -791,6 +791,108 @@ class LimitsConfig:
     )
 
 
+ROLES = ("front", "wsgi", "ws", "redis")
+"""What a host may run: NGiNX, the uWSGI pool, the websocket worker, Redis (and Sentinel)."""
+
+
+def roles(value: Any) -> tuple[str, ...]:
+    form = 'a list of the parts this host runs, from "' + '", "'.join(ROLES) + '"'
+    if (
+        not isinstance(value, list | tuple)
+        or not value
+        or not all(isinstance(v, str) and v in ROLES for v in value)
+        or len(set(value)) != len(value)
+    ):
+        raise _expect(form + ", each at most once", value)
+    return tuple(role for role in ROLES if role in value)  # one order, whatever the file's
+
+
+def _private_address(text: Any) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    """An address of a private network (RFC 1918, 198.18.0.0/15, fc00::/7...) or loopback."""
+    if not isinstance(text, str):
+        return None
+    try:
+        address = ipaddress.ip_address(text)
+    except ValueError:
+        return None
+    return address if address.is_private and not address.is_unspecified else None
+
+
+_PRIVATE_RULE = (
+    "an IP address of a private network (10.0.0.0/8, 172.16.0.0/12, 192.168.0.0/16, "
+    "198.18.0.0/15, fc00::/7) or loopback: the app and Redis are never served on a public "
+    "interface"
+)
+
+
+def private_address(value: Any) -> str:
+    if value == "":
+        return value
+    if _private_address(value) is None:
+        raise _expect(f'{_PRIVATE_RULE}, or "" for a single host', value)
+    return str(value)
+
+
+def private_addresses(value: Any) -> tuple[str, ...]:
+    form = f"a list of distinct addresses, each {_PRIVATE_RULE}"
+    if not isinstance(value, list | tuple) or any(_private_address(v) is None for v in value):
+        raise _expect(form, value)
+    if len(set(value)) != len(value):
+        raise _expect(form, value)
+    return tuple(str(v) for v in value)
+
+
+def master_name(value: Any) -> str:
+    if not isinstance(value, str) or not re.fullmatch(r"[A-Za-z0-9_.-]{1,64}", value):
+        raise _expect('a name of 1 to 64 letters, digits, "_", "." or "-"', value)
+    return value
+
+
+PORT = int_range(1, 65535)
+
+
+@dataclass(frozen=True)
+class ClusterConfig:
+    roles: tuple[str, ...] = setting(
+        ROLES,
+        roles,
+        "What this host runs: front (NGiNX), wsgi (the uWSGI pool), ws (the websocket "
+        "worker), redis (Redis, with Sentinel when cluster.redis_hosts lists several).",
+    )
+    address: str = setting(
+        "",
+        private_address,
+        "This host's address on the private network: its wsgi and ws pools, Redis and "
+        'Sentinel listen there (TCP) for the other hosts; "" for a single host (unix sockets).',
+    )
+    front_hosts: tuple[str, ...] = setting(
+        (),
+        private_addresses,
+        "Addresses of the front hosts: only they may connect to this host's wsgi and ws "
+        "ports (other sources are dropped by the listening sockets).",
+    )
+    app_hosts: tuple[str, ...] = setting(
+        (),
+        private_addresses,
+        "Addresses of the app hosts a front host balances across (their cluster.wsgi_port "
+        'and cluster.ws_port); [] for this host\'s own pools.',
+    )
+    redis_hosts: tuple[str, ...] = setting(
+        (),
+        private_addresses,
+        "Addresses of the redis hosts, the first one the primary to begin with: one runs a "
+        "shared Redis; three or more run Redis with replicas and Sentinel, which promotes "
+        "a replica when the primary dies. [] for redis.url.",
+    )
+    wsgi_port: int = setting(8001, PORT, "Port of an app host's wsgi pool (uwsgi protocol).")
+    ws_port: int = setting(8002, PORT, "Port of an app host's websocket worker (HTTP).")
+    redis_port: int = setting(6379, PORT, "Port of Redis on the redis hosts.")
+    sentinel_port: int = setting(26379, PORT, "Port of Sentinel on the redis hosts.")
+    master_name: str = setting(
+        "stackctl", master_name, "The name Sentinel knows the Redis primary by."
+    )
+
+
 SECTION_TYPES: dict[str, type] = {
     "server": ServerConfig,
     "app": AppConfig,
@@ -804,6 +906,7 @@ SECTION_TYPES: dict[str, type] = {
     "tls": TlsConfig,
     "headers": HeadersConfig,
     "limits": LimitsConfig,
+    "cluster": ClusterConfig,
 }
 """Each section of a profile and the class its keys are declared in, in the README's order."""
 

@@ -10,18 +10,21 @@ import dataclasses
 import os
 import resource
 import shutil
+import socket
 import stat
 import sys
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
+from stackctl import cluster
 from stackctl.errors import StackError
 from stackctl.profile import Profile
 from stackctl.readiness import SERVICE_DIR
 from stackctl.settings import SELF_SIGNED, TLS_OFF, Invalid, Listen, check_clean_path
 from stackctl.tls import Tls, check_pair, ensure_self_signed, self_signed_paths
 from stackctl.users import ServiceUser, service_user
+from stackctl.watchers import WATCHERS
 
 # sun_path in struct sockaddr_un is 108 bytes, including the terminating NUL.
 _UNIX_PATH_MAX = 107
@@ -107,9 +110,58 @@ class Stack:
     def stack_dir(self) -> Path:
         return self.profile.stack_dir
 
+    def runs(self, role: str) -> bool:
+        """Whether this host runs ``role`` (cluster.roles): front, wsgi, ws or redis."""
+        return cluster.runs(self.profile, role)
+
     @property
     def embedded_redis(self) -> bool:
-        return self.profile.redis.url == "embedded"
+        """This host runs a Redis server: the stack's own, or one of the redis hosts'."""
+        return cluster.runs_redis(self.profile)
+
+    @property
+    def shared_redis(self) -> bool:
+        """The Redis this host runs serves the other hosts too (over TCP, with a password)."""
+        return self.embedded_redis and cluster.runs_shared_redis(self.profile)
+
+    @property
+    def runs_sentinel(self) -> bool:
+        return self.shared_redis and cluster.uses_sentinel(self.profile)
+
+    @property
+    def watchers(self) -> tuple[str, ...]:
+        """The programs Circus runs on this host, in the order of WATCHERS."""
+        wanted = {
+            "redis": self.embedded_redis,
+            "sentinel": self.runs_sentinel,
+            "wsgi": self.runs(cluster.WSGI),
+            "ws": self.runs(cluster.WS),
+            "nginx": self.runs(cluster.FRONT),
+        }
+        return tuple(name for name in WATCHERS if wanted[name])
+
+    @property
+    def wsgi_address(self) -> Path | Listen:
+        """Where the wsgi pool listens: a unix socket, or on an app host of a cluster, TCP on
+        its private address."""
+        if cluster.serves_app_over_network(self.profile):
+            return Listen(self.profile.cluster.address, self.profile.cluster.wsgi_port)
+        return self.wsgi_socket
+
+    @property
+    def ws_address(self) -> Path | Listen:
+        if cluster.serves_app_over_network(self.profile):
+            return Listen(self.profile.cluster.address, self.profile.cluster.ws_port)
+        return self.ws_socket
+
+    def upstreams(self, port_key: str) -> list[str]:
+        """The servers NGiNX sends to for one pool (``port_key``: cluster.wsgi_port or
+        cluster.ws_port): the app hosts' when it balances across them, else this host's."""
+        if cluster.balances_app_hosts(self.profile):
+            port = self.profile.value(port_key)
+            return [cluster.host_port(host, port) for host in self.profile.cluster.app_hosts]
+        local = self.wsgi_address if port_key == "cluster.wsgi_port" else self.ws_address
+        return [f"unix:{local}" if isinstance(local, Path) else str(local)]
 
     # Sockets and control endpoints all live in the run directory (closed to other users),
     # never on a TCP port that every local user could reach.
@@ -127,9 +179,43 @@ class Stack:
 
     @property
     def redis_url(self) -> str:
+        if self.profile.cluster.redis_hosts:
+            return cluster.shared_redis_url(self.profile)
         if self.embedded_redis:
             return f"unix://{self.redis_socket}"
         return self.profile.redis.url
+
+    @property
+    def redis_listen(self) -> Listen | None:
+        """Where a redis host's Redis listens for the other hosts; None: a unix socket only."""
+        if not self.shared_redis:
+            return None
+        return Listen(self.profile.cluster.address, self.profile.cluster.redis_port)
+
+    @property
+    def sentinel_listen(self) -> Listen | None:
+        if not self.runs_sentinel:
+            return None
+        return Listen(self.profile.cluster.address, self.profile.cluster.sentinel_port)
+
+    @property
+    def redis_password_file(self) -> Path:
+        """The password of the redis hosts' Redis and Sentinel, shared by every host of the
+        cluster (copied there, like the secret); beside the secret, for the same reasons."""
+        return self.private_dir / "redis-password"
+
+    @property
+    def redis_auth_conf(self) -> Path:
+        """The password as Redis's own config lines, included by redis.conf: the rendered
+        configs never hold it."""
+        return self.private_dir / "redis-auth.conf"
+
+    @property
+    def sentinel_conf(self) -> Path:
+        """Sentinel's config, which Sentinel itself rewrites (the primary of the moment, the
+        replicas and Sentinels it met): in the service directory, made from the rendered
+        sentinel.conf by Sentinel's own user the first time (stackctl.sentinel)."""
+        return self.service_dir / "sentinel.conf"
 
     @property
     def circus_endpoint(self) -> str:
@@ -158,6 +244,10 @@ class Stack:
     @property
     def redis_conf(self) -> Path:
         return self.run_dir / "redis.conf"
+
+    @property
+    def sentinel_seed(self) -> Path:
+        return self.run_dir / "sentinel.conf"
 
     @property
     def secret_file(self) -> Path:
@@ -191,11 +281,24 @@ class Stack:
 
     def listens(self, keys: Iterable[str] | None = None) -> dict[str, Listen]:
         """Every address NGiNX listens on (or those of ``keys``), by the key that sets it."""
+        if "nginx" not in self.watchers:
+            return {}
         found = {"server.listen": self.profile.server.listen}
         if self.tls:
             found["tls.listen"] = self.profile.tls.listen
         wanted = set(found if keys is None else keys)
         return {k: v for k, v in found.items() if k in wanted}
+
+    def cluster_listens(self) -> dict[str, Listen]:
+        """The TCP addresses circusd and Redis bind for the other hosts, by the key that sets
+        the port."""
+        found = {
+            "cluster.wsgi_port": self.wsgi_address if "wsgi" in self.watchers else None,
+            "cluster.ws_port": self.ws_address if "ws" in self.watchers else None,
+            "cluster.redis_port": self.redis_listen,
+            "cluster.sentinel_port": self.sentinel_listen,
+        }
+        return {key: value for key, value in found.items() if isinstance(value, Listen)}
 
     @property
     def scheme(self) -> str:
@@ -226,6 +329,20 @@ class Stack:
         if self.profile.app.django_settings:
             env["DJANGO_SETTINGS_MODULE"] = self.profile.app.django_settings
         return env
+
+
+def open_connection(address: Path | Listen, timeout: float) -> socket.socket:
+    """A connection to a pool's socket: a unix socket, or an app host's TCP port."""
+    if isinstance(address, Listen):
+        return socket.create_connection((address.host, address.port), timeout=timeout)
+    conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        conn.settimeout(timeout)
+        conn.connect(str(address))
+    except OSError:
+        conn.close()
+        raise
+    return conn
 
 
 def loopback(host: str) -> str:
@@ -276,12 +393,14 @@ def find_redis_server() -> str:
     return str(get_binary_path())
 
 
-def find_programs(embedded_redis: bool) -> Programs:
+def find_programs(profile: Profile) -> Programs:
+    """The programs of this host's roles (a front host needs no uWSGI, an app host no NGiNX)."""
+    front, pool = cluster.runs(profile, cluster.FRONT), cluster.runs(profile, cluster.WSGI)
     return Programs(
-        nginx=find_program("nginx", hint=f"install it: {NGINX_INSTALL_HINT}"),
-        uwsgi=find_program("uwsgi", hint="pip install uwsgi"),
+        nginx=find_program("nginx", hint=f"install it: {NGINX_INSTALL_HINT}") if front else "",
+        uwsgi=find_program("uwsgi", hint="pip install uwsgi") if pool else "",
         python=sys.executable,
-        redis_server=find_redis_server() if embedded_redis else None,
+        redis_server=find_redis_server() if cluster.runs_redis(profile) else None,
         setpriv=shutil.which("setpriv"),
     )
 
@@ -602,7 +721,7 @@ def plan(profile: Profile, programs: Programs | None = None, *, writes: bool = T
     workers = profile.wsgi.workers
     stack = Stack(
         profile=profile,
-        programs=programs or find_programs(profile.redis.url == "embedded"),
+        programs=programs or find_programs(profile),
         workers=2 * usable_cpus() if workers == "auto" else int(workers),
         run_dir=(base / profile.paths.run_dir).resolve(),
         log_dir=(base / profile.paths.log_dir).resolve(),

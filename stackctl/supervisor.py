@@ -23,7 +23,7 @@ from typing import Any
 
 import psutil
 
-from stackctl import flapping, processes
+from stackctl import cluster, flapping, processes
 from stackctl.errors import StackError
 from stackctl.flapping import FAILED_DIR, failure_note
 from stackctl.logfile import no_follow
@@ -140,6 +140,39 @@ def front_socket(stack: Stack, address: tuple[str, int]) -> socket.socket:
         raise
 
 
+def readiness_checks(stack: Stack) -> list[Callable[[], bool]]:
+    """What must answer before `up` returns: the site and the websocket endpoint through a
+    front's NGiNX; on a host without one, its pools directly; on a redis host, Redis."""
+    if "nginx" in stack.watchers:
+        return [lambda: http_answers(stack), lambda: websocket_accepts(stack)]
+    checks: list[Callable[[], bool]] = []
+    if stack.embedded_redis:
+        checks.append(lambda: redis_answers(stack)[0])
+    if "wsgi" in stack.watchers:
+        checks.append(lambda: pool_answers(stack))
+    if "ws" in stack.watchers:
+        checks.append(lambda: realtime_health(stack).ok)
+    return checks
+
+
+def pool_answers(stack: Stack) -> bool:
+    """A wsgi worker answers the check path (any status below 500) on the pool's socket."""
+    from stackctl.reload import site_host, uwsgi_get
+
+    try:
+        answer = uwsgi_get(stack.wsgi_address, stack.profile.wsgi.check_path,
+                           site_host(stack), timeout=2)  # fmt: skip
+    except OSError:
+        return False
+    return answer.status < 500
+
+
+def realtime_health(stack: Stack) -> Any:
+    from stackctl import realtime
+
+    return realtime.health(stack.ws_address, stack.profile.ws.prefix)
+
+
 def websocket_accepts(stack: Stack) -> bool:
     """True once the ws worker, through NGiNX, completes a websocket handshake."""
     from wsproto import ConnectionType, WSConnection
@@ -233,14 +266,18 @@ class Running:
 
 
 def check_port_free(stack: Stack, keys: Iterable[str] | None = None) -> None:
-    for key, listen in stack.listens(keys).items():
+    """NGiNX's addresses (those of ``keys``), and when starting (no ``keys``) those the other
+    hosts reach this one on."""
+    wanted = {**stack.listens(keys), **(stack.cluster_listens() if keys is None else {})}
+    for key, listen in wanted.items():
         family = socket.AF_INET6 if ":" in listen.host else socket.AF_INET
         with closing(socket.socket(family, socket.SOCK_STREAM)) as probe:
             probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             try:
                 probe.bind((listen.host, listen.port))
             except OSError as e:
-                flag = "--listen HOST:PORT" if key == "server.listen" else f"--set {key}=HOST:PORT"
+                value = "PORT" if key.startswith("cluster.") else "HOST:PORT"
+                flag = "--listen HOST:PORT" if key == "server.listen" else f"--set {key}={value}"
                 raise StackError(
                     f"{key}: {listen} is not available ({e.strerror}); stop what holds it, "
                     f"or pick another address with {flag}"
@@ -273,9 +310,7 @@ def start(stack: Stack, timeout: float) -> Running:
     def alive() -> bool:
         return proc.poll() is None and not watch.failures()
 
-    if wait_until(lambda: http_answers(stack), deadline, alive) and wait_until(
-        lambda: websocket_accepts(stack), deadline, alive
-    ):
+    if all(wait_until(check, deadline, alive) for check in readiness_checks(stack)):
         return running
     why = "\n".join(watch.failures()) or (
         f"circusd exited with status {proc.returncode}:\n{log_tail(stack, 'circusd')}"
@@ -441,21 +476,31 @@ class Check:
 def health(stack: Stack) -> list[Check]:
     """Whether the stack serves, not only whether its processes exist: the site through
     NGiNX, Redis, and the realtime worker's subscription to it."""
-    from stackctl import realtime
-
-    site = http_answers(stack)
-    delivery = realtime.health(stack.ws_socket, stack.profile.ws.prefix)
-    return [
-        Check("site", site, "answers" if site else f"GET / on {stack.url()} gets no answer"),
-        Check("redis", *redis_answers(stack)),
-        Check("realtime", delivery.ok, delivery.reason),
-    ]
+    checks = []
+    if "nginx" in stack.watchers:
+        site = http_answers(stack)
+        checks.append(
+            Check("site", site, "answers" if site else f"GET / on {stack.url()} gets no answer")
+        )
+    if "wsgi" in stack.watchers and "nginx" not in stack.watchers:
+        pool = pool_answers(stack)
+        checks.append(Check("wsgi", pool, "answers" if pool else
+                            f"no answer on {stack.wsgi_address}"))  # fmt: skip
+    if cluster.needs_redis(stack.profile):
+        checks.append(Check("redis", *redis_answers(stack)))
+    if "ws" in stack.watchers:
+        delivery = realtime_health(stack)
+        checks.append(Check("realtime", delivery.ok, delivery.reason))
+    return checks
 
 
 def redis_answers(stack: Stack) -> tuple[bool, str]:
     import redis
 
-    client = redis.Redis.from_url(stack.redis_url, socket_timeout=2, socket_connect_timeout=2)
+    password = (stack.redis_password_file.read_text().splitlines()[0].strip()
+                if stack.profile.cluster.redis_hosts else None)  # fmt: skip
+    client = redis.Redis.from_url(stack.redis_url, password=password, socket_timeout=2,
+                                  socket_connect_timeout=2)  # fmt: skip
     try:
         client.ping()
     except redis.RedisError as e:

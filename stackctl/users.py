@@ -208,12 +208,15 @@ def needed_paths(stack: Stack) -> dict[Path, str]:
     """What the service user's processes open, by what they must be able to do with it."""
     programs = stack.programs
     found: dict[Path, str] = {
-        Path(programs.uwsgi): "run",
         **app_python_paths(stack),
         stack.run_dir: "read",  # its configs; an existing directory on the way may be closed
         stack.service_dir: "write",
         stack.secret_file: "read",
     }
+    if "wsgi" in stack.watchers:
+        found[Path(programs.uwsgi)] = "run"
+    if stack.profile.cluster.redis_hosts:
+        found[stack.redis_password_file] = "read"
     if programs.redis_server and stack.embedded_redis:
         found[Path(programs.redis_server)] = "run"
     if stack.static_dir is not None and stack.static_dir.is_dir():

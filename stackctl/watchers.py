@@ -6,9 +6,10 @@ The Circus config has a section per name, each has a log ``<log_dir>/<name>.log`
 
 from __future__ import annotations
 
-WATCHERS = ("redis", "wsgi", "ws", "nginx")
-"""In the order they start: Redis first, NGiNX once the pools behind it are up."""
-STOP_ORDER = (("autoreload", "nginx", "ws"), ("wsgi",), ("redis",))
+WATCHERS = ("redis", "sentinel", "wsgi", "ws", "nginx")
+"""In the order they start: Redis first, NGiNX once the pools behind it are up. A host runs
+those of its roles (``Stack.watchers``); Sentinel only on the redis hosts of a cluster."""
+STOP_ORDER = (("autoreload", "nginx", "ws"), ("wsgi",), ("sentinel",), ("redis",))
 """`stackctl down`, stage by stage: the development code reload (``autoreload``), the front
 and the realtime worker (whose clients would hold NGiNX) first, then the pool, then Redis."""
 LOGS = ("circusd", *WATCHERS)

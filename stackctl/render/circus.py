@@ -1,11 +1,15 @@
-"""The Circus config: the sockets circusd holds and the four watchers it supervises."""
+"""The Circus config: the sockets circusd holds and the watchers it supervises (those of this
+host's roles)."""
 
 from __future__ import annotations
 
 import shlex
+from pathlib import Path
+from typing import Any
 
 from stackctl.logfile import LIMITS_FILE, MIB, limits_json
 from stackctl.render import File, render_template
+from stackctl.settings import Listen
 from stackctl.stack import Stack
 from stackctl.watchers import WATCHERS
 
@@ -27,6 +31,8 @@ def tied_to_circusd(stack: Stack, args: list[str], signal: str = "TERM") -> list
 
 
 def wsgi_command(stack: Stack) -> str:
+    if "wsgi" not in stack.watchers:
+        return ""
     # KILL: a uWSGI worker still loading the app when circusd dies (a reload under way) takes
     # SIGTERM for a reload of its own and lives on, orphaned, holding the socket.
     args = tied_to_circusd(stack, [stack.programs.uwsgi, "--ini", str(stack.uwsgi_ini)], "KILL")
@@ -34,6 +40,8 @@ def wsgi_command(stack: Stack) -> str:
 
 
 def ws_command(stack: Stack) -> str:
+    if "ws" not in stack.watchers:
+        return ""
     profile = stack.profile
     ws = profile.ws
     args = [stack.programs.python, "-m", "stackctl.ws", "--prefix", ws.prefix,
@@ -49,6 +57,8 @@ def ws_command(stack: Stack) -> str:
 
 
 def nginx_command(stack: Stack) -> str:
+    if "nginx" not in stack.watchers:
+        return ""
     args = [stack.programs.nginx, "-p", str(stack.run_dir), "-c", str(stack.nginx_conf),
             "-e", str(stack.nginx_error_log)]  # fmt: skip
     return shlex.join(tied_to_circusd(stack, args))
@@ -60,8 +70,17 @@ def redis_command(stack: Stack) -> str:
     return shlex.join(tied_to_circusd(stack, [stack.programs.redis_server, str(stack.redis_conf)]))
 
 
+def sentinel_command(stack: Stack) -> str:
+    if stack.programs.redis_server is None or not stack.runs_sentinel:
+        return ""
+    args = [stack.programs.python, "-m", "stackctl.sentinel", "--seed", str(stack.sentinel_seed),
+            "--conf", str(stack.sentinel_conf), "--password-file", str(stack.redis_password_file),
+            "--", stack.programs.redis_server]  # fmt: skip
+    return shlex.join(tied_to_circusd(stack, args))
+
+
 def autoreload_command(stack: Stack) -> str:
-    if not stack.profile.wsgi.autoreload:
+    if not stack.profile.wsgi.autoreload or "wsgi" not in stack.watchers:
         return ""
     # It runs as root, in the stack directory, with PYTHONPATH naming it (as every watcher):
     # -I keeps both off sys.path, so that no module of the app's is imported in place of the
@@ -74,6 +93,33 @@ def autoreload_command(stack: Stack) -> str:
 
 SOCKET_UMASK = 0o117
 """The sockets circusd binds for the pools: rw for their owner and group, nothing for others."""
+
+
+WS_BACKLOG = 2048
+"""The websocket worker accepts as fast as it can; the pool's backlog is wsgi.backlog."""
+
+
+def socket_options(stack: Stack, address: Path | Listen, backlog: int) -> dict[str, Any]:
+    if isinstance(address, Path):
+        return {"path": address, "backlog": backlog, "umask": SOCKET_UMASK, "replace": True}
+    options: dict[str, Any] = {"host": address.host, "port": address.port, "backlog": backlog}
+    if ":" in address.host:
+        options["family"] = "AF_INET6"
+    # And this host itself: stackctl's own checks (up, status, reload) connect from it.
+    options["stackctl_allow"] = " ".join([*stack.profile.cluster.front_hosts, address.host])
+    return options
+
+
+def sockets(stack: Stack) -> list[dict[str, Any]]:
+    """The listening sockets of this host's pools, for circusd to bind."""
+    found = []
+    if "wsgi" in stack.watchers:
+        options = socket_options(stack, stack.wsgi_address, stack.profile.wsgi.backlog)
+        found.append({"name": "wsgi", "options": options})
+    if "ws" in stack.watchers:
+        options = socket_options(stack, stack.ws_address, WS_BACKLOG)
+        found.append({"name": "ws", "options": options})
+    return found
 
 
 def run_as(stack: Stack) -> dict[str, int]:
@@ -91,12 +137,10 @@ def render(stack: Stack) -> list[File]:
         pubsub_endpoint=stack.circus_pubsub,
         pidfile=stack.circus_pidfile,
         circus_log=stack.log_dir / "circusd.log",
-        wsgi_socket=stack.wsgi_socket,
-        ws_socket=stack.ws_socket,
-        backlog=stack.profile.wsgi.backlog,
-        socket_umask=SOCKET_UMASK,  # Circus reads it as a decimal number
+        sockets=sockets(stack),
         run_as=run_as(stack),
         redis_cmd=redis_command(stack),
+        sentinel_cmd=sentinel_command(stack),
         run_dir=stack.run_dir,
         log_dir=stack.log_dir,
         stack_dir=stack.stack_dir,

@@ -10,7 +10,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from stackctl import compress, resources
+from stackctl import cluster, compress, resources
 from stackctl.render import File, render_template
 from stackctl.stack import SPARE_FDS, Stack
 from stackctl.tls import Stapling
@@ -121,9 +121,19 @@ def media_headers(headers: dict[str, str]) -> list[tuple[str, str]]:
     ]
 
 
+FAIL_TIMEOUT = 5
+"""Seconds an app host that failed a connection is left out before NGiNX tries it again."""
+CONNECT_TIMEOUT = 2
+"""Seconds NGiNX waits for an app host to accept: on a private network a live host accepts in
+a millisecond, and a host cut off never does."""
+
+
 def render(stack: Stack) -> list[File]:
+    if "nginx" not in stack.watchers:
+        return []
     profile = stack.profile
     headers = header_values(stack)
+    balanced = cluster.balances_app_hosts(profile)
     content = render_template(
         "nginx/nginx.conf.j2",
         profile=profile.name,
@@ -134,8 +144,12 @@ def render(stack: Stack) -> list[File]:
         user=stack.nginx_user,
         max_body=profile.server.max_body,
         temp_paths={name: stack.nginx_temp_dir / name for name in TEMP_PATHS},
-        wsgi_upstream=f"unix:{stack.wsgi_socket}",
-        ws_upstream=f"unix:{stack.ws_socket}",
+        wsgi_upstreams=stack.upstreams("cluster.wsgi_port"),
+        ws_upstreams=stack.upstreams("cluster.ws_port"),
+        balanced=balanced,
+        upstream_checks=f" max_fails=1 fail_timeout={FAIL_TIMEOUT}s" if balanced else "",
+        fail_timeout=FAIL_TIMEOUT,
+        connect_timeout=CONNECT_TIMEOUT,
         listen=profile.server.listen,
         server_names=profile.server.names,
         static_alias=f"{stack.static_dir}/" if stack.static_dir else "",

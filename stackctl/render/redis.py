@@ -1,9 +1,32 @@
-"""The embedded Redis server's config; nothing when the profile names an existing server."""
+"""The Redis server's config (and Sentinel's, on the redis hosts of a cluster); nothing when
+this host runs no Redis."""
 
 from __future__ import annotations
 
+from stackctl import cluster
 from stackctl.render import File, render_template
+from stackctl.settings import Listen
 from stackctl.stack import Stack
+
+SENTINEL_DOWN_AFTER_MS = 2000
+"""A primary silent this long is down for a Sentinel; with the election, a failover takes
+some 3 to 5 s. Shorter would promote on a busy primary's pause."""
+SENTINEL_FAILOVER_TIMEOUT_MS = 10000
+
+
+def primary(stack: Stack) -> Listen | None:
+    """The primary a redis host replicates at first: the first of cluster.redis_hosts
+    (Sentinel reconfigures them all after a failover); None on that host itself."""
+    hosts = stack.profile.cluster.redis_hosts
+    if not stack.shared_redis or len(hosts) < cluster.MIN_SENTINELS:
+        return None
+    first = Listen(hosts[0], stack.profile.cluster.redis_port)
+    return None if first.host == stack.profile.cluster.address else first
+
+
+def quorum(stack: Stack) -> int:
+    """Sentinels that must agree a primary is down: a majority of them."""
+    return len(stack.profile.cluster.redis_hosts) // 2 + 1
 
 
 def render(stack: Stack) -> list[File]:
@@ -13,6 +36,31 @@ def render(stack: Stack) -> list[File]:
         "redis.conf.j2",
         profile=stack.profile.name,
         socket=stack.redis_socket,
+        listen=stack.redis_listen,
+        auth_conf=stack.redis_auth_conf,
+        primary=primary(stack),
         data_dir=stack.service_dir,
     )
-    return [File(stack.redis_conf.name, content)]
+    files = [File(stack.redis_conf.name, content)]
+    sentinel = stack.sentinel_listen
+    if sentinel is not None:
+        hosts = stack.profile.cluster.redis_hosts
+        seed = render_template(
+            "sentinel.conf.j2",
+            profile=stack.profile.name,
+            listen=sentinel,
+            data_dir=stack.service_dir,
+            master=stack.profile.cluster.master_name,
+            primary=Listen(hosts[0], stack.profile.cluster.redis_port),
+            quorum=quorum(stack),
+            down_after=SENTINEL_DOWN_AFTER_MS,
+            failover_timeout=SENTINEL_FAILOVER_TIMEOUT_MS,
+        )
+        files.append(File(stack.sentinel_seed.name, seed))
+    return files
+
+
+def auth_conf(password: str) -> str:
+    """Redis's password lines, in a file of their own (``Stack.redis_auth_conf``) that
+    redis.conf includes: to be asked for it, and to give it to the primary as a replica."""
+    return f"requirepass {password}\nmasterauth {password}\n"

@@ -9,6 +9,8 @@ from stackctl.stack import Stack
 
 
 def render(stack: Stack) -> list[File]:
+    if "wsgi" not in stack.watchers:
+        return []
     profile = stack.profile
     content = render_template(
         "uwsgi.ini.j2",

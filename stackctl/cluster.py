@@ -1,0 +1,138 @@
+"""Several hosts: which parts this host runs, and how it reaches the others.
+
+A profile per host role (``cluster.roles``): front hosts run NGiNX and balance across the app
+hosts (``cluster.app_hosts``); app hosts run the wsgi pool and the websocket worker on TCP
+ports of their private address (``cluster.address``), open only to the front hosts
+(``cluster.front_hosts``); redis hosts (``cluster.redis_hosts``) run the one Redis every app
+host shares, or, three or more of them, a primary, its replicas and Sentinel. The defaults
+are one host running everything over unix sockets.
+
+The settings are checked together here, once, when the profile is built; what the rest of
+stackctl needs (the watchers to run, the URL the workers find Redis by) is derived here too.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from stackctl.errors import StackError
+
+if TYPE_CHECKING:
+    from stackctl.profile import Profile
+
+FRONT, WSGI, WS, REDIS = "front", "wsgi", "ws", "redis"
+MIN_SENTINELS = 3
+"""Sentinel promotes a replica only when a majority of Sentinels agree: with two redis hosts,
+losing one leaves no majority, and nothing would be promoted."""
+
+
+def runs(profile: Profile, role: str) -> bool:
+    return role in profile.cluster.roles
+
+
+def app_roles(profile: Profile) -> bool:
+    return runs(profile, WSGI) or runs(profile, WS)
+
+
+def serves_app_over_network(profile: Profile) -> bool:
+    """App hosts of a cluster listen on TCP at cluster.address; a single host on unix sockets."""
+    return app_roles(profile) and bool(profile.cluster.address)
+
+
+def balances_app_hosts(profile: Profile) -> bool:
+    """A front that proxies to cluster.app_hosts, rather than to this host's own pools."""
+    return runs(profile, FRONT) and bool(profile.cluster.app_hosts)
+
+
+def is_cluster(profile: Profile) -> bool:
+    cluster = profile.cluster
+    return bool(cluster.address or cluster.app_hosts or cluster.redis_hosts)
+
+
+def uses_sentinel(profile: Profile) -> bool:
+    return len(profile.cluster.redis_hosts) >= MIN_SENTINELS
+
+
+def runs_redis(profile: Profile) -> bool:
+    """This host runs a Redis server: the stack's own, or one of the redis hosts'."""
+    return runs(profile, REDIS) and profile.redis.url == "embedded"
+
+
+def runs_shared_redis(profile: Profile) -> bool:
+    """This host is one of cluster.redis_hosts and runs its Redis (and Sentinel)."""
+    return runs(profile, REDIS) and bool(profile.cluster.redis_hosts)
+
+
+def needs_redis(profile: Profile) -> bool:
+    """Only the app's processes talk to Redis: a front host has no use for it."""
+    return app_roles(profile) or runs(profile, REDIS)
+
+
+def shared_redis_url(profile: Profile) -> str:
+    """How the app's processes on any host find the redis hosts' Redis: through Sentinel
+    when there are several (it names the primary of the moment), else directly. The password
+    is in a file of its own (``Stack.redis_password_file``), never in the URL."""
+    cluster = profile.cluster
+    if uses_sentinel(profile):
+        sentinels = ",".join(host_port(h, cluster.sentinel_port) for h in cluster.redis_hosts)
+        return f"sentinel://{sentinels}/{cluster.master_name}"
+    return f"redis://{host_port(cluster.redis_hosts[0], cluster.redis_port)}/0"
+
+
+def host_port(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def check(profile: Profile) -> None:
+    """The cluster settings together: each problem names the file, key and value to change."""
+    cluster = profile.cluster
+    where = profile.where
+    if serves_app_over_network(profile) and not cluster.front_hosts:
+        raise StackError(
+            f"{where('cluster.front_hosts')}: this host serves its app on "
+            f"{cluster.address} (cluster.address) and must list the front hosts allowed to "
+            'connect, e.g. ["10.0.0.10"]'
+        )
+    if runs(profile, FRONT) and not app_roles(profile) and not cluster.app_hosts:
+        raise StackError(
+            f"{where('cluster.app_hosts')}: a front host without the wsgi and ws roles must "
+            'list the app hosts it sends requests to, e.g. ["10.0.0.11", "10.0.0.12"]'
+        )
+    if runs(profile, FRONT) and not cluster.app_hosts and app_roles(profile) and not (
+        runs(profile, WSGI) and runs(profile, WS)
+    ):
+        raise StackError(
+            f"{where('cluster.roles')}: a front without cluster.app_hosts serves this host's "
+            "own pools, so it needs both the wsgi and ws roles here; or list the app hosts"
+        )
+    check_redis(profile)
+
+
+def check_redis(profile: Profile) -> None:
+    cluster = profile.cluster
+    where = profile.where
+    count = len(cluster.redis_hosts)
+    if count and profile.redis.url != "embedded":
+        raise StackError(
+            f"{where('redis.url')}: cluster.redis_hosts is set too "
+            f"(from {profile.source('cluster.redis_hosts')}); the app finds Redis either on "
+            'the redis hosts or at redis.url: keep one of them (redis.url = "embedded")'
+        )
+    if count == MIN_SENTINELS - 1:
+        raise StackError(
+            f"{where('cluster.redis_hosts')}: two redis hosts cannot fail over (Sentinel needs "
+            "a majority, and losing one host of two leaves none); list one (a shared Redis) or "
+            "three or more (a primary, replicas and Sentinel)"
+        )
+    if runs_shared_redis(profile) and cluster.address not in cluster.redis_hosts:
+        raise StackError(
+            f"{where('cluster.address')}: this host has the redis role, so its address must be "
+            f"one of cluster.redis_hosts {list(cluster.redis_hosts)} (from "
+            f"{profile.source('cluster.redis_hosts')})"
+        )
+    shares = app_roles(profile) and (cluster.address or cluster.app_hosts)
+    if shares and not count and profile.redis.url == "embedded":
+        raise StackError(
+            f"{where('cluster.redis_hosts')}: the app hosts of a cluster must share one Redis; "
+            "list the redis hosts, or set redis.url to a Redis they all reach"
+        )
