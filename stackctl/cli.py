@@ -355,7 +355,8 @@ def reload_running(args: argparse.Namespace, running: Stack) -> int:
 def cmd_secrets(args: argparse.Namespace) -> int:
     """Make the files every host of a cluster shares, once, on one host."""
     stack = load_stack(args, programs=False)
-    for path in generation.shared_secrets(stack):
+    # Both, whichever profile this host runs: the others may need the password.
+    for path in (stack.secret_file, stack.redis_password_file):
         existed = path.exists()
         realtime.ensure_secret(path)
         print(f"{'kept' if existed else 'made'} {path}")

@@ -499,7 +499,9 @@ def redis_answers(stack: Stack) -> tuple[bool, str]:
 
     password = (stack.redis_password_file.read_text().splitlines()[0].strip()
                 if stack.profile.cluster.redis_hosts else None)  # fmt: skip
-    client = redis.Redis.from_url(stack.redis_url, password=password, socket_timeout=2,
+    # A redis host asks its own Redis; the others, the one the app's processes use.
+    url = f"redis://{stack.redis_listen}/0" if stack.redis_listen else stack.redis_url
+    client = redis.Redis.from_url(url, password=password, socket_timeout=2,
                                   socket_connect_timeout=2)  # fmt: skip
     try:
         client.ping()
