@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import configparser
 import dataclasses
 import subprocess
 from pathlib import Path
@@ -14,6 +13,8 @@ from stackctl.errors import StackError
 from stackctl.render import redis as redis_render
 from stackctl.stack import Stack
 from tests.unit.test_render import NGINX, make_stack
+from tests.unit.test_render import circus_ini as circus
+from tests.unit.test_render import files as rendered
 
 REDIS_HOSTS = '["10.0.0.21", "10.0.0.22", "10.0.0.23"]'
 SHARED = f"""
@@ -35,16 +36,6 @@ def host(tmp_path: Path, text: str) -> Stack:
     stack = make_stack(tmp_path)
     loaded = profile.load(tmp_path, "host", [], hostnames=["h"])
     return dataclasses.replace(stack, profile=loaded)
-
-
-def rendered(stack: Stack) -> dict[str, str]:
-    return {f.name: f.content for f in generation.render_all(stack)}
-
-
-def circus(stack: Stack) -> configparser.RawConfigParser:
-    parser = configparser.RawConfigParser()
-    parser.read_string(rendered(stack)["circus.ini"])
-    return parser
 
 
 def refused(tmp_path: Path, text: str) -> str:
