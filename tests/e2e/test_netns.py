@@ -148,70 +148,123 @@ CHILD = textwrap.dedent("""
     from tests import netns
     with netns.Network(["a", "b"]) as net:
         net["a"].popen(["sleep", "300"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        net["b"].run(["sh", "-c", "sleep 300 >/dev/null 2>&1 &"], check=True)
+        # A daemon: not the child's child; found only because it lives in the namespace.
+        net["b"].run(["sh", "-c", sys.argv[2] + " >/dev/null 2>&1 &"], check=True)
         print(json.dumps({
-            "netns": [h.netns for h in net],
+            "namespaces": [h.netns for h in net],
             "links": [h.link for h in net] + [net.bridge],
             "processes": [[pid, netns._start_time(pid)] for h in net for pid in h.pids()],
+            "subnet": str(net.subnet),
         }), flush=True)
         time.sleep(300)
 """)
 
+STUBBORN = (
+    f"{sys.executable} -c 'import pathlib, signal, sys, time; "
+    "signal.signal(signal.SIGTERM, lambda *_: pathlib.Path(sys.argv[1], \"term\").touch()); "
+    "pathlib.Path(sys.argv[1], \"ready\").touch(); time.sleep(300)' {marker}"
+)
+"""A process that outlives SIGTERM (until SIGKILL, KILL_WAIT later), and says when it is
+ready for it and when it got it, in the directory ``marker``."""
+
 
 @dataclass
-class Made:
-    """What the child's network is made of."""
+class Child:
+    """A child python that built a network, with a process in each host, and waits."""
 
+    process: subprocess.Popen[str]
     namespaces: list[str]
     links: list[str]
     processes: list[netns.Owner]
+    subnet: str
 
 
 @pytest.fixture
-def child_network() -> Iterator[tuple[subprocess.Popen[str], Made]]:
-    """A child python that built a network with a process in each host, and waits."""
-    child = subprocess.Popen([sys.executable, "-c", CHILD, str(REPO)], stdout=subprocess.PIPE,
-                             stderr=subprocess.PIPE, text=True)
+def children() -> Iterator[Callable[[int, str], list[Child]]]:
+    """Starts ``count`` children at once, their host b running ``daemon``; they are killed,
+    and their networks swept, when the test ends."""
+    started: list[subprocess.Popen[str]] = []
+
+    def start(count: int, daemon: str = "sleep 300") -> list[Child]:
+        for _ in range(count):
+            started.append(subprocess.Popen(
+                [sys.executable, "-c", CHILD, str(REPO), daemon],
+                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            ))
+        made = []
+        for process in started[-count:]:
+            assert process.stdout is not None
+            line = json.loads(process.stdout.readline())
+            owners = [netns.Owner(pid, start) for pid, start in line.pop("processes")]
+            made.append(Child(process, processes=owners, **line))
+            assert len(owners) == 2 and len(left_of(line["namespaces"], line["links"])) == 5
+        return made
+
+    yield start
     try:
-        assert child.stdout is not None
-        line = json.loads(child.stdout.readline())
-        made = Made(line["netns"], line["links"],
-                    [netns.Owner(pid, start) for pid, start in line["processes"]])
-        assert len(made.processes) == 2
-        assert len(left_of(made.namespaces, made.links)) == 5
-        yield child, made
+        for process in started:
+            if process.poll() is None:
+                process.kill()
+            process.wait(timeout=30)
     finally:
-        try:
-            if child.poll() is None:
-                child.kill()
-            child.wait(timeout=30)
-        finally:
-            netns.sweep()  # the child is dead: whatever it left is a leftover now
-            child.communicate(timeout=30)
+        netns.sweep()  # the children are dead: whatever they left is a leftover now
+        for process in started:
+            process.communicate(timeout=30)
 
 
-def test_sigterm_removes_everything(
-    child_network: tuple[subprocess.Popen[str], Made],
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_a_signal_removes_everything(
+    children: Callable[..., list[Child]], sig: signal.Signals
 ) -> None:
-    child, made = child_network
-    child.send_signal(signal.SIGTERM)
-    _, stderr = child.communicate(timeout=60)
+    [child] = children(1)
+    child.process.send_signal(sig)
+    _, stderr = child.process.communicate(timeout=60)
     assert "KeyboardInterrupt" in stderr and "NetnsError" not in stderr
-    assert_gone(made)
+    assert_gone(child)
+
+
+def test_a_second_signal_waits_until_everything_is_removed(
+    children: Callable[..., list[Child]], short_tmp: Path
+) -> None:
+    [child] = children(1, STUBBORN.format(marker=short_tmp))
+    wait_for((short_tmp / "ready").exists, what="the stubborn process to start")
+    child.process.send_signal(signal.SIGTERM)
+    # The stubborn process got its SIGTERM: the child is removing its network now, and will
+    # be for KILL_WAIT seconds. A second Ctrl-C or SIGTERM must not cut that short.
+    wait_for((short_tmp / "term").exists, what="the network's removal to begin")
+    child.process.send_signal(signal.SIGTERM)
+    child.process.send_signal(signal.SIGINT)
+    _, stderr = child.process.communicate(timeout=60)
+    assert "KeyboardInterrupt" in stderr and "NetnsError" not in stderr
+    assert_gone(child)
 
 
 def test_the_sweeper_removes_what_a_killed_run_left(
-    child_network: tuple[subprocess.Popen[str], Made],
+    children: Callable[..., list[Child]],
 ) -> None:
-    child, made = child_network
-    child.kill()
-    child.wait(timeout=30)
-    assert len(left_of(made.namespaces, made.links)) == 5  # SIGKILL: no chance to clean up
-    assert all(p.alive() for p in made.processes), "its hosts' processes still run"
+    [child] = children(1)
+    child.process.kill()
+    child.process.wait(timeout=30)
+    assert len(left_of(child.namespaces, child.links)) == 5  # SIGKILL: no chance to clean up
+    assert all(p.alive() for p in child.processes), "its hosts' processes still run"
 
     swept = netns.sweep()
-    assert sorted(swept.netns) == sorted(made.namespaces)
-    assert_gone(made)
+    assert sorted(swept.netns) == sorted(child.namespaces)
+    assert_gone(child)
+
+
+def test_processes_building_networks_at_once_get_their_own(
+    children: Callable[..., list[Child]],
+) -> None:
+    made = children(3)
+    assert len({c.subnet for c in made}) == 3
+    assert len({n for c in made for n in c.namespaces}) == 6
+    assert len({link for c in made for link in c.links}) == 9
+    for child in made:
+        child.process.send_signal(signal.SIGTERM)
+    for child in made:
+        child.process.communicate(timeout=60)
+        assert_gone(child)
 
 
 def test_the_sweeper_leaves_live_networks_and_what_it_did_not_make(network: Make) -> None:
@@ -265,9 +318,9 @@ def owner_of(pid: int) -> netns.Owner:
     return netns.Owner(pid, start)
 
 
-def assert_gone(made: Made) -> None:
-    assert left_of(made.namespaces, made.links) == []
-    assert [p for p in made.processes if p.alive()] == []
+def assert_gone(child: Child) -> None:
+    assert left_of(child.namespaces, child.links) == []
+    assert [p for p in child.processes if p.alive()] == []
 
 
 def dead_pid() -> int:
