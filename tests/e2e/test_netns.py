@@ -328,3 +328,27 @@ def dead_pid() -> int:
     probe = subprocess.Popen(["true"])
     probe.wait()
     return probe.pid
+
+
+def test_the_session_fails_when_a_network_is_left_behind(short_tmp: Path) -> None:
+    test = short_tmp / "test_forgets.py"
+    test.write_text("from tests import netns\n\n\n"
+                    "def test_forgets_its_network() -> None:\n"
+                    "    netns.Network(['a']).__enter__()\n")
+    session = subprocess.Popen(
+        [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-p", "tests.conftest",
+         "--rootdir", str(REPO), "-c", str(REPO / "pyproject.toml"), "-q", str(test)],
+        cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )
+    try:
+        output, _ = session.communicate(timeout=120)
+        left = netns.leftovers(lambda owner: owner.pid == session.pid)
+    finally:
+        if session.poll() is None:
+            session.kill()
+            session.wait()
+        netns.sweep()  # the session is over: what it left, if anything, is a leftover
+    assert session.returncode != 0
+    assert "network namespaces or links left behind" in output, output
+    assert f"sc{session.pid}n0b" in output, "it names what it found"
+    assert not left, "and removes it"
