@@ -210,7 +210,15 @@ class Host:
         _ip("link", "set", "dev", self.link, "down")
 
     def restore(self) -> None:
+        """Plug the cable back in; returns once the host's side has its carrier again."""
         _ip("link", "set", "dev", self.link, "up")
+        # The kernel hands carrier changes to a worker that may lag: wait for it, so that a
+        # test's next connection does not race it.
+        deadline = time.monotonic() + 10
+        while " UP " not in _ip("-n", self.netns, "-br", "link", "show", "dev", "eth0"):
+            if time.monotonic() > deadline:
+                raise NetnsError(f"{self.name}: its link is still down 10 s after restore()")
+            time.sleep(0.01)
 
     def _reap(self) -> None:
         for child in self._children:
@@ -270,8 +278,10 @@ class Network:
         """Kill every process in the hosts, remove the namespaces, the links and the bridge."""
         with self._interrupts.deferred():
             netns = [f"{self.id}-{name}" for name in self._names]
-            kill_processes(netns, reap=self._reap)
-            remove(netns, [h.link for h in self] + [self.bridge])
+            try:
+                kill_processes(netns, reap=self._reap)
+            finally:  # even a process that survives SIGKILL leaves no link behind
+                remove(netns, [h.link for h in self] + [self.bridge])
             for host in self:
                 for child in host._children:
                     child.wait(timeout=KILL_WAIT)  # dead already: this only reaps it
@@ -311,7 +321,7 @@ class Network:
         for link in [self.bridge, *(h.link for h in self)]:
             _write_sysctl_file(f"/proc/sys/net/ipv6/conf/{link}/disable_ipv6", "1")
         # Fixed neighbours: no ARP, so a cut host looks like a dead one (no answer at all)
-        # rather than an unreachable one (an immediate error once ARP gives up).
+        # rather than an unreachable one (an error after about 3 s, when ARP gives up).
         _ip(batch=[f"link set dev {link} up" for link in [self.bridge, *(h.link for h in self)]]
             + [f"neigh replace {h.address} lladdr {h.mac} dev {self.bridge} nud permanent"
                for h in self])
