@@ -123,8 +123,8 @@ def test_a_cut_host_is_silent_until_restored(network: Make) -> None:
         assert [t.result() for t in tries] == ["timeout"] * 3
     assert connect_from(b, c.address, 5) == "reply c", "the others still reach each other"
 
-    a.restore()
-    wait_for(lambda: connect(a.address, 1.0) == "reply a", what="a to be reachable again")
+    a.restore()  # returns when the link works again: no polling needed
+    assert connect(a.address, 5) == "reply a"
     assert connect_from(b, a.address, 5) == "reply a"
     assert connect_from(a, c.address, 5) == "reply c"
 
