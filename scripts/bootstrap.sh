@@ -27,6 +27,8 @@ fi
 # The browser test opens the demo page in headless Chromium; benchmarks/page_load.py too.
 if [ "$job" = test ] || [ "$job" = bench ]; then
     command -v chromium >/dev/null || packages+=(chromium)
+    # The several-hosts tests build their hosts as network namespaces (tests/netns.py).
+    command -v ip >/dev/null && command -v ss >/dev/null || packages+=(iproute2)
 fi
 if [ "${#packages[@]}" -gt 0 ]; then
     if [ "$(id -u)" != 0 ]; then

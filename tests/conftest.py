@@ -11,8 +11,8 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator
-from contextlib import closing, contextmanager
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import ExitStack, closing, contextmanager
 from pathlib import Path
 
 import pytest
@@ -20,7 +20,7 @@ import pytest
 from stackctl import processes, profile
 from stackctl.stack import NO_PROGRAMS, Stack, plan
 from stackctl.users import ServiceUser
-from tests import service_users
+from tests import netns, service_users
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -169,3 +169,38 @@ def service_user() -> Iterator[ServiceUser]:
 def python(service_user: ServiceUser) -> Iterator[Path]:
     """The interpreter of a virtualenv the service user can run, with this checkout in it."""
     yield from service_users.make_venv()
+
+
+def netns_unavailable() -> str | None:
+    """Why this machine cannot build network namespaces here, or None when it can."""
+    if os.geteuid() != 0:
+        return "network namespaces need root (CI runs the suite as root)"
+    if shutil.which("ip") is None:
+        return "network namespaces need iproute2's `ip` command"
+    return None
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _netns_leaks() -> Iterator[None]:
+    """Leftovers of earlier runs that were killed are removed first; at the end, nothing this
+    session made (namespace, link) may remain."""
+    if netns_unavailable():
+        yield
+        return
+    netns.sweep()
+    yield
+    me = netns.Owner.me()
+    left = netns.leftovers(lambda owner: owner == me)
+    if left:
+        netns.kill_processes(left.netns)
+        netns.remove(left.netns, left.links)
+    assert not left, f"network namespaces or links left behind: {left}"
+
+
+@pytest.fixture
+def network() -> Iterator[Callable[[Sequence[str]], netns.Network]]:
+    """Builds a ``netns.Network`` of the given hosts, removed when the test ends."""
+    if reason := netns_unavailable():
+        pytest.skip(reason)
+    with ExitStack() as stack:
+        yield lambda hosts: stack.enter_context(netns.Network(hosts))
