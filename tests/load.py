@@ -1,4 +1,5 @@
-"""A bounded load client: N connections for at most a few tens of seconds, 127.0.0.1 only.
+"""A bounded load client: N connections for at most a few tens of seconds, to 127.0.0.1 or to
+a test host of tests.netns (198.18.0.0/15) only.
 
 Each connection alternates GETs that take 0-200 ms with POSTs whose echo is checked, and
 every failure is recorded with its reason: refused, reset, a 5xx, a truncated or wrong body.
@@ -34,8 +35,13 @@ class Report:
 
 
 class Load:
-    def __init__(self, port: int, connections: int = 48, max_sleep_ms: int = 200) -> None:
+    def __init__(self, port: int, connections: int = 48, max_sleep_ms: int = 200,
+                 host: str = "127.0.0.1", only_get: str | None = None) -> None:  # fmt: skip
+        """``only_get``: a path to GET again and again (any answer but 200 fails), instead of
+        the test app's sleeps and echoes; ``host``: a test host's address (tests.netns)."""
         self.port = port
+        self.host = host
+        self.only_get = only_get
         self.connections = connections
         self.max_sleep_ms = max_sleep_ms
         self.report = Report()
@@ -57,7 +63,7 @@ class Load:
             thread.join(timeout=30)
 
     def _connect(self) -> http.client.HTTPConnection:
-        return http.client.HTTPConnection("127.0.0.1", self.port, timeout=30)
+        return http.client.HTTPConnection(self.host, self.port, timeout=30)
 
     def _run(self, rng: random.Random) -> None:
         conn, reused = self._connect(), False
@@ -90,8 +96,10 @@ class Load:
                     self.report.latencies.append(time.monotonic() - started)
         conn.close()
 
-    def _next_request(self, rng: random.Random) -> tuple[str, str, bytes | None, bytes]:
-        """(method, path, body, expected answer)"""
+    def _next_request(self, rng: random.Random) -> tuple[str, str, bytes | None, bytes | None]:
+        """(method, path, body, expected answer; None: any body)"""
+        if self.only_get is not None:
+            return "GET", self.only_get, None, None
         if rng.random() < 0.5:
             ms = rng.randint(0, self.max_sleep_ms)
             return "GET", f"/sleep?ms={ms}", None, f"slept {ms}".encode()
@@ -99,12 +107,12 @@ class Load:
         return "POST", "/echo", payload, payload
 
     def _send(self, conn: http.client.HTTPConnection, method: str, path: str,
-              body: bytes | None, expected: bytes) -> str | None:  # fmt: skip
+              body: bytes | None, expected: bytes | None) -> str | None:  # fmt: skip
         conn.request(method, path, body=body, headers={"Content-Type": "text/plain"})
         response = conn.getresponse()
         answer = response.read()
         if response.status != 200:
             return f"HTTP {response.status}: {answer[:80]!r}"
-        if answer != expected:
+        if expected is not None and answer != expected:
             return f"wrong body: {len(answer)} bytes instead of {len(expected)}"
         return None
