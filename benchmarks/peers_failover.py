@@ -25,9 +25,10 @@ Scenarios:
    no gap notice, so every such loss is unannounced), and the seconds from the kill to the first
    delivery of a message published after it.
 
-The presets keep every peer within what it sustains on 2 cores (no loss before the kill, the
-"pre-kill" column): at 100 msg/s to 200 clients both Channels layers fall behind, and the
-backlog they hold dies with server A, which would count overload as failover loss.
+The presets keep every peer within what it sustains on 2 cores: no loss of messages
+acknowledged over a second before the kill (the "pre-kill" column). At 100 msg/s to 200 clients
+both Channels layers fall behind, and the backlog they hold dies with server A, which would count
+overload as failover loss.
 
 Every process is started here and stopped by pid when its block ends, whatever happens.
 Prints a table, then one JSON line {"peers": {<peer>: {<scenario>: {...}}}}; ``measure()``
@@ -77,6 +78,7 @@ SETTLE_SECONDS = 1.0
 DRAIN_SECONDS = 3.0
 JOIN_PATIENCE = 60.0
 PUBLISH_TIMEOUT = 5.0
+IN_FLIGHT_SECONDS = 1.0  # far longer than any delivery takes when a server keeps up
 HANDSHAKE = (
     "GET {target} HTTP/1.1\r\nHost: localhost\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
     "Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n"
@@ -635,7 +637,9 @@ def tally(
     counted = [m for m in members if m.joins and m.joins[0] < t0]
     acked = [n for n, p in enumerate(publishes) if p.outcome != "failed"]
     lost_by = [[n for n in acked if m.counts[n] == 0] for m in counted]
-    before_kill = {n for n in acked if publishes[n].end < killed_at}
+    # A message acknowledged just before the kill may die in flight with the server: loss
+    # counted here is only what a server keeping up would have delivered long before.
+    before_kill = {n for n in acked if publishes[n].end < killed_at - IN_FLIGHT_SECONDS}
     back = [
         min(j for j in m.joins if j > killed_at) - killed_at
         for m in counted
@@ -654,7 +658,7 @@ def tally(
         "unannounced_publish_failures": sum(p.outcome == "unannounced" for p in publishes),
         "lost_messages": sum(map(len, lost_by)),
         "messages_missed_by_some": len({n for lost in lost_by for n in lost}),
-        "lost_before_kill": sum(n in before_kill for lost in lost_by for n in lost),
+        "lost_well_before_kill": sum(n in before_kill for lost in lost_by for n in lost),
         "duplicates": duplicates,
         "clients_complete": sum(
             not lost and max(m.counts, default=0) <= 1
@@ -703,7 +707,7 @@ COLUMNS = (
     ("acknowledged", "acked", 6),
     ("failed_publishes", "failed", 6),
     ("lost_messages", "lost", 6),
-    ("lost_before_kill", "pre-kill", 8),
+    ("lost_well_before_kill", "pre-kill", 8),
     ("duplicates", "dup", 5),
     ("clients_complete", "complete", 8),
     ("reconnect_p50_s", "back p50", 8),

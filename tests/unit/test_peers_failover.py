@@ -32,7 +32,7 @@ def test_a_client_that_stayed_away_loses_what_was_acknowledged_meanwhile() -> No
     row = tally([away, stayed], publishes, KILL, {0: 99.1, 1: 100.1, 3: 102.1})
     assert row["lost_messages"] == 2
     assert row["messages_missed_by_some"] == 2
-    assert row["lost_before_kill"] == 0
+    assert row["lost_well_before_kill"] == 0
     assert row["clients_complete"] == 1
     assert row["clients_dropped"] == 1 and row["clients_not_back"] == 0
     assert row["reconnect_p50_s"] == row["reconnect_max_s"] == 1.5
@@ -67,4 +67,13 @@ def test_a_client_that_dropped_and_never_came_back_is_named() -> None:
     row = tally([gone], publishes, KILL, {0: 99.1})
     assert row["clients_dropped"] == 1 and row["clients_not_back"] == 1
     assert row["reconnect_p50_s"] is None
-    assert row["lost_messages"] == 1 and row["lost_before_kill"] == 0
+    assert row["lost_messages"] == 1 and row["lost_well_before_kill"] == 0
+
+
+def test_loss_long_before_the_kill_is_told_apart_from_loss_in_flight() -> None:
+    # Acknowledged at 97.01 (3 s before the kill) and at 99.61 (in flight when it came).
+    publishes = published("ok", "ok", start=97.0, step=2.6)
+    behind = member([0, 0], joins=[90.0], drops=(100.1,))
+    row = tally([behind], publishes, KILL, {})
+    assert row["lost_messages"] == 2
+    assert row["lost_well_before_kill"] == 1
