@@ -145,6 +145,17 @@ def wait_http(port: int, timeout: float = 30.0) -> None:
     raise RuntimeError(f"nothing answered 200 on port {port} within {timeout} s")
 
 
+def wait_tcp(port: int, timeout: float = 30.0) -> None:
+    """Wait until something accepts connections on 127.0.0.1:``port``."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with closing(socket.socket()) as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.05)
+    raise RuntimeError(f"nothing accepted connections on port {port} within {timeout} s")
+
+
 @contextmanager
 def workdir() -> Iterator[Path]:
     path = Path(tempfile.mkdtemp(prefix="scb", dir="/tmp"))
