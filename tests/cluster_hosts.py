@@ -11,18 +11,24 @@ app host directly (its ports are open to the front hosts only).
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
+from stackctl import realtime
+from tests.followers import Follower
+from tests.load import Load
 from tests.netns import Host, Network
 
 FRONT, APP_A, APP_B = "front", "app-a", "app-b"
@@ -30,6 +36,9 @@ REDIS_HOSTS = ("redis-1", "redis-2", "redis-3")
 HOSTS = (FRONT, APP_A, APP_B, *REDIS_HOSTS)
 HTTP_PORT = 8000
 STACK_TIMEOUT = 180
+CLIENT_PING = 1.0
+"""Seconds between the test clients' pings: a client on a host that was cut off gives up on
+it after as long again, and reconnects through the front."""
 CLONE_NEWNET = 0x40000000
 T = TypeVar("T")
 
@@ -202,3 +211,181 @@ def inside(host: Host, work: Callable[[], T]) -> T:
     if not ok:
         raise value
     return value  # type: ignore[no-any-return]
+
+
+# --- the failures, shared by tests/e2e/test_several_hosts.py and benchmarks/failover.py -----
+
+
+class Publisher(threading.Thread):
+    """Publishes numbered messages through the redis hosts' Sentinels, as an app would, and
+    keeps those publish() acknowledged, with when."""
+
+    def __init__(self, url: str, channel: str, interval: float = 0.02) -> None:
+        super().__init__(daemon=True)
+        self.url, self.channel, self.interval = url, channel, interval
+        self.acknowledged: dict[int, float] = {}
+        """Message number -> time.monotonic() when publish() returned."""
+        self.failed = 0
+        self._stop = threading.Event()
+
+    def run(self) -> None:
+        number = 0
+        while not self._stop.is_set():
+            number += 1
+            try:
+                realtime.publish(self.channel, {"n": number}, url=self.url)
+                self.acknowledged[number] = time.monotonic()
+            except Exception:  # noqa: BLE001 - not acknowledged: the app would see the error
+                self.failed += 1
+            time.sleep(self.interval)
+
+    def stop(self) -> None:
+        self._stop.set()
+        self.join(timeout=60)
+
+
+@contextmanager
+def following(urls: list[str], before: Callable[[], None] | None = None,
+              ) -> Iterator[list[Follower]]:  # fmt: skip
+    followers = [Follower(url, ping_interval=CLIENT_PING, before=before) for url in urls]
+    for follower in followers:
+        follower.start()
+    try:
+        for follower in followers:
+            assert follower.connected.wait(30), f"{follower.url} never connected"
+        yield followers
+    finally:
+        for follower in followers:
+            follower.stop()
+
+
+def numbers(follower: Follower) -> list[int]:
+    return [m["data"]["n"] for m in follower.messages]
+
+
+@dataclass
+class Outcome:
+    """What the clients of one failure got, against what publish() acknowledged."""
+
+    acknowledged: int = 0
+    lost_unannounced: int = 0
+    """Acknowledged messages a client never got, on a channel it was told of no gap in."""
+    lost_announced: int = 0
+    doubled: int = 0
+    out_of_order: int = 0
+    """Clients whose ids did not strictly increase."""
+    told_of_a_gap: int = 0
+    moved: int = 0
+    """Clients that had to reconnect."""
+    ok_gets: int = 0
+    failed_gets: list[str] = field(default_factory=list)
+    first_delivery_after: float | None = None
+    """Seconds from the failure to the first delivery of a message published after it."""
+
+
+def judge(followers: list[Follower], publisher: Publisher, failed_at: float) -> Outcome:
+    outcome = Outcome(acknowledged=len(publisher.acknowledged))
+    firsts = []
+    for follower in followers:
+        got = numbers(follower)
+        outcome.doubled += len(got) - len(set(got))
+        ids = [realtime.id_key(m["id"]) for m in follower.messages]
+        outcome.out_of_order += ids != sorted(set(ids))
+        missing = set(publisher.acknowledged) - set(got)
+        told = publisher.channel in follower.gaps
+        outcome.told_of_a_gap += told
+        if told:
+            outcome.lost_announced += len(missing)
+        else:
+            outcome.lost_unannounced += len(missing)
+        outcome.moved += follower.connections > 1
+        received = list(follower.received)  # its thread may still be adding to it
+        times = follower.received_at[: len(received)]
+        firsts += [at for m, at in zip(received, times, strict=True)
+                   if "id" in m and publisher.acknowledged.get(m["data"]["n"], 0) > failed_at
+                   ][:1]  # fmt: skip
+    if firsts:
+        outcome.first_delivery_after = min(firsts) - failed_at
+    return outcome
+
+
+def wait_until_delivered(followers: list[Follower], publisher: Publisher,
+                         timeout: float = 30) -> None:  # fmt: skip
+    """Until every client has every acknowledged message or was told of a gap."""
+    wanted = set(publisher.acknowledged)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if all(wanted <= set(numbers(f)) or f.gaps for f in followers):
+            return
+        time.sleep(0.1)
+
+
+def app_host_loss(cluster: Cluster, clients: int = 8, connections: int = 16) -> Outcome:
+    """Under GETs through the front and messages to websocket clients, app host A's stack is
+    stopped, then its cable cut; then it comes back. Its clients must resume on B."""
+    front = cluster.host(FRONT).address
+    publisher = Publisher(cluster.redis_url, "app-loss")
+    with following([cluster.ws_url + "app-loss"] * clients) as followers:
+        publisher.start()
+        try:
+            with Load(HTTP_PORT, connections=connections, host=front, only_get="/") as load:
+                time.sleep(2)
+                failed_at = time.monotonic()
+                cluster.stackctl(APP_A, "down")  # its stack, gracefully...
+                time.sleep(2)
+                cluster.host(APP_A).cut()  # ...then its cable
+                time.sleep(2 * CLIENT_PING + 8)  # the front tries it again after fail_timeout
+        finally:
+            publisher.stop()
+        wait_until_delivered(followers, publisher)
+        outcome = judge(followers, publisher, failed_at)
+    outcome.ok_gets, outcome.failed_gets = load.report.ok, load.report.failures
+    cluster.host(APP_A).restore()
+    cluster.up(APP_A)
+    return outcome
+
+
+def primary_host(cluster: Cluster) -> str:
+    """The redis host Sentinel names the primary."""
+    import redis
+
+    password = cluster.password_file.read_text().strip()
+    for name in REDIS_HOSTS:
+        sentinel = redis.Redis(host=cluster.host(name).address, port=26379, socket_timeout=2,
+                               socket_connect_timeout=2, password=password)  # fmt: skip
+        with contextlib.suppress(redis.RedisError, ValueError):
+            address, _ = sentinel.execute_command("SENTINEL", "GET-MASTER-ADDR-BY-NAME",
+                                                  "stackctl")  # fmt: skip
+            return next(h for h in REDIS_HOSTS if cluster.host(h).address == address.decode())
+    raise AssertionError("no Sentinel answers")
+
+
+def kill_host(cluster: Cluster, name: str) -> None:
+    """The machine dies: every process on it at once, with no chance to clean up."""
+    for pid in cluster.host(name).pids():
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+
+
+def redis_primary_loss(cluster: Cluster, clients: int = 8) -> tuple[Outcome, bool]:
+    """Under publishing load, the redis host holding the primary dies; then it comes back
+    (as a replica). Returns what the clients got, and whether Sentinel promoted a replica."""
+    old = primary_host(cluster)
+    publisher = Publisher(cluster.redis_url, "redis-loss")
+    with following([cluster.ws_url + "redis-loss"] * clients) as followers:
+        publisher.start()
+        try:
+            time.sleep(2)
+            failed_at = time.monotonic()
+            kill_host(cluster, old)
+            deadline = time.monotonic() + 30
+            while primary_host(cluster) == old and time.monotonic() < deadline:
+                time.sleep(0.2)
+            promoted = primary_host(cluster) != old
+            time.sleep(4)
+        finally:
+            publisher.stop()
+        wait_until_delivered(followers, publisher)
+        outcome = judge(followers, publisher, failed_at)
+    cluster.up(old)  # stackctl cleans up after the stack that died, and it rejoins
+    return outcome, promoted

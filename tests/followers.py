@@ -26,6 +26,8 @@ class Follower(threading.Thread):
         self.ping_interval = ping_interval
         self.before = before
         self.received: list[dict[str, Any]] = []
+        self.received_at: list[float] = []
+        """time.monotonic() of each of ``received``."""
         self.close_codes: list[int] = []
         self.connected = threading.Event()
         self.connections = 0
@@ -56,7 +58,9 @@ class Follower(threading.Thread):
                     self.connected.set()
                     while not self._done.is_set():
                         try:
-                            self.received.append(json.loads(ws.recv(timeout=0.2)))
+                            message = json.loads(ws.recv(timeout=0.2))
+                            self.received_at.append(time.monotonic())
+                            self.received.append(message)
                         except TimeoutError:
                             continue
             except ConnectionClosed as closed:

@@ -10,11 +10,8 @@ client once, or the client is told of a gap on its channel.
 
 from __future__ import annotations
 
-import contextlib
 import os
-import signal
 import socket
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -29,24 +26,22 @@ from tests.cluster_hosts import (
     HTTP_PORT,
     REDIS_HOSTS,
     Cluster,
+    app_host_loss,
     enter,
+    following,
     inside,
+    primary_host,
     profile_text,
+    redis_primary_loss,
     running_cluster,
 )
 from tests.conftest import netns_unavailable, short_dir
-from tests.followers import Follower
 from tests.load import Load
 
 pytestmark = [
     pytest.mark.e2e,
     pytest.mark.skipif(netns_unavailable() is not None, reason=str(netns_unavailable())),
 ]
-
-CLIENT_PING = 1.0
-"""Seconds between the test clients' pings: a client on a host that was cut off gives up on
-it after as long again, and reconnects through the front."""
-
 
 @pytest.fixture(scope="module")
 def cluster() -> Iterator[Cluster]:
@@ -62,82 +57,9 @@ def cluster() -> Iterator[Cluster]:
                 os.environ[realtime.PASSWORD_FILE_VARIABLE] = saved
 
 
-class Publisher(threading.Thread):
-    """Publishes numbered messages through the redis hosts' Sentinels, as an app would, and
-    keeps those publish() acknowledged."""
-
-    def __init__(self, url: str, channel: str, interval: float = 0.02) -> None:
-        super().__init__(daemon=True)
-        self.url, self.channel, self.interval = url, channel, interval
-        self.acknowledged: list[int] = []
-        self.failed = 0
-        self._stop = threading.Event()
-
-    def run(self) -> None:
-        number = 0
-        while not self._stop.is_set():
-            number += 1
-            try:
-                realtime.publish(self.channel, {"n": number}, url=self.url)
-                self.acknowledged.append(number)
-            except Exception:  # noqa: BLE001 - not acknowledged: the app would see the error
-                self.failed += 1
-            time.sleep(self.interval)
-
-    def stop(self) -> None:
-        self._stop.set()
-        self.join(timeout=30)
-
-
-def on(cluster: Cluster, host: str) -> object:
-    """A Follower's ``before``: stand on ``host``."""
-    return lambda: enter(cluster.host(host))
-
-
-@contextlib.contextmanager
-def following(urls: list[str], before: object = None) -> Iterator[list[Follower]]:
-    followers = [Follower(url, ping_interval=CLIENT_PING, before=before) for url in urls]  # type: ignore[arg-type]
-    for follower in followers:
-        follower.start()
-    try:
-        for follower in followers:
-            assert follower.connected.wait(20), f"{follower.url} never connected"
-        yield followers
-    finally:
-        for follower in followers:
-            follower.stop()
-
-
-def numbers(follower: Follower) -> list[int]:
-    return [m["data"]["n"] for m in follower.messages]
-
-
-def check_every_message_once_or_a_gap(followers: list[Follower], sent: list[int],
-                                      channel: str) -> None:  # fmt: skip
-    for follower in followers:
-        got = numbers(follower)
-        assert len(got) == len(set(got)), f"{follower.url}: a message came twice"
-        ids = [realtime.id_key(m["id"]) for m in follower.messages]
-        assert ids == sorted(ids) and len(set(ids)) == len(ids), "ids must strictly increase"
-        missing = sorted(set(sent) - set(got))
-        if missing:
-            assert channel in follower.gaps, (
-                f"{follower.url}: {len(missing)} acknowledged message(s) never delivered and no "
-                f"gap announced, e.g. {missing[:5]}"
-            )
-
-
-def wait_until_delivered(followers: list[Follower], count: int, timeout: float = 30) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if all(len(set(numbers(f)) | set()) >= count or f.gaps for f in followers):
-            return
-        time.sleep(0.1)
-
-
-def connect_timeout(source: Cluster | None, address: str, port: int, host: str | None) -> bool:
-    """True if a connection from ``host`` (None: outside, the bridge) to address:port gets no
-    answer at all, as behind a firewall that drops."""
+def silent(cluster: Cluster, address: str, port: int, source: str | None) -> bool:
+    """True if a connection from host ``source`` (None: the outside, on the bridge) to
+    address:port gets no answer at all, as behind a firewall that drops it."""
 
     def attempt() -> bool:
         try:
@@ -148,9 +70,7 @@ def connect_timeout(source: Cluster | None, address: str, port: int, host: str |
             return False
         return False
 
-    if host is None or source is None:
-        return attempt()
-    return inside(source.host(host), attempt)
+    return attempt() if source is None else inside(cluster.host(source), attempt)
 
 
 # --- the tests, in the order a cluster lives ----------------------------------------------
@@ -161,7 +81,7 @@ def test_a_message_published_on_app_host_a_reaches_clients_on_app_host_b(
 ) -> None:
     # Standing on the front, the one host allowed to reach the app hosts' ports.
     urls = [cluster.app_ws_url(APP_A) + "news", cluster.app_ws_url(APP_B) + "news"]
-    with following(urls, before=on(cluster, FRONT)) as (on_a, on_b):
+    with following(urls, before=lambda: enter(cluster.host(FRONT))) as (on_a, on_b):
         cluster.stackctl(APP_A, "publish", "news", "from A")
         cluster.stackctl(APP_B, "publish", "news", "from B")
         for follower in (on_a, on_b):
@@ -172,9 +92,9 @@ def test_a_message_published_on_app_host_a_reaches_clients_on_app_host_b(
 def test_only_the_front_reaches_the_app_hosts_ports(cluster: Cluster) -> None:
     address = cluster.host(APP_A).address
     for port in (8001, 8002):
-        assert not connect_timeout(cluster, address, port, FRONT)
-        assert connect_timeout(cluster, address, port, REDIS_HOSTS[0]), "another host got in"
-        assert connect_timeout(cluster, address, port, None), "the outside got in"
+        assert not silent(cluster, address, port, FRONT)
+        assert silent(cluster, address, port, REDIS_HOSTS[0]), "another host got in"
+        assert silent(cluster, address, port, None), "the outside got in"
 
 
 def test_redis_asks_for_the_password(cluster: Cluster) -> None:
@@ -189,27 +109,14 @@ def test_redis_asks_for_the_password(cluster: Cluster) -> None:
 def test_losing_an_app_host_fails_no_get_and_its_clients_resume_on_the_other(
     cluster: Cluster,
 ) -> None:
-    front = cluster.host(FRONT).address
-    publisher = Publisher(cluster.redis_url, "loss")
-    with following([cluster.ws_url + "loss"] * 8) as followers:
-        publisher.start()
-        try:
-            with Load(HTTP_PORT, connections=16, host=front, only_get="/") as load:
-                time.sleep(2)
-                cluster.stackctl(APP_A, "down")  # its stack, gracefully...
-                time.sleep(2)
-                cluster.host(APP_A).cut()  # ...then its cable
-                time.sleep(2 * CLIENT_PING + 8)  # the front tries it again after fail_timeout
-        finally:
-            publisher.stop()
-        wait_until_delivered(followers, len(publisher.acknowledged))
-        assert load.report.ok > 100
-        assert load.report.failures == []
-        assert any(f.connections >= 2 for f in followers), "no client had to move host"
-        check_every_message_once_or_a_gap(followers, publisher.acknowledged, "loss")
-        assert all(not f.gaps for f in followers), "resuming on another host needs no gap"
-    cluster.host(APP_A).restore()
-    cluster.up(APP_A)
+    outcome = app_host_loss(cluster)
+    assert outcome.ok_gets > 100
+    assert outcome.failed_gets == []
+    assert outcome.moved > 0, "no client had to move host"
+    assert outcome.acknowledged > 100
+    assert (outcome.lost_unannounced, outcome.lost_announced, outcome.doubled) == (0, 0, 0)
+    assert outcome.told_of_a_gap == 0, "resuming on another host needs no gap"
+    assert outcome.out_of_order == 0
 
 
 def test_a_changed_host_list_reloads_without_dropping_a_request(cluster: Cluster) -> None:
@@ -230,50 +137,17 @@ def test_a_changed_host_list_reloads_without_dropping_a_request(cluster: Cluster
     assert load.report.failures == []
 
 
-def primary_host(cluster: Cluster) -> str:
-    import redis
-
-    for name in REDIS_HOSTS:
-        sentinel = redis.Redis(host=cluster.host(name).address, port=26379, socket_timeout=3,
-                               password=cluster.password_file.read_text().strip())  # fmt: skip
-        with contextlib.suppress(redis.RedisError):
-            address, _ = sentinel.execute_command("SENTINEL", "GET-MASTER-ADDR-BY-NAME",
-                                                  "stackctl")  # fmt: skip
-            return next(h for h in REDIS_HOSTS if cluster.host(h).address == address.decode())
-    raise AssertionError("no Sentinel answers")
-
-
-def kill_host(cluster: Cluster, name: str) -> None:
-    """The machine dies: every process on it, at once, with no chance to clean up."""
-    for pid in cluster.host(name).pids():
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGKILL)
-
-
 def test_losing_the_redis_primary_promotes_a_replica_and_loses_nothing_unannounced(
     cluster: Cluster,
 ) -> None:
-    old = primary_host(cluster)
-    publisher = Publisher(cluster.redis_url, "failover")
-    with following([cluster.ws_url + "failover"] * 8) as followers:
-        publisher.start()
-        try:
-            time.sleep(2)
-            kill_host(cluster, old)
-            deadline = time.monotonic() + 30
-            while primary_host(cluster) == old and time.monotonic() < deadline:
-                time.sleep(0.2)
-            assert primary_host(cluster) != old, "Sentinel promoted no replica"
-            time.sleep(3)
-        finally:
-            publisher.stop()
-        wait_until_delivered(followers, len(publisher.acknowledged))
-        assert len(publisher.acknowledged) > 100
-        check_every_message_once_or_a_gap(followers, publisher.acknowledged, "failover")
-        for follower in followers:  # what came after the promotion arrived
-            assert numbers(follower)[-1] == publisher.acknowledged[-1]
-    cluster.up(old)  # back as a replica of the new primary
-    assert primary_host(cluster) != old
+    outcome, promoted = redis_primary_loss(cluster)
+    assert promoted, "Sentinel promoted no replica"
+    assert outcome.acknowledged > 100
+    assert outcome.lost_unannounced == 0
+    assert outcome.doubled == 0
+    assert outcome.out_of_order == 0
+    assert outcome.first_delivery_after is not None, "nothing published after it arrived"
+    assert primary_host(cluster) in REDIS_HOSTS  # and the dead host came back as a replica
 
 
 def test_no_password_in_any_log(cluster: Cluster) -> None:
