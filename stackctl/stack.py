@@ -207,7 +207,7 @@ class Stack:
 
     def shared_env(self) -> dict[str, str]:
         """Environment of every watcher: how the app finds Redis, and how cleanup finds them."""
-        return {
+        env = {
             "PYTHONPATH": str(self.stack_dir),
             "STACKCTL_REDIS_URL": self.redis_url,
             "STACKCTL_SECRET_FILE": str(self.secret_file),
@@ -215,6 +215,9 @@ class Stack:
             "STACKCTL_RUN_DIR": str(self.run_dir),
             "PYTHONUNBUFFERED": "1",
         }
+        if (self.private_dir / "redis-password").is_file():  # the coordinator writes it
+            env["STACKCTL_REDIS_PASSWORD_FILE"] = str(self.private_dir / "redis-password")
+        return env
 
     def worker_env(self) -> dict[str, str]:
         """Environment of the app's workers: the shared one and the app's own settings.
