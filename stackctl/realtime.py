@@ -27,6 +27,7 @@ import re
 import secrets
 import sys
 import threading
+import time
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import suppress
 from dataclasses import dataclass
@@ -34,12 +35,15 @@ from pathlib import Path
 from typing import Any
 
 import redis
+import redis.sentinel
 from itsdangerous import BadSignature, SignatureExpired, URLSafeTimedSerializer
+from redis.backoff import NoBackoff
+from redis.retry import Retry
 
 from stackctl import profile
 from stackctl.errors import StackError
 from stackctl.profile import STACK_FILE
-from stackctl.settings import BY_KEY, Listen
+from stackctl.settings import BY_KEY, SENTINEL_SCHEME, Listen, sentinel_address
 from stackctl.stack import NO_PROGRAMS, open_connection, plan
 
 REDIS_URL_VARIABLE = "STACKCTL_REDIS_URL"
@@ -56,38 +60,122 @@ TOKEN_SALT = "stackctl.realtime.token"
 STATE_PATH = Path(".stackctl") / "run" / "state.json"  # written by `stackctl up`
 HEALTH_PATH = "_health"  # after ws.prefix: GET /ws/_health
 
-# KEYS: stream, last-id counter. ARGV: pubsub channel, channel name, data (JSON),
-# max length, max age in ms (0: none). Returns {id, number of subscribers}. Trimming is exact
-# (no "~"): one entry out per entry in costs little, and the profile's cap is the cap.
+PASSWORD_FILE_VARIABLE = "STACKCTL_REDIS_PASSWORD_FILE"
+PRIMARY_KEY = "stackctl-primary"  # the replication id of the Redis that issued the last id
+BREAK_KEY = "stackctl-break"  # ids before it may have been issued by a primary since lost
+ONCE_PREFIX = "stackctl-once:"  # "<id> <receivers>" of a publish() call, for its retries
+ONCE_TTL_MS = 60_000  # well beyond FAILOVER_WAIT: a retry always finds its first attempt
+FAILOVER_WAIT = 15.0  # publish() waits this long for a Redis (a promoted replica) to answer
+RAISE_AHEAD_MS = 60_000  # a worker's last id further ahead of Redis's clock is not believed
+
+# What the scripts below share. KEYS[1]: the last-id counter, KEYS[2]: PRIMARY_KEY,
+# KEYS[3]: BREAK_KEY.
+#
+# Replication to the replicas is asynchronous: a replica that Sentinel promotes may lack the
+# last messages (and ids) its primary issued. It cannot know which, only that it happened: its
+# replication id differs from the one the last id was issued under, and it has a previous one
+# (master_replid2), which a restarted primary (that lost nothing: append-only file) has not.
+# It then records a *break*, an id after all it holds and after its own clock: a client that
+# resumes from an id before the break may have missed something, and is told so (a gap).
+# Ids come from TIME and are never below the counter, so they keep increasing across a
+# failover as long as the clocks of the Redis hosts agree within the failover time (NTP);
+# each realtime worker also raises the counter to the last id it delivered (RAISE_SCRIPT).
+COMMON_SCRIPT = """
+local function now_ms()
+  local now = redis.call('TIME')
+  return tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000)
+end
+local function parse(id)
+  local ms, seq = string.match(id, '^(%d+)-(%d+)$')
+  return tonumber(ms), tonumber(seq)
+end
+local function record_break(ms, seq)
+  local now = now_ms()
+  if now > ms then ms, seq = now, 0 else seq = seq + 1 end
+  local id = string.format('%d-%d', ms, seq)
+  redis.call('SET', KEYS[1], id)
+  redis.call('SET', KEYS[3], id)
+end
+local function check_primary()
+  local info = redis.call('INFO', 'replication')
+  local replid = string.match(info, 'master_replid:(%x+)')
+  local owner = redis.call('GET', KEYS[2])
+  if owner == replid then return end
+  redis.call('SET', KEYS[2], replid)
+  local previous = string.match(info, 'master_replid2:(%x+)')
+  if owner and previous and string.find(previous, '[^0]') then
+    record_break(parse(redis.call('GET', KEYS[1]) or '0-0'))
+  end
+end
+"""
+
+# KEYS: counter, primary, break, stream, once. ARGV: pubsub channel, channel name, data (JSON),
+# max length, max age in ms (0: none), marker TTL, once TTL. Returns {id, number of
+# subscribers}. Trimming is exact (no "~"): one entry out per entry in costs little, and the
+# profile's cap is the cap.
 # Each trim keeps ONE entry beyond the history, never replayed: the *marker*. A client whose
 # last id is at or after it missed nothing that was trimmed; one whose last id is before it
 # has a gap. With an age limit the stream outlives its last message by a day (MARKER_TTL), so
 # that the marker still answers a client that reconnects after a quiet spell.
-PUBLISH_SCRIPT = """
-local now = redis.call('TIME')
-local ms = tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000)
-local last = redis.call('GET', KEYS[2])
+# The once key makes a retry of the same publish() call (its reply was lost) return the first
+# attempt's id instead of publishing the message again.
+PUBLISH_SCRIPT = COMMON_SCRIPT + """
+local done = redis.call('GET', KEYS[5])
+if done then
+  local first, receivers = string.match(done, '^(%S+) (%d+)$')
+  return {first, tonumber(receivers)}
+end
+check_primary()
+local ms = now_ms()
 local seq = 0
+local last = redis.call('GET', KEYS[1])
 if last then
-  local last_ms, last_seq = string.match(last, '^(%d+)-(%d+)$')
-  last_ms, last_seq = tonumber(last_ms), tonumber(last_seq)
+  local last_ms, last_seq = parse(last)
   if last_ms >= ms then ms, seq = last_ms, last_seq + 1 end
 end
 local id = string.format('%d-%d', ms, seq)
-redis.call('SET', KEYS[2], id)
-redis.call('XADD', KEYS[1], 'MAXLEN', tonumber(ARGV[4]) + 1, id, 'd', ARGV[3])
+redis.call('SET', KEYS[1], id)
+redis.call('XADD', KEYS[4], 'MAXLEN', tonumber(ARGV[4]) + 1, id, 'd', ARGV[3])
 local age = tonumber(ARGV[5])
 if age > 0 then
-  local marker = redis.call('XREVRANGE', KEYS[1], string.format('(%d-0', ms - age), '-', 'COUNT', 1)
-  if marker[1] then redis.call('XTRIM', KEYS[1], 'MINID', marker[1][1]) end
-  redis.call('PEXPIRE', KEYS[1], age + tonumber(ARGV[6]))
+  local marker = redis.call('XREVRANGE', KEYS[4], string.format('(%d-0', ms - age), '-', 'COUNT', 1)
+  if marker[1] then redis.call('XTRIM', KEYS[4], 'MINID', marker[1][1]) end
+  redis.call('PEXPIRE', KEYS[4], age + tonumber(ARGV[6]))
 end
 local envelope = '{"id":"' .. id .. '","channel":"' .. ARGV[2] .. '","data":' .. ARGV[3] .. '}'
-return {id, redis.call('PUBLISH', ARGV[1], envelope)}
+local receivers = redis.call('PUBLISH', ARGV[1], envelope)
+redis.call('SET', KEYS[5], id .. ' ' .. receivers, 'PX', ARGV[7])
+return {id, receivers}
+"""
+
+# KEYS: counter, primary, break. ARGV: the last id a worker delivered, RAISE_AHEAD_MS.
+# Returns the counter. An id above the counter was issued by a Redis whose data this one does
+# not have (a lost replica's window, a restart without its files): a break follows it.
+RAISE_SCRIPT = COMMON_SCRIPT + """
+check_primary()
+local last = redis.call('GET', KEYS[1]) or '0-0'
+local ms, seq = parse(ARGV[1])
+local last_ms, last_seq = parse(last)
+local ahead = ms > last_ms or (ms == last_ms and seq > last_seq)
+if ahead and ms <= now_ms() + tonumber(ARGV[2]) then record_break(ms, seq) end
+return redis.call('GET', KEYS[1]) or '0-0'
+"""
+
+# KEYS: counter, primary, break. Returns {TIME in ms, the counter, the break}: what a replay
+# compares the client's last id with, after this primary has checked who it is.
+CHECK_SCRIPT = COMMON_SCRIPT + """
+check_primary()
+return {now_ms(), redis.call('GET', KEYS[1]) or '0-0', redis.call('GET', KEYS[3]) or ''}
 """
 
 PUBLISH_SHA = hashlib.sha1(PUBLISH_SCRIPT.encode()).hexdigest()
 MARKER_TTL_MS = 86_400_000
+COUNTER_KEYS = (LAST_ID_KEY, PRIMARY_KEY, BREAK_KEY)
+# Worth another try within FAILOVER_WAIT: Redis restarting or loading, or a failover under way.
+TRANSIENT = (redis.ConnectionError, redis.TimeoutError, redis.ReadOnlyError)
+RETRY_FIRST_PAUSE, RETRY_MAX_PAUSE = 0.05, 1.0
+NO_RETRY = Retry(NoBackoff(), 0)
+POOL_WAIT = 10.0  # seconds a caller waits for a free connection of a bounded pool
 
 _clients: dict[str, redis.Redis] = {}
 _lock = threading.Lock()
@@ -189,11 +277,67 @@ def redis_url() -> str:
     return _environment(REDIS_URL_VARIABLE)
 
 
-def client(url: str | None = None) -> redis.Redis:
+def redis_password(password_file: str | None = None) -> str | None:
+    """The first line of ``password_file``, else of the file ``STACKCTL_REDIS_PASSWORD_FILE``
+    (or the running stack) names; None if no file is named, or its first line is empty."""
+    path = (password_file or os.environ.get(PASSWORD_FILE_VARIABLE)
+            or stack_environment().get(PASSWORD_FILE_VARIABLE))  # fmt: skip
+    if not path:
+        return None
+    try:
+        lines = Path(path).read_text().splitlines()
+    except (OSError, UnicodeDecodeError) as e:
+        raise StackError(f"{path}: cannot read the Redis password from it ({e})") from None
+    return lines[0] if lines and lines[0] else None
+
+
+class _SentinelBlockingPool(redis.sentinel.SentinelConnectionPool, redis.BlockingConnectionPool):
+    """Connections to whichever Redis Sentinel names the primary; a caller beyond the pool's
+    size waits for a free connection instead of failing."""
+
+
+@functools.cache
+def _sentinel(url: str, password: str | None) -> redis.sentinel.Sentinel:
+    """One set of Sentinel connections per address (and password), shared by every pool."""
+    sentinels, _ = sentinel_address(url)
+    # Short timeouts, no retry: a Sentinel that does not answer is skipped for the next one.
+    asking = {"password": password, "socket_timeout": 1.0, "socket_connect_timeout": 1.0,
+              "retry": NO_RETRY}  # fmt: skip
+    return redis.sentinel.Sentinel(sentinels, sentinel_kwargs=asking)
+
+
+def connect(url: str, pool_size: int | None = None, password_file: str | None = None,
+            **options: Any) -> redis.Redis:  # fmt: skip
+    """A client for the Redis at ``url``: "unix:///PATH", "redis://HOST:PORT/DB" (or
+    rediss://), or "sentinel://HOST:PORT,HOST:PORT,.../MASTER_NAME", the primary that these
+    Sentinels name, found again on each new connection (so, after a failover, the promoted
+    replica). The password (for Redis and Sentinel alike) is the first line of the password
+    file (:func:`redis_password`); one inside a redis:// URL takes precedence. With
+    ``pool_size``, at most that many connections, and callers wait for a free one.
+    ``options`` go to redis-py's connections (timeouts, retry)."""
+    password = redis_password(password_file)
+    if password is not None:
+        options.setdefault("password", password)
+    if pool_size is not None:
+        options.update(max_connections=pool_size, timeout=POOL_WAIT)
+    if url.startswith(SENTINEL_SCHEME):
+        _, master = sentinel_address(url)
+        pool_class = _SentinelBlockingPool if pool_size is not None else None
+        extra = {"connection_pool_class": pool_class} if pool_class else {}
+        return _sentinel(url, password).master_for(master, **extra, **options)
+    if pool_size is not None:
+        return redis.Redis(connection_pool=redis.BlockingConnectionPool.from_url(url, **options))
+    return redis.Redis.from_url(url, **options)
+
+
+def client(url: str | None = None, password_file: str | None = None) -> redis.Redis:
+    """A shared client for publishing, from any thread. No retries inside redis-py: publish()
+    retries itself, within FAILOVER_WAIT."""
     url = url or redis_url()
     with _lock:
         if url not in _clients:
-            _clients[url] = redis.Redis.from_url(url)
+            _clients[url] = connect(url, password_file=password_file, socket_timeout=5,
+                                    socket_connect_timeout=2, retry=NO_RETRY)  # fmt: skip
         return _clients[url]
 
 
@@ -213,16 +357,54 @@ def publish(channel: str, message: Any, url: str | None = None) -> int:
 
 
 def publish_json(connection: redis.Redis, channel: str, data_json: str,
-                 limits: tuple[int, int]) -> int:  # fmt: skip
-    """Publish an already encoded message, keeping at most ``limits`` (messages, seconds)."""
+                 limits: tuple[int, int], wait: float = FAILOVER_WAIT) -> int:  # fmt: skip
+    """Publish an already encoded message, keeping at most ``limits`` (messages, seconds).
+
+    While Redis does not answer (a restart, a failover under way) it tries again for up to
+    ``wait`` seconds, then raises. Every try carries the same key, so a message whose reply
+    was lost is not published twice if the Redis that took it is the one answering now.
+    """
+    keys, args = publish_arguments(channel, data_json, limits, secrets.token_hex(12))
+    deadline = time.monotonic() + wait
+    pause = RETRY_FIRST_PAUSE
+    while True:
+        try:
+            _, receivers = run_script(connection, PUBLISH_SCRIPT, keys, args)
+            return int(receivers)
+        except TRANSIENT:
+            if time.monotonic() + pause > deadline:
+                raise
+            time.sleep(pause)
+            pause = min(pause * 2, RETRY_MAX_PAUSE)
+
+
+def publish_arguments(channel: str, data_json: str, limits: tuple[int, int],
+                      once: str) -> tuple[tuple[str, ...], tuple[str | int, ...]]:  # fmt: skip
+    """The keys and arguments of :data:`PUBLISH_SCRIPT` for one publish() call ``once``."""
     length, seconds = limits
-    keys_and_args = (stream_key(channel), LAST_ID_KEY, redis_key(channel), channel, data_json,
-                     length, seconds * 1000, MARKER_TTL_MS)  # fmt: skip
+    keys = (*COUNTER_KEYS, stream_key(channel), ONCE_PREFIX + once)
+    return keys, (redis_key(channel), channel, data_json, length, seconds * 1000, MARKER_TTL_MS,
+                  ONCE_TTL_MS)  # fmt: skip
+
+
+@functools.cache
+def _sha(script: str) -> str:
+    return hashlib.sha1(script.encode()).hexdigest()
+
+
+def run_script(connection: redis.Redis, script: str, keys: tuple[str, ...],
+               args: tuple[str | int, ...]) -> Any:  # fmt: skip
     try:
-        _, receivers = connection.evalsha(PUBLISH_SHA, 2, *keys_and_args)
+        return connection.evalsha(_sha(script), len(keys), *keys, *args)
     except redis.exceptions.NoScriptError:  # a new (or restarted) Redis: send it the script
-        _, receivers = connection.eval(PUBLISH_SCRIPT, 2, *keys_and_args)
-    return int(receivers)
+        return connection.eval(script, len(keys), *keys, *args)
+
+
+def raise_last_id(connection: redis.Redis, delivered: str) -> str:
+    """Raise the id counter to ``delivered``, the last id a worker sent its clients (a promoted
+    replica may be behind it), recording a break if it was behind; returns the counter."""
+    last = run_script(connection, RAISE_SCRIPT, COUNTER_KEYS, (delivered, RAISE_AHEAD_MS))
+    return last.decode() if isinstance(last, bytes) else str(last)
 
 
 def publish_user(user: str, message: Any, url: str | None = None) -> int:
@@ -254,26 +436,64 @@ def history(connection: redis.Redis, channels: Iterable[str], since: str,
             limits: tuple[int, int]) -> Missed:  # fmt: skip
     """What was published on ``channels`` after the id ``since``, kept as ``limits`` say;
     :class:`UnknownId` if ``since`` is after the last id issued."""
-    length, seconds = limits
     channels = list(channels)
     # One transaction: the histories of all channels as they were at one instant. A reader
     # that skips live messages up to the newest id it replayed relies on that: with one read
     # per channel, a message on a channel read early could be older than one read later, and
     # be neither replayed nor delivered.
+    try:
+        counters, *replies = _read_history(connection, channels, since, limits[0])
+    except redis.exceptions.NoScriptError:  # a new (or restarted) Redis: send it the script
+        connection.script_load(CHECK_SCRIPT)
+        counters, *replies = _read_history(connection, channels, since, limits[0])
+    now, last, broken = (int(counters[0]), counters[1].decode(), counters[2].decode() or None)
+    return missed_since(channels, since, Counters(now, last, broken), limits, replies)
+
+
+@dataclass(frozen=True)
+class Counters:
+    """What Redis says of its ids when a client resumes."""
+
+    now_ms: int
+    """Its clock, the one the ids come from."""
+    last: str
+    """The last id issued."""
+    broken: str | None
+    """Its break: what was issued before it may be lost with a primary that failed."""
+
+
+def missed_since(channels: list[str], since: str, counters: Counters, limits: tuple[int, int],
+                 replies: list[Any]) -> Missed:  # fmt: skip
+    """What a client whose last id is ``since`` missed, from what Redis answered: for each
+    channel whether its stream exists, and its entries after ``since`` (newest first, one more
+    than kept); :class:`UnknownId` if ``since`` is after the last id issued."""
+    if counters.broken and id_key(since) < id_key(counters.broken):
+        # Issued before a failover: what followed it may be lost with the old primary.
+        missed = history_from(channels, since, counters.now_ms, limits, replies)
+        return Missed(missed.envelopes, channels)
+    if id_key(since) > id_key(counters.last):
+        # Replaying from it would skip whatever comes until the ids reach it.
+        raise UnknownId(since, counters.last)
+    return history_from(channels, since, counters.now_ms, limits, replies)
+
+
+def _read_history(connection: redis.Redis, channels: list[str], since: str,
+                  length: int) -> list[Any]:  # fmt: skip
     pipe = connection.pipeline(transaction=True)
-    pipe.time()  # the clock the ids come from
-    pipe.get(LAST_ID_KEY)
+    # The clock the ids come from, the counter and the break, once this primary has checked
+    # whether it took over from another.
+    pipe.evalsha(_sha(CHECK_SCRIPT), len(COUNTER_KEYS), *COUNTER_KEYS)
     for channel in channels:
         key = stream_key(channel)
         pipe.exists(key)
         # Newest first: one more than the history holds means the client missed more than it.
         pipe.xrevrange(key, min=f"({since}", count=length + 1)
-    (now_s, now_us), last, *replies = pipe.execute()
-    last_id = last.decode() if last else "0-0"
-    if id_key(since) > id_key(last_id):
-        # Replaying from it would skip whatever comes until the ids reach it.
-        raise UnknownId(since, last_id)
-    now_ms = int(now_s) * 1000 + int(now_us) // 1000
+    return list(pipe.execute())
+
+
+def history_from(channels: list[str], since: str, now_ms: int, limits: tuple[int, int],
+                 replies: list[Any]) -> Missed:  # fmt: skip
+    length, seconds = limits
     oldest_kept = (now_ms - seconds * 1000, 0)
     found: list[tuple[tuple[int, int], str]] = []
     gaps = []

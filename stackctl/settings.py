@@ -197,11 +197,15 @@ def redis_url(value: Any) -> str:
     """``embedded``, or a URL taken apart and checked piece by piece: it reaches the workers'
     environment in circus.ini, where a stray character would be read as config."""
     form = (
-        '"embedded", redis://[:PASSWORD@]HOST[:PORT][/DB], rediss://... or unix:///PATH, '
+        '"embedded", redis://[:PASSWORD@]HOST[:PORT][/DB], rediss://..., unix:///PATH or '
+        f"{SENTINEL_FORM}, "
         'e.g. "redis://127.0.0.1:6379/0" (percent-encode other characters of the password, '
         '"$" as %24)'
     )
     if value == "embedded":
+        return value
+    if isinstance(value, str) and value.startswith(SENTINEL_SCHEME):
+        sentinel_address(value)
         return value
     if not isinstance(value, str) or not value.isprintable() or " " in value:
         raise _expect(form, _without_password(value) if isinstance(value, str) else value)
@@ -227,6 +231,37 @@ def redis_url(value: Any) -> str:
     if not ok or "$" in value or "%(" in value:
         raise _expect(form, _without_password(value))
     return value
+
+
+SENTINEL_SCHEME = "sentinel://"
+SENTINEL_FORM = "sentinel://HOST:PORT,HOST:PORT,.../MASTER_NAME"
+_SENTINEL_URL = re.compile(r"sentinel://(?P<hosts>[^/?#]+)/(?P<master>[A-Za-z0-9_.-]{1,64})")
+_HOST_PORT = re.compile(r"(?P<host>\[[0-9A-Fa-f:.]+\]|[^:\[\]]+):(?P<port>\d{1,5})")
+
+
+def sentinel_address(value: str) -> tuple[list[tuple[str, int]], str]:
+    """The Sentinels (host, port) and the master's name of a ``sentinel://`` URL; it carries
+    no password (workers read it from a file, so that it never shows in their environment)."""
+    if "@" in value:
+        raise Invalid(
+            f"a {SENTINEL_SCHEME} address takes no password: put it on the first line of "
+            f".stackctl/redis-password instead, got {_describe(_without_password(value))}"
+        )
+    found = _SENTINEL_URL.fullmatch(value)
+    if found is None:
+        example = "sentinel://10.0.0.5:26379,10.0.0.6:26379/main"
+        raise _expect(f'{SENTINEL_FORM}, e.g. "{example}" (a master name of 1 to 64 letters, '
+                      "digits, '_', '.' or '-')", value)  # fmt: skip
+    hosts = []
+    for item in found["hosts"].split(","):
+        part = _HOST_PORT.fullmatch(item)
+        host = part["host"].strip("[]") if part else ""
+        port = int(part["port"]) if part else 0
+        if not (is_hostname(host) or is_ip_address(host)) or not 0 < port < 65536:
+            raise Invalid(f"expected {SENTINEL_FORM}, each Sentinel a host name or address "
+                          f"and a port from 1 to 65535: {item!r} is not, in {value!r}")  # fmt: skip
+        hosts.append((host, port))
+    return hosts, found["master"]
 
 
 def _without_password(url: str) -> str:

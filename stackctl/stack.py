@@ -310,7 +310,7 @@ class Stack:
 
     def shared_env(self) -> dict[str, str]:
         """Environment of every watcher: how the app finds Redis, and how cleanup finds them."""
-        return {
+        env = {
             "PYTHONPATH": str(self.stack_dir),
             "STACKCTL_REDIS_URL": self.redis_url,
             "STACKCTL_SECRET_FILE": str(self.secret_file),
@@ -318,6 +318,9 @@ class Stack:
             "STACKCTL_RUN_DIR": str(self.run_dir),
             "PYTHONUNBUFFERED": "1",
         }
+        if self.profile.cluster.redis_hosts:  # their Redis asks for the cluster's password
+            env["STACKCTL_REDIS_PASSWORD_FILE"] = str(self.redis_password_file)
+        return env
 
     def worker_env(self) -> dict[str, str]:
         """Environment of the app's workers: the shared one and the app's own settings.

@@ -497,12 +497,13 @@ def health(stack: Stack) -> list[Check]:
 def redis_answers(stack: Stack) -> tuple[bool, str]:
     import redis
 
-    password = (stack.redis_password_file.read_text().splitlines()[0].strip()
-                if stack.profile.cluster.redis_hosts else None)  # fmt: skip
+    from stackctl import realtime
+
     # A redis host asks its own Redis; the others, the one the app's processes use.
     url = f"redis://{stack.redis_listen}/0" if stack.redis_listen else stack.redis_url
-    client = redis.Redis.from_url(url, password=password, socket_timeout=2,
-                                  socket_connect_timeout=2)  # fmt: skip
+    password_file = stack.shared_env().get(realtime.PASSWORD_FILE_VARIABLE, "")
+    client = realtime.connect(url, password_file=password_file or None, socket_timeout=2,
+                              socket_connect_timeout=2, retry=realtime.NO_RETRY)  # fmt: skip
     try:
         client.ping()
     except redis.RedisError as e:

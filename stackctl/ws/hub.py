@@ -221,8 +221,7 @@ class Hub:
         self.redis_url = redis_url
         self.ping_interval = ping_interval
         self.history_limits = history_limits
-        self._side = redis.Redis(connection_pool=redis.BlockingConnectionPool.from_url(
-            redis_url, max_connections=SIDE_CONNECTIONS, timeout=10))  # fmt: skip
+        self._side = realtime.connect(redis_url, pool_size=SIDE_CONNECTIONS)
         self.members: dict[str, set[Member]] = defaultdict(set)
         self.ready: dict[str, Event] = {}
         self.stopping = False
@@ -230,8 +229,8 @@ class Hub:
         self._listener: gevent.Greenlet | None = None
         self._on_crash = on_crash
         # Its own connection, short timeouts, no retry: a health check must answer quickly.
-        self._probe = redis.Redis.from_url(redis_url, socket_timeout=2, socket_connect_timeout=2,
-                                           retry=Retry(NoBackoff(), 0))  # fmt: skip
+        self._probe = realtime.connect(redis_url, socket_timeout=2, socket_connect_timeout=2,
+                                       retry=Retry(NoBackoff(), 0))  # fmt: skip
         self._replays = BoundedSemaphore(REPLAYS)  # of more than FEW_CHANNELS channels
         self._few_channel_replays = BoundedSemaphore(REPLAYS)
         self.bad_messages = 0
@@ -350,15 +349,16 @@ class Hub:
     def _listen(self) -> None:
         # No retries inside redis-py: it would resubscribe behind our back, and what was
         # published meanwhile would be lost without anyone knowing.
-        connection = redis.Redis.from_url(self.redis_url, retry=Retry(NoBackoff(), 0))
+        # Through Sentinel, a new connection goes to whichever Redis is the primary now.
+        connection = realtime.connect(self.redis_url, retry=Retry(NoBackoff(), 0))
         pubsub = connection.pubsub()
         subscribed: set[str] = set()
         try:
             pubsub.subscribe(IDLE_CHANNEL)
-            if self.position is None:
-                # Where the first clients start: what they may miss in an outage comes after.
-                last = connection.get(realtime.LAST_ID_KEY)
-                self.position = last.decode() if isinstance(last, bytes) else "0-0"
+            # A promoted replica may be behind the ids this worker delivered: it must never
+            # issue them again. Where the first clients start if none was delivered yet.
+            last = realtime.raise_last_id(connection, self.position or "0-0")
+            self.position = self.position or last
             self._connected = True
             self._changed.set()
             while not self.stopping:

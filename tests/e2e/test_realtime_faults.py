@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import secrets
 import signal
 import socket
 import subprocess
@@ -126,7 +127,8 @@ class Publisher(threading.Thread):
         n = 0
         while not self.done.wait(0.1):
             try:
-                realtime.publish_json(connection, self.channels[n % 2], str(n), (HISTORY, 0))
+                realtime.publish_json(connection, self.channels[n % 2], str(n), (HISTORY, 0),
+                                      wait=0)  # fmt: skip
                 self.acknowledged.append(n)
             except redis.RedisError:
                 self.failed += 1
@@ -237,9 +239,9 @@ def publish_many(stack: Stack, channels: list[str], count: int, history: int = H
     pipe = redis.Redis.from_url(stack.redis_url).pipeline(transaction=False)
     for n in range(count):
         for channel in channels:
-            pipe.evalsha(realtime.PUBLISH_SHA, 2, realtime.stream_key(channel),
-                         realtime.LAST_ID_KEY, realtime.redis_key(channel), channel,
-                         json.dumps(n), history, 0, 0)  # fmt: skip
+            keys, args = realtime.publish_arguments(channel, json.dumps(n), (history, 0),
+                                                    secrets.token_hex(12))  # fmt: skip
+            pipe.evalsha(realtime.PUBLISH_SHA, len(keys), *keys, *args)
     pipe.execute()
 
 
