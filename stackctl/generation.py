@@ -93,21 +93,6 @@ def make_secrets(stack: Stack) -> None:
             )
     for path in shared:
         realtime.ensure_secret(path, stack.file_mode, stack.shared_gid)
-    if stack.shared_redis:
-        password = stack.redis_password_file.read_text().splitlines()[0].strip()
-        write_private(stack, stack.redis_auth_conf, redis.auth_conf(password))
-
-
-def write_private(stack: Stack, path: Path, content: str) -> None:
-    """Write a file of the .stackctl directory (the user's own, closed to others) atomically,
-    readable by the service user's group when root runs the app as another user."""
-    staged = path.with_name(path.name + ".new")
-    staged.unlink(missing_ok=True)
-    descriptor = os.open(staged, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
-    with os.fdopen(descriptor, "w") as f:
-        realtime.share(f.fileno(), stack.file_mode, stack.shared_gid)
-        f.write(content)
-    os.replace(staged, path)
 
 
 def make_private_dir(stack: Stack, base: Path, relative: str) -> Path:

@@ -378,6 +378,9 @@ def apply_config(stack: Stack) -> list[str]:
     if "redis.conf" in changed:
         restart_redis(stack)
         done.append("Redis restarted")
+    if "sentinel.conf" in changed:
+        call(stack, "restart", name="sentinel", waiting=True, timeout=timeout)
+        done.append("Sentinel restarted on its new settings")
     if LIMITS_FILE in changed:
         logs = stack.profile.logs
         done.append(f"logs now rotate at {logs.max_mb} MiB, {logs.keep} kept (nothing restarted)")

@@ -204,18 +204,11 @@ class Stack:
         cluster (copied there, like the secret); beside the secret, for the same reasons."""
         return self.private_dir / "redis-password"
 
-    @property
-    def redis_auth_conf(self) -> Path:
-        """The password as Redis's own config lines, included by redis.conf: the rendered
-        configs never hold it."""
-        return self.private_dir / "redis-auth.conf"
-
-    @property
-    def sentinel_conf(self) -> Path:
-        """Sentinel's config, which Sentinel itself rewrites (the primary of the moment, the
-        replicas and Sentinels it met): in the service directory, made from the rendered
-        sentinel.conf by Sentinel's own user the first time (stackctl.sentinel)."""
-        return self.service_dir / "sentinel.conf"
+    def own_conf(self, name: str) -> Path:
+        """The config a redis host's Redis or Sentinel (``name``) rewrites as it learns: in the
+        service directory, made from the rendered seed of the same name by the server's own
+        user, with the password added (stackctl.seed)."""
+        return self.service_dir / f"{name}.conf"
 
     @property
     def circus_endpoint(self) -> str:
@@ -246,7 +239,7 @@ class Stack:
         return self.run_dir / "redis.conf"
 
     @property
-    def sentinel_seed(self) -> Path:
+    def sentinel_conf(self) -> Path:
         return self.run_dir / "sentinel.conf"
 
     @property

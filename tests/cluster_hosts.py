@@ -226,11 +226,11 @@ class Publisher(threading.Thread):
         self.acknowledged: dict[int, float] = {}
         """Message number -> time.monotonic() when publish() returned."""
         self.failed = 0
-        self._stop = threading.Event()
+        self._stopping = threading.Event()
 
     def run(self) -> None:
         number = 0
-        while not self._stop.is_set():
+        while not self._stopping.is_set():
             number += 1
             try:
                 realtime.publish(self.channel, {"n": number}, url=self.url)
@@ -240,7 +240,7 @@ class Publisher(threading.Thread):
             time.sleep(self.interval)
 
     def stop(self) -> None:
-        self._stop.set()
+        self._stopping.set()
         self.join(timeout=60)
 
 

@@ -67,14 +67,22 @@ def nginx_command(stack: Stack) -> str:
 def redis_command(stack: Stack) -> str:
     if stack.programs.redis_server is None or not stack.embedded_redis:
         return ""
+    if stack.shared_redis:
+        return seeded_command(stack, "redis", stack.redis_conf)
     return shlex.join(tied_to_circusd(stack, [stack.programs.redis_server, str(stack.redis_conf)]))
 
 
 def sentinel_command(stack: Stack) -> str:
     if stack.programs.redis_server is None or not stack.runs_sentinel:
         return ""
-    args = [stack.programs.python, "-m", "stackctl.sentinel", "--seed", str(stack.sentinel_seed),
-            "--conf", str(stack.sentinel_conf), "--password-file", str(stack.redis_password_file),
+    return seeded_command(stack, "sentinel", stack.sentinel_conf)
+
+
+def seeded_command(stack: Stack, kind: str, seed: Path) -> str:
+    """A redis host's Redis or Sentinel, started on a config of its own made from ``seed``."""
+    assert stack.programs.redis_server is not None
+    args = [stack.programs.python, "-m", "stackctl.seed", "--kind", kind, "--seed", str(seed),
+            "--conf", str(stack.own_conf(kind)), "--password-file", str(stack.redis_password_file),
             "--", stack.programs.redis_server]  # fmt: skip
     return shlex.join(tied_to_circusd(stack, args))
 

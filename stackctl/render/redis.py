@@ -37,7 +37,6 @@ def render(stack: Stack) -> list[File]:
         profile=stack.profile.name,
         socket=stack.redis_socket,
         listen=stack.redis_listen,
-        auth_conf=stack.redis_auth_conf,
         primary=primary(stack),
         data_dir=stack.service_dir,
     )
@@ -56,11 +55,5 @@ def render(stack: Stack) -> list[File]:
             down_after=SENTINEL_DOWN_AFTER_MS,
             failover_timeout=SENTINEL_FAILOVER_TIMEOUT_MS,
         )
-        files.append(File(stack.sentinel_seed.name, seed))
+        files.append(File(stack.sentinel_conf.name, seed))
     return files
-
-
-def auth_conf(password: str) -> str:
-    """Redis's password lines, in a file of their own (``Stack.redis_auth_conf``) that
-    redis.conf includes: to be asked for it, and to give it to the primary as a replica."""
-    return f"requirepass {password}\nmasterauth {password}\n"

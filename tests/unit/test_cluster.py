@@ -177,7 +177,10 @@ def test_the_first_redis_host_is_the_primary_and_the_others_replicate_it(tmp_pat
     assert first.watchers == ("redis", "sentinel")
     conf = rendered(first)["redis.conf"]
     assert "bind 10.0.0.21\nport 6379\n" in conf
-    assert f'include "{first.redis_auth_conf}"' in conf  # the password, never in a rendered file
+    assert "requirepass" not in conf  # the password, never in a rendered file
+    seeded = circus(first)["watcher:redis"]["cmd"]
+    own = first.own_conf("redis")
+    assert f"-m stackctl.seed --kind redis --seed {first.redis_conf} --conf {own}" in seeded
     assert "replicaof" not in conf and "unixsocket" not in conf
     other = host(tmp_path, OTHER_REDIS)
     assert "replicaof 10.0.0.21 6379" in rendered(other)["redis.conf"]
