@@ -63,6 +63,7 @@ import redis  # noqa: E402
 from common import _program, free_port, started, wait_tcp, workdir  # noqa: E402
 from ws_fanout import CHANNELS_ASGI  # noqa: E402
 
+from stackctl.render.redis import SENTINEL_DOWN_AFTER_MS, SENTINEL_FAILOVER_TIMEOUT_MS  # noqa: E402
 from stackctl.stack import find_redis_server  # noqa: E402
 
 PEERS = ("channels", "channels_pubsub", "socketio")
@@ -71,8 +72,9 @@ GROUP = "bench"  # the group (room) every client joins; CHANNELS_ASGI's consumer
 MASTER = "bench"  # the Sentinels' name for the primary
 # Sentinel's failure detection, the knob that sets how long a failover takes: stackctl's own
 # failover run must use the same values for the seconds to compare.
-DOWN_AFTER_MS = 1000
-FAILOVER_TIMEOUT_MS = 5000
+# Sentinel as stackctl's redis hosts run it, so that the seconds to a promotion compare.
+DOWN_AFTER_MS = SENTINEL_DOWN_AFTER_MS
+FAILOVER_TIMEOUT_MS = SENTINEL_FAILOVER_TIMEOUT_MS
 RECONNECT_PAUSE = 0.05  # between a client's attempts: "as fast as it can", without spinning
 SETTLE_SECONDS = 1.0
 DRAIN_SECONDS = 3.0

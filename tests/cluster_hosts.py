@@ -320,21 +320,32 @@ def wait_until_delivered(followers: list[Follower], publisher: Publisher,
         time.sleep(0.1)
 
 
-def app_host_loss(cluster: Cluster, clients: int = 8, connections: int = 16) -> Outcome:
+@dataclass(frozen=True)
+class Pace:
+    """How hard a failure is run: clients, messages per second, seconds before and after."""
+
+    clients: int = 8
+    rate: float = 50
+    before: float = 2
+    after: float = 12
+
+
+def app_host_loss(cluster: Cluster, pace: Pace = Pace(), connections: int = 16) -> Outcome:
     """Under GETs through the front and messages to websocket clients, app host A's stack is
     stopped, then its cable cut; then it comes back. Its clients must resume on B."""
     front = cluster.host(FRONT).address
-    publisher = Publisher(cluster.redis_url, "app-loss")
-    with following([cluster.ws_url + "app-loss"] * clients) as followers:
+    publisher = Publisher(cluster.redis_url, "app-loss", 1 / pace.rate)
+    with following([cluster.ws_url + "app-loss"] * pace.clients) as followers:
         publisher.start()
         try:
             with Load(HTTP_PORT, connections=connections, host=front, only_get="/") as load:
-                time.sleep(2)
+                time.sleep(pace.before)
                 failed_at = time.monotonic()
                 cluster.stackctl(APP_A, "down")  # its stack, gracefully...
                 time.sleep(2)
                 cluster.host(APP_A).cut()  # ...then its cable
-                time.sleep(2 * CLIENT_PING + 8)  # the front tries it again after fail_timeout
+                # Long enough for the front to try it again (after fail_timeout).
+                time.sleep(max(pace.after - 2, 2 * CLIENT_PING + 8))
         finally:
             publisher.stop()
         wait_until_delivered(followers, publisher)
@@ -367,22 +378,22 @@ def kill_host(cluster: Cluster, name: str) -> None:
             os.kill(pid, signal.SIGKILL)
 
 
-def redis_primary_loss(cluster: Cluster, clients: int = 8) -> tuple[Outcome, bool]:
+def redis_primary_loss(cluster: Cluster, pace: Pace = Pace()) -> tuple[Outcome, bool]:
     """Under publishing load, the redis host holding the primary dies; then it comes back
     (as a replica). Returns what the clients got, and whether Sentinel promoted a replica."""
     old = primary_host(cluster)
-    publisher = Publisher(cluster.redis_url, "redis-loss")
-    with following([cluster.ws_url + "redis-loss"] * clients) as followers:
+    publisher = Publisher(cluster.redis_url, "redis-loss", 1 / pace.rate)
+    with following([cluster.ws_url + "redis-loss"] * pace.clients) as followers:
         publisher.start()
         try:
-            time.sleep(2)
+            time.sleep(pace.before)
             failed_at = time.monotonic()
             kill_host(cluster, old)
-            deadline = time.monotonic() + 30
+            deadline = failed_at + 30
             while primary_host(cluster) == old and time.monotonic() < deadline:
                 time.sleep(0.2)
             promoted = primary_host(cluster) != old
-            time.sleep(4)
+            time.sleep(max(0.0, failed_at + pace.after - time.monotonic()))
         finally:
             publisher.stop()
         wait_until_delivered(followers, publisher)
