@@ -13,6 +13,9 @@ stackctl needs (the watchers to run, the URL the workers find Redis by) is deriv
 
 from __future__ import annotations
 
+import dataclasses
+import socket
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from stackctl.errors import StackError
@@ -79,6 +82,55 @@ def shared_redis_url(profile: Profile) -> str:
     return f"redis://{host_port(cluster.redis_hosts[0], cluster.redis_port)}/0"
 
 
+def local_addresses() -> set[str]:
+    """The IP addresses of this host's interfaces."""
+    import psutil
+
+    return {
+        address.address.split("%", 1)[0]  # an IPv6 link-local address names its interface
+        for addresses in psutil.net_if_addrs().values()
+        for address in addresses
+        if address.family in (socket.AF_INET, socket.AF_INET6)
+    }
+
+
+ADDRESS_FOUND = "this host's own address, found in {key}"
+
+
+def listed_for_roles(profile: Profile) -> dict[str, tuple[str, ...]]:
+    """The lists this host's address should be in, by key: cluster.app_hosts for an app host,
+    cluster.redis_hosts for a redis host."""
+    cluster = profile.cluster
+    lists = {}
+    if app_roles(profile) and cluster.app_hosts:
+        lists["cluster.app_hosts"] = cluster.app_hosts
+    if runs(profile, REDIS) and cluster.redis_hosts:
+        lists["cluster.redis_hosts"] = cluster.redis_hosts
+    return lists
+
+
+def with_address(profile: Profile, addresses: Callable[[], set[str]]) -> Profile:
+    """Every host can share one profile per role: cluster.address, when not given, is the one
+    address of the lists naming this host's roles that this host has."""
+    lists = listed_for_roles(profile)
+    if profile.cluster.address or not lists:
+        return profile
+    local = addresses()
+    mine = sorted({a for listed in lists.values() for a in listed if a in local})
+    keys = " and ".join(lists)
+    if len(mine) > 1:
+        raise StackError(
+            f"this host has several of the addresses in {keys} ({', '.join(mine)}); "
+            "say which one it serves on with cluster.address"
+        )
+    if not mine:
+        return profile  # check() says what is missing, if anything is
+    sources = {**profile.sources, "cluster.address": ADDRESS_FOUND.format(key=keys)}
+    return dataclasses.replace(
+        profile, cluster=dataclasses.replace(profile.cluster, address=mine[0]), sources=sources
+    )
+
+
 def host_port(host: str, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
@@ -87,6 +139,14 @@ def check(profile: Profile) -> None:
     """The cluster settings together: each problem names the file, key and value to change."""
     cluster = profile.cluster
     where = profile.where
+    lists = listed_for_roles(profile)
+    if lists and not cluster.address:
+        keys = " and ".join(lists)
+        raise StackError(
+            f"{where('cluster.address')}: none of this host's addresses is in {keys} "
+            f"({', '.join(a for listed in lists.values() for a in listed)}); add this host's "
+            "private address there, or set cluster.address"
+        )
     if serves_app_over_network(profile) and not cluster.front_hosts:
         raise StackError(
             f"{where('cluster.front_hosts')}: this host serves its app on "

@@ -289,7 +289,10 @@ def merge(layers: Iterable[Layer]) -> dict[str, Any]:
     return merged
 
 
-def build(name: str, reason: str, stack_dir: Path, layers: list[Layer]) -> Profile:
+def build(name: str, reason: str, stack_dir: Path, layers: list[Layer],
+          addresses: Callable[[], set[str]] = cluster.local_addresses) -> Profile:  # fmt: skip
+    """The profile of ``layers``; ``addresses``: this host's IP addresses, asked only when
+    cluster.address must be found among them."""
     values = merge(layers)
     sources = {key: layer.source for layer in layers for key in layer.values}
     for setting in SETTINGS:
@@ -306,6 +309,7 @@ def build(name: str, reason: str, stack_dir: Path, layers: list[Layer]) -> Profi
         for section, cls in SECTION_TYPES.items()
     }
     built = Profile(name=name, reason=reason, stack_dir=stack_dir, sources=sources, **sections)
+    built = cluster.with_address(built, addresses)
     check_url_prefixes(built)
     check_tls_settings(built)
     cluster.check(built)
@@ -396,6 +400,7 @@ def load(
     explicit: str | None = None,
     overrides: Iterable[tuple[str, Any]] = (),
     hostnames: list[str] | None = None,
+    addresses: Callable[[], set[str]] = cluster.local_addresses,
 ) -> Profile:
     """Read the stack file, choose and read a profile, apply the command line: one Profile."""
     stack_dir = stack_dir.resolve()
@@ -408,9 +413,8 @@ def load(
         lambda n: find_profile(n, stack_dir) is not None,
     )
     chain = load_profile_chain(choice.name, stack_dir)
-    return build(
-        choice.name, choice.reason, stack_dir, [defaults_layer(), stack.layer, *chain, cli]
-    )
+    layers = [defaults_layer(), stack.layer, *chain, cli]
+    return build(choice.name, choice.reason, stack_dir, layers, addresses)
 
 
 def host_names() -> list[str]:

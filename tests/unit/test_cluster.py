@@ -210,3 +210,47 @@ def test_a_front_hosts_config_passes_nginx_t(tmp_path: Path) -> None:
         check=False,
     )
     assert result.returncode == 0, result.stderr
+
+
+# --- this host's address, found in the lists -----------------------------------------------
+
+
+def load_with_addresses(tmp_path: Path, text: str, local: set[str]) -> profile.Profile:
+    (tmp_path / "profiles").mkdir(exist_ok=True)
+    (tmp_path / "profiles" / "host.toml").write_text('extends = "dev"\n' + text)
+    (tmp_path / "stack.toml").write_text('[app]\nwsgi = "hello:application"\n')
+    return profile.load(tmp_path, "host", [], hostnames=["h"], addresses=lambda: local)
+
+
+def test_one_profile_serves_every_app_host_each_finding_its_own_address(tmp_path: Path) -> None:
+    text = SHARED + 'roles = ["wsgi", "ws"]\n'
+    for address in ("10.0.0.11", "10.0.0.12"):
+        found = load_with_addresses(tmp_path, text, {"127.0.0.1", address})
+        assert found.cluster.address == address
+        assert found.source("cluster.address") == (
+            "this host's own address, found in cluster.app_hosts"
+        )
+
+
+def test_a_redis_host_finds_its_address_among_the_redis_hosts(tmp_path: Path) -> None:
+    found = load_with_addresses(tmp_path, SHARED + 'roles = ["redis"]\n', {"10.0.0.22"})
+    assert found.cluster.address == "10.0.0.22"
+
+
+def test_a_host_in_none_of_the_lists_is_told_to_add_itself(tmp_path: Path) -> None:
+    with pytest.raises(StackError) as error:
+        load_with_addresses(tmp_path, SHARED + 'roles = ["wsgi", "ws"]\n', {"10.9.9.9"})
+    assert "none of this host's addresses is in cluster.app_hosts" in str(error.value)
+
+
+def test_a_host_with_two_listed_addresses_must_say_which(tmp_path: Path) -> None:
+    with pytest.raises(StackError) as error:
+        load_with_addresses(tmp_path, SHARED + 'roles = ["wsgi", "ws"]\n',
+                            {"10.0.0.11", "10.0.0.12"})  # fmt: skip
+    assert "several of the addresses" in str(error.value)
+
+
+def test_this_hosts_addresses_are_read_from_its_interfaces() -> None:
+    from stackctl.cluster import local_addresses
+
+    assert "127.0.0.1" in local_addresses()
