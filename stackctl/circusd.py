@@ -259,6 +259,8 @@ class StackSocket(CircusSocket):
     def load_from_config(cls, config: dict[str, Any]) -> StackSocket:
         allowed = allowed_hosts(config)
         sock: StackSocket = super().load_from_config(config)  # made, not bound yet
+        if not allowed:
+            return sock  # every host: the socket is Circus's own, untouched
         try:
             sock.allow(allowed)
         except BaseException:

@@ -52,9 +52,11 @@ def connect_from(address: tuple[str, int], source: str,
     return client
 
 
-def talks(server: socket.socket, source: str) -> str:
-    """Connect from ``source``, have the server accept and answer: 'talked', or what failed."""
-    client = connect_from(server.getsockname()[:2], source)
+def talks(server: socket.socket, source: str, host: str | None = None) -> str:
+    """Connect from ``source`` (to ``host``, else the address the server is bound to), have
+    the server accept and answer: 'talked', or what failed."""
+    bound, port = server.getsockname()[:2]
+    client = connect_from((host or bound, port), source)
     if client is None:
         return "timeout"
     with closing(client):
@@ -64,7 +66,7 @@ def talks(server: socket.socket, source: str) -> str:
             conn.sendall(HELLO)
             client.settimeout(5)
             answer = client.recv(len(HELLO))
-        if peer[0] != source or answer != HELLO:
+        if peer[0].removeprefix("::ffff:") != source or answer != HELLO:
             return f"wrong peer {peer[0]} or answer {answer!r}"
         return "talked"
 

@@ -14,12 +14,12 @@ from contextlib import closing, contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
 
-import psutil
 import pytest
 
 from stackctl import allowlist
 from stackctl.errors import StackError
 from stackctl.supervisor import call_endpoint
+from tests import circusd_alone
 from tests.allowlist_probe import REFUSED_WITHIN, connect_from, listener, queued, talks
 from tests.conftest import REPO, free_port, wait_for
 
@@ -61,6 +61,14 @@ def test_only_a_listed_ipv6_source_gets_a_connection() -> None:
     assert result.stdout.strip() == (
         '{"2001:2::2": "talked", "2001:2::1": "timeout", "queued": [], "::1 listed": "talked"}'
     ), result.stderr
+
+
+def test_a_dual_stack_socket_filters_ipv4_clients_by_the_ipv4_entries() -> None:
+    with listener("::", f"fd00::1 {LISTED}") as server:  # IPv6 socket, IPv4 packets too
+        assert server.getsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY) == 0
+        assert talks(server, LISTED, host=SERVER) == "talked"
+        assert talks(server, SERVER, host=SERVER) == "timeout"
+        assert talks(server, "::1", host="::1") == "timeout"
 
 
 def test_the_longest_list_the_kernel_takes_is_attached_and_enforced() -> None:
@@ -134,21 +142,19 @@ class Circusd:
 
 
 def circus_ini(directory: Path, port: int, allow: str) -> str:
-    return f"""\
-[circus]
-endpoint = ipc://{directory}/circus.sock
-pubsub_endpoint = ipc://{directory}/pubsub.sock
-multicast_endpoint =
-logoutput = {directory}/circusd.log
-check_delay = 0.25
+    """circusd's config: one TCP socket ``web`` with an allow list, served by FDHTTP."""
+    return circusd_alone.config(directory, served_socket("web", port, allow))
 
-[socket:web]
+
+def served_socket(name: str, port: int, allow: str) -> str:
+    return f"""
+[socket:{name}]
 host = 127.0.0.1
 port = {port}
 stackctl_allow = {allow}
 
-[watcher:web]
-cmd = {sys.executable} {FDHTTP} $(circus.sockets.web)
+[watcher:{name}]
+cmd = {sys.executable} {FDHTTP} $(circus.sockets.{name})
 use_sockets = True
 numprocesses = 1
 """
@@ -156,38 +162,12 @@ numprocesses = 1
 
 @contextmanager
 def circusd(directory: Path, allow: str) -> Iterator[Circusd]:
-    """circusd as stackctl starts it, serving one filtered TCP socket; stopped on exit."""
-    ini = directory / "circus.ini"
-    ini.write_text(circus_ini(directory, free_port(), allow))
-    process = subprocess.Popen(
-        [sys.executable, "-m", "stackctl.circusd", str(ini)],
-        cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
-    )  # fmt: skip
-    started = Circusd(process, ini, f"ipc://{directory}/circus.sock", directory / "circusd.log",
-                      int(ini.read_text().split("port = ")[1].split()[0]))  # fmt: skip
-    try:
-        yield started
-    finally:
-        stop(started)
-
-
-def stop(circus: Circusd) -> None:
-    """SIGTERM, as ``stackctl down`` ends circusd; whatever is still alive after it (by pid)
-    is killed."""
-    tree: list[psutil.Process] = []
-    with suppress(psutil.NoSuchProcess):
-        tree = [psutil.Process(circus.process.pid)]
-        tree += tree[0].children(recursive=True)
-    if circus.process.poll() is None:
-        circus.process.terminate()
-    with suppress(subprocess.TimeoutExpired):
-        circus.process.wait(timeout=15)
-    left = [p for p in tree if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
-    for proc in left:
-        with suppress(psutil.NoSuchProcess):
-            proc.kill()
-    circus.process.wait(timeout=15)
-    assert not left, f"processes left behind: {left}"
+    """circusd serving one filtered TCP socket; stopped on exit, and checked for leaks."""
+    ini, port = directory / "circus.ini", free_port()
+    ini.write_text(circus_ini(directory, port, allow))
+    with circusd_alone.running(ini) as process:
+        yield Circusd(process, ini, circusd_alone.endpoint(directory), directory / "circusd.log",
+                      port)  # fmt: skip
 
 
 def get_from(port: int, source: str) -> str | None:
@@ -285,9 +265,7 @@ def test_a_socket_added_at_reload_is_filtered_from_the_start(short_tmp: Path) ->
     with circusd(short_tmp, LISTED) as circus:
         wait_for(lambda: served(circus, LISTED), timeout=30, what="the watcher to serve")
         pid, port = circus.pid(), free_port()
-        second = circus_ini(short_tmp, port, OTHER).split("[socket:web]")[1]
-        circus.ini.write_text(circus.ini.read_text() + "\n[socket:web2]" + second.replace(
-            "[watcher:web]", "[watcher:web2]").replace("sockets.web)", "sockets.web2)"))
+        circus.ini.write_text(circus.ini.read_text() + served_socket("web2", port, OTHER))
         result = circus.circusctl("reloadconfig", "--waiting")
         assert result.returncode == 0, result.stdout + result.stderr
         second_served = Circusd(circus.process, circus.ini, circus.endpoint, circus.log, port)
