@@ -68,6 +68,8 @@ RETIRED = 0.0
 ADOPTABLE = {"cmd", "args", "env", "numprocesses", "graceful_timeout"}
 ENV_IGNORED = circus.arbiter._ENV_EXCEPTIONS
 ALLOW_OPTION = "stackctl_allow"
+SHOWN_CHARS = 200
+"""How much of an allow list an error quotes: a list of hundreds of hosts is cut there."""
 
 
 class StackWatcher(Watcher):
@@ -227,7 +229,8 @@ def allowed_hosts(config: dict[str, Any], config_file: str = "circus.ini") -> tu
         allowlist.Network, ...]:  # fmt: skip
     """The hosts a ``[socket:NAME]`` section lets connect (none listed: every host)."""
     value = str(config.get(ALLOW_OPTION) or "")
-    where = f"{config_file}: [socket:{config['name']}] {ALLOW_OPTION} = {value!r}"
+    shown = value if len(value) <= SHOWN_CHARS else f"{value[:SHOWN_CHARS]}..."
+    where = f"{config_file}: [socket:{config['name']}] {ALLOW_OPTION} = {shown!r}"
     if value.strip() and config.get("path"):
         raise AllowListError(f"{where}: an allow list applies to a TCP socket (host and "
                              "port), not to a Unix socket path")  # fmt: skip

@@ -9,8 +9,11 @@ tests.allowlist_probe`` runs the IPv6 check inside a network namespace of its ow
 
 from __future__ import annotations
 
+import ctypes
 import json
+import os
 import socket
+import struct
 import subprocess
 from collections.abc import Iterator
 from contextlib import closing, contextmanager
@@ -82,6 +85,25 @@ def queued(server: socket.socket) -> list[str]:
             return sources
         conn.close()
         sources.append(peer[0])
+
+
+def attached(sock: socket.socket) -> list[allowlist.Instruction]:
+    """The filter program the kernel holds for ``sock`` (SO_GET_FILTER), [] when none.
+
+    Through libc: the option's length counts instructions, not bytes, which Python's
+    getsockopt cannot express."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    count = ctypes.c_uint32(0)
+    if libc.getsockopt(sock.fileno(), socket.SOL_SOCKET, allowlist.SO_ATTACH_FILTER, None,
+                       ctypes.byref(count)) != 0:  # fmt: skip
+        raise OSError(ctypes.get_errno(), os.strerror(ctypes.get_errno()))
+    code = ctypes.create_string_buffer(8 * count.value)
+    if count.value and libc.getsockopt(sock.fileno(), socket.SOL_SOCKET,
+                                       allowlist.SO_ATTACH_FILTER, code,
+                                       ctypes.byref(count)) != 0:  # fmt: skip
+        raise OSError(ctypes.get_errno(), os.strerror(ctypes.get_errno()))
+    return [allowlist.Instruction(*struct.unpack_from("HBBI", code.raw, 8 * i))
+            for i in range(count.value)]  # fmt: skip
 
 
 IPV6_SERVER = "2001:2::1"

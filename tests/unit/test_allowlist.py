@@ -1,17 +1,21 @@
-"""The allow list's filter program, run on packets by a small classic-BPF interpreter.
+"""The allow list's filter program, run on packets by a small classic-BPF interpreter, and
+the program circusd's sockets hold, read back from the kernel.
 
-The kernel runs the same program in tests/e2e/test_allowlist.py; here each list is checked
-against many sources without a socket."""
+The kernel runs the same program on real packets in tests/e2e/test_allowlist.py; here each
+list is checked against many sources without a connection."""
 
 from __future__ import annotations
 
 import ipaddress
 import struct
+from contextlib import closing
 
 import pytest
 
 from stackctl import allowlist
 from stackctl.allowlist import Instruction
+from stackctl.circusd import AllowListError, StackSocket, allowed_hosts
+from tests.allowlist_probe import attached
 
 NET = allowlist.SKF_NET_OFF & 0xFFFFFFFF
 Address = ipaddress.IPv4Address | ipaddress.IPv6Address
@@ -156,3 +160,57 @@ def test_brackets_around_an_ipv6_address_are_read() -> None:
         ipaddress.ip_network("fd00::1"),
         ipaddress.ip_network("fd00::/64"),
     )
+
+
+# --- circusd's sockets (stackctl.circusd.StackSocket), read back from the kernel --------------
+
+
+def stack_socket(**options: str) -> StackSocket:
+    return StackSocket.load_from_config({"name": "wsgi", "host": "127.0.0.1", "port": "0",
+                                         **options})  # fmt: skip
+
+
+def test_circusd_s_socket_is_filtered_before_it_is_bound() -> None:
+    allow = "198.18.0.10 198.18.0.12/32 fd00::1"
+    with closing(stack_socket(stackctl_allow=allow)) as sock:
+        assert sock.getsockname() == ("0.0.0.0", 0)  # not bound yet
+        assert attached(sock) == allowlist.program(allowlist.parse(allow))
+
+
+def test_a_socket_without_a_list_is_left_unfiltered() -> None:
+    with closing(stack_socket()) as sock, closing(stack_socket(stackctl_allow=" ")) as empty:
+        assert attached(sock) == attached(empty) == []
+
+
+def test_a_new_list_replaces_the_filter_and_an_empty_one_removes_it() -> None:
+    with closing(stack_socket(stackctl_allow="198.18.0.10")) as sock:
+        sock.allow(allowlist.parse("198.18.0.0/24"))
+        assert attached(sock) == allowlist.program(allowlist.parse("198.18.0.0/24"))
+        sock.allow(())
+        assert attached(sock) == []
+        sock.allow(())  # removing no filter is no error
+        assert sock.allowed == ()
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"stackctl_allow": "198.18.0.10 198.18.0.300"},
+         "/etc/c.ini: [socket:wsgi] stackctl_allow = '198.18.0.10 198.18.0.300': "
+         "'198.18.0.300' is not an IP address or network; expected IP addresses or networks "
+         "separated by spaces, such as 198.18.0.10 198.18.0.0/24 fd00::1"),
+        ({"stackctl_allow": "198.18.0.10", "path": "/run/w.sock"},
+         "/etc/c.ini: [socket:wsgi] stackctl_allow = '198.18.0.10': an allow list applies to "
+         "a TCP socket (host and port), not to a Unix socket path"),
+        ({"stackctl_allow": " ".join(f"fd00::{i:x}:1" for i in range(500))},
+         "fd00::12:1 fd00::1...': 500 entries make a filter of 4519 instructions, more "
+         "than the 4096 the kernel takes; group the hosts into networks"),
+    ],
+)  # fmt: skip
+def test_circusd_refuses_a_list_naming_the_file_the_socket_and_the_value(
+    options: dict[str, str], message: str
+) -> None:
+    with pytest.raises(AllowListError) as raised:
+        allowed_hosts({"name": "wsgi", "host": "127.0.0.1", "port": "8001", **options},
+                      "/etc/c.ini")  # fmt: skip
+    assert message in str(raised.value)
