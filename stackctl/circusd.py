@@ -269,6 +269,8 @@ class StackSocket(CircusSocket):
         except BaseException:
             sock.close()
             raise
+        logger.info("socket %s accepts connections from %s only", sock.name,
+                    allowlist.describe(allowed))  # fmt: skip
         return sock
 
     def allow(self, allowed: tuple[allowlist.Network, ...]) -> None:

@@ -195,6 +195,7 @@ def test_circusd_serves_only_listed_hosts_and_reloads_a_changed_list_live(
     with circusd(short_tmp, LISTED) as circus:
         wait_for(lambda: served(circus, LISTED), timeout=30, what="the watcher to serve")
         pid, fd = circus.pid(), circus.socket_fd()
+        assert f"socket web accepts connections from {LISTED}/32 only" in circus.log.read_text()
         assert get_from(circus.port, LISTED) == str(pid)
         assert get_from(circus.port, OTHER) is None
 
