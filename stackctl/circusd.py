@@ -12,10 +12,19 @@ reload.
 ``circusctl reloadconfig`` applies a changed command line or environment of such a watcher
 through the same replacement, instead of Circus's stop-then-start of the whole watcher.
 
+A TCP socket whose section has ``stackctl_allow = ADDRESS_OR_NETWORK ...`` accepts
+connections only from those hosts (:mod:`stackctl.allowlist`): the filter is attached before
+the socket is bound. ``reloadconfig`` applies a changed allow list to the live socket: Circus
+would close it and bind a new one, and its watchers would have to start again (the pinned
+release even fails that reload half-way, once the old socket is closed). An allow list that
+does not parse stops circusd from starting, and makes ``reloadconfig`` fail with nothing
+changed.
+
 This is the one module that reaches into Circus's internals (Watcher's process table and
-``_reload``, the module globals that name the Arbiter and Watcher classes). pyproject.toml
-pins Circus to the release it was written against, and tests/e2e/test_circus_reload.py holds
-it to that contract against the real circusd.
+``_reload``, a socket's ``_cfg``, the module globals that name the Arbiter, Watcher and
+CircusSocket classes). pyproject.toml pins Circus to the release it was written against, and
+tests/e2e/test_circus_reload.py and tests/e2e/test_allowlist.py hold it to that contract
+against the real circusd.
 """
 
 from __future__ import annotations
@@ -35,11 +44,15 @@ import circus.util
 import psutil
 from circus.arbiter import Arbiter
 from circus.commands.reload import Reload
+from circus.commands.reloadconfig import ReloadConfig
 from circus.config import get_config
+from circus.exc import MessageError
+from circus.sockets import CircusSocket
 from circus.util import parse_env_dict, synchronized
 from circus.watcher import Watcher
 from tornado import gen
 
+from stackctl import allowlist
 from stackctl.logfile import no_follow_handlers
 from stackctl.readiness import forget_dead_marks, marked_since, reloading, startup_timeout
 
@@ -54,6 +67,9 @@ RETIRED = 0.0
 # hooks, streams...) is left to Circus's stop-then-start.
 ADOPTABLE = {"cmd", "args", "env", "numprocesses", "graceful_timeout"}
 ENV_IGNORED = circus.arbiter._ENV_EXCEPTIONS
+ALLOW_OPTION = "stackctl_allow"
+SHOWN_CHARS = 200
+"""How much of an allow list an error quotes: a list of hundreds of hosts is cut there."""
 
 
 class StackWatcher(Watcher):
@@ -205,6 +221,65 @@ def normalized(key: str, value: Any) -> Any:
     return value
 
 
+class AllowListError(ValueError):
+    """A ``stackctl_allow`` value that circusd refuses, with where it is and why."""
+
+
+def allowed_hosts(config: dict[str, Any], config_file: str = "circus.ini") -> tuple[
+        allowlist.Network, ...]:  # fmt: skip
+    """The hosts a ``[socket:NAME]`` section lets connect (none listed: every host)."""
+    value = str(config.get(ALLOW_OPTION) or "")
+    shown = value if len(value) <= SHOWN_CHARS else f"{value[:SHOWN_CHARS]}..."
+    where = f"{config_file}: [socket:{config['name']}] {ALLOW_OPTION} = {shown!r}"
+    if value.strip() and config.get("path"):
+        raise AllowListError(f"{where}: an allow list applies to a TCP socket (host and "
+                             "port), not to a Unix socket path")  # fmt: skip
+    try:
+        allowed = allowlist.parse(value)
+        allowlist.check(allowed)  # a list too long for the kernel is refused here too
+    except ValueError as e:
+        raise AllowListError(f"{where}: {e}") from None
+    return allowed
+
+
+def check_allow_lists(config_file: str) -> None:
+    """Raise AllowListError for the first socket of ``config_file`` whose allow list does
+    not parse: before anything is bound or changed."""
+    for section in get_config(config_file).get("sockets", []):
+        allowed_hosts(section, config_file)
+
+
+def changed_options(old: dict[str, Any], new: dict[str, Any]) -> set[str]:
+    return {k for k in old.keys() | new.keys() if old.get(k) != new.get(k)}
+
+
+class StackSocket(CircusSocket):
+    """A Circus socket that accepts connections only from the hosts its section lists."""
+
+    allowed: tuple[allowlist.Network, ...] = ()
+
+    @classmethod
+    def load_from_config(cls, config: dict[str, Any]) -> StackSocket:
+        allowed = allowed_hosts(config)
+        sock: StackSocket = super().load_from_config(config)  # made, not bound yet
+        if not allowed:
+            return sock  # every host: the socket is Circus's own, untouched
+        try:
+            sock.allow(allowed)
+        except BaseException:
+            sock.close()
+            raise
+        logger.info("socket %s accepts connections from %s only", sock.name,
+                    allowlist.describe(allowed))  # fmt: skip
+        return sock
+
+    def allow(self, allowed: tuple[allowlist.Network, ...]) -> None:
+        """Filter the socket to ``allowed``; on a listening socket, from the next packet on
+        (the connections it already accepted keep the filter they were accepted with)."""
+        allowlist.attach(self, allowed)
+        self.allowed = allowed
+
+
 class StackArbiter(Arbiter):
     """An arbiter whose ``reloadconfig`` lets stackctl's watchers adopt what they can, whose
     periodic check waits for the command under way, and whose stop ends a replacement."""
@@ -249,8 +324,11 @@ class StackArbiter(Arbiter):
     @gen.coroutine
     def reload_from_config(self, config_file: str | None = None,
                            inside_circusd: bool = False) -> Generator[Any, Any, None]:  # fmt: skip
-        new_cfg = get_config(config_file or self.config_file)
+        config_file = config_file or self.config_file
+        check_allow_lists(config_file)
+        new_cfg = get_config(config_file)
         if self.get_arbiter_config(new_cfg) == self._cfg:
+            self.adopt_allow_lists(new_cfg)
             for watcher in self.iter_watchers():
                 new = self.get_watcher_config(new_cfg, watcher.name)
                 changed = watcher.adoptable_changes(new) if isinstance(
@@ -260,6 +338,30 @@ class StackArbiter(Arbiter):
                     yield watcher.adopt(new, changed)
         # Circus's own reloadconfig, for everything else (it finds the adopted ones unchanged).
         yield Arbiter.reload_from_config.__wrapped__(self, config_file, inside_circusd)
+
+    def adopt_allow_lists(self, new_cfg: dict[str, Any]) -> None:
+        """Give a socket whose allow list is all that changed its new list, live, and its new
+        config: Circus then finds it unchanged, and neither binds it again nor restarts the
+        watchers that use it."""
+        for new in new_cfg.get("sockets", []):
+            sock = self.sockets.get(new["name"])
+            if isinstance(sock, StackSocket) and changed_options(sock._cfg, new) == {
+                    ALLOW_OPTION}:  # fmt: skip
+                sock.allow(allowed_hosts(new, self.config_file))
+                sock._cfg = new.copy()
+                logger.info("socket %s now accepts connections from %s", sock.name,
+                            allowlist.describe(sock.allowed))  # fmt: skip
+
+    @classmethod
+    def load_from_config(cls, config_file: str, loop: Any = None) -> Any:
+        """Circus's, after checking every socket's allow list: one that does not parse stops
+        circusd with the reason, before any socket is bound."""
+        try:
+            check_allow_lists(config_file)
+        except AllowListError as e:
+            logger.error("%s", e)
+            raise SystemExit(1) from None
+        return super().load_from_config(config_file, loop)
 
     @synchronized("arbiter_reload")
     @gen.coroutine
@@ -291,6 +393,23 @@ class ReloadCommand(Reload):
         return answer
 
 
+class ReloadConfigCommand(ReloadConfig):
+    """Reload the configuration file (see ``circusctl help reloadconfig``).
+
+    As Circus's own, except that an allow list of a socket that does not parse fails the
+    command with the reason, before anything changes.
+    """
+
+    name = "reloadconfig"  # defined later than Circus's, so the controller takes this one
+
+    def execute(self, arbiter: Any, props: dict[str, Any]) -> Any:
+        try:
+            check_allow_lists(arbiter.config_file)
+        except AllowListError as e:
+            raise MessageError(str(e)) from None
+        return super().execute(arbiter, props)
+
+
 def reload_answer(info: dict[str, Any]) -> dict[str, Any]:
     if info.get("refused"):
         return {"status": "error", "reason": f"reload undone: {info['refused']}", "info": info}
@@ -305,6 +424,7 @@ def configure_logger(*args: Any, **kwargs: Any) -> None:
 
 def main() -> None:
     circus.arbiter.Watcher = StackWatcher
+    circus.arbiter.CircusSocket = StackSocket
     circus.circusd.Arbiter = StackArbiter
     circus.circusd.configure_logger = configure_logger
     circus.circusd.main()

@@ -12,6 +12,7 @@ from types import SimpleNamespace
 
 import circus.arbiter
 import circus.circusd
+import circus.sockets
 from circus.commands import get_commands
 from circus.process import Process
 from circus.watcher import Watcher
@@ -54,6 +55,28 @@ def test_the_arbiter_pieces_a_config_reload_uses() -> None:
 
 def test_the_controller_takes_stackctl_s_reload_command() -> None:
     assert type(get_commands()["reload"]) is circusd.ReloadCommand
+
+
+def test_the_controller_takes_stackctl_s_reloadconfig_command() -> None:
+    assert type(get_commands()["reloadconfig"]) is circusd.ReloadConfigCommand
+
+
+def test_the_arbiter_makes_its_sockets_from_a_module_global_and_compares_their_config() -> None:
+    # stackctl.circusd.main swaps the global for StackSocket, whose filter is attached in
+    # load_from_config, before Circus binds the socket.
+    assert circus.arbiter.CircusSocket is circus.sockets.CircusSocket
+    assert "CircusSocket.load_from_config" in inspect.getsource(
+        circus.arbiter.Arbiter.load_from_config
+    )
+    reload = inspect.getsource(circus.arbiter.Arbiter.reload_from_config)
+    assert "CircusSocket.load_from_config(socket_config)" in reload
+    assert reload.index("CircusSocket.load_from_config") < reload.index("bind_and_listen()")
+    # A socket whose _cfg equals its new section is left alone: the allow list is adopted
+    # by giving the socket its new section.
+    assert "if new_sockets[n] != s._cfg:" in reload
+    made = inspect.getsource(circus.sockets.CircusSocket.load_from_config)
+    assert "s = cls(**params)" in made and "s._cfg = config.copy()" in made
+    assert "self.config_file" in reload
 
 
 def test_the_periodic_check_skips_its_turn_while_a_command_runs() -> None:
