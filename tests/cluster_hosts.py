@@ -223,7 +223,8 @@ class Publisher(threading.Thread):
         super().__init__(daemon=True)
         self.url, self.channel, self.interval = url, channel, interval
         self.acknowledged: dict[int, float] = {}
-        """Message number -> time.monotonic() when publish() returned."""
+        """Message number -> time.monotonic() when its publish() call began, for those it
+        returned from (the app saw them accepted)."""
         self.failed = 0
         self._stopping = threading.Event()
 
@@ -231,9 +232,10 @@ class Publisher(threading.Thread):
         number = 0
         while not self._stopping.is_set():
             number += 1
+            began = time.monotonic()
             try:
                 realtime.publish(self.channel, {"n": number}, url=self.url)
-                self.acknowledged[number] = time.monotonic()
+                self.acknowledged[number] = began
             except Exception:  # noqa: BLE001 - not acknowledged: the app would see the error
                 self.failed += 1
             time.sleep(self.interval)
@@ -279,7 +281,8 @@ class Outcome:
     ok_gets: int = 0
     failed_gets: list[str] = field(default_factory=list)
     first_delivery_after: float | None = None
-    """Seconds from the failure to the first delivery of a message published after it."""
+    """Seconds from the failure to the first delivery of a message whose publish() call
+    began after it."""
 
 
 def judge(followers: list[Follower], publisher: Publisher, failed_at: float) -> Outcome:
@@ -371,7 +374,10 @@ def primary_host(cluster: Cluster) -> str:
 
 
 def kill_host(cluster: Cluster, name: str) -> None:
-    """The machine dies: every process on it at once, with no chance to clean up."""
+    """The machine dies: its cable goes silent (no refusal, no reset: the others wait for
+    answers that never come), and every process on it stops at once, with no chance to
+    clean up. ``revive_host`` brings the machine back."""
+    cluster.host(name).cut()
     for pid in cluster.host(name).pids():
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)
@@ -397,5 +403,12 @@ def redis_primary_loss(cluster: Cluster, pace: Pace = Pace()) -> tuple[Outcome, 
             publisher.stop()
         wait_until_delivered(followers, publisher)
         outcome = judge(followers, publisher, failed_at)
-    cluster.up(old)  # stackctl cleans up after the stack that died, and it rejoins
+    revive_host(cluster, old)
     return outcome, promoted
+
+
+def revive_host(cluster: Cluster, name: str) -> None:
+    """The machine boots again: its cable back, its stack started (stackctl cleans up after
+    the one that died); a redis host rejoins as a replica."""
+    cluster.host(name).restore()
+    cluster.up(name)

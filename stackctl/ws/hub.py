@@ -45,6 +45,13 @@ REPLAYS = 2
 FEW_CHANNELS = 4
 REPLAY_WAIT = 30.0
 POLL = 0.05
+# A Redis host that dies (power, kernel, cable) closes nothing: its connections just go silent,
+# and TCP would notice after some fifteen minutes. So the listener pings when Redis has been
+# quiet for a second, and one that has sent nothing, not even the pong, for LIVENESS_TIMEOUT
+# is gone: the listener reconnects (through Sentinel, to the promoted replica).
+LIVENESS_PING = 1.0
+LIVENESS_TIMEOUT = 5.0
+SIDE_TIMEOUT = 10.0  # seconds a history read or a client's publish may wait for Redis
 BACKOFF_MIN, BACKOFF_MAX = 0.1, 5.0
 # Skipped messages are logged at most this often: a flood of them must not flood the log.
 BAD_MESSAGE_LOG_INTERVAL = 60.0
@@ -221,7 +228,9 @@ class Hub:
         self.redis_url = redis_url
         self.ping_interval = ping_interval
         self.history_limits = history_limits
-        self._side = realtime.connect(redis_url, pool_size=SIDE_CONNECTIONS)
+        self._side = realtime.connect(redis_url, pool_size=SIDE_CONNECTIONS,
+                                      socket_timeout=SIDE_TIMEOUT,
+                                      socket_connect_timeout=2)  # fmt: skip
         self.members: dict[str, set[Member]] = defaultdict(set)
         self.ready: dict[str, Event] = {}
         self.stopping = False
@@ -350,9 +359,13 @@ class Hub:
         # No retries inside redis-py: it would resubscribe behind our back, and what was
         # published meanwhile would be lost without anyone knowing.
         # Through Sentinel, a new connection goes to whichever Redis is the primary now.
-        connection = realtime.connect(self.redis_url, retry=Retry(NoBackoff(), 0))
+        connection = realtime.connect(self.redis_url, retry=Retry(NoBackoff(), 0),
+                                      socket_connect_timeout=2)  # fmt: skip
+        # The side connections may be to a Redis that is gone, silently: start them afresh.
+        self._side.connection_pool.disconnect()
         pubsub = connection.pubsub()
         subscribed: set[str] = set()
+        heard = pinged = time.monotonic()
         try:
             pubsub.subscribe(IDLE_CHANNEL)
             # A promoted replica may be behind the ids this worker delivered: it must never
@@ -366,8 +379,18 @@ class Hub:
                     self._changed.clear()
                     subscribed = self._reconcile(pubsub, subscribed)
                 message = pubsub.get_message(timeout=POLL)
+                now = time.monotonic()
                 if message is not None:
-                    self._dispatch(message)
+                    heard = now
+                    if message["type"] != "pong":
+                        self._dispatch(message)
+                elif now - heard > LIVENESS_TIMEOUT:
+                    raise redis.ConnectionError(
+                        f"Redis sent nothing for {LIVENESS_TIMEOUT:.0f} s, not even a pong"
+                    )
+                elif now - max(heard, pinged) > LIVENESS_PING:
+                    pubsub.ping()
+                    pinged = now
                 if self._recovery is not None and self._recovery.resubscribed(self):
                     self._recover(self._recovery)
         finally:

@@ -186,6 +186,8 @@ def test_the_first_redis_host_is_the_primary_and_the_others_replicate_it(tmp_pat
     assert "replicaof 10.0.0.21 6379" in rendered(other)["redis.conf"]
     seed = rendered(other)["sentinel.conf"]
     assert "sentinel monitor stackctl 10.0.0.21 6379 2" in seed  # a majority of three
+    for replica in ("10.0.0.22", "10.0.0.23"):  # known before the primary's first report
+        assert f"sentinel known-replica stackctl {replica} 6379" in seed
     assert "sentinel announce-ip 10.0.0.22" in seed
     assert "requirepass" not in seed
 
