@@ -286,6 +286,8 @@ def nginx_listens(stack: Stack) -> bool:
 def unheld_listens(stack: Stack) -> list[str]:
     """The keys of the addresses the stack listens on that the NGiNX master does not hold."""
     keys = list(stack.listens())
+    if not keys:
+        return []  # a host without the front role runs no NGiNX
     try:
         (master,) = call(stack, "list", name="nginx")["pids"]
         sockets = psutil.Process(int(master)).net_connections(kind="inet")
@@ -326,6 +328,24 @@ def circus_differences(old: str, new: str) -> set[tuple[str, str]]:
     return {key for key in before.keys() | after.keys() if before.get(key) != after.get(key)}
 
 
+SOCKET_PLACE = {"path", "host", "port", "family"}
+
+
+def refuse_moved_sockets(differences: set[tuple[str, str]]) -> None:
+    """A pool's socket that would move (another address, port or path): Circus 0.19 closes the
+    old socket and then fails before binding the new one, so the pool would stop serving.
+    Refused before anything is touched; only its allow list may change live."""
+    moved = sorted({section.split(":", 1)[1] for section, key in differences
+                    if section.startswith("socket:") and key in SOCKET_PLACE})  # fmt: skip
+    if moved:
+        raise StackError(
+            f"the {' and '.join(moved)} pool would listen elsewhere (cluster.address, "
+            "cluster.wsgi_port or cluster.ws_port changed): a reload cannot move a listening "
+            "socket, so nothing was changed; run `stackctl down`, then `stackctl up`, on this "
+            "host (the fronts send its requests to the other app hosts meanwhile)"
+        )
+
+
 def changed_files(stack: Stack, files: list[File]) -> set[str]:
     def current(name: str) -> str | None:
         path = stack.run_dir / name
@@ -346,6 +366,7 @@ def apply_config(stack: Stack) -> list[str]:
         return []
     new_circus = next(f.content for f in files if f.name == stack.circus_ini.name)
     differences = circus_differences(stack.circus_ini.read_text(), new_circus)
+    refuse_moved_sockets(differences)
     # Circus replaces the workers itself when their command line or environment changed.
     workers_adopt = any(section in ("watcher:wsgi", "env:wsgi") and key != "numprocesses"
                         for section, key in differences)  # fmt: skip

@@ -137,6 +137,34 @@ def test_a_changed_host_list_reloads_without_dropping_a_request(cluster: Cluster
     assert load.report.failures == []
 
 
+def test_an_app_hosts_allow_list_changes_live_with_a_reload(cluster: Cluster) -> None:
+    address, other = cluster.host(APP_B).address, REDIS_HOSTS[0]
+    front, extra = cluster.host(FRONT).address, cluster.host(other).address
+    url = cluster.app_ws_url(APP_B) + "live"
+    with following([url], before=lambda: enter(cluster.host(FRONT))) as (client,):
+        try:
+            more = f'["{front}", "{extra}"]'
+            cluster.write_profile(APP_B, profile_text(cluster, APP_B, front_hosts=more))
+            cluster.stackctl(APP_B, "reload")
+            assert not silent(cluster, address, 8001, other), "the new host is still refused"
+        finally:
+            cluster.write_profile(APP_B, profile_text(cluster, APP_B))
+            cluster.stackctl(APP_B, "reload")
+        assert silent(cluster, address, 8001, other), "the removed host still gets in"
+        cluster.stackctl(APP_B, "publish", "live", "still here")
+        client.wait_for_count(1)
+        assert [m["data"] for m in client.messages] == ["still here"]
+        assert client.connections == 1, "the reload restarted the websocket worker"
+
+
+def test_a_reload_that_would_move_an_app_hosts_socket_changes_nothing(cluster: Cluster) -> None:
+    refused = cluster.stackctl(APP_B, "reload", "--set", "cluster.wsgi_port=8011", check=False)
+    assert refused.returncode != 0
+    assert "a reload cannot move a listening socket, so nothing was changed" in refused.stderr
+    assert not silent(cluster, cluster.host(APP_B).address, 8001, FRONT)
+    assert cluster.stackctl(APP_B, "status", check=False).returncode == 0
+
+
 def test_losing_the_redis_primary_promotes_a_replica_and_loses_nothing_unannounced(
     cluster: Cluster,
 ) -> None:
