@@ -403,7 +403,8 @@ def cmd_publish(args: argparse.Namespace) -> int:
         json.loads(data)
     except ValueError as e:
         raise StackError(f"--json: the message is not JSON ({e})") from None
-    connection = realtime.client(stack.redis_url)
+    password_file = stack.shared_env().get(realtime.PASSWORD_FILE_VARIABLE)
+    connection = realtime.client(stack.redis_url, password_file)
     try:
         receivers = realtime.publish_json(connection, realtime.check_channel(args.channel),
                                           data, (ws.history, ws.history_seconds))  # fmt: skip

@@ -280,9 +280,10 @@ def redis_url() -> str:
 
 def redis_password(password_file: str | None = None) -> str | None:
     """The first line of ``password_file``, else of the file ``STACKCTL_REDIS_PASSWORD_FILE``
-    (or the running stack) names; None if no file is named, or its first line is empty."""
-    path = (password_file or os.environ.get(PASSWORD_FILE_VARIABLE)
-            or stack_environment().get(PASSWORD_FILE_VARIABLE))  # fmt: skip
+    names; None if no file is named, or its first line is empty. A process the stack did not
+    start (no ``STACKCTL_REDIS_URL``) takes the variable from the running stack it is in."""
+    environment = os.environ if REDIS_URL_VARIABLE in os.environ else stack_environment()
+    path = password_file or environment.get(PASSWORD_FILE_VARIABLE)
     if not path:
         return None
     try:

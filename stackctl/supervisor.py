@@ -455,7 +455,11 @@ def health(stack: Stack) -> list[Check]:
 def redis_answers(stack: Stack) -> tuple[bool, str]:
     import redis
 
-    client = redis.Redis.from_url(stack.redis_url, socket_timeout=2, socket_connect_timeout=2)
+    from stackctl import realtime
+
+    password_file = stack.shared_env().get(realtime.PASSWORD_FILE_VARIABLE)
+    client = realtime.connect(stack.redis_url, password_file=password_file, socket_timeout=2,
+                              socket_connect_timeout=2)  # fmt: skip
     try:
         client.ping()
     except redis.RedisError as e:
