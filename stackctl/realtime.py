@@ -65,7 +65,7 @@ PASSWORD_FILE_VARIABLE = "STACKCTL_REDIS_PASSWORD_FILE"
 PRIMARY_KEY = "stackctl-primary"  # the replication id of the Redis that issued the last id
 BREAK_KEY = "stackctl-break"  # ids before it may have been issued by a primary since lost
 ONCE_PREFIX = "stackctl-once:"  # "<id> <receivers>" of a publish() call, for its retries
-ONCE_TTL_MS = 60_000  # well beyond FAILOVER_WAIT: a retry always finds its first attempt
+ONCE_TTL_MS = 30_000  # beyond FAILOVER_WAIT and a timeout: a retry finds its first attempt
 FAILOVER_WAIT = 15.0  # publish() waits this long for a Redis (a promoted replica) to answer
 RAISE_AHEAD_MS = 60_000  # a worker's last id further ahead of Redis's clock is not believed
 

@@ -3,10 +3,13 @@ what a client resuming across a break is told, and a recovery that sends nothing
 
 from __future__ import annotations
 
+import socket
+import time
 from pathlib import Path
 from typing import Any
 
 import pytest
+import redis
 
 from stackctl import realtime
 from stackctl.realtime import Counters, Missed, UnknownId, missed_since
@@ -124,3 +127,14 @@ def test_a_live_message_the_recovery_replayed_is_not_sent_again(
     assert before.got == ["gap", "10-0", "11-0", "12-0", "13-0"]
     assert newcomer.got == ["10-0", "11-0", "12-0", "13-0"]  # joined during the outage
     assert hub.position == "13-0"
+
+
+def test_publish_tries_again_while_redis_does_not_answer_then_raises() -> None:
+    with socket.socket() as unused:  # a port nobody listens on: refused at once
+        unused.bind(("127.0.0.1", 0))
+        port = unused.getsockname()[1]
+    connection = realtime.connect(f"redis://127.0.0.1:{port}/0", retry=realtime.NO_RETRY)
+    started = time.monotonic()
+    with pytest.raises(redis.ConnectionError):
+        realtime.publish_json(connection, "c", "1", (10, 0), wait=1.0)
+    assert time.monotonic() - started >= 0.7  # it kept trying, instead of giving up at once
