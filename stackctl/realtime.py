@@ -64,7 +64,7 @@ PASSWORD_FILE_VARIABLE = "STACKCTL_REDIS_PASSWORD_FILE"
 PRIMARY_KEY = "stackctl-primary"  # the replication id of the Redis that issued the last id
 BREAK_KEY = "stackctl-break"  # ids before it may have been issued by a primary since lost
 ONCE_PREFIX = "stackctl-once:"  # "<id> <receivers>" of a publish() call, for its retries
-ONCE_TTL_MS = 60_000  # well beyond FAILOVER_WAIT: a retry always finds its first attempt
+ONCE_TTL_MS = 30_000  # beyond FAILOVER_WAIT and a timeout: a retry finds its first attempt
 FAILOVER_WAIT = 15.0  # publish() waits this long for a Redis (a promoted replica) to answer
 RAISE_AHEAD_MS = 60_000  # a worker's last id further ahead of Redis's clock is not believed
 
@@ -279,9 +279,10 @@ def redis_url() -> str:
 
 def redis_password(password_file: str | None = None) -> str | None:
     """The first line of ``password_file``, else of the file ``STACKCTL_REDIS_PASSWORD_FILE``
-    (or the running stack) names; None if no file is named, or its first line is empty."""
-    path = (password_file or os.environ.get(PASSWORD_FILE_VARIABLE)
-            or stack_environment().get(PASSWORD_FILE_VARIABLE))  # fmt: skip
+    names; None if no file is named, or its first line is empty. A process the stack did not
+    start (no ``STACKCTL_REDIS_URL``) takes the variable from the running stack it is in."""
+    environment = os.environ if REDIS_URL_VARIABLE in os.environ else stack_environment()
+    path = password_file or environment.get(PASSWORD_FILE_VARIABLE)
     if not path:
         return None
     try:

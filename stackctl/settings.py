@@ -680,7 +680,9 @@ class RedisConfig:
     url: str = setting(
         "embedded",
         redis_url,
-        "embedded (a Redis server run by the stack) or the URL of an existing one.",
+        "embedded (a Redis server run by the stack) or the URL of an existing one; "
+        "sentinel://HOST:PORT,HOST:PORT/MASTER_NAME follows the primary these Sentinels name "
+        "(its password, if any, on the first line of .stackctl/redis-password).",
     )
 
 

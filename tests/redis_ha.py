@@ -9,12 +9,15 @@ import secrets
 import shutil
 import signal
 import subprocess
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import redis
+from redis.backoff import NoBackoff
+from redis.retry import Retry
 
 from tests.conftest import free_port, wait_for
 
@@ -80,10 +83,11 @@ class RedisHA:
     def password_file(self) -> Path:
         return self.directory / "redis-password"
 
-    def client(self, node: Node, **options: object) -> redis.Redis:
+    def client(self, node: Node) -> redis.Redis:
+        """A connection to one server, that tells at once when it is down (no retries)."""
         host, port = node.address
         return redis.Redis(host, port, password=self.password, socket_timeout=2,
-                           socket_connect_timeout=2, **options)  # type: ignore[arg-type]  # fmt: skip
+                           socket_connect_timeout=2, retry=Retry(NoBackoff(), 0))  # fmt: skip
 
     def primary_address(self) -> tuple[str, int] | None:
         """The primary as the Sentinels that answer name it (None if they disagree)."""
@@ -125,6 +129,31 @@ class RedisHA:
             if state["num-slaves"] != 2 or state["num-other-sentinels"] != 2:
                 return False
         return True
+
+    def agreed(self) -> bool:
+        """The Sentinels name one primary, and every server that runs agrees: no second
+        failover under way, no demoted primary still taking writes."""
+        address = self.primary_address()
+        if address is None:
+            return False
+        for node in self.servers:
+            role = self.role(node)
+            expected = "master" if node.address == address else "slave"
+            if role != expected and (role != "down" or expected == "master"):
+                return False
+        return True
+
+    def wait_until_settled(self, quiet: float = 3.0, timeout: float = 60) -> None:
+        """Wait until :meth:`agreed` has held for ``quiet`` seconds in a row: on a loaded
+        machine Sentinel may start a second failover right after the first."""
+        since = [time.monotonic()]
+
+        def quiet_for() -> bool:
+            if not self.agreed():
+                since[0] = time.monotonic()
+            return time.monotonic() - since[0] >= quiet
+
+        wait_for(quiet_for, timeout, "Redis and Sentinel to settle after a failover")
 
     def kill_primary(self) -> Node:
         """SIGKILL the primary, as a crash of its host would; return it."""

@@ -203,6 +203,9 @@ class Recovery:
     since: str
     members: dict[str, set[Member]]
     held: list[tuple[str, Delivery]] = field(default_factory=list)
+    replayed_up_to: tuple[int, int] | None = None
+    """Set once replayed: live messages up to it, still on their way from Redis (the history
+    was read after they were published), went out in the replay already."""
 
     def resubscribed(self, hub: Hub) -> bool:
         """True once Redis confirmed again every channel that is still followed."""
@@ -245,6 +248,7 @@ class Hub:
         self.bad_messages = 0
         self.position: str | None = None  # the id of the last message fanned out
         self._recovery: Recovery | None = None
+        self._replayed: Recovery | None = None  # until the live flow passes its replay
         self._connected = False
         self._bad_unlogged = 0
         self._bad_logged_at = -BAD_MESSAGE_LOG_INTERVAL
@@ -401,6 +405,7 @@ class Hub:
         """The subscription is gone: remember who was listening to what, and from which id,
         so that what is published until the next subscription is replayed to them."""
         self._forget_subscriptions()
+        self._replayed = None
         if self.position is None or not self.members:
             return
         members = {channel: set(members) for channel, members in self.members.items()}
@@ -429,12 +434,10 @@ class Hub:
             self._deliver_to(recovery.listening(self, channel), delivery)
             replayed_up_to = delivery.key
             self.position = delivery.id
+        recovery.replayed_up_to = replayed_up_to
+        self._replayed = recovery
         for channel, delivery in recovery.held:
-            if delivery.key > replayed_up_to:
-                self.fan_out(channel, delivery)
-                self.position = delivery.id
-            else:  # replayed, to those who listened before the outage; not yet to the others
-                self._deliver_to(recovery.newcomers(self, channel), delivery)
+            self._fan_out_live(channel, delivery)
         log.info("subscribed again after losing Redis: replayed %d message(s) on %d channel(s) "
                  "published since %s%s", len(missed.envelopes), len(channels), recovery.since,
                  f"; gaps on {', '.join(missed.gaps)}" if missed.gaps else "")  # fmt: skip
@@ -481,8 +484,18 @@ class Hub:
             elif self._recovery is not None:
                 self._recovery.held.append((channel, delivery))
             else:
-                self.fan_out(channel, delivery)
-                self.position = delivery.id
+                self._fan_out_live(channel, delivery)
+
+    def _fan_out_live(self, channel: str, delivery: Delivery) -> None:
+        replayed = self._replayed
+        if replayed is not None and replayed.replayed_up_to is not None:
+            if delivery.key <= replayed.replayed_up_to:
+                # Replayed, to those who listened before the outage; not yet to the others.
+                self._deliver_to(replayed.newcomers(self, channel), delivery)
+                return
+            self._replayed = None  # the live flow has passed the replay
+        self.fan_out(channel, delivery)
+        self.position = delivery.id
 
     def _skip_bad_message(self, key: str) -> None:
         self.bad_messages += 1
