@@ -47,6 +47,7 @@ from tests.cluster_hosts import (  # noqa: E402
     Cluster,
     Outcome,
     Pace,
+    app_environment,
     app_host_loss,
     inside,
     redis_primary_loss,
@@ -127,8 +128,7 @@ def outcome_row(outcome: Outcome) -> dict[str, Any]:
 
 
 def run_stackctl(preset: dict[str, Any], per_host: int, messages: int) -> dict[str, Any]:
-    with workdir() as root, running_cluster(root) as cluster:
-        os.environ[realtime.PASSWORD_FILE_VARIABLE] = str(cluster.password_file)
+    with workdir() as root, running_cluster(root) as cluster, app_environment(cluster):
         print("cluster up: 1 front, 2 app hosts, 3 redis hosts", flush=True)
         app = app_host_loss(cluster, pace(preset, "app_host_loss"), connections=32)
         print(f"  app host loss: {outcome_row(app)}", flush=True)

@@ -141,6 +141,24 @@ def make_sites(cluster: Cluster) -> None:
 
 
 @contextmanager
+def app_environment(cluster: Cluster) -> Iterator[None]:
+    """This process publishes as the app does: the variables `stackctl env` prints on an app
+    host (the redis hosts' Sentinels and the password file), set while the block runs."""
+    wanted = {realtime.REDIS_URL_VARIABLE: cluster.redis_url,
+              realtime.PASSWORD_FILE_VARIABLE: str(cluster.password_file)}  # fmt: skip
+    saved = {name: os.environ.get(name) for name in wanted}
+    os.environ.update(wanted)
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+
+
+@contextmanager
 def running_cluster(root: Path) -> Iterator[Cluster]:
     """Six hosts, their stacks started in the order of the README (redis, app, front), and
     everything stopped and removed at the end, however the block ends."""

@@ -10,7 +10,6 @@ client once, or the client is told of a gap on its channel.
 
 from __future__ import annotations
 
-import os
 import socket
 import time
 from collections.abc import Iterator
@@ -18,7 +17,6 @@ from pathlib import Path
 
 import pytest
 
-from stackctl import realtime
 from tests.cluster_hosts import (
     APP_A,
     APP_B,
@@ -26,6 +24,7 @@ from tests.cluster_hosts import (
     HTTP_PORT,
     REDIS_HOSTS,
     Cluster,
+    app_environment,
     app_host_loss,
     enter,
     following,
@@ -45,16 +44,8 @@ pytestmark = [
 
 @pytest.fixture(scope="module")
 def cluster() -> Iterator[Cluster]:
-    with running_cluster(short_dir()) as running:
-        saved = os.environ.get(realtime.PASSWORD_FILE_VARIABLE)
-        os.environ[realtime.PASSWORD_FILE_VARIABLE] = str(running.password_file)
-        try:
-            yield running
-        finally:
-            if saved is None:
-                os.environ.pop(realtime.PASSWORD_FILE_VARIABLE, None)
-            else:
-                os.environ[realtime.PASSWORD_FILE_VARIABLE] = saved
+    with running_cluster(short_dir()) as running, app_environment(running):
+        yield running
 
 
 def silent(cluster: Cluster, address: str, port: int, source: str | None) -> bool:
