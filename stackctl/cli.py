@@ -440,8 +440,8 @@ def cmd_publish(args: argparse.Namespace) -> int:
         json.loads(data)
     except ValueError as e:
         raise StackError(f"--json: the message is not JSON ({e})") from None
-    password_file = stack.shared_env().get(realtime.PASSWORD_FILE_VARIABLE)
-    connection = realtime.client(stack.redis_url, password_file=password_file)
+    connection = realtime.connect(stack.redis_url, **supervisor.redis_password_option(stack),
+                                  socket_timeout=5, socket_connect_timeout=2)  # fmt: skip
     try:
         receivers = realtime.publish_json(connection, realtime.check_channel(args.channel),
                                           data, (ws.history, ws.history_seconds))  # fmt: skip

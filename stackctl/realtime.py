@@ -315,10 +315,10 @@ def connect(url: str, pool_size: int | None = None, password_file: str | None = 
     replica). The password (for Redis and Sentinel alike) is the first line of the password
     file (:func:`redis_password`); one inside a redis:// URL takes precedence. With
     ``pool_size``, at most that many connections, and callers wait for a free one.
-    ``options`` go to redis-py's connections (timeouts, retry)."""
-    password = redis_password(password_file)
-    if password is not None:
-        options.setdefault("password", password)
+    ``options`` go to redis-py's connections (timeouts, retry); ``password=None`` there says
+    there is none, without looking for a file."""
+    password = options["password"] if "password" in options else redis_password(password_file)
+    options["password"] = password
     if pool_size is not None:
         options.update(max_connections=pool_size, timeout=POOL_WAIT)
     if url.startswith(SENTINEL_SCHEME):

@@ -494,6 +494,15 @@ def health(stack: Stack) -> list[Check]:
     return checks
 
 
+def redis_password_option(stack: Stack) -> dict[str, Any]:
+    """How stackctl itself (status, publish) gives Redis the password: the file the stack's
+    workers read, or none, said outright (a broken profile must not be read to find out)."""
+    from stackctl import realtime
+
+    password_file = stack.shared_env().get(realtime.PASSWORD_FILE_VARIABLE)
+    return {"password_file": password_file} if password_file else {"password": None}
+
+
 def redis_answers(stack: Stack) -> tuple[bool, str]:
     import redis
 
@@ -501,8 +510,7 @@ def redis_answers(stack: Stack) -> tuple[bool, str]:
 
     # A redis host asks its own Redis; the others, the one the app's processes use.
     url = f"redis://{stack.redis_listen}/0" if stack.redis_listen else stack.redis_url
-    password_file = stack.shared_env().get(realtime.PASSWORD_FILE_VARIABLE, "")
-    client = realtime.connect(url, password_file=password_file or None, socket_timeout=2,
+    client = realtime.connect(url, **redis_password_option(stack), socket_timeout=2,
                               socket_connect_timeout=2, retry=realtime.NO_RETRY)  # fmt: skip
     try:
         client.ping()
