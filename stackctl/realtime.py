@@ -307,6 +307,16 @@ def _sentinel(url: str, password: str | None) -> redis.sentinel.Sentinel:
     return redis.sentinel.Sentinel(sentinels, sentinel_kwargs=asking)
 
 
+def describe_error(error: Exception) -> str:
+    """A Redis error in a line a log can hold: redis-py's "no master found" quotes every
+    Sentinel's connection in full; what matters is what each Sentinel answered."""
+    if isinstance(error, redis.sentinel.MasterNotFoundError):
+        answers = re.findall(r" - (\w+:\w+)", str(error))
+        said = f": the Sentinels answered {', '.join(answers)}" if answers else ""
+        return f"no Sentinel names a primary{said}"
+    return str(error)
+
+
 def connect(url: str, pool_size: int | None = None, password_file: str | None = None,
             **options: Any) -> redis.Redis:  # fmt: skip
     """A client for the Redis at ``url``: "unix:///PATH", "redis://HOST:PORT/DB" (or

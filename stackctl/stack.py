@@ -204,6 +204,14 @@ class Stack:
         cluster (copied there, like the secret); beside the secret, for the same reasons."""
         return self.private_dir / "redis-password"
 
+    @property
+    def redis_has_password(self) -> bool:
+        """The redis hosts' Redis asks for the cluster's password; a Redis of redis.url does
+        when the password file is there; the stack's own, on a unix socket, never does."""
+        if self.profile.cluster.redis_hosts:
+            return True
+        return not self.embedded_redis and self.redis_password_file.is_file()
+
     def own_conf(self, name: str) -> Path:
         """The config a redis host's Redis or Sentinel (``name``) rewrites as it learns: in the
         service directory, made from the rendered seed of the same name by the server's own
@@ -311,7 +319,7 @@ class Stack:
             "STACKCTL_RUN_DIR": str(self.run_dir),
             "PYTHONUNBUFFERED": "1",
         }
-        if self.profile.cluster.redis_hosts:  # their Redis asks for the cluster's password
+        if self.redis_has_password:
             env["STACKCTL_REDIS_PASSWORD_FILE"] = str(self.redis_password_file)
         return env
 

@@ -215,7 +215,7 @@ def needed_paths(stack: Stack) -> dict[Path, str]:
     }
     if "wsgi" in stack.watchers:
         found[Path(programs.uwsgi)] = "run"
-    if stack.profile.cluster.redis_hosts:
+    if stack.redis_has_password:
         found[stack.redis_password_file] = "read"
     if programs.redis_server and stack.embedded_redis:
         found[Path(programs.redis_server)] = "run"

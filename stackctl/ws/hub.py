@@ -355,7 +355,8 @@ class Hub:
                     delay = BACKOFF_MIN  # a new outage: not the next try of the last one
                 self._lost()
                 pause = delay * random.uniform(0.5, 1.5)
-                log.warning("Redis subscription lost (%s); reconnecting in %.1f s", e, pause)
+                log.warning("Redis subscription lost (%s); reconnecting in %.1f s",
+                            realtime.describe_error(e), pause)  # fmt: skip
                 gevent.sleep(pause)
                 delay = min(delay * 2, BACKOFF_MAX)
 

@@ -21,7 +21,6 @@ import pytest
 from stackctl.logfile import MIB, backups
 from stackctl.stack import Stack
 from stackctl.supervisor import call
-from stackctl.watchers import WATCHERS
 from tests.conftest import running_stack, stackctl, wait_for
 
 pytestmark = pytest.mark.e2e
@@ -170,14 +169,14 @@ def wsgi_log_lines(stack: Stack) -> list[str]:
 def test_a_reload_that_changes_the_limits_restarts_nothing(short_tmp: Path) -> None:
     with up(site(short_tmp), keep=5, max_mb=0) as stack:
         wsgi = stack.log_dir / "wsgi.log"
-        pids = {name: call(stack, "list", name=name)["pids"] for name in WATCHERS}
+        pids = {name: call(stack, "list", name=name)["pids"] for name in stack.watchers}
         with TaggedLoad(stack.profile.server.listen.port) as load:
             wait_for(lambda: wsgi.stat().st_size > 2 * MIB, MAX_SECONDS, "a 2 MiB log")
             assert not backups(wsgi)  # logs.max_mb = 0: never rotated
             reloaded = stackctl("reload", "--set", "logs.max_mb=1", cwd=stack.stack_dir)
             wait_for(lambda: len(backups(wsgi)) >= 2, MAX_SECONDS, "rotations at the new size")
         assert "nothing restarted" in reloaded.stdout
-        assert {name: call(stack, "list", name=name)["pids"] for name in WATCHERS} == pids
+        assert {name: call(stack, "list", name=name)["pids"] for name in stack.watchers} == pids
         assert not load.failures, load.failures[:10]
         assert_each_once(partial(wsgi_log_lines, stack), WSGI_LINE, load.sent, "wsgi.log")
 

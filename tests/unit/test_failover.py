@@ -138,3 +138,17 @@ def test_publish_tries_again_while_redis_does_not_answer_then_raises() -> None:
     with pytest.raises(redis.ConnectionError):
         realtime.publish_json(connection, "c", "1", (10, 0), wait=1.0)
     assert time.monotonic() - started >= 0.7  # it kept trying, instead of giving up at once
+
+
+def test_a_sentinel_error_is_logged_as_what_each_sentinel_answered() -> None:
+    import redis.sentinel
+
+    from stackctl.realtime import describe_error
+
+    long = ("No master found for 'main' : <redis.client.Redis(<ConnectionPool(<Connection("
+            "host=10.0.0.1,port=26379)>)>)> - auth:AuthenticationError, <redis.client.Redis(...)>"
+            " - network:TimeoutError")  # fmt: skip
+    assert describe_error(redis.sentinel.MasterNotFoundError(long)) == (
+        "no Sentinel names a primary: the Sentinels answered auth:AuthenticationError, "
+        "network:TimeoutError"
+    )
