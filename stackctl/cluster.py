@@ -166,6 +166,44 @@ def check(profile: Profile) -> None:
             "own pools, so it needs both the wsgi and ws roles here; or list the app hosts"
         )
     check_redis(profile)
+    check_ports(profile)
+
+
+WILDCARDS = ("0.0.0.0", "::", "*", "")
+
+
+def listening(profile: Profile) -> list[tuple[str, str, int]]:
+    """(key, host, port) of each TCP socket this host's roles listen on."""
+    cluster = profile.cluster
+    sockets = []
+    if runs(profile, FRONT):
+        sockets.append(("server.listen", profile.server.listen.host, profile.server.listen.port))
+        if profile.tls.certificate:
+            sockets.append(("tls.listen", profile.tls.listen.host, profile.tls.listen.port))
+    if serves_app_over_network(profile):
+        for role, key, port in ((WSGI, "cluster.wsgi_port", cluster.wsgi_port),
+                                (WS, "cluster.ws_port", cluster.ws_port)):  # fmt: skip
+            if runs(profile, role):
+                sockets.append((key, cluster.address, port))
+    if runs_shared_redis(profile):
+        sockets.append(("cluster.redis_port", cluster.address, cluster.redis_port))
+        if uses_sentinel(profile):
+            sockets.append(("cluster.sentinel_port", cluster.address, cluster.sentinel_port))
+    return sockets
+
+
+def check_ports(profile: Profile) -> None:
+    """Two of this host's servers on one address and port: the second could never start
+    (and its error would come late, from circusd, with part of the stack up)."""
+    sockets = listening(profile)
+    for i, (key, host, port) in enumerate(sockets):
+        for other, other_host, other_port in sockets[:i]:
+            shared = host == other_host or host in WILDCARDS or other_host in WILDCARDS
+            if port == other_port and shared:
+                raise StackError(
+                    f"{profile.where(key)}: this host listens on port {port} for "
+                    f"{other} already ({profile.where(other)}); give each a port of its own"
+                )
 
 
 def check_redis(profile: Profile) -> None:
