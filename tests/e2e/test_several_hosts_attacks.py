@@ -7,8 +7,9 @@ from pathlib import Path
 
 import pytest
 
+from stackctl import processes
 from stackctl.errors import EXIT_STACK_ERROR
-from tests.conftest import stackctl
+from tests.conftest import free_port, stackctl
 
 pytestmark = pytest.mark.e2e
 
@@ -60,3 +61,25 @@ def test_two_servers_on_one_port_are_refused(site: Path, settings: list[str], na
     message = refused(site, *settings)
     assert named in message and "a port of its own" in message, message
     assert "command line" in message, message
+
+
+BAD_PASSWORDS = ["", "\n", "two words-0123456789\n", '"quoted-0123456789"\n', "short\n"]
+
+
+@pytest.mark.parametrize("password", BAD_PASSWORDS)
+def test_a_redis_password_redis_would_not_take_is_refused(site: Path, password: str) -> None:
+    """Empty, it would be no password at all; with a space or quotes, Redis refuses its config
+    and echoes the line, password included, into its log."""
+    (site / ".stackctl" / "redis-password").write_text(password)
+    redis_host = ['cluster.roles=["redis"]', "cluster.address=127.0.0.1",  # fmt: skip
+                  'cluster.redis_hosts=["127.0.0.1"]', f"cluster.redis_port={free_port()}"]
+    args = [word for s in redis_host for word in ("--set", s)]
+    result = stackctl("up", "--detach", "--profile", "host", *args, cwd=site, check=False)
+    left = processes.find((site / ".stackctl" / "run").resolve())
+    processes.kill_all(left)
+    assert result.returncode == EXIT_STACK_ERROR, result.stdout + result.stderr
+    assert not left, "something was started"
+    assert "redis-password: its first line must be the Redis password" in result.stderr
+    assert "stackctl secrets" in result.stderr
+    if password.strip():
+        assert password.strip() not in result.stdout + result.stderr
