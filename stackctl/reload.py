@@ -346,6 +346,18 @@ def refuse_moved_sockets(differences: set[tuple[str, str]]) -> None:
         )
 
 
+def refuse_changed_roles(before: tuple[str, ...], stack: Stack) -> None:
+    """Another set of roles (``before``: the running stack's) is other programs (NGiNX, the
+    pools, Redis) to start or stop, with their sockets and ports to bind: `up`'s work, with its
+    checks, not a reload's."""
+    if tuple(before) != stack.profile.cluster.roles:
+        raise StackError(
+            f"{stack.profile.where('cluster.roles')}: the running stack has the roles "
+            f"{', '.join(before)}; a reload does not start or stop parts of the stack, so "
+            "nothing was changed; run `stackctl down`, then `stackctl up`, on this host"
+        )
+
+
 def changed_files(stack: Stack, files: list[File]) -> set[str]:
     def current(name: str) -> str | None:
         path = stack.run_dir / name

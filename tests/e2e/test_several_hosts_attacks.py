@@ -1,15 +1,22 @@
 """Several hosts, attacked from outside: [cluster] values that cannot work, refused before
-anything is written or started, with the file, key, value and what to do."""
+anything is written or started, with the file, key, value and what to do; then, on a running
+cluster (tests.cluster_hosts), reloads that must change nothing, the commands on each kind of
+host, and where the Redis password must never be."""
 
 from __future__ import annotations
 
+import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
 
+import psutil
 import pytest
 
 from stackctl import processes
 from stackctl.errors import EXIT_STACK_ERROR
-from tests.conftest import free_port, stackctl
+from tests.cluster_hosts import APP_A, APP_B, FRONT, HOSTS, REDIS_HOSTS, Cluster, running_cluster
+from tests.conftest import free_port, netns_unavailable, short_dir, stackctl
+from tests.e2e.test_several_hosts import silent
 
 pytestmark = pytest.mark.e2e
 
@@ -83,3 +90,114 @@ def test_a_redis_password_redis_would_not_take_is_refused(site: Path, password: 
     assert "stackctl secrets" in result.stderr
     if password.strip():
         assert password.strip() not in result.stdout + result.stderr
+
+
+# --- on a running cluster -------------------------------------------------------------------
+
+needs_netns = pytest.mark.skipif(netns_unavailable() is not None,
+                                 reason=str(netns_unavailable()))  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def cluster() -> Iterator[Cluster]:
+    with running_cluster(short_dir()) as running:
+        yield running
+
+
+def run_files(cluster: Cluster, name: str) -> dict[str, str]:
+    run = cluster.dirs[name] / ".stackctl" / "run"
+    # (reload.lock stays, with the pid of the last reload: a lock, not a setting)
+    return {f.name: f.read_text() for f in run.iterdir() if f.is_file() and f.suffix != ".lock"}
+
+
+def front_answers(cluster: Cluster) -> None:
+    with urllib.request.urlopen(cluster.front_url + "/", timeout=10) as answer:
+        assert answer.status == 200
+
+
+@needs_netns
+@pytest.mark.parametrize(
+    ("name", "setting", "named"),
+    [
+        (APP_A, 'cluster.roles=["front","wsgi","ws"]', "cluster.roles"),
+        (REDIS_HOSTS[1], 'cluster.roles=["redis","wsgi","ws"]', "cluster.roles"),
+        (APP_A, "cluster.front_hosts=[]", "cluster.front_hosts"),
+        (APP_A, "cluster.ws_port=8001", "cluster.ws_port: 8001"),
+        (FRONT, "cluster.app_hosts=[]", "cluster.app_hosts"),
+        (FRONT, 'cluster.roles=["front","redis"]', "cluster.address"),
+    ],
+)
+def test_a_bad_reload_changes_nothing_and_says_why(
+    cluster: Cluster, name: str, setting: str, named: str
+) -> None:
+    before = run_files(cluster, name)
+    result = cluster.stackctl(name, "reload", "--set", setting, check=False)
+    assert result.returncode == EXIT_STACK_ERROR, result.stdout + result.stderr
+    assert named in result.stderr and "Traceback" not in result.stderr, result.stderr
+    assert run_files(cluster, name) == before
+    front_answers(cluster)
+
+
+@needs_netns
+def test_a_reload_of_an_edited_profile_that_adds_a_role_is_refused(cluster: Cluster) -> None:
+    profile = cluster.dirs[APP_A] / "profiles" / "host.toml"
+    text = profile.read_text()
+    profile.write_text(text.replace('roles = ["wsgi", "ws"]', 'roles = ["front", "wsgi", "ws"]'))
+    try:
+        result = cluster.stackctl(APP_A, "reload", check=False)
+    finally:
+        profile.write_text(text)
+    assert result.returncode == EXIT_STACK_ERROR, result.stdout + result.stderr
+    assert "the running stack has the roles wsgi, ws" in result.stderr, result.stderr
+    assert "stackctl down" in result.stderr
+    front_answers(cluster)
+
+
+@needs_netns
+@pytest.mark.parametrize(
+    ("name", "runs", "runs_not"),
+    [
+        (FRONT, ["nginx"], ["wsgi", "ws ", "redis", "sentinel"]),
+        (APP_A, ["wsgi", "ws "], ["nginx", "sentinel"]),
+        (REDIS_HOSTS[0], ["redis", "sentinel"], ["nginx", "wsgi"]),
+    ],
+)
+def test_status_and_logs_on_each_kind_of_host(
+    cluster: Cluster, name: str, runs: list[str], runs_not: list[str]
+) -> None:
+    status = cluster.stackctl(name, "status").stdout
+    for watcher in runs:
+        assert f"\n{watcher.strip()} " in status and "active" in status, status
+    for watcher in runs_not:
+        assert f"\n{watcher}" not in status, status
+    assert cluster.stackctl(name, "logs", "-n", "5", runs[0].strip()).returncode == 0
+    missing = cluster.stackctl(name, "logs", "-n", "5", runs_not[0].strip(), check=False)
+    assert "Traceback" not in missing.stderr
+
+
+@needs_netns
+def test_another_app_host_and_the_bridge_get_no_answer_from_an_app_hosts_ports(
+    cluster: Cluster,
+) -> None:
+    address = cluster.host(APP_A).address
+    for port in (8001, 8002):
+        assert silent(cluster, address, port, APP_B), "another app host got in"
+        assert silent(cluster, address, port, REDIS_HOSTS[1]), "a redis host got in"
+
+
+@needs_netns
+def test_no_password_in_a_command_line_or_an_environment(cluster: Cluster) -> None:
+    password = (cluster.dirs[FRONT] / ".stackctl" / "redis-password").read_text().strip()
+    seen = 0
+    for process in psutil.process_iter():
+        try:
+            words = process.cmdline()
+            if not any(str(cluster.root) in word for word in words):
+                continue
+            environment = process.environ()
+        except psutil.Error:
+            continue
+        seen += 1
+        assert not any(password in word for word in words), words
+        assert not any(password in value for value in environment.values()), words
+    assert seen >= len(HOSTS) * 2  # circusd and at least one server on each host
