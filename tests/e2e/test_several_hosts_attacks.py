@@ -52,6 +52,22 @@ def refused(site: Path, *settings: str) -> str:
 
 
 @pytest.mark.parametrize(
+    "setting",
+    [
+        "cluster.address=fe80::1",
+        "cluster.address=169.254.0.2",
+        'cluster.front_hosts=["fd00::1", "FD00:0::1"]',
+        'cluster.redis_hosts=["198.18.0.5", "::ffff:198.18.0.5", "198.18.0.6"]',
+    ],
+)
+def test_link_local_and_twice_listed_addresses_are_refused(site: Path, setting: str) -> None:
+    message = refused(site, setting)
+    key, value = setting.split("=", 1)
+    assert f"command line: {key}: expected " in message, message
+    assert "private network" in message, message
+
+
+@pytest.mark.parametrize(
     ("settings", "named"),
     [
         (["cluster.wsgi_port=8002"], "cluster.ws_port: 8002"),
