@@ -206,6 +206,7 @@ def cmd_up(args: argparse.Namespace) -> int:
     os.umask(0o077)
     show_deploy_checks(stack)
     generation.write(stack, generation.render_all(stack))
+    supervisor.check_redis_password(stack)
     print_compression(stack)
     save_state(stack, overrides_from(args))
     try:

@@ -217,3 +217,24 @@ def test_no_password_in_a_command_line_or_an_environment(cluster: Cluster) -> No
         assert not any(password in word for word in words), words
         assert not any(password in value for value in environment.values()), words
     assert seen >= len(HOSTS) * 2  # circusd and at least one server on each host
+
+
+@needs_netns
+def test_an_app_host_with_another_password_is_told_before_it_starts(cluster: Cluster) -> None:
+    """Last: it stops app host B (and starts it again with the right password)."""
+    password = cluster.dirs[APP_B] / ".stackctl" / "redis-password"
+    right = password.read_text()
+    cluster.down(APP_B)
+    password.write_text("another-password-0123456789\n")
+    try:
+        result = cluster.stackctl(APP_B, "up", "--detach", check=False, timeout=60)
+        status = cluster.stackctl(APP_B, "status", check=False)
+    finally:
+        password.write_text(right)
+    assert result.returncode == EXIT_STACK_ERROR, result.stdout + result.stderr
+    assert f"{password}: the redis hosts refuse this password" in result.stderr, result.stderr
+    output = result.stdout + result.stderr
+    assert "another-password" not in output and right.strip() not in output
+    assert status.returncode != 0 and "no stack running" in status.stderr, status.stdout
+    cluster.up(APP_B)
+    front_answers(cluster)
