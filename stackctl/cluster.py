@@ -14,6 +14,7 @@ stackctl needs (the watchers to run, the URL the workers find Redis by) is deriv
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import socket
 from collections.abc import Callable
 from typing import TYPE_CHECKING
@@ -131,6 +132,13 @@ def with_address(profile: Profile, addresses: Callable[[], set[str]]) -> Profile
     )
 
 
+def version(address: str) -> int:
+    """4 or 6; ::ffff:198.18.0.10 is an IPv4 address (how a dual-stack socket names one)."""
+    parsed = ipaddress.ip_address(address)
+    mapped = parsed.ipv4_mapped if isinstance(parsed, ipaddress.IPv6Address) else None
+    return 4 if mapped else parsed.version
+
+
 def host_port(host: str, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
@@ -152,6 +160,16 @@ def check(profile: Profile) -> None:
             f"{where('cluster.front_hosts')}: this host serves its app on "
             f"{cluster.address} (cluster.address) and must list the front hosts allowed to "
             'connect, e.g. ["10.0.0.10"]'
+        )
+    serves = serves_app_over_network(profile)
+    mine = version(cluster.address) if serves else None
+    strangers = [h for h in cluster.front_hosts if serves and version(h) != mine]
+    if strangers:
+        raise StackError(
+            f"{where('cluster.front_hosts')}: {', '.join(strangers)} could never connect: "
+            f"this host serves its app on {cluster.address} (cluster.address, from "
+            f"{profile.source('cluster.address')}), of the other IP version; list the front "
+            "hosts by their addresses of the same version"
         )
     if runs(profile, FRONT) and not app_roles(profile) and not cluster.app_hosts:
         raise StackError(

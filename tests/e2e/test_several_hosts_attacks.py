@@ -68,6 +68,24 @@ def test_link_local_and_twice_listed_addresses_are_refused(site: Path, setting: 
 
 
 @pytest.mark.parametrize(
+    ("settings", "stranger"),
+    [
+        (['cluster.front_hosts=["fd00::1"]'], "fd00::1"),
+        (['cluster.front_hosts=["198.18.0.1", "fd00::1"]'], "fd00::1"),
+        (["cluster.address=fd00::2", 'cluster.front_hosts=["198.18.0.1"]'], "198.18.0.1"),
+    ],
+)
+def test_a_front_host_of_the_other_ip_version_is_refused(
+    site: Path, settings: list[str], stranger: str
+) -> None:
+    """The app's sockets are bound to cluster.address: one of the other version never hears
+    the front host."""
+    message = refused(site, *settings)
+    assert "cluster.front_hosts: " in message and f"{stranger} could never connect" in message
+    assert "other IP version" in message, message
+
+
+@pytest.mark.parametrize(
     ("settings", "named"),
     [
         (["cluster.wsgi_port=8002"], "cluster.ws_port: 8002"),
@@ -192,7 +210,7 @@ def test_status_and_logs_on_each_kind_of_host(
 
 
 @needs_netns
-def test_another_app_host_and_the_bridge_get_no_answer_from_an_app_hosts_ports(
+def test_another_app_host_and_a_redis_host_get_no_answer_from_an_app_hosts_ports(
     cluster: Cluster,
 ) -> None:
     address = cluster.host(APP_A).address
