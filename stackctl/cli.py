@@ -392,7 +392,12 @@ def cmd_compress(args: argparse.Namespace) -> int:
 
 def cmd_logs(args: argparse.Namespace) -> int:
     stack = load_running_stack(args, writes=False, as_saved=True)
-    names = [args.watcher] if args.watcher else LOGS
+    runs = ("circusd", *stack.watchers)
+    watcher = "nginx" if args.watcher == "nginx-access" else args.watcher
+    if watcher is not None and watcher not in runs:
+        raise StackError(f"this host runs no {watcher}, so it has no log of it; it runs "
+                         f"{', '.join(runs)} (cluster.roles)")  # fmt: skip
+    names = [args.watcher] if args.watcher else [n for n in LOGS if n in runs]
     followers = [Follower(stack.log_dir / f"{n}.log") for n in names]
     prefix = len(followers) > 1
     try:

@@ -206,7 +206,9 @@ def test_status_and_logs_on_each_kind_of_host(
         assert f"\n{watcher}" not in status, status
     assert cluster.stackctl(name, "logs", "-n", "5", runs[0].strip()).returncode == 0
     missing = cluster.stackctl(name, "logs", "-n", "5", runs_not[0].strip(), check=False)
-    assert "Traceback" not in missing.stderr
+    assert missing.returncode == EXIT_STACK_ERROR, missing.stdout + missing.stderr
+    said = f"this host runs no {runs_not[0].strip()}, so it has no log of it; it runs circusd, "
+    assert said + runs[0].strip() in missing.stderr, missing.stderr
 
 
 @needs_netns
