@@ -333,6 +333,7 @@ def reload_running(args: argparse.Namespace, running: Stack) -> int:
     # As saved by `up`: the profile file may have been edited since, roles included.
     started = state.get("settings", {}).get("cluster.roles", running.profile.cluster.roles)
     reload.refuse_changed_roles(tuple(started), stack)
+    reload.refuse_moved_shared_redis(state.get("settings", {}), stack)
     # The rest of what `up` checks runs on the new generation in apply_config; the port, only
     # when NGiNX does not hold it already (the files it was read from may have changed since).
     unheld = reload.unheld_listens(stack)

@@ -159,6 +159,9 @@ def front_answers(cluster: Cluster) -> None:
         (APP_A, "cluster.ws_port=8001", "cluster.ws_port: 8001"),
         (FRONT, "cluster.app_hosts=[]", "cluster.app_hosts"),
         (FRONT, 'cluster.roles=["front","redis"]', "cluster.address"),
+        (REDIS_HOSTS[0], "cluster.redis_port=6380", "cluster.redis_port: 6380: the running one"),
+        (REDIS_HOSTS[1], "cluster.sentinel_port=26380", "the running one is 26379"),
+        (REDIS_HOSTS[2], "cluster.master_name=other", "cluster.master_name: 'other'"),
     ],
 )
 def test_a_bad_reload_changes_nothing_and_says_why(
