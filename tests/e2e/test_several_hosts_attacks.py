@@ -261,3 +261,15 @@ def test_an_app_host_with_another_password_is_told_before_it_starts(cluster: Clu
     assert status.returncode != 0 and "no stack running" in status.stderr, status.stdout
     cluster.up(APP_B)
     front_answers(cluster)
+
+
+@needs_netns
+def test_down_on_each_kind_of_host_leaves_nothing_running(cluster: Cluster) -> None:
+    """Last of all: it stops the cluster, front first, as the README says."""
+    for name in (FRONT, APP_A, REDIS_HOSTS[0]):
+        assert "stack stopped" in cluster.stackctl(name, "down").stdout
+        left = processes.find((cluster.dirs[name] / ".stackctl" / "run").resolve())
+        processes.kill_all(left)
+        assert not left, f"{name}: left running after down"
+        status = cluster.stackctl(name, "status", check=False)
+        assert status.returncode == EXIT_STACK_ERROR and "no stack running" in status.stderr
