@@ -112,9 +112,7 @@ def test_a_redis_password_redis_would_not_take_is_refused(site: Path, password: 
     """Empty, it would be no password at all; with a space or quotes, Redis refuses its config
     and echoes the line, password included, into its log."""
     (site / ".stackctl" / "redis-password").write_text(password)
-    redis_host = ['cluster.roles=["redis"]', "cluster.address=127.0.0.1",  # fmt: skip
-                  'cluster.redis_hosts=["127.0.0.1"]', f"cluster.redis_port={free_port()}"]
-    args = [word for s in redis_host for word in ("--set", s)]
+    args = loopback_redis_host(site)
     result = stackctl("up", "--detach", "--profile", "host", *args, cwd=site, check=False)
     left = processes.find((site / ".stackctl" / "run").resolve())
     processes.kill_all(left)
@@ -124,6 +122,36 @@ def test_a_redis_password_redis_would_not_take_is_refused(site: Path, password: 
     assert "stackctl secrets" in result.stderr
     if password.strip():
         assert password.strip() not in result.stdout + result.stderr
+
+
+def loopback_redis_host(site: Path) -> list[str]:
+    """The --set arguments of a redis host of one, on loopback (its own cluster)."""
+    settings = ['cluster.roles=["redis"]', "cluster.address=127.0.0.1",  # fmt: skip
+                'cluster.redis_hosts=["127.0.0.1"]', f"cluster.redis_port={free_port()}"]
+    return [word for s in settings for word in ("--set", s)]
+
+
+def test_a_password_file_that_is_a_link_is_refused_and_one_others_read_made_private(
+    site: Path,
+) -> None:
+    password = site / ".stackctl" / "redis-password"
+    elsewhere = site / "elsewhere"
+    password.rename(elsewhere)
+    password.symlink_to(elsewhere)
+    args = ["up", "--detach", "--profile", "host", *loopback_redis_host(site)]
+    linked = stackctl(*args, cwd=site, check=False)
+    assert linked.returncode == EXIT_STACK_ERROR, linked.stdout + linked.stderr
+    assert f"{password} is a symbolic link; remove it" in linked.stderr
+    assert elsewhere.read_text().strip() not in linked.stdout + linked.stderr
+    password.unlink()
+    elsewhere.rename(password)
+    password.chmod(0o644)
+    try:
+        stackctl(*args, cwd=site)
+        assert password.stat().st_mode & 0o777 == 0o600
+    finally:
+        stackctl("down", cwd=site, check=False)
+        processes.kill_all(processes.find((site / ".stackctl" / "run").resolve()))
 
 
 # --- on a running cluster -------------------------------------------------------------------
