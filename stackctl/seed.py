@@ -52,9 +52,15 @@ def prepare(kind: str, seed_path: Path, conf: Path, password_file: Path) -> None
     mark.write_text(digest + "\n")
 
 
+PASSWORD_LINES = ("requirepass ", "masterauth ", "primaryauth ", "user default ",
+                  "sentinel auth-pass ")  # fmt: skip
+"""How the lines that hold the password, or its hash, begin as the server rewrites them:
+Valkey writes masterauth as primaryauth, and the default user's password as a hash on a
+`user default` line, which would keep the old password in force whatever requirepass says."""
+
+
 def is_password(line: str) -> bool:
-    words = line.split()
-    return words[:1] in (["requirepass"], ["masterauth"]) or words[:2] == ["sentinel", "auth-pass"]
+    return (" ".join(line.split()) + " ").startswith(PASSWORD_LINES)
 
 
 def write_private(conf: Path, lines: list[str]) -> None:

@@ -271,11 +271,13 @@ def test_a_changed_redis_password_reaches_a_conf_the_server_rewrote(tmp_path: Pa
         password.write_text("old-password-0123456789\n")
         seeding.prepare(kind, seed, conf, password)
         with conf.open("a") as f:
-            f.write("replicaof 10.0.0.22 6379\nrequirepass \"old-password-0123456789\"\n")
+            f.write("replicaof 10.0.0.22 6379\nrequirepass \"old-password-0123456789\"\n"
+                    'primaryauth "old-password-0123456789"\n'
+                    "user default on #1fd96fc8 ~* &* +@all\n")  # as Valkey rewrites them
         password.write_text("new-password-0123456789\n")
         seeding.prepare(kind, seed, conf, password)
         made = conf.read_text()
-        assert "old-password" not in made
+        assert "old-password" not in made and "#1fd96fc8" not in made
         assert "replicaof 10.0.0.22 6379" in made
         assert made.count("new-password-0123456789") == 2
         assert conf.stat().st_mode & 0o777 == 0o600
