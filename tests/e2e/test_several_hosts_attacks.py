@@ -15,7 +15,7 @@ import pytest
 from stackctl import processes
 from stackctl.errors import EXIT_STACK_ERROR
 from tests.cluster_hosts import APP_A, APP_B, FRONT, HOSTS, REDIS_HOSTS, Cluster, running_cluster
-from tests.conftest import free_port, netns_unavailable, short_dir, stackctl
+from tests.conftest import free_port, netns_unavailable, short_dir, stackctl, wait_for
 from tests.e2e.test_several_hosts import silent
 
 pytestmark = pytest.mark.e2e
@@ -268,6 +268,35 @@ def test_no_password_in_a_command_line_or_an_environment(cluster: Cluster) -> No
         assert not any(password in word for word in words), words
         assert not any(password in value for value in environment.values()), words
     assert seen >= len(HOSTS) * 2  # circusd and at least one server on each host
+
+
+@needs_netns
+def test_a_new_redis_password_is_taken_by_reloading_each_server_that_uses_it(
+    cluster: Cluster,
+) -> None:
+    """The password changed on every host: `stackctl reload redis` and `reload sentinel` on
+    each redis host, `reload ws` and `reload wsgi` on each app host, and realtime delivers
+    again; the old password is refused."""
+    import redis
+
+    old = (cluster.dirs[FRONT] / ".stackctl" / "redis-password").read_text().strip()
+    for name in HOSTS:
+        (cluster.dirs[name] / ".stackctl" / "redis-password").write_text(
+            "rotated-password-0123456789abcdef\n"
+        )
+    for name in REDIS_HOSTS:
+        cluster.stackctl(name, "reload", "redis")
+        cluster.stackctl(name, "reload", "sentinel")
+    for name in (APP_A, APP_B):
+        cluster.stackctl(name, "reload", "ws")
+        cluster.stackctl(name, "reload", "wsgi")
+    for name in (APP_A, APP_B):
+        wait_for(lambda n=name: "realtime  ok" in cluster.stackctl(n, "status", check=False).stdout,
+                 30, f"realtime delivering on {name}")  # fmt: skip
+    for name in REDIS_HOSTS:
+        address = cluster.host(name).address
+        with pytest.raises(redis.AuthenticationError):
+            redis.Redis(host=address, port=6379, password=old, socket_timeout=5).ping()
 
 
 @needs_netns
