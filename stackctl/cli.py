@@ -206,6 +206,7 @@ def cmd_up(args: argparse.Namespace) -> int:
     os.umask(0o077)
     show_deploy_checks(stack)
     generation.write(stack, generation.render_all(stack))
+    supervisor.check_redis_password(stack)
     print_compression(stack)
     save_state(stack, overrides_from(args))
     try:
@@ -329,6 +330,10 @@ def reload_running(args: argparse.Namespace, running: Stack) -> int:
     # Before anything is touched: the workers a reload starts (Circus's own, and those a
     # `circusctl reload` would start from the same files) load these settings.
     show_deploy_checks(stack)
+    # As saved by `up`: the profile file may have been edited since, roles included.
+    started = state.get("settings", {}).get("cluster.roles", running.profile.cluster.roles)
+    reload.refuse_changed_roles(tuple(started), stack)
+    reload.refuse_moved_shared_redis(state.get("settings", {}), stack)
     # The rest of what `up` checks runs on the new generation in apply_config; the port, only
     # when NGiNX does not hold it already (the files it was read from may have changed since).
     unheld = reload.unheld_listens(stack)
@@ -388,7 +393,12 @@ def cmd_compress(args: argparse.Namespace) -> int:
 
 def cmd_logs(args: argparse.Namespace) -> int:
     stack = load_running_stack(args, writes=False, as_saved=True)
-    names = [args.watcher] if args.watcher else LOGS
+    runs = ("circusd", *stack.watchers)
+    watcher = "nginx" if args.watcher == "nginx-access" else args.watcher
+    if watcher is not None and watcher not in runs:
+        raise StackError(f"this host runs no {watcher}, so it has no log of it; it runs "
+                         f"{', '.join(runs)} (cluster.roles)")  # fmt: skip
+    names = [args.watcher] if args.watcher else [n for n in LOGS if n in runs]
     followers = [Follower(stack.log_dir / f"{n}.log") for n in names]
     prefix = len(followers) > 1
     try:

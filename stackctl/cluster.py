@@ -14,6 +14,7 @@ stackctl needs (the watchers to run, the URL the workers find Redis by) is deriv
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import socket
 from collections.abc import Callable
 from typing import TYPE_CHECKING
@@ -131,6 +132,13 @@ def with_address(profile: Profile, addresses: Callable[[], set[str]]) -> Profile
     )
 
 
+def version(address: str) -> int:
+    """4 or 6; ::ffff:198.18.0.10 is an IPv4 address (how a dual-stack socket names one)."""
+    parsed = ipaddress.ip_address(address)
+    mapped = parsed.ipv4_mapped if isinstance(parsed, ipaddress.IPv6Address) else None
+    return 4 if mapped else parsed.version
+
+
 def host_port(host: str, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
@@ -153,6 +161,16 @@ def check(profile: Profile) -> None:
             f"{cluster.address} (cluster.address) and must list the front hosts allowed to "
             'connect, e.g. ["10.0.0.10"]'
         )
+    serves = serves_app_over_network(profile)
+    mine = version(cluster.address) if serves else None
+    strangers = [h for h in cluster.front_hosts if serves and version(h) != mine]
+    if strangers:
+        raise StackError(
+            f"{where('cluster.front_hosts')}: {', '.join(strangers)} could never connect: "
+            f"this host serves its app on {cluster.address} (cluster.address, from "
+            f"{profile.source('cluster.address')}), of the other IP version; list the front "
+            "hosts by their addresses of the same version"
+        )
     if runs(profile, FRONT) and not app_roles(profile) and not cluster.app_hosts:
         raise StackError(
             f"{where('cluster.app_hosts')}: a front host without the wsgi and ws roles must "
@@ -166,6 +184,44 @@ def check(profile: Profile) -> None:
             "own pools, so it needs both the wsgi and ws roles here; or list the app hosts"
         )
     check_redis(profile)
+    check_ports(profile)
+
+
+WILDCARDS = ("0.0.0.0", "::", "*", "")
+
+
+def listening(profile: Profile) -> list[tuple[str, str, int]]:
+    """(key, host, port) of each TCP socket this host's roles listen on."""
+    cluster = profile.cluster
+    sockets = []
+    if runs(profile, FRONT):
+        sockets.append(("server.listen", profile.server.listen.host, profile.server.listen.port))
+        if profile.tls.certificate:
+            sockets.append(("tls.listen", profile.tls.listen.host, profile.tls.listen.port))
+    if serves_app_over_network(profile):
+        for role, key, port in ((WSGI, "cluster.wsgi_port", cluster.wsgi_port),
+                                (WS, "cluster.ws_port", cluster.ws_port)):  # fmt: skip
+            if runs(profile, role):
+                sockets.append((key, cluster.address, port))
+    if runs_shared_redis(profile):
+        sockets.append(("cluster.redis_port", cluster.address, cluster.redis_port))
+        if uses_sentinel(profile):
+            sockets.append(("cluster.sentinel_port", cluster.address, cluster.sentinel_port))
+    return sockets
+
+
+def check_ports(profile: Profile) -> None:
+    """Two of this host's servers on one address and port: the second could never start
+    (and its error would come late, from circusd, with part of the stack up)."""
+    sockets = listening(profile)
+    for i, (key, host, port) in enumerate(sockets):
+        for other, other_host, other_port in sockets[:i]:
+            shared = host == other_host or host in WILDCARDS or other_host in WILDCARDS
+            if port == other_port and shared:
+                raise StackError(
+                    f"{profile.where(key)}: this host listens on port {port} for "
+                    f"{other} already ({profile.where(other)}); give each a port of its own"
+                )
 
 
 def check_redis(profile: Profile) -> None:

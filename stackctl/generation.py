@@ -9,6 +9,7 @@ half-written config, and a rejected generation leaves the running one exactly as
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import stat
 import subprocess
@@ -93,6 +94,27 @@ def make_secrets(stack: Stack) -> None:
             )
     for path in shared:
         realtime.ensure_secret(path, stack.file_mode, stack.shared_gid)
+    if stack.profile.cluster.redis_hosts:
+        check_redis_password(stack.redis_password_file)
+
+
+REDIS_PASSWORD = re.compile(r"[!#-&(-~]{16,}")
+"""What Redis and Sentinel's config files take unquoted: printable ASCII but space and quotes;
+long enough not to be guessed (`stackctl secrets` makes 43 characters)."""
+
+
+def check_redis_password(path: Path) -> None:
+    """The first line of the shared Redis password file is a password Redis takes as written:
+    an empty one would be no password at all, one with spaces or quotes a config Redis refuses
+    (echoing the line, password included, to its log). Never says what the file holds."""
+    lines = path.read_text(errors="replace").splitlines()
+    first = lines[0] if lines else ""
+    if not REDIS_PASSWORD.fullmatch(first):
+        raise StackError(
+            f"{path}: its first line must be the Redis password: at least 16 printable "
+            "characters without spaces or quotes (`stackctl secrets` makes one in a new "
+            "file); " + SHARED_SECRETS_ADVICE.format(files=path.name)
+        )
 
 
 def make_private_dir(stack: Stack, base: Path, relative: str) -> Path:

@@ -27,10 +27,11 @@ from collections.abc import Iterator
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import psutil
 
-from stackctl import generation
+from stackctl import cluster, generation
 from stackctl.errors import StackError
 from stackctl.flapping import failure_note, has_exception, last_crash, log_tail
 from stackctl.logfile import LIMITS_FILE
@@ -343,6 +344,39 @@ def refuse_moved_sockets(differences: set[tuple[str, str]]) -> None:
             "cluster.wsgi_port or cluster.ws_port changed): a reload cannot move a listening "
             "socket, so nothing was changed; run `stackctl down`, then `stackctl up`, on this "
             "host (the fronts send its requests to the other app hosts meanwhile)"
+        )
+
+
+def refuse_changed_roles(before: tuple[str, ...], stack: Stack) -> None:
+    """Another set of roles (``before``: the running stack's) is other programs (NGiNX, the
+    pools, Redis) to start or stop, with their sockets and ports to bind: `up`'s work, with its
+    checks, not a reload's."""
+    if tuple(before) != stack.profile.cluster.roles:
+        raise StackError(
+            f"{stack.profile.where('cluster.roles')}: the running stack has the roles "
+            f"{', '.join(before)}; a reload does not start or stop parts of the stack, so "
+            "nothing was changed; run `stackctl down`, then `stackctl up`, on this host"
+        )
+
+
+SHARED_REDIS_PLACE = ("cluster.redis_port", "cluster.sentinel_port", "cluster.master_name")
+
+
+def refuse_moved_shared_redis(saved: dict[str, Any], stack: Stack) -> None:
+    """A redis host's Redis or Sentinel on another port, or the primary under another name:
+    the other redis hosts and the app hosts know them by the running ones, so this host alone
+    would leave the cluster (and Sentinel would start over from the first of
+    cluster.redis_hosts as the primary, whatever it learned since)."""
+    if not cluster.runs_shared_redis(stack.profile):
+        return
+    moved = [key for key in SHARED_REDIS_PLACE if saved.get(key, stack.profile.value(key))
+             != stack.profile.value(key)]  # fmt: skip
+    if moved:
+        raise StackError(
+            f"{stack.profile.where(moved[0])}: the running one is {saved[moved[0]]!r}, and the "
+            "other hosts know it so; a reload of one redis host cannot change it, so nothing "
+            "was changed; change it in the profile of every host, then run `stackctl down` "
+            "and `stackctl up` on each"
         )
 
 

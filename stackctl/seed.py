@@ -41,16 +41,37 @@ def prepare(kind: str, seed_path: Path, conf: Path, password_file: Path) -> None
     seed = seed_path.read_text()
     digest = hashlib.sha256(seed.encode()).hexdigest()
     mark = conf.with_name(conf.name + SEED_MARK)
-    if conf.is_file() and mark.is_file() and mark.read_text().strip() == digest:
-        return  # the server's own rewrites of it are what it learned since: keep them
     password = password_file.read_text().splitlines()[0].strip()
+    if conf.is_file() and mark.is_file() and mark.read_text().strip() == digest:
+        # The server's own rewrites of it are what it learned since: keep them, but with
+        # the password of the file, which may have been changed on every host since.
+        learned = [line for line in conf.read_text().splitlines() if not is_password(line)]
+        write_private(conf, [*learned, *password_lines(kind, seed, password)])
+        return
+    write_private(conf, [seed.rstrip(), *password_lines(kind, seed, password)])
+    mark.write_text(digest + "\n")
+
+
+PASSWORD_LINES = ("requirepass ", "masterauth ", "primaryauth ", "user default ",
+                  "sentinel auth-pass ")  # fmt: skip
+"""How the lines that hold the password, or its hash, begin as the server rewrites them:
+Valkey writes masterauth as primaryauth, and the default user's password as a hash on a
+`user default` line, which would keep the old password in force whatever requirepass says."""
+
+
+def is_password(line: str) -> bool:
+    return (" ".join(line.split()) + " ").startswith(PASSWORD_LINES)
+
+
+def write_private(conf: Path, lines: list[str]) -> None:
+    """Replace ``conf`` at once with ``lines``, readable by this user only: it holds the
+    password."""
     staged = conf.with_name(conf.name + ".new")
     staged.unlink(missing_ok=True)
     descriptor = os.open(staged, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
     with os.fdopen(descriptor, "w") as f:
-        f.write("\n".join([seed.rstrip(), *password_lines(kind, seed, password)]) + "\n")
+        f.write("\n".join(lines) + "\n")
     os.replace(staged, conf)
-    mark.write_text(digest + "\n")
 
 
 def main() -> None:

@@ -852,7 +852,10 @@ def _private_address(text: Any) -> ipaddress.IPv4Address | ipaddress.IPv6Address
         address = ipaddress.ip_address(text)
     except ValueError:
         return None
-    return address if address.is_private and not address.is_unspecified else None
+    # A link-local address (169.254.0.0/16, fe80::/10) is on every link at once: it names no
+    # one private network, and an IPv6 one cannot be bound without naming its interface.
+    usable = address.is_private and not (address.is_unspecified or address.is_link_local)
+    return address if usable else None
 
 
 _PRIVATE_RULE = (
@@ -860,6 +863,13 @@ _PRIVATE_RULE = (
     "198.18.0.0/15, fc00::/7) or loopback: the app and Redis are never served on a public "
     "interface"
 )
+
+
+def _same_host(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    """One address however written: fd00::1 is FD00:0::1, 198.18.0.5 is ::ffff:198.18.0.5."""
+    address = _private_address(text)
+    mapped = address.ipv4_mapped if isinstance(address, ipaddress.IPv6Address) else None
+    return mapped or address
 
 
 def private_address(value: Any) -> str:
@@ -874,7 +884,7 @@ def private_addresses(value: Any) -> tuple[str, ...]:
     form = f"a list of distinct addresses, each {_PRIVATE_RULE}"
     if not isinstance(value, list | tuple) or any(_private_address(v) is None for v in value):
         raise _expect(form, value)
-    if len(set(value)) != len(value):
+    if len({_same_host(v) for v in value}) != len(value):
         raise _expect(form, value)
     return tuple(str(v) for v in value)
 

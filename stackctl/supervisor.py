@@ -521,6 +521,31 @@ def redis_answers(stack: Stack) -> tuple[bool, str]:
     return True, "answers"
 
 
+def check_redis_password(stack: Stack) -> None:
+    """An app host whose password the redis hosts refuse would start, then wait in vain for
+    its websocket worker to deliver: say so before starting anything. Redis hosts that do not
+    answer yet are no reason not to start (the workers keep trying until they do)."""
+    import redis
+
+    from stackctl import cluster, realtime
+
+    if not (cluster.app_roles(stack.profile) and stack.profile.cluster.redis_hosts):
+        return
+    client = realtime.connect(stack.redis_url, **redis_password_option(stack), socket_timeout=2,
+                              socket_connect_timeout=2, retry=realtime.NO_RETRY)  # fmt: skip
+    try:
+        client.ping()
+    except redis.RedisError as e:
+        if isinstance(e, redis.AuthenticationError) or "Authentication" in str(e):
+            raise StackError(
+                f"{stack.redis_password_file}: the redis hosts refuse this password; copy "
+                "that file from the host where `stackctl secrets` made it (the same file on "
+                "every host), then run `stackctl up` again"
+            ) from None
+    finally:
+        client.close()
+
+
 def _number(value: Any) -> float:
     try:
         return float(value)

@@ -277,7 +277,7 @@ class Hub:
         try:
             self._probe.ping()
         except redis.RedisError as e:
-            return f"Redis does not answer: {e}"
+            return f"Redis does not answer: {realtime.describe_error(e)}"
         return None
 
     def stop(self) -> None:

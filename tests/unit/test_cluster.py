@@ -256,3 +256,28 @@ def test_this_hosts_addresses_are_read_from_its_interfaces() -> None:
     from stackctl.cluster import local_addresses
 
     assert "127.0.0.1" in local_addresses()
+
+
+def test_a_changed_redis_password_reaches_a_conf_the_server_rewrote(tmp_path: Path) -> None:
+    """The password was changed on every host: a redis host's Redis and Sentinel, restarted,
+    ask for the new one and keep what they learned (here: whose replica Redis is now)."""
+    from stackctl import seed as seeding
+
+    password = tmp_path / "redis-password"
+    seeds = {"redis": "port 6379\n", "sentinel": "sentinel monitor m 10.0.0.21 6379 2\n"}
+    for kind, text in seeds.items():
+        seed, conf = tmp_path / f"{kind}.seed", tmp_path / f"{kind}.conf"
+        seed.write_text(text)
+        password.write_text("old-password-0123456789\n")
+        seeding.prepare(kind, seed, conf, password)
+        with conf.open("a") as f:
+            f.write("replicaof 10.0.0.22 6379\nrequirepass \"old-password-0123456789\"\n"
+                    'primaryauth "old-password-0123456789"\n'
+                    "user default on #1fd96fc8 ~* &* +@all\n")  # as Valkey rewrites them
+        password.write_text("new-password-0123456789\n")
+        seeding.prepare(kind, seed, conf, password)
+        made = conf.read_text()
+        assert "old-password" not in made and "#1fd96fc8" not in made
+        assert "replicaof 10.0.0.22 6379" in made
+        assert made.count("new-password-0123456789") == 2
+        assert conf.stat().st_mode & 0o777 == 0o600

@@ -152,3 +152,27 @@ def test_a_sentinel_error_is_logged_as_what_each_sentinel_answered() -> None:
         "no Sentinel names a primary: the Sentinels answered auth:AuthenticationError, "
         "network:TimeoutError"
     )
+
+
+def test_status_says_what_the_sentinels_answered_not_their_connections() -> None:
+    """`stackctl status` shows the websocket worker's trouble: redis-py's "no master found"
+    would put every Sentinel's connection there, in one line of 1,000s of characters."""
+    import gevent
+    import redis.sentinel
+
+    class Probe:
+        def ping(self) -> None:
+            raise redis.sentinel.MasterNotFoundError(
+                "No master found for 'main' : <redis.client.Redis(<ConnectionPool(<Connection("
+                "host=10.0.0.1,port=26379)>)>)> - auth:AuthenticationError"
+            )
+
+    hub = Hub("redis://127.0.0.1:1/0", ping_interval=60)
+    hub._listener, hub._connected, hub._probe = gevent.spawn(gevent.sleep, 5), True, Probe()
+    try:
+        assert hub.trouble() == (
+            "Redis does not answer: no Sentinel names a primary: the Sentinels answered "
+            "auth:AuthenticationError"
+        )
+    finally:
+        hub._listener.kill()
