@@ -285,7 +285,8 @@ def cmd_status(args: argparse.Namespace) -> int:
     work; exits 1 when one does not."""
     stack = load_running_stack(args, writes=False, as_saved=True)
     require_running(stack)
-    print(f"{stack.url()}  profile {stack.profile.name}")
+    where = stack.url() if "nginx" in stack.watchers else ", ".join(stack.profile.cluster.roles)
+    print(f"{where}  profile {stack.profile.name}")
     for watcher in supervisor.status(stack):
         print(f"{watcher.name:<7} {watcher.state:<9} {len(watcher.processes)} process(es)")
         if watcher.failure:

@@ -382,8 +382,10 @@ def primary_host(cluster: Cluster) -> str:
 
     password = cluster.password_file.read_text().strip()
     for name in REDIS_HOSTS:
+        # No retries: redis-py's own (with backoff) made one dead Sentinel cost 24 s.
         sentinel = redis.Redis(host=cluster.host(name).address, port=26379, socket_timeout=2,
-                               socket_connect_timeout=2, password=password)  # fmt: skip
+                               socket_connect_timeout=2, password=password,
+                               retry=realtime.NO_RETRY)  # fmt: skip
         with contextlib.suppress(redis.RedisError, ValueError):
             address, _ = sentinel.execute_command("SENTINEL", "GET-MASTER-ADDR-BY-NAME",
                                                   "stackctl")  # fmt: skip

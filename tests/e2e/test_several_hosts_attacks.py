@@ -231,6 +231,9 @@ def test_status_and_logs_on_each_kind_of_host(
     cluster: Cluster, name: str, runs: list[str], runs_not: list[str]
 ) -> None:
     status = cluster.stackctl(name, "status").stdout
+    # The first line says where the site is, or, on a host without NGiNX, what this host runs.
+    first = {FRONT: "http://", APP_A: "wsgi, ws  profile", REDIS_HOSTS[0]: "redis  profile"}
+    assert status.startswith(first[name]), status
     for watcher in runs:
         assert f"\n{watcher.strip()} " in status and "active" in status, status
     for watcher in runs_not:
