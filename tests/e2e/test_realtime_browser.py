@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import time
+import urllib.request
 
 import pytest
 
@@ -59,3 +60,23 @@ def test_a_page_comes_back_with_a_fresh_token_when_its_token_expires() -> None:
         assert browser.evaluate("window.asked") >= 2
         realtime.publish_user("alice", "still yours", url=stack.redis_url)
         browser.wait_for("window.got.includes('still yours')")
+
+
+def test_the_demo_board_greets_a_new_visitor_with_what_was_said_before() -> None:
+    binary = chromium_binary()
+    assert binary, "Chromium is needed: apt-get install -y chromium"
+    root = short_dir()
+    stackctl("init", str(root / "site"), "--demo", cwd=root)
+    with running_stack(root / "site", "--workers", "1") as stack, Browser(binary) as browser:
+        for text in ("first", "second"):
+            post = urllib.request.Request(stack.url() + "post", data=f"message={text}".encode(),
+                                          headers={"Accept": "application/json"})  # fmt: skip
+            with urllib.request.urlopen(post, timeout=10) as answer:
+                assert answer.status == 200
+        browser.open(stack.url())  # opened after both were posted
+        shown = "Array.from(document.querySelectorAll('#board li')).map(li => li.textContent)"
+        browser.wait_for(f"{shown}.length === 2")
+        assert browser.evaluate(shown) == ["second", "first"]  # newest first
+        realtime.publish("board", {"text": "third"}, url=stack.redis_url)
+        browser.wait_for(f"{shown}[0] === 'third'")
+        assert browser.evaluate(shown) == ["third", "second", "first"]  # live, after the history
