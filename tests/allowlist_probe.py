@@ -15,6 +15,7 @@ import os
 import socket
 import struct
 import subprocess
+import time
 from collections.abc import Iterator
 from contextlib import closing, contextmanager
 
@@ -110,12 +111,26 @@ IPV6_SERVER = "2001:2::1"
 IPV6_LISTED = "2001:2::2"
 
 
+def wait_for_path(host: str, source: str, within: float = 10.0) -> None:
+    """Return once ``source`` reaches an unfiltered listener on ``host``.
+
+    The kernel finishes a new IPv6 address (its local route) in a work queue of its own, a
+    moment after `ip addr add` returns; on a loaded machine a first SYN can go out before, and
+    is lost. Without this wait such a loss would read as the filter's doing."""
+    deadline = time.monotonic() + within
+    with listener(host, "::/0") as server:
+        while talks(server, source) != "talked":
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"{source} never reached {host}, even unfiltered")
+
+
 def ipv6_check() -> dict[str, object]:
     """In a namespace of its own: a server on 2001:2::1 that lets in 2001:2::2 only."""
     subprocess.run(["ip", "link", "set", "lo", "up"], check=True)
     for address in (IPV6_SERVER, IPV6_LISTED):
         subprocess.run(["ip", "-6", "addr", "add", f"{address}/128", "dev", "lo", "nodad"],
                        check=True)  # fmt: skip
+    wait_for_path(IPV6_SERVER, IPV6_LISTED)
     with listener(IPV6_SERVER, f"[{IPV6_LISTED}]") as server:
         seen: dict[str, object] = {
             IPV6_LISTED: talks(server, IPV6_LISTED),
