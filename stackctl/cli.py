@@ -14,7 +14,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from stackctl import generation, profile, realtime, service, supervisor, users
+from stackctl import drain, generation, profile, realtime, service, supervisor, users
 from stackctl.errors import EXIT_STACK_ERROR, StackError
 from stackctl.follow import Follower
 from stackctl.settings import BY_KEY, SETTINGS
@@ -267,11 +267,29 @@ def show_deploy_checks(stack: Stack) -> None:
 def cmd_down(args: argparse.Namespace) -> int:
     stack = load_running_stack(args, as_saved=True)
     pid = supervisor.running_pid(stack)
-    killed = supervisor.stop(stack, pid)
+    killed = supervisor.stop(stack, pid, drain_first=True)
     if pid is None and not killed:
         print(f"no stack running in {stack.stack_dir}")
         return 0
     print("stack stopped" + (f"; killed leftover pids {killed}" if killed else ""))
+    return 0
+
+
+def cmd_drain(args: argparse.Namespace) -> int:
+    """Take this host out of its load balancers' rotation (or back in, with --off): the site
+    keeps serving whoever comes, only its health check changes."""
+    stack = load_running_stack(args, as_saved=True)
+    require_running(stack)
+    if "nginx" not in stack.watchers:
+        raise StackError("this host runs no NGiNX, so load balancers do not check it: "
+                         "drain the front hosts")  # fmt: skip
+    if args.off:
+        drain.stop(stack.run_dir)
+        print(f"{stack.url()}_stackctl/health answers 200 again (while everything works)")
+    else:
+        drain.start(stack.run_dir)
+        print(f"{stack.url()}_stackctl/health answers 503 until `stackctl drain --off` or "
+              "the next `stackctl up`; the site keeps serving")  # fmt: skip
     return 0
 
 
@@ -297,6 +315,8 @@ def cmd_status(args: argparse.Namespace) -> int:
                 f"rss {p.mem_rss / 2**20:7.1f} MiB"
             )
     checks = supervisor.health(stack)
+    if "nginx" in stack.watchers and drain.under_way(stack.run_dir):
+        print("draining: the health check answers 503 (`stackctl drain --off` ends it)")
     for check in checks:
         print(f"{check.name:<9} {'ok' if check.ok else 'FAILING':<8} {check.detail}")
     return 0 if all(check.ok for check in checks) else EXIT_UNHEALTHY
@@ -544,6 +564,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="seconds to wait for the stack")  # fmt: skip
 
     command("down", cmd_down, "stop the stack, leaving no process behind")
+    draining = command("drain", cmd_drain, "have the health check (GET /_stackctl/health) "
+                       "answer 503: load balancers send this host no new visitors")  # fmt: skip
+    draining.add_argument("--off", action="store_true", help="answer 200 again")
     command("status", cmd_status, "show each watcher and its processes, and whether the site, "
             "Redis and realtime delivery work (exit status 1 if one does not)")  # fmt: skip
     command("env", cmd_env, "print the exports that point circusctl and publish at this stack")

@@ -498,6 +498,12 @@ class ServerConfig:
         "Seconds a request may take: NGiNX then answers 504, and a second later uWSGI "
         "kills the worker still running it (harakiri); Circus starts a fresh one.",
     )
+    drain_seconds: int = setting(
+        0,
+        int_range(0, 600),
+        "Seconds `stackctl down` (or a stop by signal, as systemd's) keeps serving after "
+        "GET /_stackctl/health turned 503, so that load balancers take this host out first.",
+    )
     user: str = setting(
         "",
         user_name,

@@ -17,7 +17,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
-from stackctl import cluster
+from stackctl import cluster, health
 from stackctl.errors import StackError
 from stackctl.profile import Profile
 from stackctl.readiness import SERVICE_DIR
@@ -330,6 +330,8 @@ class Stack:
         workers and not the websocket worker.
         """
         env = self.shared_env()
+        if "ws" in self.watchers:  # the health check asks it (stackctl.health)
+            env[health.REALTIME_VARIABLE] = f"{self.ws_address} {self.profile.ws.prefix}"
         if self.profile.app.django_settings:
             env["DJANGO_SETTINGS_MODULE"] = self.profile.app.django_settings
         return env

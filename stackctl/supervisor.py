@@ -17,13 +17,13 @@ import subprocess
 import textwrap
 import time
 from collections.abc import Callable, Iterable
-from contextlib import closing
+from contextlib import closing, suppress
 from dataclasses import dataclass
 from typing import Any
 
 import psutil
 
-from stackctl import cluster, flapping, processes
+from stackctl import cluster, drain, flapping, processes
 from stackctl.errors import StackError
 from stackctl.flapping import FAILED_DIR, failure_note
 from stackctl.logfile import no_follow
@@ -290,6 +290,7 @@ def start(stack: Stack, timeout: float) -> Running:
     If they do not within ``timeout``, everything started is stopped again and the error
     says which watcher failed, with its log.
     """
+    drain.stop(stack.run_dir)  # a stack that starts takes visitors, whatever came before
     out = open(stack.log_dir / "circusd.out", "ab", opener=no_follow)  # noqa: SIM115
     env = {**os.environ, processes.MARKER: str(stack.run_dir)}
     proc = subprocess.Popen(
@@ -338,21 +339,35 @@ def stop_grace(profile: Profile) -> float:
 
 
 def longest_stop(profile: Profile) -> float:
-    """The most :func:`stop` can take: each stage of STOP_ORDER, then circusd's own stop."""
-    return (len(STOP_ORDER) + 1) * stop_grace(profile)
+    """The most :func:`stop` can take: draining, each stage of STOP_ORDER, then circusd's
+    own stop."""
+    return profile.server.drain_seconds + (len(STOP_ORDER) + 1) * stop_grace(profile)
 
 
-def stop(stack: Stack, pid: int | None = None) -> list[int]:
+def stop(stack: Stack, pid: int | None = None, *, drain_first: bool = False) -> list[int]:
     """Stop the watchers gracefully, front first, then circusd; make sure nothing is left.
+    ``drain_first``: a stack that serves says so to load balancers, and keeps serving for
+    server.drain_seconds, before anything stops.
 
     Returns the pids that had to be killed after the graceful stop.
     """
     pid = pid or running_pid(stack)
     if pid is not None:
+        if drain_first:
+            drain_before_stop(stack)
         grace = stop_grace(stack.profile)
         stop_watchers_in_order(stack, grace)
         terminate_circusd(pid, grace)
     return clean_stale(stack)
+
+
+def drain_before_stop(stack: Stack) -> None:
+    with suppress(OSError):  # a run directory gone or broken: nothing serves to drain
+        drain.start(stack.run_dir)
+    if "nginx" in stack.watchers and stack.profile.server.drain_seconds:
+        print(f"draining: health checks answer 503; stopping in "
+              f"{stack.profile.server.drain_seconds} s", flush=True)  # fmt: skip
+        time.sleep(stack.profile.server.drain_seconds)
 
 
 def stop_watchers_in_order(stack: Stack, grace: float) -> None:
@@ -418,7 +433,7 @@ def wait_foreground(running: Running, stop_requested: list[int]) -> int:
         except subprocess.TimeoutExpired:
             continue
     if stop_requested:
-        stop(running.stack, running.process.pid)
+        stop(running.stack, running.process.pid, drain_first=True)
         return 128 + stop_requested[0]
     stop(running.stack)
     return running.process.returncode or 0

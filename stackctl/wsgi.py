@@ -1,7 +1,8 @@
 """The uWSGI pool's entry point (``module = stackctl.wsgi:application``).
 
-It loads the app that ``STACKCTL_WSGI_APP`` names and marks this process ready for
-``stackctl reload`` (see :mod:`stackctl.readiness`). In development, code reload is the
+It loads the app that ``STACKCTL_WSGI_APP`` names, answers the load balancers' health check
+before it (see :mod:`stackctl.health`), and marks this process ready for ``stackctl reload``
+(see :mod:`stackctl.readiness`). In development, code reload is the
 ``autoreload`` watcher's job (see :mod:`stackctl.autoreload`), not the workers'.
 """
 
@@ -9,11 +10,11 @@ import os
 
 import uwsgi
 
-from stackctl import graceful
+from stackctl import graceful, health
 from stackctl.readiness import APP_VARIABLE, load, mark_ready
 
 in_flight = graceful.install(threads=int(uwsgi.opt.get("threads", b"1")))
-application = load(os.environ[APP_VARIABLE])
+application = health.answering(load(os.environ[APP_VARIABLE]))
 if in_flight is not None:
     application = graceful.counted(application, in_flight)
 mark_ready()

@@ -10,7 +10,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from stackctl import cluster, compress, resources
+from stackctl import cluster, compress, drain, health, resources
 from stackctl.render import File, render_template
 from stackctl.stack import SPARE_FDS, Stack
 from stackctl.tls import Stapling
@@ -164,6 +164,11 @@ def render(stack: Stack) -> list[File]:
         gzip_min_length=compress.GZIP_MIN_LENGTH,
         realtime_prefixes=[profile.ws.prefix, profile.ws.sse_prefix, profile.ws.poll_prefix],
         client_dir=f"{resources.client_dir().resolve()}/",  # disable_symlinks checks it
+        health_path=health.PATH,
+        health_marker=health.MARKER_VARIABLE,
+        health_timeout=health.ANSWER_WITHIN,
+        draining_mark=drain.mark_path(stack.run_dir),
+        draining_answer=health.DRAINING,
         timeout=profile.server.timeout,
         tls=tls_values(stack) if stack.tls else None,
         acme_dir=f"{stack.acme_dir}/" if stack.acme_dir else "",

@@ -10,8 +10,10 @@ client once, or the client is told of a gap on its channel.
 
 from __future__ import annotations
 
+import json
 import socket
 import time
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -78,6 +80,15 @@ def test_a_message_published_on_app_host_a_reaches_clients_on_app_host_b(
         for follower in (on_a, on_b):
             follower.wait_for_count(2)
             assert [m["data"] for m in follower.messages] == ["from A", "from B"]
+
+
+def test_the_fronts_health_check_is_answered_by_each_app_host(cluster: Cluster) -> None:
+    """Each app host's wsgi worker asks its own realtime worker, over TCP, through the allow
+    list of the ws socket (which lists the host's own address)."""
+    url = cluster.front_url + "/_stackctl/health"
+    for _ in range(6):  # NGiNX's round robin: each app host answers three
+        with urllib.request.urlopen(url, timeout=10) as response:
+            assert json.loads(response.read()) == {"ok": True, "reason": "serving"}
 
 
 def test_only_the_front_reaches_the_app_hosts_ports(cluster: Cluster) -> None:

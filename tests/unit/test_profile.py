@@ -98,6 +98,10 @@ def test_unknown_profile_lists_known_ones(stack_dir: Path) -> None:
             'wsgi.workers: expected a positive integer up to 512, or "auto", got -2',
         ),
         (
+            '[server]\ndrain_seconds = "10s"\n',
+            "server.drain_seconds: expected a whole number, 0 or more up to 600, got '10s'",
+        ),
+        (
             '[wsgi]\nworkers = "many"\n',
             "wsgi.workers: expected a positive integer up to 512, or \"auto\", got 'many'",
         ),

@@ -372,3 +372,18 @@ def test_the_code_reload_run_by_root_imports_nothing_from_the_stack_directory(
                          capture_output=True, text=True, timeout=60)  # fmt: skip
     assert ran.returncode == 0, ran.stderr
     assert not marker.exists()
+
+
+def test_nginx_answers_the_health_check_alone_only_while_the_host_drains(tmp_path: Path) -> None:
+    stack = make_stack(tmp_path)
+    conf = files(stack)["nginx.conf"]
+    block = conf[conf.index('location = "/_stackctl/health"') :]
+    block = block[: block.index("\n        }\n")]
+    assert f'if (-f "{tmp_path / "run" / "draining"}") {{' in block
+    assert 'return 503 "{\\"ok\\": false, \\"reason\\": \\"draining\\"}";' in block
+    assert "uwsgi_param STACKCTL_HEALTH 1;" in block and "uwsgi_pass wsgi_pool;" in block
+    # The health worker finds the realtime worker of its host; the websocket worker, which
+    # does not answer checks, does not get the variable.
+    ini = circus_ini(stack)
+    assert ini["env:wsgi"]["STACKCTL_WS_HEALTH"] == f"{tmp_path / 'run' / 'ws.sock'} /ws/"
+    assert "STACKCTL_WS_HEALTH" not in ini["env:ws"]

@@ -302,3 +302,9 @@ def test_the_units_stackctl_imports_nothing_from_the_stack_directory(tmp_path: P
     ran = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=60)
     assert ran.returncode == 0, ran.stderr
     assert not marker.exists()
+
+
+def test_systemd_waits_for_the_drain_before_it_kills(tmp_path: Path) -> None:
+    quick = longest_stop(make_stack(tmp_path).profile)
+    draining = make_stack(tmp_path, "[server]\ndrain_seconds = 120\n").profile
+    assert longest_stop(draining) == quick + 120
