@@ -5,19 +5,21 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import pytest
 
 from stackctl import health
 from stackctl.stack import Stack
-from tests.conftest import running_stack, short_dir, stackctl, wait_for
+from tests.conftest import APP_AS_ROOT, free_port, running_stack, short_dir, stackctl, wait_for
 from tests.e2e.test_realtime_faults import circusctl
 
 pytestmark = pytest.mark.e2e
@@ -172,3 +174,61 @@ def test_down_drains_first_then_stops() -> None:
         stackctl("up", "--detach", "--listen", f"127.0.0.1:{running.front.port}",
                  "--workers", "1", cwd=running.stack_dir)  # fmt: skip
         assert health_of(running) == (200, "serving")
+
+
+@pytest.mark.parametrize("watcher", ["wsgi", "ws"])
+def test_a_reload_keeps_the_check_at_200(stack: Stack, watcher: str) -> None:
+    """A reload replaces workers without a gap: a balancer must not see the host fail."""
+    answers: list[tuple[int, str]] = []
+    reloading = subprocess.Popen([sys.executable, "-m", "stackctl", "reload", watcher],
+                                 cwd=stack.stack_dir, stdout=subprocess.PIPE,
+                                 stderr=subprocess.STDOUT, text=True)  # fmt: skip
+    try:
+        while reloading.poll() is None:
+            answers.append(health_of(stack))
+            time.sleep(0.05)
+        answers.append(health_of(stack))
+    finally:
+        if reloading.poll() is None:
+            reloading.kill()
+        out, _ = reloading.communicate()
+    assert reloading.returncode == 0, out
+    assert len(answers) > 5 and set(answers) == {(200, "serving")}, answers
+
+
+def test_a_stop_by_signal_drains_first(no_leaks: Callable[[Path], None]) -> None:
+    """systemd (KillMode=mixed) and Ctrl-C stop `stackctl up` by a signal: it drains too."""
+    root = short_dir()
+    stackctl("init", str(root / "site"), "--demo", cwd=root)
+    no_leaks(root / "site")
+    port = free_port()
+    up = subprocess.Popen(
+        [sys.executable, "-m", "stackctl", "up", "--listen", f"127.0.0.1:{port}", "--workers",
+         "1", "--set", f"server.drain_seconds={DRAIN_SECONDS}", *APP_AS_ROOT],
+        cwd=root / "site", stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )  # fmt: skip
+    url = f"http://127.0.0.1:{port}/"
+    try:
+        assert up.stdout is not None
+        said = ""
+        while "Ctrl-C stops the stack" not in said:  # up answers signals from then on
+            line = up.stdout.readline()
+            assert line, said
+            said += line
+        assert get_or_none(url + "_stackctl/health") == 200
+        up.send_signal(signal.SIGTERM)
+        wait_for(lambda: get_or_none(url + "_stackctl/health") == 503, what="503 on SIGTERM")
+        assert get(url)[0] == 200, "pages load while the host drains"
+        out, _ = up.communicate(timeout=120)
+    finally:
+        if up.poll() is None:
+            up.kill()
+            up.communicate()
+    assert "draining" in out and "stack stopped" in out, out
+
+
+def get_or_none(url: str) -> int | None:
+    try:
+        return get(url)[0]
+    except OSError:
+        return None
