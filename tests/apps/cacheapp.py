@@ -2,7 +2,7 @@
 the app written down (calls.log, one line per request, whichever worker ran it).
 
 Every body says which call of the app made it, so that a test tells a kept copy from a
-fresh answer: "call 7 of /public?t=a: one".
+fresh answer: "call 7 of /public?t=a over http: one".
 """
 
 import os
@@ -67,6 +67,7 @@ def application(environ, start_response):
         body = f"{done}".encode()
         start_response(status, [*headers, ("Cache-Control", "no-store")])
         return [body]
-    body = f"call {n} of {environ['REQUEST_URI']}: {content()}".encode()
+    scheme = environ.get("REQUEST_SCHEME")
+    body = f"call {n} of {environ['REQUEST_URI']} over {scheme}: {content()}".encode()
     start_response(status, [*headers, ("Content-Length", str(len(body)))])
     return [body]

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import http.client
 import os
+import ssl
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -15,7 +16,8 @@ import pytest
 from stackctl import cache
 from stackctl.errors import EXIT_STACK_ERROR
 from stackctl.stack import Stack
-from tests.conftest import REPO, app_site, running_stack, stackctl, wait_for
+from stackctl.tls import self_signed_paths
+from tests.conftest import REPO, app_site, free_port, running_stack, stackctl, wait_for
 from tests.load import Load
 
 pytestmark = pytest.mark.e2e
@@ -283,6 +285,31 @@ def test_pages_outlive_a_reload_and_a_restart() -> None:
     with running_stack(site, "--workers", "2", *CACHED) as running:
         wait_for(lambda: ask(running, path).cache == "HIT", what="the page loaded from disk")
         assert calls(running, path) == 1
+
+
+def test_refresh_over_https_asks_the_app_as_a_visitor_would() -> None:
+    site = app_site(CACHE_APP, "cacheapp:application")
+    port = free_port()
+    tls = ("--set", "tls.certificate=self-signed", "--set", f"tls.listen=127.0.0.1:{port}")
+    path = "/public?t=https"
+    with running_stack(site, "--workers", "2", *CACHED, *tls):
+        context = ssl.create_default_context(cafile=self_signed_paths(site)[0])
+        context.check_hostname = False  # the certificate names the site's names, not 127.0.0.1
+
+        def fetch() -> Answer:
+            conn = http.client.HTTPSConnection("127.0.0.1", port, timeout=30, context=context)
+            try:
+                conn.request("GET", path)
+                return Answer(conn.getresponse())
+            finally:
+                conn.close()
+
+        (site / "content.txt").write_text("old")
+        assert fetch().body.endswith("over https: old")
+        (site / "content.txt").write_text("new")
+        assert "answered 200" in stackctl("cache", "refresh", path, cwd=site).stdout
+        now = fetch()
+        assert now.cache == "HIT" and now.body.endswith("over https: new")
 
 
 def test_a_link_in_place_of_the_cache_directory_is_refused(short_tmp: Path) -> None:
