@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import http.client
 import os
+import shutil
 import ssl
+import tempfile
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -17,8 +19,10 @@ from stackctl import cache
 from stackctl.errors import EXIT_STACK_ERROR
 from stackctl.stack import Stack
 from stackctl.tls import self_signed_paths
+from stackctl.users import ServiceUser
 from tests.conftest import REPO, app_site, free_port, running_stack, stackctl, wait_for
 from tests.load import Load
+from tests.service_users import run, running_site
 
 pytestmark = pytest.mark.e2e
 
@@ -321,3 +325,34 @@ def test_a_link_in_place_of_the_cache_directory_is_refused(short_tmp: Path) -> N
     assert result.returncode == EXIT_STACK_ERROR
     assert "not a symbolic link" in result.stderr and "Traceback" not in result.stderr
     assert list(short_tmp.iterdir()) == []  # nothing was made or chowned through the link
+
+
+def test_the_service_user_writes_the_pages_and_the_app_refreshes_and_purges_them(
+    python: Path, service_user: ServiceUser
+) -> None:
+    """Root starts the stack, the app and NGiNX's workers run as the service user: they own
+    the pages, cannot replace the directory NGiNX's master (root) chowns, and reach cache.sock."""
+    root = Path(tempfile.mkdtemp(prefix="scu", dir="/tmp"))
+    root.chmod(0o755)
+    site = root / "site"
+    site.mkdir()
+    shutil.copy(CACHE_APP, site)
+    (site / "cacheapp.py").chmod(0o644)
+    run(python, "init", ".", "--app", "cacheapp:application", cwd=site)
+    up = ("--listen", f"127.0.0.1:{free_port()}", "--workers", "2",
+          "--set", f"server.user={service_user.name}", "--set", "cache.enabled=true")  # fmt: skip
+    with running_site(python, site, *up) as stack:
+        path = "/public?t=service"
+        assert ask(stack, path).cache == "MISS"
+        assert ask(stack, path).cache == "HIT"
+        pages = os.lstat(stack.cache_pages_dir)
+        assert (pages.st_uid, pages.st_mode & 0o777) == (service_user.uid, 0o700)
+        parent = os.lstat(stack.nginx_cache_dir)
+        assert parent.st_uid == 0 and parent.st_mode & 0o022 == 0  # the user cannot swap pages
+        (site / "content.txt").write_text("changed")
+        (site / "content.txt").chmod(0o644)
+        assert ask(stack, "/do-refresh?path=%2Fpublic%3Ft%3Dservice").body == "200"
+        assert ask(stack, path).body.endswith("changed")
+        assert ask(stack, "/do-purge?path=%2Fpublic%3Ft%3Dservice").body == "True"
+        assert ask(stack, path).cache == "MISS"
+        assert "purged" in run(python, "cache", "purge", path, cwd=site).stdout
