@@ -3,13 +3,18 @@
 from __future__ import annotations
 
 import hashlib
+import os
 import re
+import socket
+import subprocess
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
 from stackctl import cache
 from stackctl.errors import StackError
+from stackctl.hooks import stop_orphaned_nginx_workers
 from stackctl.render.nginx import session_regex
 from stackctl.settings import CacheConfig, Invalid, cache_size, cookie_names, nginx_time
 from tests.unit.test_render import files, make_stack
@@ -143,3 +148,21 @@ def test_without_a_cache_the_calls_say_how_to_turn_it_on(
     monkeypatch.delenv("STACKCTL_RUN_DIR", raising=False)
     with pytest.raises(StackError, match="stackctl cache refresh"):
         cache.refresh("/")
+
+
+def test_a_dead_nginx_masters_refresh_socket_is_removed_before_the_next_one_binds(
+    tmp_path: Path,
+) -> None:
+    stale = tmp_path / cache.CACHE_SOCKET
+    with socket.socket(socket.AF_UNIX) as bound:
+        bound.bind(str(stale))  # left behind, as by a master that was killed
+    watcher = SimpleNamespace(working_dir=str(tmp_path))
+    pid_file = tmp_path / "nginx.pid"
+    pid_file.write_text(f"{os.getpid()}\n")  # a live master: its socket is its own
+    assert stop_orphaned_nginx_workers(watcher, None, "before_spawn") is True
+    assert stale.exists()
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    pid_file.write_text(f"{dead.pid}\n")
+    assert stop_orphaned_nginx_workers(watcher, None, "before_spawn") is True
+    assert not stale.exists()
