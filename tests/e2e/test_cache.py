@@ -356,3 +356,19 @@ def test_the_service_user_writes_the_pages_and_the_app_refreshes_and_purges_them
         assert ask(stack, "/do-purge?path=%2Fpublic%3Ft%3Dservice").body == "True"
         assert ask(stack, path).cache == "MISS"
         assert "purged" in run(python, "cache", "purge", path, cwd=site).stdout
+
+
+@pytest.mark.parametrize("setting, expected", [
+    ("cache.max_size=1g;evil", "a size such as"),
+    ("cache.inactive=10m use_temp_path=on", "a time such as"),
+    ('cache.session_cookies=["sid\\"; evil"]', "a list of cookie names"),
+])  # fmt: skip
+def test_values_that_would_reach_nginx_conf_are_refused_naming_the_key(
+    setting: str, expected: str
+) -> None:
+    site = app_site(CACHE_APP, "cacheapp:application")
+    result = stackctl("render", *CACHED, "--set", setting, cwd=site, check=False)
+    assert result.returncode == EXIT_STACK_ERROR
+    key = setting.split("=", 1)[0]
+    assert f"command line: {key}: expected {expected}" in result.stderr, result.stderr
+    assert not (site / ".stackctl" / "run" / "nginx.conf").exists()
