@@ -13,9 +13,13 @@ Then one large stylesheet (the size of Wagtail's admin core.css) served by the s
   on the fly    gzipped on every request (static.compress = false, as before gzip_static)
   gzip_static   the .gz file stackctl wrote once at `up`, sent as is
 and the time `up`'s compression takes over a large static tree, the first time and after.
+Then a page the app renders (a 400-row table, 20 kB) on a stack with cache.enabled:
+  cached        NGiNX answers from its cache (X-Cache-Status: HIT)
+  uncached      the same page for a visitor with a session cookie: the app renders it each time
 Machines here are noisy, so the ratios (same run) are the figures to read, not the rates.
 
     python benchmarks/bench_http.py --static-only    # just the static part
+    python benchmarks/bench_http.py --cache-only     # just the cached page
 """
 
 from __future__ import annotations
@@ -33,6 +37,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import (  # noqa: E402
+    APPS,
     Result,
     nginx_alone,
     nginx_gunicorn,
@@ -173,11 +178,56 @@ def static_figures(
     return figures, sum(r.errors for r in static.values())
 
 
+PAGE_APP = APPS + """
+def page(environ, start_response):
+    rows = "".join(
+        f"<tr><td>{i}</td><td>item {i * 7919 % 1000}</td><td>{i * 0.37:.2f}</td></tr>"
+        for i in range(400)
+    )
+    body = f"<html><body><table>{rows}</table></body></html>".encode()
+    start_response("200 OK", [("Content-Type", "text/html"), ("Content-Length", str(len(body))),
+                              ("Cache-Control", "public, max-age=60")])
+    return [body]
+"""
+SESSION = ("Cookie: sessionid=bench",)
+"""A logged-in visitor's request: never answered from the cache."""
+
+
+def cache_status(url: str, headers: tuple[str, ...]) -> str:
+    request = urllib.request.Request(url, headers=dict(h.split(": ", 1) for h in headers))
+    with urllib.request.urlopen(request, timeout=10) as response:
+        response.read()
+        return str(response.headers.get("X-Cache-Status"))
+
+
+def cache_figures(
+    run: Path, workers: int, connections: int, seconds: int
+) -> tuple[list[Figure], int]:
+    """The cached page against the same page rendered by the app, on one stack."""
+    print("a rendered page, from a stack with cache.enabled:")
+    results: dict[str, Result] = {}
+    options = ("--set", "cache.enabled=true")
+    with stackctl_stack(run, "page", workers, *options, apps=PAGE_APP) as server:
+        url = f"http://127.0.0.1:{server.port}/"
+        for name, headers, status in (("cached", (), "HIT"), ("uncached", SESSION, "BYPASS")):
+            cache_status(url, headers)  # the first GET fills the cache
+            got = cache_status(url, headers)
+            if got != status:
+                raise RuntimeError(f"{name}: expected X-Cache-Status {status}, got {got}")
+            wrk(name, url, connections, 2, headers=headers)  # warm-up
+            results[name] = wrk(name, url, connections, seconds, headers=headers)
+            print(row(results[name]), flush=True)
+    ratio = results["cached"].rps / results["uncached"].rps
+    figures: list[Figure] = [("cached page / same page uncached", ratio, 3.0)]
+    return figures, sum(r.errors for r in results.values())
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seconds", type=int, default=10)
     parser.add_argument("--connections", type=int, default=64)
     parser.add_argument("--static-only", action="store_true", help="only the static files part")
+    parser.add_argument("--cache-only", action="store_true", help="only the cached page part")
     args = parser.parse_args()
     workers = 2 * usable_cpus()
     print(
@@ -188,6 +238,9 @@ def main() -> int:
     if args.static_only:
         with workdir() as run:
             return report(*static_figures(run, workers, args.connections, args.seconds))
+    if args.cache_only:
+        with workdir() as run:
+            return report(*cache_figures(run, workers, args.connections, args.seconds))
 
     with workdir() as run:
         print("trivial app:")
@@ -199,6 +252,7 @@ def main() -> int:
             burst = wrk("stackctl burst 256", url, 256, 5, threads=2)
         print(row(burst))
         static, static_errors = static_figures(run, workers, args.connections, args.seconds)
+        cached, cache_errors = cache_figures(run, workers, args.connections, args.seconds)
 
     stack, ceiling = hello["stackctl"], workers / SLEEP_SECONDS
     figures: list[Figure] = [
@@ -209,9 +263,10 @@ def main() -> int:
         ("stack / uWSGI, sleep app", sleepy["stackctl"].rps / sleepy["uwsgi"].rps, None),
         (f"stack / sleep ceiling ({ceiling:.0f} req/s)", sleepy["stackctl"].rps / ceiling, 0.97),
         *static,
+        *cached,
     ]
     stack_runs = [hello["stackctl"], sleepy["stackctl"], burst]
-    return report(figures, sum(r.errors for r in stack_runs) + static_errors)
+    return report(figures, sum(r.errors for r in stack_runs) + static_errors + cache_errors)
 
 
 def report(figures: list[Figure], errors: int) -> int:

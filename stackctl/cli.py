@@ -483,6 +483,22 @@ def cmd_publish(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_cache(args: argparse.Namespace) -> int:
+    from stackctl import cache
+
+    stack = load_running_stack(args, writes=False)
+    target = cache.load_target(stack.run_dir)
+    if args.action == "refresh":
+        status = cache.refresh_at(target, args.path, args.host)
+        print(f"refreshed {args.path}: the app answered {status}" + (
+            "" if status < 400 else " (an error answer is kept only if the app marks it)"))
+    elif cache.purge_at(target, args.path, args.host):
+        print(f"purged {args.path}: the next request for it goes to the app")
+    else:
+        print(f"{args.path} was not in the cache")
+    return 0
+
+
 def cmd_service_install(args: argparse.Namespace) -> int:
     stack = load_stack(args, programs=True, writes=False)
     overrides = tuple(override_texts(args))
@@ -587,6 +603,13 @@ def build_parser() -> argparse.ArgumentParser:
     logs.add_argument("watcher", nargs="?", choices=[*LOGS, "nginx-access"])
     logs.add_argument("-f", "--follow", action="store_true")
     logs.add_argument("-n", "--lines", type=int, default=40)
+
+    cached = command("cache", cmd_cache, "fetch a fresh copy of a page into NGiNX's cache "
+                     "now (refresh), or drop it (purge); see cache.enabled")  # fmt: skip
+    cached.add_argument("action", choices=("refresh", "purge"))
+    cached.add_argument("path", help='the page\'s path and query, e.g. "/news/?page=2"')
+    cached.add_argument("--host", help="the site's name the page is kept under (default: the "
+                        "first of server.names)")  # fmt: skip
 
     add_service_commands(commands, stack_help)
 

@@ -60,9 +60,25 @@ def make_dirs(stack: Stack) -> None:
                 f"{key}: cannot create or make private {e.filename}: {e.strerror}"
             ) from None
     make_private_dir(stack, stack.run_dir, stack.nginx_temp_dir.name)
+    if stack.caches_pages:
+        make_cache_dir(stack)
     make_service_dir(stack)
     make_logs_private(stack.log_dir, stack.runner_uid)
     make_secrets(stack)
+
+
+def make_cache_dir(stack: Stack) -> None:
+    """The directory NGiNX keeps pages in is made by NGiNX's master in this one, which is
+    stackctl's (root's, when root starts the stack): the service user, who writes the pages,
+    cannot put a link in place of the cache directory for the master to chown."""
+    try:
+        make_private_dir(stack, stack.run_dir, stack.nginx_cache_dir.name)
+    except OSError as e:
+        raise StackError(
+            f"cache.enabled: {stack.nginx_cache_dir} cannot be made the cache's directory "
+            f"({e.strerror}): it must be a directory of yours, not a symbolic link; remove "
+            "it, stackctl creates it again"
+        ) from None
 
 
 SHARED_SECRETS_ADVICE = (

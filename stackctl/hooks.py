@@ -12,6 +12,8 @@ from typing import Any
 
 import psutil
 
+from stackctl.cache import CACHE_SOCKET
+
 log = logging.getLogger("stackctl.hooks")
 READ = 1  # tornado's IOLoop.READ, the event a Circus stream handler expects
 
@@ -61,6 +63,9 @@ def stop_orphaned_nginx_workers(watcher: Any, arbiter: Any, hook_name: str, **_:
         return True
     if psutil.pid_exists(old_master):
         return True  # a running master stops its own workers
+    # NGiNX removes its unix socket (stackctl.cache's cache.sock) when it stops, but a dead
+    # master leaves it, and binding it again would fail.
+    (Path(watcher.working_dir) / CACHE_SOCKET).unlink(missing_ok=True)
     for proc in psutil.process_iter(["name"]):
         with suppress(psutil.Error, ProcessLookupError):
             if os.getpgid(proc.pid) == old_master and (proc.info["name"] or "").startswith("nginx"):

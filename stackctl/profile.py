@@ -32,6 +32,7 @@ from stackctl.settings import (
     SECTIONS,
     SETTINGS,
     AppConfig,
+    CacheConfig,
     ClusterConfig,
     HeadersConfig,
     Invalid,
@@ -75,6 +76,7 @@ class Profile:
     headers: HeadersConfig
     limits: LimitsConfig
     cluster: ClusterConfig
+    cache: CacheConfig
     sources: Mapping[str, str] = field(default_factory=dict, compare=False)
     """Which file (or the command line, or the defaults) gave each key its value."""
 

@@ -834,6 +834,51 @@ class LimitsConfig:
     )
 
 
+def cache_size(value: Any) -> str:
+    if not isinstance(value, str) or not re.fullmatch(r"[1-9]\d{0,5}[kKmMgG]?", value):
+        raise _expect('a size such as "1g", "500m" or "100000k"', value)
+    return value
+
+
+def nginx_time(value: Any) -> str:
+    if not isinstance(value, str) or not re.fullmatch(r"[1-9]\d{0,5}[smhd]", value):
+        raise _expect('a time such as "30s", "10m", "2h" or "7d"', value)
+    return value
+
+
+def cookie_names(value: Any) -> tuple[str, ...]:
+    form = 'a list of cookie names such as ["sessionid", "csrftoken"], or [] for none'
+    return _list_of(value, r"[\w.-]{1,64}", form)
+
+
+@dataclass(frozen=True)
+class CacheConfig:
+    enabled: bool = setting(
+        False,
+        boolean,
+        "NGiNX keeps the app's pages that say it may (Cache-Control: public with max-age or "
+        "s-maxage, or X-Accel-Expires) and answers GET and HEAD with them without asking the "
+        "app; stackctl.cache.refresh(path) and purge(path) update one.",
+    )
+    max_size: str = setting(
+        "1g", cache_size, "Disk space the kept pages may take; the least used go first."
+    )
+    inactive: str = setting(
+        "10m",
+        nginx_time,
+        "A page nobody asked for in this long is dropped, however long the app said it "
+        "stays fresh; until then an outdated copy is served while a new one is fetched, or "
+        "while the app fails or reloads.",
+    )
+    session_cookies: tuple[str, ...] = setting(
+        ("sessionid", "csrftoken", "messages"),
+        cookie_names,
+        "Cookies of a visitor whose pages are their own (Django's session, CSRF and messages "
+        "cookies): a request carrying one, or an Authorization header, always goes to the app "
+        "and its answer is never kept.",
+    )
+
+
 ROLES = ("front", "wsgi", "ws", "redis")
 """What a host may run: NGiNX, the uWSGI pool, the websocket worker, Redis (and Sentinel)."""
 
@@ -960,6 +1005,7 @@ SECTION_TYPES: dict[str, type] = {
     "headers": HeadersConfig,
     "limits": LimitsConfig,
     "cluster": ClusterConfig,
+    "cache": CacheConfig,
 }
 """Each section of a profile and the class its keys are declared in, in the README's order."""
 

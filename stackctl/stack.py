@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
 from stackctl import cluster, health
+from stackctl.cache import CACHE_SOCKET
 from stackctl.errors import StackError
 from stackctl.profile import Profile
 from stackctl.readiness import SERVICE_DIR
@@ -269,6 +270,28 @@ class Stack:
         """Not in service_dir: NGiNX's master (root) chowns its temp paths to the service user
         following symbolic links, so they must sit where that user cannot plant one."""
         return self.run_dir / "nginx-temp"
+
+    @property
+    def caches_pages(self) -> bool:
+        """NGiNX keeps the app's cacheable pages (cache.enabled, on a host that runs it)."""
+        return self.profile.cache.enabled and "nginx" in self.watchers
+
+    @property
+    def nginx_cache_dir(self) -> Path:
+        """Made by stackctl, like nginx_temp_dir and for the same reason: NGiNX's master
+        creates the cache directory in it and (as root) chowns it to the service user."""
+        return self.run_dir / "nginx-cache"
+
+    @property
+    def cache_pages_dir(self) -> Path:
+        """Where NGiNX's workers write the kept pages."""
+        return self.nginx_cache_dir / "pages"
+
+    @property
+    def cache_socket(self) -> Path:
+        """NGiNX's listener for stackctl.cache.refresh: every request there skips the cache
+        and stores the fresh answer. Only the stack's user and the service user reach it."""
+        return self.run_dir / CACHE_SOCKET
 
     @property
     def local_host(self) -> str:

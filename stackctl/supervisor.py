@@ -92,7 +92,7 @@ def clean_stale(stack: Stack) -> list[int]:
         shutil.rmtree(directory, ignore_errors=True)
     for path in (stack.circus_pidfile, stack.run_dir / processes.NGINX_PIDFILE,
                  stack.wsgi_socket, stack.ws_socket, stack.redis_socket,
-                 stack.run_dir / "circus.ctl", stack.run_dir / "circus.pub",
+                 stack.run_dir / "circus.ctl", stack.run_dir / "circus.pub", stack.cache_socket,
                  *stack.service_dir.glob("canary-*.sock")):  # fmt: skip
         path.unlink(missing_ok=True)
     return [p.pid for p in leftovers]

@@ -10,14 +10,14 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from stackctl import cluster, compress, drain, health, resources
+from stackctl import cache, cluster, compress, drain, health, resources
 from stackctl.render import File, render_template
 from stackctl.stack import SPARE_FDS, Stack
 from stackctl.tls import Stapling
 
 INCLUDES = ("uwsgi_params", "mime.types")
 HEADERS_FILE = "security_headers.conf"
-RENDERED = ("nginx.conf", HEADERS_FILE)
+RENDERED = ("nginx.conf", HEADERS_FILE, cache.CACHE_FILE)
 """The NGiNX files rendered from the profile, beside the copied includes."""
 
 # Mozilla's intermediate configuration (ssl-config.mozilla.org, version 5.7). The DHE suites
@@ -121,6 +121,61 @@ def media_headers(headers: dict[str, str]) -> list[tuple[str, str]]:
     ]
 
 
+@dataclass(frozen=True)
+class CacheValues:
+    path: Path
+    zone: str
+    levels: str
+    max_size: str
+    inactive: str
+    key: str
+    session_regex: str
+    """Matches a Cookie header that carries one of cache.session_cookies; "" for none."""
+    listen: str
+    """The unix socket stackctl.cache.refresh asks; " ssl" follows it with HTTPS."""
+    listen_options: str
+
+
+def session_regex(names: tuple[str, ...]) -> str:
+    if not names:
+        return ""
+    return r"~(?:^|;)\s*(?:" + "|".join(re.escape(name) for name in names) + ")="
+
+
+def cache_values(stack: Stack) -> CacheValues | None:
+    if not stack.caches_pages:
+        return None
+    settings = stack.profile.cache
+    return CacheValues(
+        path=stack.cache_pages_dir,
+        zone=f"{cache.KEYS_ZONE}:{cache.KEYS_ZONE_SIZE}",
+        levels=":".join(str(width) for width in cache.LEVELS),
+        max_size=settings.max_size,
+        inactive=settings.inactive,
+        key=cache.KEY_FORMAT,
+        session_regex=session_regex(settings.session_cookies),
+        listen=f"unix:{stack.cache_socket}",
+        listen_options=" ssl" if stack.tls else "",
+    )
+
+
+def cache_target(stack: Stack) -> cache.Target:
+    """What stackctl.cache needs of this stack, written beside nginx.conf (also when the
+    cache is off, so that a file of before never says it is on)."""
+    _, first_name = redirect_names(stack.profile.server.names)
+    default_port = 443 if stack.tls else 80
+    return cache.Target(
+        enabled=stack.caches_pages,
+        socket=str(stack.cache_socket),
+        tls=stack.tls is not None,
+        scheme=stack.scheme,
+        host=first_name.lower() or stack.local_host,
+        port_suffix="" if stack.front.port == default_port else f":{stack.front.port}",
+        pages_dir=str(stack.cache_pages_dir),
+        timeout=stack.profile.server.timeout,
+    )
+
+
 FAIL_TIMEOUT = 5
 """Seconds an app host that failed a connection is left out before NGiNX tries it again."""
 CONNECT_TIMEOUT = 2
@@ -177,6 +232,7 @@ def render(stack: Stack) -> list[File]:
         requests_per_second=profile.limits.requests_per_second,
         burst=profile.limits.burst,
         exempt=profile.limits.exempt,
+        cache=cache_values(stack),
     )
     security_headers = render_template("nginx/security_headers.conf.j2", hsts=headers["hsts"])
     includes = [
@@ -185,5 +241,6 @@ def render(stack: Stack) -> list[File]:
     return [
         File(stack.nginx_conf.name, content),
         File(HEADERS_FILE, security_headers),
+        File(cache.CACHE_FILE, cache_target(stack).to_json()),
         *includes,
     ]
