@@ -8,6 +8,7 @@ import configparser
 import json
 import os
 import shlex
+import signal
 import sys
 import time
 from collections.abc import Callable
@@ -209,6 +210,10 @@ def cmd_up(args: argparse.Namespace) -> int:
     supervisor.check_redis_password(stack)
     print_compression(stack)
     save_state(stack, overrides_from(args))
+    # SIGTERM while the stack starts (systemd stopping a unit still starting, a `kill`) stops
+    # what has started, as Ctrl-C does; left to Python's default, it would end this process
+    # alone and leave the stack running without it.
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
     try:
         running = supervisor.start(stack, timeout=args.timeout)
     except KeyboardInterrupt:
