@@ -515,9 +515,12 @@ def test_an_existing_run_dir_of_the_stack_owner_is_made_private(site: Path) -> N
     assert (site / ".stackctl" / "log").stat().st_mode & 0o777 == 0o700
 
 
-def test_ctrl_c_while_the_stack_starts_stops_it(
-    site: Path, no_leaks: Callable[[Path], None]
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_ctrl_c_or_sigterm_while_the_stack_starts_stops_it(
+    site: Path, no_leaks: Callable[[Path], None], signum: signal.Signals
 ) -> None:
+    """Ctrl-C, or systemd stopping a unit that is still starting (SIGTERM): the stack goes
+    too (on SIGTERM, it used to keep running, with nobody to stop it)."""
     no_leaks(site)
     up = subprocess.Popen(
         [sys.executable, "-m", "stackctl", "up", "--listen", f"127.0.0.1:{free_port()}",
@@ -532,7 +535,7 @@ def test_ctrl_c_while_the_stack_starts_stops_it(
         state = site / ".stackctl" / "run" / "state.json"
         wait_for(lambda: state.exists() or up.poll() is not None, timeout=60,
                  what="up to start circusd")  # fmt: skip
-        up.send_signal(signal.SIGINT)
+        up.send_signal(signum)
         out, err = up.communicate(timeout=120)
     finally:
         if up.poll() is None:

@@ -6,7 +6,6 @@ import os
 import shutil
 import signal
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager, suppress
@@ -16,7 +15,7 @@ import psutil
 import pytest
 
 from stackctl import processes
-from tests.conftest import APP_AS_ROOT, free_port, running_stack, stackctl, wait_for
+from tests.conftest import free_port, running_stack, stackctl, wait_for
 from tests.e2e.test_restarts import (
     LOAD_APP,
     NO_AUTORELOAD,
@@ -193,27 +192,3 @@ def test_down_during_a_reload_whose_new_workers_hang_ends_it_and_stops_gracefull
         assert failures == [], f"down took {took:.1f} s"
         assert took < 15, f"down took {took:.0f} s"
         assert "Traceback" not in (stack.log_dir / "circusd.log").read_text()
-
-
-def test_sigterm_while_the_stack_starts_stops_what_had_started(short_tmp: Path) -> None:
-    """systemd stopping a unit that is still starting, or a `kill` of `stackctl up`: the
-    stack it was starting goes with it (it used to keep running, with nobody to stop it)."""
-    stackctl("init", str(short_tmp / "site"), "--demo", cwd=short_tmp)
-    run_dir = (short_tmp / "site" / ".stackctl" / "run").resolve()
-    up = subprocess.Popen(
-        [sys.executable, "-m", "stackctl", "up", "--listen", f"127.0.0.1:{free_port()}",
-         "--workers", "1", *APP_AS_ROOT],
-        cwd=short_tmp / "site", stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-    )  # fmt: skip
-    try:
-        wait_for(lambda: (run_dir / "circusd.pid").exists(), timeout=120, what="circusd")
-        up.send_signal(signal.SIGTERM)
-        out, _ = up.communicate(timeout=120)
-    finally:
-        if up.poll() is None:
-            up.kill()
-            up.communicate()
-        left = processes.find(run_dir)
-        processes.kill_all(left)
-    assert "stack stopped" in out, out
-    assert not left, [p.pid for p in left]
