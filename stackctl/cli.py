@@ -357,6 +357,9 @@ def reload_running(args: argparse.Namespace, running: Stack) -> int:
     if unheld:
         check_port_allowed(stack, unheld)
         supervisor.check_port_free(stack, unheld)
+    metrics = stack.profile.metrics.listen
+    if metrics is not None and metrics != running.profile.metrics.listen:
+        supervisor.check_port_free(stack, ["metrics.listen"])  # the exporter's new address
     # Before NGiNX serves the new generation: a changed file's stale .gz goes as soon as can be.
     print_compression(stack)
     done = reload.apply_config(stack)

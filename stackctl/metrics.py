@@ -190,10 +190,13 @@ def circus_families(endpoint: str, watchers: list[str], restarts: Restarts) -> l
     from stackctl.supervisor import _call_once, _number, _rss
 
     try:
-        states = _call_once(endpoint, "status", CIRCUS_TIMEOUT, {}).get("statuses", {})
-        infos = _call_once(endpoint, "stats", CIRCUS_TIMEOUT, {}).get("infos", {})
+        status = _call_once(endpoint, "status", CIRCUS_TIMEOUT, {})
+        stats = _call_once(endpoint, "stats", CIRCUS_TIMEOUT, {})
     except StackError:
         return [up("circus", False, "circusd")]
+    if status.get("status") != "ok" or stats.get("status") != "ok":
+        return [up("circus", False, "circusd")]  # busy with a command of its own: next time
+    states, infos = status.get("statuses", {}), stats.get("infos", {})
     running = Family("stackctl_watcher_up", "gauge", "1 if Circus runs the watcher (active).")
     processes = Family("stackctl_watcher_processes", "gauge", "Processes of the watcher.")
     cpu = Family("stackctl_watcher_cpu_percent", "gauge",

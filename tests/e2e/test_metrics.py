@@ -292,6 +292,20 @@ def test_a_hostile_metrics_listen_is_refused_with_a_clear_error(hostile: str) ->
     assert "Traceback" not in result.stderr
 
 
+def test_a_reload_onto_a_taken_metrics_port_is_refused_and_the_exporter_stays(
+    stack: Stack,
+) -> None:
+    with closing(socket.socket()) as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen(1)
+        port = holder.getsockname()[1]
+        result = stackctl("reload", "--set", f"metrics.listen=127.0.0.1:{port}",
+                          cwd=stack.stack_dir, check=False)  # fmt: skip
+    assert result.returncode != 0
+    assert f"metrics.listen: 127.0.0.1:{port} is not available" in result.stderr
+    assert value(stack, "stackctl_circus_up") == 1  # still served where it was
+
+
 def test_a_taken_metrics_port_stops_up_before_it_starts_anything(
     short_tmp: Path, no_leaks: Callable[[Path], None]
 ) -> None:
