@@ -22,6 +22,7 @@ import argparse
 import logging
 import re
 import socket
+import socketserver
 import sys
 import threading
 import time
@@ -379,6 +380,12 @@ class Server(ThreadingHTTPServer):
     def __init__(self, address: tuple[str, int], cache: Cache) -> None:
         self.address_family = socket.AF_INET6 if ":" in address[0] else socket.AF_INET
         super().__init__(address, handler(cache))
+
+    def server_bind(self) -> None:
+        # HTTPServer's own looks the address up in DNS (getfqdn): a start held up by a slow
+        # resolver, for a name nothing here uses.
+        socketserver.TCPServer.server_bind(self)
+        self.server_name, self.server_port = str(self.server_address[0]), self.server_address[1]
 
 
 def start_thread(run: Callable[[], None], name: str) -> None:

@@ -189,17 +189,17 @@ def keys(stream: TextIO) -> Iterator[Callable[[float], str]]:
 
 
 def run(listen: Listen, title: str, once: bool, out: TextIO = sys.stdout) -> int:
-    before = fetch(listen)
-    if once:
-        time.sleep(INTERVAL)
-        text = frame(fetch(listen), before, title)
-        out.write(text if out.isatty() else ANSI.sub("", text))  # a file gets plain text
-        return 0
+    """Frames until q or Ctrl-C (exit status 0 either way), or one with ``once``."""
     try:
+        before = fetch(listen)
+        if once:
+            time.sleep(INTERVAL)
+            text = frame(fetch(listen), before, title)
+            out.write(text if out.isatty() else ANSI.sub("", text))  # a file gets plain text
+            return 0
         with keys(sys.stdin) as key:
             while True:
-                started = time.monotonic()
-                if key(max(0.0, INTERVAL - (time.monotonic() - started))) in ("q", "Q"):
+                if key(INTERVAL) in ("q", "Q"):  # a rate needs a second between two scrapes
                     return 0
                 now = fetch(listen)
                 out.write(CLEAR + frame(now, before, title))

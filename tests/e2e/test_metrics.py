@@ -5,9 +5,14 @@ from __future__ import annotations
 
 import base64
 import os
+import pty
+import select
 import signal
 import socket
+import subprocess
+import sys
 import threading
+import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable, Iterator
@@ -277,6 +282,29 @@ def test_top_once_prints_a_frame_of_the_live_numbers(stack: Stack) -> None:
     assert any(line.startswith("REQUESTS") for line in lines), out
     assert any(line.startswith("REDIS") and " up " in line for line in lines), out
     assert "clients: websocket 1  sse 0  longpoll 0" in out
+
+
+def test_top_redraws_each_second_in_a_terminal_and_q_leaves_it(stack: Stack) -> None:
+    controller, terminal = pty.openpty()
+    top = subprocess.Popen([sys.executable, "-m", "stackctl", "top"], cwd=stack.stack_dir,
+                           stdin=terminal, stdout=terminal, stderr=subprocess.PIPE)  # fmt: skip
+    os.close(terminal)
+    try:
+        shown = b""
+        deadline = time.monotonic() + 30
+        while shown.count(b"WATCHER") < 2 and time.monotonic() < deadline:
+            if select.select([controller], [], [], 0.5)[0]:
+                shown += os.read(controller, 65536)
+        assert shown.count(b"\x1b[H\x1b[2J") >= 2, shown  # redrawn, in colour
+        os.write(controller, b"q")
+        assert top.wait(10) == 0
+    finally:
+        if top.poll() is None:
+            top.kill()
+            top.wait()
+        assert top.stderr is not None
+        top.stderr.close()
+        os.close(controller)
 
 
 @pytest.mark.parametrize("hostile", [
