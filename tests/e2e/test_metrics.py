@@ -4,6 +4,7 @@ numbers move with what the stack does (clients, messages, requests, crashes, out
 from __future__ import annotations
 
 import base64
+import json
 import os
 import pty
 import select
@@ -30,6 +31,7 @@ from tests.conftest import free_port, running_stack, short_dir, stackctl, wait_f
 pytestmark = pytest.mark.e2e
 
 QUEUE_LIMIT = 8
+HISTORY = 5
 SECRET_QUERY = "token=do-not-log-me-0123456789"
 
 
@@ -37,8 +39,8 @@ SECRET_QUERY = "token=do-not-log-me-0123456789"
 def stack() -> Iterator[Stack]:
     root = short_dir()
     stackctl("init", str(root / "site"), "--demo", cwd=root)
-    settings = ["--set", f"metrics.listen=127.0.0.1:{free_port()}",
-                "--set", f"ws.queue_limit={QUEUE_LIMIT}"]  # fmt: skip
+    settings = ["--set", f"metrics.listen=127.0.0.1:{free_port()}", "--set",
+                f"ws.queue_limit={QUEUE_LIMIT}", "--set", f"ws.history={HISTORY}"]  # fmt: skip
     with running_stack(root / "site", "--workers", "2", *settings) as running:
         yield running
 
@@ -145,6 +147,22 @@ def test_a_resuming_client_is_counted_as_replayed(stack: Stack) -> None:
     with connect(ws_url(stack, "again") + "?since=0-0") as ws:
         ws.recv(timeout=5)
     wait_value(stack, "stackctl_ws_messages_replayed_total", replayed + 1)
+
+
+def test_a_gap_announced_to_a_resuming_client_is_counted(stack: Stack) -> None:
+    with connect(ws_url(stack, "gappy")) as ws:
+        realtime.publish("gappy", "first", url=stack.redis_url)
+        first_id = json.loads(ws.recv(timeout=5))["id"]
+    for n in range(2 * HISTORY):  # the first one falls out of the history
+        realtime.publish("gappy", n, url=stack.redis_url)
+    gaps = value(stack, "stackctl_ws_gaps_announced_total")
+    replayed = value(stack, "stackctl_ws_messages_replayed_total")
+    with connect(ws_url(stack, "gappy") + f"?since={first_id}") as ws:
+        assert json.loads(ws.recv(timeout=5)) == {"channel": "gappy", "gap": True}
+        for _ in range(HISTORY):
+            ws.recv(timeout=5)
+    wait_value(stack, "stackctl_ws_gaps_announced_total", gaps + 1)
+    wait_value(stack, "stackctl_ws_messages_replayed_total", replayed + HISTORY)
 
 
 def raw_websocket(stack: Stack, path: str) -> socket.socket:
