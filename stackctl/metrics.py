@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import re
 import socket
 import socketserver
@@ -35,6 +36,7 @@ from pathlib import Path
 from typing import Any
 
 from stackctl import workerstats
+from stackctl.realtime import PASSWORD_FILE_VARIABLE, REDIS_URL_VARIABLE
 from stackctl.settings import Invalid, metrics_listen
 
 log = logging.getLogger("stackctl.metrics")
@@ -401,8 +403,10 @@ def parser() -> argparse.ArgumentParser:
     options.add_argument("--access-log", type=Path, help="NGiNX's access log")
     options.add_argument("--front", help="HOST:PORT where NGiNX serves the site")
     options.add_argument("--wsgi-stats", type=Path, help="the uWSGI workers' statistics files")
-    options.add_argument("--redis-url", help="the Redis the app uses")
-    options.add_argument("--redis-password-file", help="its password, if it has one")
+    options.add_argument("--redis", action="store_true",
+                         help="report the Redis that STACKCTL_REDIS_URL names (with the password "
+                         "in STACKCTL_REDIS_PASSWORD_FILE, if set): not on the command line, "
+                         "which every user may read")  # fmt: skip
     options.add_argument("--ws-socket", type=Path, help="the websocket worker's counters")
     return options
 
@@ -426,7 +430,8 @@ def main(argv: list[str] | None = None) -> int:
     restarts = Restarts(args.pubsub)
     sources = Sources(args.endpoint, args.watcher, restarts, front=host_port(args.front)
                       if args.front else None, wsgi_stats=args.wsgi_stats,
-                      redis_url=args.redis_url, redis_password_file=args.redis_password_file,
+                      redis_url=os.environ[REDIS_URL_VARIABLE] if args.redis else None,
+                      redis_password_file=os.environ.get(PASSWORD_FILE_VARIABLE),
                       ws_socket=args.ws_socket)  # fmt: skip
     start_thread(restarts.listen_forever, "circus events")
     if args.access_log is not None:

@@ -9,7 +9,7 @@ from typing import Any
 
 from stackctl import cluster
 from stackctl.logfile import LIMITS_FILE, MIB, limits_json
-from stackctl.realtime import PASSWORD_FILE_VARIABLE
+from stackctl.realtime import PASSWORD_FILE_VARIABLE, REDIS_URL_VARIABLE
 from stackctl.render import File, render_template
 from stackctl.settings import Listen
 from stackctl.stack import Stack
@@ -110,13 +110,22 @@ def metrics_command(stack: Stack) -> str:
     if "ws" in stack.watchers:
         args += ["--ws-socket", str(stack.ws_metrics_socket)]
     if cluster.needs_redis(stack.profile):
-        # A redis host asks its own Redis; the others, the one the app's processes use.
-        args += ["--redis-url",
-                 f"redis://{stack.redis_listen}/0" if stack.redis_listen else stack.redis_url]
-        password_file = stack.shared_env().get(PASSWORD_FILE_VARIABLE)
-        if password_file:
-            args += ["--redis-password-file", password_file]
+        args += ["--redis"]  # the one metrics_env names
     return shlex.join(tied_to_circusd(stack, args))
+
+
+def metrics_env(stack: Stack) -> dict[str, str]:
+    """The exporter's Redis. In its environment, not on its command line, which every user
+    may read (ps): redis.url may hold a password. A redis host asks its own Redis; the
+    others, the one the app's processes use."""
+    if stack.profile.metrics.listen is None or not cluster.needs_redis(stack.profile):
+        return {}
+    env = {REDIS_URL_VARIABLE: f"redis://{stack.redis_listen}/0" if stack.redis_listen
+           else stack.redis_url}  # fmt: skip
+    password_file = stack.shared_env().get(PASSWORD_FILE_VARIABLE)
+    if password_file:
+        env[PASSWORD_FILE_VARIABLE] = password_file
+    return env
 
 
 def wsgi_env(stack: Stack) -> dict[str, str]:
@@ -201,6 +210,7 @@ def render(stack: Stack) -> list[File]:
         nginx_cmd=nginx_command(stack),
         autoreload_cmd=autoreload_command(stack),
         metrics_cmd=metrics_command(stack),
+        metrics_env=metrics_env(stack),
         workers=stack.workers,
         graceful_timeout=stack.profile.wsgi.graceful_timeout,
         worker_env=wsgi_env(stack),

@@ -2,23 +2,24 @@
 
 They sit on the fan-out's hot path, so they are plain integers bumped in place: no lock (one
 gevent thread), no allocation, and counted per message, never per client (a delivery to N
-clients adds N once). The exporter reads them on a unix socket in the service directory that
-NGiNX does not route: connect, read the Prometheus text until the worker closes.
+clients adds N once). Without metrics (``metrics.listen = ""``) the fan-out skips even that;
+the rare events (a slow client, a lost subscription) are counted either way.
+
+The exporter reads them on a unix socket in the service directory that NGiNX does not route:
+connect, read the Prometheus text until the worker closes.
 """
 
 from __future__ import annotations
 
 import contextlib
-import logging
 import os
+import socket
 from collections import Counter
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
 from gevent.server import StreamServer
-
-log = logging.getLogger("stackctl.ws")
 
 PREFIX = "stackctl_ws_"
 TRANSPORTS = ("websocket", "sse", "longpoll")
@@ -64,7 +65,8 @@ COUNTER_HELP = {
 
 
 def transport_of(member: object) -> str:
-    """The transport label of a hub member, by its class (imported lazily: no cycle)."""
+    """The transport label of a hub member, by its class's name: the member classes import
+    this module, so it cannot import them."""
     name = type(member).__name__
     return {"Client": "websocket", "EventStream": "sse", "PollWaiter": "longpoll"}.get(
         name, "other"
@@ -103,8 +105,6 @@ def serve(path: Path, text: Callable[[], str]) -> StreamServer:
     """Answer every connection on the unix socket ``path`` with ``text()``, then close it.
 
     A reload starts the new worker beside the old one: the new one takes the path over."""
-    import socket
-
     with contextlib.suppress(FileNotFoundError):
         path.unlink()
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)

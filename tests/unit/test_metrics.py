@@ -155,3 +155,18 @@ def test_top_turns_two_scrapes_into_rates() -> None:
     assert "REQUESTS   10.0/s   2xx 10.0" in text
     assert "41             5.0" in text
     assert "delivered 150.0/s" in text and "websocket 3" in text
+
+
+def test_the_exporter_gets_a_redis_password_in_its_environment_not_its_command_line(
+    tmp_path: Path,
+) -> None:
+    from tests.unit.test_render import circus_ini, make_stack
+
+    url = "redis://:s3cret-pw@10.0.0.9:6379/0"
+    ini = circus_ini(make_stack(tmp_path, f'[redis]\nurl = "{url}"\n'))
+    command = ini["watcher:metrics"]["cmd"]
+    assert "--redis" in command.split() and "s3cret-pw" not in command
+    assert ini["env:metrics"]["STACKCTL_REDIS_URL"] == url
+    for section in ini.sections():
+        if section.startswith("watcher:"):
+            assert "s3cret-pw" not in ini[section]["cmd"], section
