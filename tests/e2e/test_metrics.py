@@ -280,6 +280,11 @@ def test_a_flood_of_scrapes_is_answered_and_the_exporter_lives_on(stack: Stack) 
     assert other.value.code == 404
 
 
+def test_the_exporter_has_its_own_log(stack: Stack) -> None:
+    shown = stackctl("logs", "metrics", "-n", "20", cwd=stack.stack_dir).stdout
+    assert f"serving Prometheus metrics on http://{stack.profile.metrics.listen}/metrics" in shown
+
+
 def test_no_secret_reaches_the_page(stack: Stack) -> None:
     get(stack, f"/?{SECRET_QUERY}")
     get(stack, f"/nowhere?{SECRET_QUERY}")
