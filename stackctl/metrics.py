@@ -316,19 +316,37 @@ class Sources:
     ws_socket: Path | None = None
 
     def scrape(self) -> str:
-        families = circus_families(self.circus_endpoint, self.watchers, self.restarts)
+        parts = [guarded("circus", "circusd", lambda: exposition(
+            circus_families(self.circus_endpoint, self.watchers, self.restarts)))]  # fmt: skip
         if self.front is not None:
-            families.append(up("nginx", nginx_answers(*self.front), "NGiNX"))
+            front = self.front
+            parts.append(exposition([up("nginx", nginx_answers(*front), "NGiNX")]))
         if self.access_log is not None:
-            families += self.access_log.families()
-        text = exposition(families)
+            parts.append(exposition(self.access_log.families()))
         if self.wsgi_stats is not None:
-            text += exposition(wsgi_families(self.wsgi_stats))
+            stats = self.wsgi_stats
+            parts.append(guarded("wsgi", "the uWSGI workers' files",
+                                 lambda: exposition(wsgi_families(stats))))  # fmt: skip
         if self.redis_url is not None:
-            text += exposition(redis_families(self.redis_url, self.redis_password_file))
+            url, password_file = self.redis_url, self.redis_password_file
+
+            def redis_page() -> str:
+                return exposition(redis_families(url, password_file))
+
+            parts.append(guarded("redis", "Redis", redis_page))
         if self.ws_socket is not None:
-            text += ws_text(self.ws_socket)
-        return text
+            parts.append(ws_text(self.ws_socket))
+        return "".join(parts)
+
+
+def guarded(source: str, what: str, read: Callable[[], str]) -> str:
+    """``read()``, or if it fails in a way not foreseen, the source's up gauge at 0: one
+    source's trouble must not cost the whole page."""
+    try:
+        return read()
+    except Exception as e:
+        log.warning("reading %s failed: %s", what, type(e).__name__)  # its text may hold a URL
+        return exposition([up(source, False, what)])
 
 
 class Cache:
@@ -390,8 +408,23 @@ class Server(ThreadingHTTPServer):
         self.server_name, self.server_port = str(self.server_address[0]), self.server_address[1]
 
 
+CRASH_EXIT_STATUS = 70  # EX_SOFTWARE: Circus starts a fresh exporter
+
+
 def start_thread(run: Callable[[], None], name: str) -> None:
-    threading.Thread(target=run, name=name, daemon=True).start()
+    """Run ``run`` for the life of the process. If it fails, the process ends: an exporter
+    whose counts silently stopped would report a quiet site instead of a broken exporter."""
+
+    def for_life() -> None:
+        try:
+            run()
+        except BaseException:
+            log.critical("%s failed; exiting so that Circus starts a fresh exporter", name,
+                         exc_info=True)  # fmt: skip
+            logging.shutdown()
+            os._exit(CRASH_EXIT_STATUS)
+
+    threading.Thread(target=for_life, name=name, daemon=True).start()
 
 
 def parser() -> argparse.ArgumentParser:

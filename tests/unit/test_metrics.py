@@ -170,3 +170,13 @@ def test_the_exporter_gets_a_redis_password_in_its_environment_not_its_command_l
     for section in ini.sections():
         if section.startswith("watcher:"):
             assert "s3cret-pw" not in ini[section]["cmd"], section
+
+
+def test_a_source_that_fails_unforeseen_costs_its_own_numbers_only() -> None:
+    def broken() -> str:
+        raise ValueError("redis://:secret@host: unexpected answer")
+
+    assert metrics.guarded("redis", "Redis", broken) == (
+        "# HELP stackctl_redis_up 1 if Redis answered this scrape.\n"
+        "# TYPE stackctl_redis_up gauge\nstackctl_redis_up 0\n"
+    )
