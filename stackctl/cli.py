@@ -219,6 +219,8 @@ def cmd_up(args: argparse.Namespace) -> int:
     for line in what_runs(stack):
         print(line)
     print(f"logs in {stack.log_dir}")
+    if stack.profile.metrics.listen is not None:
+        print(f"metrics on http://{stack.profile.metrics.listen}/metrics (`stackctl top`)")
     if args.detach:
         print(f'circusd pid {running.process.pid}; `eval "$(stackctl env)"` then circusctl works')
         return 0

@@ -280,6 +280,16 @@ def test_a_flood_of_scrapes_is_answered_and_the_exporter_lives_on(stack: Stack) 
     assert other.value.code == 404
 
 
+def test_up_says_where_the_metrics_are(short_tmp: Path, no_leaks: Callable[[Path], None]) -> None:
+    site = short_tmp / "site"
+    stackctl("init", str(site), "--demo", cwd=short_tmp)
+    no_leaks(site)
+    metrics = f"127.0.0.1:{free_port()}"
+    shown = stackctl("up", "--detach", "--listen", f"127.0.0.1:{free_port()}", "--set",
+                     f"metrics.listen={metrics}", cwd=site).stdout  # fmt: skip
+    assert f"metrics on http://{metrics}/metrics (`stackctl top`)" in shown
+
+
 def test_the_exporter_has_its_own_log(stack: Stack) -> None:
     shown = stackctl("logs", "metrics", "-n", "20", cwd=stack.stack_dir).stdout
     assert f"serving Prometheus metrics on http://{stack.profile.metrics.listen}/metrics" in shown
