@@ -321,6 +321,9 @@ def stackctl_stack(
             str(workers),
             "--profile",
             "prod",
+            # The exporter on a free port: its default one is the machine's.
+            *(() if any("metrics.listen" in o for o in options) else
+              ("--set", f"metrics.listen=127.0.0.1:{free_port()}")),
             *options,
             *APP_AS_ROOT,
         ],

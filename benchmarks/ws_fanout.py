@@ -9,9 +9,17 @@ latency (publish to receipt, p50/p99/max), lost and doubled deliveries, connect 
 server process's RSS and fds per connection, and Redis connections.
 
 Paths: stackctl through NGiNX (the real one) and directly on the worker's unix socket;
-Channels directly on daphne's unix socket. All clients live in this one process, on a bare
-epoll loop with a minimal frame reader: the load generator must cost less than the servers it
-measures, and it runs on the same 2 cores.
+Channels directly on daphne's unix socket.
+
+The cost of the realtime counters (metrics.listen): the same stack's fan-out throughput, a
+burst of messages as fast as they can be published to N clients on the worker's socket, with
+the worker counting (metrics on) and without (``metrics.listen = ""``: the worker's fan-out
+then runs without its additions), in rounds alternating on-off-off-on in the same run. Judged
+on deliveries per CPU second of the worker, which other load on the machine does not skew
+as it skews the wall clock (both are printed).
+
+All clients live in this one process, on a bare epoll loop with a minimal frame reader: the
+load generator must cost less than the servers it measures, and it runs on the same 2 cores.
 """
 
 from __future__ import annotations
@@ -39,7 +47,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import psutil  # noqa: E402
 import redis  # noqa: E402
-from common import stackctl_stack, started, workdir  # noqa: E402
+from common import APP_AS_ROOT, free_port, stackctl_stack, started, workdir  # noqa: E402
 
 from stackctl import processes, realtime  # noqa: E402
 from stackctl.stack import find_redis_server  # noqa: E402
@@ -336,6 +344,88 @@ def run_once(target: Target, clients: int, messages: int) -> Row:
     )  # fmt: skip
 
 
+COST_CLIENTS = 1000
+COST_MESSAGES = 1000
+COST_ROUNDS = 4
+COST_TARGET = 0.05
+
+
+def burst_rate(address: str, url: str, clients: int, messages: int,
+               worker: psutil.Process) -> tuple[float, float]:  # fmt: skip
+    """A burst of ``messages`` to ``clients`` clients of one channel, from the first publish
+    until every client has every message (or DRAIN_SECONDS): deliveries per second of wall
+    clock, and per second of the worker's CPU time."""
+    tally = Tally(messages)
+    crowd = Crowd(address, f"/ws/{CHANNEL}", tally)
+    try:
+        connected = crowd.connect(clients, CONNECT_CONCURRENCY, CONNECT_PATIENCE)
+        crowd.receive_until(lambda: False, time.monotonic() + 1.0)  # subscriptions settle
+        connection = realtime.connect(url)
+        limits = realtime.history_limits()
+
+        def publish_burst() -> None:
+            for n in range(messages):
+                realtime.publish_json(connection, CHANNEL, json.dumps({"n": n, "t": 0}), limits)
+
+        publisher = threading.Thread(target=publish_burst)
+        cpu_before = sum(worker.cpu_times()[:2])
+        started_at = time.monotonic()
+        publisher.start()
+        crowd.receive_until(lambda: len(tally.latencies) >= connected * messages,
+                            time.monotonic() + DRAIN_SECONDS)  # fmt: skip
+        elapsed = time.monotonic() - started_at
+        cpu = sum(worker.cpu_times()[:2]) - cpu_before
+        publisher.join()
+        connection.close()
+    finally:
+        crowd.close()
+    return len(tally.latencies) / elapsed, len(tally.latencies) / max(cpu, 1e-3)
+
+
+def counters_cost(run: Path) -> float:
+    """The counters' cost as a share of fan-out throughput: 1 - (with) / (without), from the
+    median of COST_ROUNDS bursts each, alternating on one stack (`stackctl reload` switches)."""
+    metrics_on = f"metrics.listen=127.0.0.1:{free_port()}"
+    modes = {"counters on": metrics_on, "counters off": "metrics.listen="}
+    rates: dict[str, list[float]] = {mode: [] for mode in modes}
+    per_cpu: dict[str, list[float]] = {mode: [] for mode in modes}
+    print(f"\ncounters' cost: bursts of {COST_MESSAGES} messages to {COST_CLIENTS} clients, "
+          "worker socket")  # fmt: skip
+    with stackctl_stack(run, "hello", 1, "--set", metrics_on) as server:
+        site = server.stack_dir
+        assert site is not None
+        from stackctl import profile
+        from stackctl.stack import plan
+
+        stack = plan(profile.load(site, "prod", []))
+        for round_ in range(COST_ROUNDS):
+            # on-off, then off-on: a drift over the run (other load, a warming cache) weighs
+            # on both alike.
+            for mode in list(modes) if round_ % 2 == 0 else list(modes)[::-1]:
+                setting = modes[mode]
+                subprocess.run([sys.executable, "-m", "stackctl", "reload", "--profile", "prod",
+                                "--set", setting, *APP_AS_ROOT], cwd=site, check=True,
+                               capture_output=True)  # fmt: skip
+                time.sleep(1.0)  # the new worker's imports done, its subscription open
+                [worker] = [p for p in processes.find(stack.run_dir.resolve())
+                            if "stackctl.ws" in " ".join(p.cmdline())]  # fmt: skip
+                rate, cpu_rate = burst_rate(str(stack.ws_socket), stack.redis_url,
+                                            COST_CLIENTS, COST_MESSAGES, worker)  # fmt: skip
+                rates[mode].append(rate)
+                per_cpu[mode].append(cpu_rate)
+                print(f"  {mode:<13} {rate:>12,.0f} deliveries/s {cpu_rate:>12,.0f} per CPU "
+                      "second of the worker", flush=True)  # fmt: skip
+    on, off = (statistics.median(rates[mode]) for mode in modes)
+    cpu_on, cpu_off = (statistics.median(per_cpu[mode]) for mode in modes)
+    cost = 1 - cpu_on / cpu_off
+    verdict = "ok" if cost < COST_TARGET else "MISSED"
+    print(f"  medians: on {on:,.0f}/s, off {off:,.0f}/s of wall clock ({1 - on / off:+.1%}); "
+          f"per worker CPU second on {cpu_on:,.0f}, off {cpu_off:,.0f}")
+    print(f"  the counters cost {cost:+.1%} of fan-out throughput per CPU second "
+          f"(target < {COST_TARGET:.0%}): {verdict}")  # fmt: skip
+    return cost
+
+
 def stackctl_targets(site: Path, port: int) -> list[Target]:
     from stackctl import profile
     from stackctl.stack import plan
@@ -482,14 +572,16 @@ def run_all(args: argparse.Namespace) -> int:
                         print_row(rows[-1])
         if "channels" in args.peers:
             rows += bench_channels(run, sizes, args.messages)
-    return 0 if check_targets(rows) else 1
+        cost = counters_cost(run) if "counters" in args.peers else 0.0
+    return 0 if check_targets(rows) and cost < COST_TARGET else 1
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--clients", default="1000,5000,10000")
     parser.add_argument("--messages", type=int, default=20)
-    parser.add_argument("--peers", default="stackctl,channels")
+    parser.add_argument("--peers", default="stackctl,channels,counters",
+                        help="what to run: stackctl, channels, counters (their cost)")  # fmt: skip
     args = parser.parse_args()
     raise_open_files_limit()
     return run_all(args)

@@ -224,6 +224,8 @@ def cmd_up(args: argparse.Namespace) -> int:
     for line in what_runs(stack):
         print(line)
     print(f"logs in {stack.log_dir}")
+    if stack.profile.metrics.listen is not None:
+        print(f"metrics on http://{stack.profile.metrics.listen}/metrics (`stackctl top`)")
     if args.detach:
         print(f'circusd pid {running.process.pid}; `eval "$(stackctl env)"` then circusctl works')
         return 0
@@ -327,6 +329,22 @@ def cmd_status(args: argparse.Namespace) -> int:
     return 0 if all(check.ok for check in checks) else EXIT_UNHEALTHY
 
 
+def cmd_top(args: argparse.Namespace) -> int:
+    """The exporter's numbers (metrics.listen), redrawn every second until q or Ctrl-C."""
+    from stackctl import top
+
+    stack = load_running_stack(args, writes=False, as_saved=True)
+    require_running(stack)
+    listen = stack.profile.metrics.listen
+    if listen is None:
+        raise StackError(
+            'metrics.listen is "" in this stack\'s profile, so no exporter runs for top to '
+            'read; set it (e.g. "127.0.0.1:9108") and run `stackctl reload`'
+        )
+    title = f"stackctl top: {stack.stack_dir}  profile {stack.profile.name}"
+    return top.run(listen, title, once=args.once)
+
+
 def format_age(seconds: float) -> str:
     minutes, secs = divmod(int(seconds), 60)
     hours, minutes = divmod(minutes, 60)
@@ -366,6 +384,9 @@ def reload_running(args: argparse.Namespace, running: Stack) -> int:
     if unheld:
         check_port_allowed(stack, unheld)
         supervisor.check_port_free(stack, unheld)
+    metrics = stack.profile.metrics.listen
+    if metrics is not None and metrics != running.profile.metrics.listen:
+        supervisor.check_port_free(stack, ["metrics.listen"])  # the exporter's new address
     # Before NGiNX serves the new generation: a changed file's stale .gz goes as soon as can be.
     print_compression(stack)
     done = reload.apply_config(stack)
@@ -590,6 +611,9 @@ def build_parser() -> argparse.ArgumentParser:
     draining.add_argument("--off", action="store_true", help="answer 200 again")
     command("status", cmd_status, "show each watcher and its processes, and whether the site, "
             "Redis and realtime delivery work (exit status 1 if one does not)")  # fmt: skip
+    top = command("top", cmd_top, "watch the stack live: processes, requests, uWSGI workers, "
+                  "Redis and realtime clients and messages, every second")  # fmt: skip
+    top.add_argument("--once", action="store_true", help="print one frame and exit")
     command("env", cmd_env, "print the exports that point circusctl and publish at this stack")
 
     reload = command(

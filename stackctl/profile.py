@@ -39,6 +39,7 @@ from stackctl.settings import (
     LimitsConfig,
     LogsConfig,
     MediaConfig,
+    MetricsConfig,
     PathsConfig,
     RedisConfig,
     ServerConfig,
@@ -77,6 +78,7 @@ class Profile:
     limits: LimitsConfig
     cluster: ClusterConfig
     cache: CacheConfig
+    metrics: MetricsConfig
     sources: Mapping[str, str] = field(default_factory=dict, compare=False)
     """Which file (or the command line, or the defaults) gave each key its value."""
 
@@ -325,6 +327,8 @@ def saved_values(profile: Profile) -> dict[str, Any]:
     """Every key's value as a profile file would write it, for :func:`from_saved_values`."""
 
     def plain(value: Any) -> Any:
+        if value is None:  # a setting turned off ("")
+            return ""
         return list(value) if isinstance(value, tuple) else value if isinstance(
             value, bool | int | str) else str(value)  # fmt: skip
 

@@ -991,6 +991,34 @@ class ClusterConfig:
     )
 
 
+def metrics_listen(value: Any) -> Listen | None:
+    """HOST:PORT on loopback or a private network, or "" (no exporter). The metrics name the
+    app's watchers, its request rates and its Redis: never on a public or wildcard address."""
+    form = (
+        'HOST:PORT where HOST is a loopback or private IP address ([::1] for IPv6), e.g. '
+        '"127.0.0.1:9108", or "" to serve no metrics'
+    )
+    if value == "":
+        return None
+    try:
+        found = listen(value)
+    except Invalid:
+        raise _expect(form, value) from None
+    if _private_address(found.host) is None:
+        raise _expect(form + " (metrics tell about the site: not on a public address)", value)
+    return found
+
+
+@dataclass(frozen=True)
+class MetricsConfig:
+    listen: Listen | None = setting(
+        "127.0.0.1:9108",
+        metrics_listen,
+        "Address the Prometheus exporter serves /metrics on (watchers, requests, uWSGI "
+        'workers, Redis, realtime counters); loopback or a private address; "" for none.',
+    )
+
+
 SECTION_TYPES: dict[str, type] = {
     "server": ServerConfig,
     "app": AppConfig,
@@ -1006,6 +1034,7 @@ SECTION_TYPES: dict[str, type] = {
     "limits": LimitsConfig,
     "cluster": ClusterConfig,
     "cache": CacheConfig,
+    "metrics": MetricsConfig,
 }
 """Each section of a profile and the class its keys are declared in, in the README's order."""
 

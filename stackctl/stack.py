@@ -138,6 +138,7 @@ class Stack:
             "wsgi": self.runs(cluster.WSGI),
             "ws": self.runs(cluster.WS),
             "nginx": self.runs(cluster.FRONT),
+            "metrics": self.profile.metrics.listen is not None,
         }
         return tuple(name for name in WATCHERS if wanted[name])
 
@@ -173,6 +174,17 @@ class Stack:
     @property
     def ws_socket(self) -> Path:
         return self.run_dir / "ws.sock"
+
+    @property
+    def ws_metrics_socket(self) -> Path:
+        """Where the websocket worker tells the exporter its counters (not routed by NGiNX)."""
+        return self.service_dir / "ws-metrics.sock"
+
+    @property
+    def wsgi_stats_dir(self) -> Path:
+        """One small file per uWSGI worker, its requests and busy time (no master, so no
+        uWSGI stats server): written by the worker, read by the exporter."""
+        return self.service_dir / "wsgi-stats"
 
     @property
     def redis_socket(self) -> Path:

@@ -267,8 +267,10 @@ class Running:
 
 def check_port_free(stack: Stack, keys: Iterable[str] | None = None) -> None:
     """NGiNX's addresses (those of ``keys``), and when starting (no ``keys``) those the other
-    hosts reach this one on."""
+    hosts reach this one on and the exporter's."""
     wanted = {**stack.listens(keys), **(stack.cluster_listens() if keys is None else {})}
+    if stack.profile.metrics.listen is not None and (keys is None or "metrics.listen" in keys):
+        wanted["metrics.listen"] = stack.profile.metrics.listen
     for key, listen in wanted.items():
         family = socket.AF_INET6 if ":" in listen.host else socket.AF_INET
         with closing(socket.socket(family, socket.SOCK_STREAM)) as probe:

@@ -6,11 +6,13 @@ The Circus config has a section per name, each has a log ``<log_dir>/<name>.log`
 
 from __future__ import annotations
 
-WATCHERS = ("redis", "sentinel", "wsgi", "ws", "nginx")
+WATCHERS = ("redis", "sentinel", "wsgi", "ws", "nginx", "metrics")
 """In the order they start: Redis first, NGiNX once the pools behind it are up. A host runs
-those of its roles (``Stack.watchers``); Sentinel only on the redis hosts of a cluster."""
-STOP_ORDER = (("autoreload", "nginx", "ws"), ("wsgi",), ("sentinel",), ("redis",))
-"""`stackctl down`, stage by stage: the development code reload (``autoreload``), the front
-and the realtime worker (whose clients would hold NGiNX) first, then the pool, then Redis."""
+those of its roles (``Stack.watchers``); Sentinel only on the redis hosts of a cluster; the
+Prometheus exporter (``metrics``) last, on every host where metrics.listen is set."""
+STOP_ORDER = (("autoreload", "metrics", "nginx", "ws"), ("wsgi",), ("sentinel",), ("redis",))
+"""`stackctl down`, stage by stage: the development code reload (``autoreload``), the
+exporter, the front and the realtime worker (whose clients would hold NGiNX) first, then the
+pool, then Redis."""
 LOGS = ("circusd", *WATCHERS)
 """Every log ``stackctl logs`` shows: circusd's own, then one per watcher."""

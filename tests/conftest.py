@@ -47,6 +47,9 @@ APP_AS_ROOT: tuple[str, ...] = ("--set", "server.user=root") if os.geteuid() == 
 as root unless told so: the tests that are not about the service user tell it (the service
 user's own tests, tests/e2e/test_service_user.py, run the split for real)."""
 STARTS_APP = ("up", "render")
+METRICS_OFF = ("--set", "metrics.listen=")
+"""The exporter's default port (metrics.listen) is one per machine, and other stacks (other
+tests, other checkouts) run at the same time: a test that wants metrics names a free port."""
 
 
 def stackctl(
@@ -60,6 +63,8 @@ def stackctl(
     words = [a for i, a in enumerate(args) if i == 0 or args[i - 1] not in ("-C", "--stack")]
     command = next((a for a in words if not a.startswith("-")), None)
     extra = APP_AS_ROOT if command in STARTS_APP else ()
+    if command in STARTS_APP and not any("metrics.listen" in a for a in args):
+        extra += METRICS_OFF
     result = subprocess.run(
         [sys.executable, "-m", "stackctl", *args, *extra],
         cwd=cwd,

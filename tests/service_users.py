@@ -15,10 +15,11 @@ import json
 import os
 import pwd
 import shutil
+import socket
 import subprocess
 import tempfile
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import closing, contextmanager
 from pathlib import Path
 
 import pytest
@@ -116,7 +117,12 @@ def running_site(python: Path, site: Path, *up_args: str) -> Iterator[Stack]:
     stack is stopped, nothing of it may be left, and the site's directory is removed."""
     try:
         with stopped_at_exit(site / ".stackctl" / "run"):
-            run(python, "up", "--detach", *up_args, cwd=site)
+            # The exporter on a port of its own (the default one is the machine's): it
+            # runs as root and reads what the service user's processes write.
+            with closing(socket.socket()) as probe:
+                probe.bind(("127.0.0.1", 0))
+                metrics = ("--set", f"metrics.listen=127.0.0.1:{probe.getsockname()[1]}")
+            run(python, "up", "--detach", *up_args, *metrics, cwd=site)
             try:
                 yield loaded(site)
             finally:

@@ -7,11 +7,14 @@ import shlex
 from pathlib import Path
 from typing import Any
 
+from stackctl import cluster
 from stackctl.logfile import LIMITS_FILE, MIB, limits_json
+from stackctl.realtime import PASSWORD_FILE_VARIABLE, REDIS_URL_VARIABLE
 from stackctl.render import File, render_template
 from stackctl.settings import Listen
 from stackctl.stack import Stack
 from stackctl.watchers import WATCHERS
+from stackctl.workerstats import STATS_DIR_VARIABLE
 
 
 def log_files(stack: Stack) -> dict[str, str]:
@@ -53,6 +56,8 @@ def ws_command(stack: Stack) -> str:
             "--token-max-age", str(ws.token_max_age)]  # fmt: skip
     args += [f"--allowed-origin={origin}" for origin in ws.allowed_origins]
     args += [f"--client-publish={pattern}" for pattern in ws.client_publish]
+    if "metrics" in stack.watchers:
+        args += ["--metrics-socket", str(stack.ws_metrics_socket)]
     return shlex.join(tied_to_circusd(stack, args)) + " --fd $(circus.sockets.ws)"
 
 
@@ -85,6 +90,50 @@ def seeded_command(stack: Stack, kind: str, seed: Path) -> str:
             "--conf", str(stack.own_conf(kind)), "--password-file", str(stack.redis_password_file),
             "--", stack.programs.redis_server]  # fmt: skip
     return shlex.join(tied_to_circusd(stack, args))
+
+
+def metrics_command(stack: Stack) -> str:
+    """The Prometheus exporter, with where each of this host's sources is."""
+    listen = stack.profile.metrics.listen
+    if listen is None:
+        return ""
+    # As autoreload: circusd's user (it asks circusd's control socket), -I, -u.
+    args = [stack.programs.python, "-I", "-u", "-m", "stackctl.metrics", "--listen", str(listen),
+            "--endpoint", stack.circus_endpoint, "--pubsub", stack.circus_pubsub]  # fmt: skip
+    for name in stack.watchers:
+        args += ["--watcher", name]
+    if "nginx" in stack.watchers:
+        args += ["--access-log", str(stack.nginx_access_log), "--front",
+                 f"{stack.local_host}:{stack.front.port}"]  # fmt: skip
+    if "wsgi" in stack.watchers:
+        args += ["--wsgi-stats", str(stack.wsgi_stats_dir)]
+    if "ws" in stack.watchers:
+        args += ["--ws-socket", str(stack.ws_metrics_socket)]
+    if cluster.needs_redis(stack.profile):
+        args += ["--redis"]  # the one metrics_env names
+    return shlex.join(tied_to_circusd(stack, args))
+
+
+def metrics_env(stack: Stack) -> dict[str, str]:
+    """The exporter's Redis. In its environment, not on its command line, which every user
+    may read (ps): redis.url may hold a password. A redis host asks its own Redis; the
+    others, the one the app's processes use."""
+    if stack.profile.metrics.listen is None or not cluster.needs_redis(stack.profile):
+        return {}
+    env = {REDIS_URL_VARIABLE: f"redis://{stack.redis_listen}/0" if stack.redis_listen
+           else stack.redis_url}  # fmt: skip
+    password_file = stack.shared_env().get(PASSWORD_FILE_VARIABLE)
+    if password_file:
+        env[PASSWORD_FILE_VARIABLE] = password_file
+    return env
+
+
+def wsgi_env(stack: Stack) -> dict[str, str]:
+    """The pool's environment; with metrics on, where each worker keeps its numbers."""
+    env = stack.worker_env()
+    if "metrics" in stack.watchers:
+        env[STATS_DIR_VARIABLE] = str(stack.wsgi_stats_dir)
+    return env
 
 
 def autoreload_command(stack: Stack) -> str:
@@ -160,9 +209,11 @@ def render(stack: Stack) -> list[File]:
         ws_cmd=ws_command(stack),
         nginx_cmd=nginx_command(stack),
         autoreload_cmd=autoreload_command(stack),
+        metrics_cmd=metrics_command(stack),
+        metrics_env=metrics_env(stack),
         workers=stack.workers,
         graceful_timeout=stack.profile.wsgi.graceful_timeout,
-        worker_env=stack.worker_env(),
+        worker_env=wsgi_env(stack),
         ws_env=stack.shared_env(),
     )
     logs = stack.profile.logs

@@ -165,6 +165,10 @@ class Client:
             self.writer = None
 
     def _fell_behind(self) -> None:
+        counters = self.hub.counters
+        counters.slow_closed += 1
+        held = self.resume.held if self.resume is not None else None
+        counters.dropped += max(0, len(self.pending) - 1) + len(held or ())
         log.warning("closing a client of %s that fell %d messages behind",
                     ",".join(self.subscription.channels), self.queue_limit)  # fmt: skip
         # Drop every pending message, not just the oldest: a gap in the middle could never be
@@ -274,6 +278,7 @@ class Client:
         else:
             try:
                 self.hub.publish(channel, json.dumps(data))
+                self.hub.counters.client_published += 1
             except redis.RedisError:
                 self._tell("the message bus is not reachable; not published")
 

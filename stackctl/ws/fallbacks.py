@@ -21,6 +21,7 @@ from gevent.queue import Full, Queue
 
 from stackctl.realtime import Missed
 from stackctl.ws.access import Subscription
+from stackctl.ws.counters import Counters
 from stackctl.ws.hub import Delivery, GapNotice, Hub, Resume
 
 POLL_WAIT_DEFAULT, POLL_WAIT_MAX = 25.0, 55.0
@@ -32,8 +33,10 @@ TOKEN_EXPIRED_EVENT = b"event: expired\ndata: token expired\n\n"
 class EventStream:
     """One Server-Sent Events client; the hub's member while its response is open."""
 
-    def __init__(self, queue_limit: int, since: str | None) -> None:
+    def __init__(self, queue_limit: int, since: str | None,
+                 counters: Counters | None = None) -> None:  # fmt: skip
         self.queue: Queue[bytes] = Queue(maxsize=queue_limit)
+        self.counters = counters or Counters()
         self.resume = Resume(since)
         # The client never speaks after its request; a failed write is what ends a dead one.
         self.last_heard = time.monotonic()
@@ -64,6 +67,8 @@ class EventStream:
         try:
             self.queue.put_nowait(chunk)
         except Full:
+            self.counters.slow_closed += 1
+            self.counters.dropped += self.queue.qsize()
             self.abort()
 
     def catch_up(self, hub: Hub, subscription: Subscription) -> bytes:

@@ -31,6 +31,7 @@ from wsproto.frame_protocol import FrameProtocol
 
 from stackctl import realtime
 from stackctl.realtime import CHANNEL_PREFIX
+from stackctl.ws.counters import Counters
 
 log = logging.getLogger("stackctl.ws")
 
@@ -180,11 +181,14 @@ class Resume:
         try:
             if self.since is not None:
                 missed = hub.history(channels, self.since)
+                counters = hub.counters
                 for channel in missed.gaps:
+                    counters.gaps += 1
                     send(GapNotice(channel))
                 for text in missed.envelopes:
                     delivery = Delivery(text)
                     last = max(last, delivery.key) if last else delivery.key
+                    counters.replayed += 1
                     send(delivery)
             held = self.held or []
         finally:
@@ -227,7 +231,8 @@ class Busy(Exception):
 class Hub:
     def __init__(self, redis_url: str, ping_interval: float,
                  history_limits: tuple[int, int] = realtime.DEFAULT_HISTORY,
-                 on_crash: Callable[[gevent.Greenlet], None] = exit_process) -> None:  # fmt: skip
+                 on_crash: Callable[[gevent.Greenlet], None] = exit_process,
+                 counting: bool = True) -> None:  # fmt: skip
         self.redis_url = redis_url
         self.ping_interval = ping_interval
         self.history_limits = history_limits
@@ -246,6 +251,10 @@ class Hub:
         self._replays = BoundedSemaphore(REPLAYS)  # of more than FEW_CHANNELS channels
         self._few_channel_replays = BoundedSemaphore(REPLAYS)
         self.bad_messages = 0
+        self.counters = Counters()
+        if not counting:  # no metrics served: the fan-out skips even its two additions
+            self.fan_out = self._fan_out_uncounted  # type: ignore[method-assign]
+        self._subscribed_before = False
         self.position: str | None = None  # the id of the last message fanned out
         self._recovery: Recovery | None = None
         self._replayed: Recovery | None = None  # until the live flow passes its replay
@@ -263,6 +272,11 @@ class Hub:
         greenlet.link_exception(self._on_crash)
         greenlet.start()
         return greenlet
+
+    @property
+    def subscribed(self) -> bool:
+        """The Redis subscription is open (or being opened again)."""
+        return self._connected
 
     @property
     def listening(self) -> bool:
@@ -339,6 +353,14 @@ class Hub:
                     member.keepalive()
 
     def fan_out(self, channel: str, delivery: Delivery) -> None:
+        members = list(self.members.get(channel, ()))
+        counters = self.counters
+        counters.received += 1
+        counters.delivered += len(members)
+        for member in members:
+            member.deliver(delivery)
+
+    def _fan_out_uncounted(self, channel: str, delivery: Delivery) -> None:
         for member in list(self.members.get(channel, ())):
             member.deliver(delivery)
 
@@ -378,6 +400,9 @@ class Hub:
             last = realtime.raise_last_id(connection, self.position or "0-0")
             self.position = self.position or last
             self._connected = True
+            if self._subscribed_before:
+                self.counters.redis_reconnects += 1
+            self._subscribed_before = True
             self._changed.set()
             while not self.stopping:
                 if self._changed.is_set():
@@ -427,12 +452,13 @@ class Hub:
             missed = realtime.Missed([], channels)
         self._recovery = None
         for channel in missed.gaps:
-            self._deliver_to(recovery.listening(self, channel), GapNotice(channel))
+            self.counters.gaps += self._deliver_to(recovery.listening(self, channel),
+                                                   GapNotice(channel))  # fmt: skip
         replayed_up_to = realtime.id_key(recovery.since)
         for text in missed.envelopes:
             delivery = Delivery(text)
             channel = json.loads(text)["channel"]
-            self._deliver_to(recovery.listening(self, channel), delivery)
+            self.counters.replayed += self._deliver_to(recovery.listening(self, channel), delivery)
             replayed_up_to = delivery.key
             self.position = delivery.id
         recovery.replayed_up_to = replayed_up_to
@@ -444,9 +470,13 @@ class Hub:
                  f"; gaps on {', '.join(missed.gaps)}" if missed.gaps else "")  # fmt: skip
 
     @staticmethod
-    def _deliver_to(members: Iterable[Member], delivery: Delivery) -> None:
+    def _deliver_to(members: Iterable[Member], delivery: Delivery) -> int:
+        """Deliver to each of ``members``; how many there were."""
+        count = 0
         for member in members:
             member.deliver(delivery)
+            count += 1
+        return count
 
     def _forget_subscriptions(self) -> None:
         # The connection is gone, and its subscriptions with it: joiners wait again until
@@ -492,7 +522,9 @@ class Hub:
         if replayed is not None and replayed.replayed_up_to is not None:
             if delivery.key <= replayed.replayed_up_to:
                 # Replayed, to those who listened before the outage; not yet to the others.
-                self._deliver_to(replayed.newcomers(self, channel), delivery)
+                self.counters.received += 1
+                self.counters.delivered += self._deliver_to(replayed.newcomers(self, channel),
+                                                            delivery)  # fmt: skip
                 return
             self._replayed = None  # the live flow has passed the replay
         self.fan_out(channel, delivery)

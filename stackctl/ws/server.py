@@ -21,6 +21,7 @@ import sys
 import time
 from collections.abc import Callable, Generator, Iterable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import gevent
@@ -33,6 +34,7 @@ from stackctl import realtime
 from stackctl.readiness import mark_ready
 from stackctl.realtime import REDIS_URL_VARIABLE
 from stackctl.settings import BY_KEY, Setting
+from stackctl.ws import counters
 from stackctl.ws.access import Refused, Rules, subscription
 from stackctl.ws.client import SERVICE_RESTART, Client
 from stackctl.ws.fallbacks import EventStream, poll_answer, poll_wait, sse_headers
@@ -77,6 +79,9 @@ def option_flag(setting: Setting) -> str:
 def parser() -> argparse.ArgumentParser:
     options = argparse.ArgumentParser(prog="python -m stackctl.ws")
     options.add_argument("--fd", type=int, required=True, help="listening socket held by circusd")
+    options.add_argument("--metrics-socket", type=Path, default=None,
+                         help="unix socket to tell the exporter this worker's counters on; "
+                         "without it the worker counts nothing it need not")  # fmt: skip
     for key in OPTIONS:
         setting = BY_KEY[key]
         options.add_argument(option_flag(setting), type=type(setting.default),
@@ -200,7 +205,7 @@ class Counted:
 
 def serve_events(w: Worker, environ: dict[str, Any], start_response: Any) -> Iterable[bytes]:
     sub = subscription(environ, w.sse_prefix, w.rules, environ.get("HTTP_LAST_EVENT_ID"))
-    stream = EventStream(w.queue_limit, sub.since)
+    stream = EventStream(w.queue_limit, sub.since, w.hub.counters)
     if not w.hub.join(sub.channels, stream):
         w.hub.leave(sub.channels, stream)
         return answer(start_response, "503 Service Unavailable", BUS_DOWN)
@@ -373,6 +378,11 @@ class WebSocketServer(chaussette_gevent.Server):
         hub.stop()
 
 
+def exposition(hub: Hub) -> str:
+    return counters.exposition(hub.counters, hub.all_members(), len(hub.members),
+                               hub.subscribed, hub.bad_messages)  # fmt: skip
+
+
 def raise_open_files_limit() -> None:
     """One descriptor per client: allow as many as the hard limit lets this process have."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
@@ -391,11 +401,14 @@ def main(argv: list[str]) -> int:
     rules = Rules(secret=realtime.secret(), token_max_age=args.token_max_age,
                   allowed_origins=tuple(args.allowed_origin),
                   client_publish=tuple(args.client_publish))  # fmt: skip
-    hub = Hub(os.environ[REDIS_URL_VARIABLE], args.ping_interval, realtime.history_limits())
+    hub = Hub(os.environ[REDIS_URL_VARIABLE], args.ping_interval, realtime.history_limits(),
+              counting=args.metrics_socket is not None)  # fmt: skip
     worker = Worker(hub, rules, prefix=args.prefix, sse_prefix=args.sse_prefix,
                     poll_prefix=args.poll_prefix, max_message=args.max_message,
                     max_connections=args.max_connections, queue_limit=args.queue_limit)  # fmt: skip
     hub.start()
+    if args.metrics_socket is not None:
+        counters.serve(args.metrics_socket, lambda: exposition(hub))
 
     from chaussette import backend
     from chaussette.server import main as chaussette_main

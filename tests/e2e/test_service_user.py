@@ -77,6 +77,20 @@ def test_only_circusd_and_the_nginx_master_run_as_root(
     assert set(shown) == {service_user.name}
 
 
+def test_the_exporter_runs_as_root_and_reads_what_the_app_processes_keep(split: Stack) -> None:
+    (exporter,) = [int(p) for p in call(split, "list", name="metrics")["pids"]]
+    assert ids(exporter) == (0, 0)  # it talks to circusd's control socket
+    assert split.profile.metrics.listen is not None
+    url = f"http://{split.profile.metrics.listen}/metrics"
+    with urllib.request.urlopen(url, timeout=10) as answer:
+        page = answer.read().decode()
+    # The uWSGI workers' files and the websocket worker's socket are the service user's.
+    wanted = ("stackctl_wsgi_workers 2", "stackctl_ws_up 1", "stackctl_redis_up 1",
+              "stackctl_circus_up 1", 'stackctl_watcher_processes{watcher="wsgi"} 2')  # fmt: skip
+    for line in wanted:
+        assert line in page.splitlines(), line
+
+
 def test_the_site_answers_and_a_message_reaches_a_websocket(split: Stack) -> None:
     with urllib.request.urlopen(split.url(), timeout=10) as page:
         assert page.status == 200

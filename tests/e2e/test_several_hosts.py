@@ -91,6 +91,30 @@ def test_the_fronts_health_check_is_answered_by_each_app_host(cluster: Cluster) 
             assert json.loads(response.read()) == {"ok": True, "reason": "serving"}
 
 
+def test_each_host_exports_the_metrics_of_what_it_runs(cluster: Cluster) -> None:
+    """metrics.listen's default, loopback: each host's exporter answers on its own."""
+
+    def scrape() -> set[str]:
+        with urllib.request.urlopen("http://127.0.0.1:9108/metrics", timeout=10) as answer:
+            return {line for line in answer.read().decode().splitlines() if line[:1] != "#"}
+
+    front = inside(cluster.host(FRONT), scrape)
+    assert {'stackctl_watcher_up{watcher="nginx"} 1', "stackctl_nginx_up 1"} <= front
+    assert not any(line.startswith(("stackctl_redis", "stackctl_ws_", "stackctl_wsgi"))
+                   for line in front)  # fmt: skip
+    app = inside(cluster.host(APP_A), scrape)
+    wanted = {"stackctl_ws_up 1", "stackctl_redis_up 1", 'stackctl_watcher_up{watcher="wsgi"} 1'}
+    assert wanted <= app
+    (processes,) = [line.split()[-1] for line in app
+                    if line.startswith('stackctl_watcher_processes{watcher="wsgi"}')]  # fmt: skip
+    assert int(processes) >= 1 and f"stackctl_wsgi_workers {processes}" in app
+    assert not any(line.startswith("stackctl_nginx") for line in app)
+    # Its own Redis, which asks for the cluster's password.
+    redis_host = inside(cluster.host(REDIS_HOSTS[0]), scrape)
+    assert {"stackctl_redis_up 1", 'stackctl_watcher_up{watcher="sentinel"} 1'} <= redis_host
+
+
+
 def test_only_the_front_reaches_the_app_hosts_ports(cluster: Cluster) -> None:
     address = cluster.host(APP_A).address
     for port in (8001, 8002):

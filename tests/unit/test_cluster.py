@@ -120,7 +120,7 @@ def test_app_hosts_must_share_one_redis(tmp_path: Path) -> None:
 
 def test_one_host_runs_everything_on_unix_sockets_by_default(tmp_path: Path) -> None:
     stack = make_stack(tmp_path)
-    assert stack.watchers == ("redis", "wsgi", "ws", "nginx")
+    assert stack.watchers == ("redis", "wsgi", "ws", "nginx", "metrics")
     ini = circus(stack)
     assert ini["socket:wsgi"]["path"] == str(stack.wsgi_socket)
     assert not ini.has_option("socket:wsgi", "stackctl_allow")
@@ -128,7 +128,7 @@ def test_one_host_runs_everything_on_unix_sockets_by_default(tmp_path: Path) -> 
 
 def test_a_front_host_runs_nginx_only_and_balances_across_the_app_hosts(tmp_path: Path) -> None:
     stack = host(tmp_path, FRONT)
-    assert stack.watchers == ("nginx",)
+    assert stack.watchers == ("nginx", "metrics")
     files = rendered(stack)
     assert set(files) >= {"circus.ini", "nginx.conf"}
     assert not {"uwsgi.ini", "redis.conf"} & set(files)
@@ -141,13 +141,14 @@ def test_a_front_host_runs_nginx_only_and_balances_across_the_app_hosts(tmp_path
     assert "proxy_next_upstream error timeout;" in conf
     ini = circus(stack)
     assert [s for s in ini.sections() if s.startswith(("socket:", "watcher:"))] == [
-        "watcher:nginx"
+        "watcher:nginx",
+        "watcher:metrics",
     ]
 
 
 def test_an_app_host_serves_its_pools_on_tcp_to_the_front_hosts_only(tmp_path: Path) -> None:
     stack = host(tmp_path, APP)
-    assert stack.watchers == ("wsgi", "ws")
+    assert stack.watchers == ("wsgi", "ws", "metrics")
     files = rendered(stack)
     assert "nginx.conf" not in files and "redis.conf" not in files
     ini = circus(stack)
@@ -168,13 +169,13 @@ def test_an_app_host_serves_its_pools_on_tcp_to_the_front_hosts_only(tmp_path: P
 def test_one_redis_host_is_a_shared_redis_without_sentinel(tmp_path: Path) -> None:
     text = '[cluster]\nroles = ["redis"]\naddress = "10.0.0.21"\nredis_hosts = ["10.0.0.21"]\n'
     stack = host(tmp_path, text)
-    assert stack.watchers == ("redis",)
+    assert stack.watchers == ("redis", "metrics")
     assert stack.redis_url == "redis://10.0.0.21:6379/0"
 
 
 def test_the_first_redis_host_is_the_primary_and_the_others_replicate_it(tmp_path: Path) -> None:
     first = host(tmp_path, FIRST_REDIS)
-    assert first.watchers == ("redis", "sentinel")
+    assert first.watchers == ("redis", "sentinel", "metrics")
     conf = rendered(first)["redis.conf"]
     assert "bind 10.0.0.21\nport 6379\n" in conf
     assert "requirepass" not in conf  # the password, never in a rendered file

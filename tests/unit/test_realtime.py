@@ -14,6 +14,7 @@ import pytest
 
 from stackctl import realtime
 from stackctl.ws.access import Refused, Rules, subscription
+from stackctl.ws.counters import Counters
 from stackctl.ws.hub import Delivery, Hub, Resume
 
 KEY = b"test secret"
@@ -91,6 +92,7 @@ class History(Hub):
         self.gaps = gaps or []
         self.meanwhile = published_meanwhile
         self.resume = resume
+        self.counters = Counters()
 
     def history(self, channels: Iterable[str], since: str) -> realtime.Missed:
         for delivery in self.meanwhile:

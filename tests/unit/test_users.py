@@ -136,6 +136,7 @@ def test_the_watchers_that_run_the_app_get_the_users_uid_and_gid(tmp_path: Path)
         "watcher:ws": ("4242", "4343"),
         "watcher:nginx": (None, None),  # the master binds the port; its workers: `user`
         "watcher:autoreload": (None, None),  # talks to circusd's control socket
+        "watcher:metrics": (None, None),  # so does the exporter
     }
     assert "\nuser svc svcgroup;\n" in files(split)["nginx.conf"]
     alone = dataclasses.replace(split, runner_uid=4242)

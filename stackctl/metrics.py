@@ -1,0 +1,485 @@
+"""The Prometheus exporter: ``GET /metrics`` on metrics.listen, one text page of the whole host.
+
+Circus runs it as the ``metrics`` watcher, as circusd's user: it asks circusd's control
+socket for each watcher's processes, CPU and memory (the service user must not reach that
+socket), and counts the processes Circus starts from circusd's event socket. The other
+sources are read when scraped, each with a short timeout:
+
+- NGiNX: its access log, followed across rotations (:mod:`stackctl.follow`) from the end it
+  had when the exporter started: requests by status class, request and upstream time;
+- uWSGI: the files each worker keeps of its requests and busy time (:mod:`stackctl.workerstats`);
+- Redis: INFO (memory, connections);
+- the websocket worker: its own counters, on its unix socket (:mod:`stackctl.ws.counters`).
+
+A source that does not answer is reported down by its ``stackctl_<source>_up`` gauge and its
+other metrics are left out: the scrape still answers 200 at once. Nothing secret is read
+into the page: no URL, no password, no query string.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import re
+import socket
+import socketserver
+import sys
+import threading
+import time
+from collections import defaultdict
+from collections.abc import Callable, Iterable
+from contextlib import closing
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+from stackctl import workerstats
+from stackctl.realtime import PASSWORD_FILE_VARIABLE, REDIS_URL_VARIABLE
+from stackctl.settings import Invalid, metrics_listen
+
+log = logging.getLogger("stackctl.metrics")
+
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+SOURCE_TIMEOUT = 1.0  # seconds one source may take to answer a scrape
+CIRCUS_TIMEOUT = 2.0
+FRESH_FOR = 0.5  # scrapes this close together share one reading: a flood costs nothing more
+LOG_POLL = 0.5
+REQUEST_TIMEOUT = 5.0  # a client that sends its request slower than this is dropped
+STATUS_CLASSES = ("1xx", "2xx", "3xx", "4xx", "5xx")
+
+# The access log's line (nginx.conf.j2, log_format path_only): the request in quotes (NGiNX
+# escapes a quote inside as \x22), status, bytes, referer, user agent, request time, upstream
+# time ("-" without an upstream; "0.1, 0.2" when it tried two).
+ACCESS_LINE = re.compile(
+    rb'\] "[^"]*" (?P<status>\d{3}) \d+ "[^"]*" "[^"]*" (?P<request>[\d.]+)'
+    rb"(?: (?P<upstream>[-\d.,: ]+))?"
+)
+
+
+@dataclass
+class Family:
+    """One metric family: its samples as (labels, value)."""
+
+    name: str
+    kind: str
+    help: str
+    samples: list[tuple[str, dict[str, str], float]] = field(default_factory=list)
+
+    def add(self, value: float, suffix: str = "", **labels: str) -> Family:
+        """A sample; ``suffix`` names a summary's parts (``_sum``, ``_count``)."""
+        self.samples.append((suffix, labels, value))
+        return self
+
+
+def number(value: float) -> str:
+    return str(int(value)) if float(value).is_integer() else repr(float(value))
+
+
+def escape_label(value: str) -> str:
+    return value.replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
+
+
+def exposition(families: Iterable[Family]) -> str:
+    """Prometheus text format 0.0.4."""
+    lines = []
+    for family in families:
+        lines += [f"# HELP {family.name} {family.help}", f"# TYPE {family.name} {family.kind}"]
+        for suffix, labels, value in family.samples:
+            text = ",".join(f'{k}="{escape_label(v)}"' for k, v in labels.items())
+            name = family.name + suffix
+            lines.append(f"{name}{{{text}}} {number(value)}" if text else
+                         f"{name} {number(value)}")  # fmt: skip
+    return "\n".join(lines) + "\n"
+
+
+def up(source: str, ok: bool, what: str) -> Family:
+    return Family(f"stackctl_{source}_up", "gauge", f"1 if {what} answered this scrape.").add(
+        1 if ok else 0
+    )
+
+
+# --- NGiNX, from its access log ----------------------------------------------------------------
+
+
+class AccessLog:
+    """Totals of the access log's lines since the exporter started."""
+
+    def __init__(self, path: Path) -> None:
+        from stackctl.follow import Follower
+
+        self.follower = Follower(path)
+        self.follower.tail(0)  # from its end: what came before is not ours to count
+        self.lock = threading.Lock()
+        self.requests: dict[str, int] = dict.fromkeys(STATUS_CLASSES, 0)
+        self.request_seconds = 0.0
+        self.upstream_seconds = 0.0
+        self.upstream_responses = 0
+
+    def poll(self) -> None:
+        lines = self.follower.poll()
+        with self.lock:
+            for line in lines:
+                self.take(line)
+
+    def take(self, line: bytes) -> None:
+        match = ACCESS_LINE.search(line)
+        if match is None:
+            return
+        status = match["status"].decode()[0] + "xx"
+        self.requests[status] = self.requests.get(status, 0) + 1
+        self.request_seconds += float(match["request"])
+        upstream = (match["upstream"] or b"-").strip()
+        times = [float(t) for t in re.split(rb"[,:] ?", upstream) if re.fullmatch(rb"[\d.]+", t)]
+        if times:
+            self.upstream_responses += 1
+            self.upstream_seconds += sum(times)
+
+    def follow_forever(self) -> None:
+        while True:
+            try:
+                self.poll()
+            except OSError as e:
+                log.warning("reading the access log failed: %s", e.strerror)
+            time.sleep(LOG_POLL)
+
+    def families(self) -> list[Family]:
+        with self.lock:
+            requests = Family("stackctl_nginx_requests_total", "counter",
+                              "Requests NGiNX logged, by status class (static files are not "
+                              "logged, so not counted).")  # fmt: skip
+            for status, count in sorted(self.requests.items()):
+                requests.add(count, status=status)
+            # A summary without quantiles: its _sum and _count, for rate() to divide.
+            upstream = Family("stackctl_nginx_upstream_response_seconds", "summary",
+                              "Time the app (uWSGI) or the websocket worker took to answer "
+                              "NGiNX.")  # fmt: skip
+            upstream.add(self.upstream_seconds, "_sum").add(self.upstream_responses, "_count")
+            return [
+                requests,
+                Family("stackctl_nginx_request_seconds_total", "counter",
+                       "Time NGiNX spent on the requests it logged.").add(self.request_seconds),
+                upstream,
+            ]  # fmt: skip
+
+
+# --- Circus ------------------------------------------------------------------------------------
+
+
+class Restarts:
+    """Processes Circus starts, per watcher, from circusd's event socket."""
+
+    def __init__(self, pubsub_endpoint: str) -> None:
+        self.endpoint = pubsub_endpoint
+        self.started: dict[str, int] = defaultdict(int)
+
+    def listen_forever(self) -> None:
+        import zmq
+
+        context: zmq.Context[zmq.Socket[bytes]] = zmq.Context.instance()
+        subscriber = context.socket(zmq.SUB)
+        subscriber.setsockopt(zmq.SUBSCRIBE, b"watcher.")
+        subscriber.connect(self.endpoint)
+        while True:
+            topic, *_ = subscriber.recv_multipart()
+            parts = topic.decode(errors="replace").split(".")
+            if len(parts) == 3 and parts[2] == "spawn":
+                self.started[parts[1]] += 1
+
+
+def circus_families(endpoint: str, watchers: list[str], restarts: Restarts) -> list[Family]:
+    from stackctl.errors import StackError
+    from stackctl.supervisor import _call_once, _number, _rss
+
+    try:
+        status = _call_once(endpoint, "status", CIRCUS_TIMEOUT, {})
+        stats = _call_once(endpoint, "stats", CIRCUS_TIMEOUT, {})
+    except StackError:
+        return [up("circus", False, "circusd")]
+    if status.get("status") != "ok" or stats.get("status") != "ok":
+        return [up("circus", False, "circusd")]  # busy with a command of its own: next time
+    states, infos = status.get("statuses", {}), stats.get("infos", {})
+    running = Family("stackctl_watcher_up", "gauge", "1 if Circus runs the watcher (active).")
+    processes = Family("stackctl_watcher_processes", "gauge", "Processes of the watcher.")
+    cpu = Family("stackctl_watcher_cpu_percent", "gauge",
+                 "CPU use of the watcher's processes, in percent of one core.")  # fmt: skip
+    rss = Family("stackctl_watcher_rss_bytes", "gauge",
+                 "Resident memory of the watcher's processes.")  # fmt: skip
+    started = Family("stackctl_watcher_restarts_total", "counter",
+                     "Processes Circus started in place of others (a crash, a recycled worker, "
+                     "a reload) since the exporter started.")  # fmt: skip
+    for name in watchers:
+        state = states.get(name)
+        if state is None:
+            continue
+        procs = {pid: info for pid, info in (infos.get(name) or {}).items()
+                 if pid != "name" and isinstance(info, dict)}  # fmt: skip
+        running.add(1 if state == "active" else 0, watcher=name)
+        processes.add(len(procs), watcher=name)
+        cpu.add(sum(_number(info.get("cpu")) for info in procs.values()), watcher=name)
+        rss.add(sum(_rss(int(pid)) for pid in procs), watcher=name)
+        started.add(restarts.started.get(name, 0), watcher=name)
+    return [up("circus", True, "circusd"), running, processes, cpu, rss, started]
+
+
+# --- uWSGI, Redis, the websocket worker, NGiNX's port ------------------------------------------
+
+
+def wsgi_families(directory: Path) -> list[Family]:
+    requests = Family("stackctl_wsgi_worker_requests_total", "counter",
+                      "Requests a uWSGI worker answered, by its pid.")  # fmt: skip
+    busy = Family("stackctl_wsgi_worker_busy_seconds_total", "counter",
+                  "Time a uWSGI worker spent on requests, by its pid.")  # fmt: skip
+    samples = workerstats.read_all(directory)
+    for sample in samples:
+        requests.add(sample.requests, pid=str(sample.pid))
+        busy.add(sample.busy_seconds, pid=str(sample.pid))
+    workers = Family("stackctl_wsgi_workers", "gauge", "uWSGI workers that keep statistics.")
+    return [workers.add(len(samples)), requests, busy]
+
+
+def redis_families(url: str, password_file: str | None) -> list[Family]:
+    import redis
+
+    from stackctl import realtime
+
+    options: dict[str, Any] = {"password_file": password_file} if password_file else {
+        "password": None}  # fmt: skip
+    try:
+        client = realtime.connect(url, **options, socket_timeout=SOURCE_TIMEOUT,
+                                  socket_connect_timeout=SOURCE_TIMEOUT,
+                                  retry=realtime.NO_RETRY)  # fmt: skip
+        try:
+            info = client.info()
+        finally:
+            client.close()
+    except (redis.RedisError, OSError) as e:
+        log.debug("Redis does not answer (%s)", type(e).__name__)  # its text may hold the URL
+        return [up("redis", False, "Redis")]
+    return [
+        up("redis", True, "Redis"),
+        Family("stackctl_redis_memory_bytes", "gauge", "Memory Redis uses (used_memory).")
+        .add(int(info.get("used_memory", 0))),
+        Family("stackctl_redis_connected_clients", "gauge", "Connections open to Redis.")
+        .add(int(info.get("connected_clients", 0))),
+        Family("stackctl_redis_commands_total", "counter", "Commands Redis has processed.")
+        .add(int(info.get("total_commands_processed", 0))),
+    ]  # fmt: skip
+
+
+def read_unix(path: Path, timeout: float = SOURCE_TIMEOUT) -> bytes:
+    with closing(socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)) as s:
+        s.settimeout(timeout)
+        s.connect(str(path))
+        chunks = []
+        deadline = time.monotonic() + timeout
+        while chunk := s.recv(65536):
+            chunks.append(chunk)
+            if time.monotonic() > deadline:
+                raise TimeoutError("the websocket worker is too slow")
+        return b"".join(chunks)
+
+
+def ws_text(path: Path) -> str:
+    """The websocket worker's own exposition, after its up gauge."""
+    try:
+        text = read_unix(path).decode()
+    except (OSError, UnicodeDecodeError):
+        return exposition([up("ws", False, "the websocket worker")])
+    return exposition([up("ws", True, "the websocket worker")]) + text
+
+
+def nginx_answers(host: str, port: int) -> bool:
+    try:
+        with socket.create_connection((host, port), timeout=SOURCE_TIMEOUT):
+            return True
+    except OSError:
+        return False
+
+
+# --- the exporter ------------------------------------------------------------------------------
+
+
+@dataclass
+class Sources:
+    """Where this host's numbers are; None for what this host does not run."""
+
+    circus_endpoint: str
+    watchers: list[str]
+    restarts: Restarts
+    access_log: AccessLog | None = None
+    front: tuple[str, int] | None = None
+    wsgi_stats: Path | None = None
+    redis_url: str | None = None
+    redis_password_file: str | None = None
+    ws_socket: Path | None = None
+
+    def scrape(self) -> str:
+        parts = [guarded("circus", "circusd", lambda: exposition(
+            circus_families(self.circus_endpoint, self.watchers, self.restarts)))]  # fmt: skip
+        if self.front is not None:
+            front = self.front
+            parts.append(exposition([up("nginx", nginx_answers(*front), "NGiNX")]))
+        if self.access_log is not None:
+            parts.append(exposition(self.access_log.families()))
+        if self.wsgi_stats is not None:
+            stats = self.wsgi_stats
+            parts.append(guarded("wsgi", "the uWSGI workers' files",
+                                 lambda: exposition(wsgi_families(stats))))  # fmt: skip
+        if self.redis_url is not None:
+            url, password_file = self.redis_url, self.redis_password_file
+
+            def redis_page() -> str:
+                return exposition(redis_families(url, password_file))
+
+            parts.append(guarded("redis", "Redis", redis_page))
+        if self.ws_socket is not None:
+            parts.append(ws_text(self.ws_socket))
+        return "".join(parts)
+
+
+def guarded(source: str, what: str, read: Callable[[], str]) -> str:
+    """``read()``, or if it fails in a way not foreseen, the source's up gauge at 0: one
+    source's trouble must not cost the whole page."""
+    try:
+        return read()
+    except Exception as e:
+        log.warning("reading %s failed: %s", what, type(e).__name__)  # its text may hold a URL
+        return exposition([up(source, False, what)])
+
+
+class Cache:
+    """The last scrape's page, shared by the scrapes that come within FRESH_FOR seconds."""
+
+    def __init__(self, scrape: Callable[[], str], clock: Callable[[], float] = time.monotonic):
+        self.scrape = scrape
+        self.clock = clock
+        self.lock = threading.Lock()
+        self.page = b""
+        self.taken = float("-inf")
+
+    def get(self) -> bytes:
+        with self.lock:  # one scrape at a time: the others wait and share it
+            if self.clock() - self.taken >= FRESH_FOR:
+                self.page = self.scrape().encode()
+                self.taken = self.clock()
+            return self.page
+
+
+def handler(cache: Cache) -> type[BaseHTTPRequestHandler]:
+    class Handler(BaseHTTPRequestHandler):
+        timeout = REQUEST_TIMEOUT
+        server_version = "stackctl-metrics"
+        sys_version = ""
+
+        def do_GET(self) -> None:  # noqa: N802 (http.server's name)
+            if self.path.split("?", 1)[0] != "/metrics":
+                self.answer(404, b"only /metrics is served here\n", "text/plain")
+                return
+            self.answer(200, cache.get(), CONTENT_TYPE)
+
+        def answer(self, status: int, body: bytes, content_type: str) -> None:
+            self.send_response(status)
+            self.send_header("Content-Type", content_type)
+            self.send_header("Content-Length", str(len(body)))
+            self.send_header("Cache-Control", "no-store")
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, format: str, *args: Any) -> None:
+            pass  # one line per scrape would fill the log with nothing worth reading
+
+    return Handler
+
+
+class Server(ThreadingHTTPServer):
+    daemon_threads = True
+    request_queue_size = 64
+
+    def __init__(self, address: tuple[str, int], cache: Cache) -> None:
+        self.address_family = socket.AF_INET6 if ":" in address[0] else socket.AF_INET
+        super().__init__(address, handler(cache))
+
+    def server_bind(self) -> None:
+        # HTTPServer's own looks the address up in DNS (getfqdn): a start held up by a slow
+        # resolver, for a name nothing here uses.
+        socketserver.TCPServer.server_bind(self)
+        self.server_name, self.server_port = str(self.server_address[0]), self.server_address[1]
+
+
+CRASH_EXIT_STATUS = 70  # EX_SOFTWARE: Circus starts a fresh exporter
+
+
+def start_thread(run: Callable[[], None], name: str) -> None:
+    """Run ``run`` for the life of the process. If it fails, the process ends: an exporter
+    whose counts silently stopped would report a quiet site instead of a broken exporter."""
+
+    def for_life() -> None:
+        try:
+            run()
+        except BaseException:
+            log.critical("%s failed; exiting so that Circus starts a fresh exporter", name,
+                         exc_info=True)  # fmt: skip
+            logging.shutdown()
+            os._exit(CRASH_EXIT_STATUS)
+
+    threading.Thread(target=for_life, name=name, daemon=True).start()
+
+
+def parser() -> argparse.ArgumentParser:
+    options = argparse.ArgumentParser(prog="python -m stackctl.metrics", description=__doc__)
+    options.add_argument("--listen", required=True, help="HOST:PORT (metrics.listen)")
+    options.add_argument("--endpoint", required=True, help="circusd's control endpoint")
+    options.add_argument("--pubsub", required=True, help="circusd's event endpoint")
+    options.add_argument("--watcher", action="append", default=[], help="a watcher to report")
+    options.add_argument("--access-log", type=Path, help="NGiNX's access log")
+    options.add_argument("--front", help="HOST:PORT where NGiNX serves the site")
+    options.add_argument("--wsgi-stats", type=Path, help="the uWSGI workers' statistics files")
+    options.add_argument("--redis", action="store_true",
+                         help="report the Redis that STACKCTL_REDIS_URL names (with the password "
+                         "in STACKCTL_REDIS_PASSWORD_FILE, if set): not on the command line, "
+                         "which every user may read")  # fmt: skip
+    options.add_argument("--ws-socket", type=Path, help="the websocket worker's counters")
+    return options
+
+
+def host_port(text: str) -> tuple[str, int]:
+    host, _, port = text.rpartition(":")
+    return host.strip("[]"), int(port)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s metrics[%(process)d] %(levelname)s %(message)s"
+    )
+    try:
+        listen = metrics_listen(args.listen)
+    except Invalid as e:
+        print(f"stackctl metrics: --listen: {e}", file=sys.stderr)
+        return 2
+    assert listen is not None
+    restarts = Restarts(args.pubsub)
+    sources = Sources(args.endpoint, args.watcher, restarts, front=host_port(args.front)
+                      if args.front else None, wsgi_stats=args.wsgi_stats,
+                      redis_url=os.environ[REDIS_URL_VARIABLE] if args.redis else None,
+                      redis_password_file=os.environ.get(PASSWORD_FILE_VARIABLE),
+                      ws_socket=args.ws_socket)  # fmt: skip
+    start_thread(restarts.listen_forever, "circus events")
+    if args.access_log is not None:
+        sources.access_log = AccessLog(args.access_log)
+        start_thread(sources.access_log.follow_forever, "access log")
+    server = Server((listen.host, listen.port), Cache(sources.scrape))
+    log.info("serving Prometheus metrics on http://%s/metrics", listen)
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.server_close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,182 @@
+"""The exporter's pure parts: metrics.listen, the access log's lines, the page's format, the
+uWSGI workers' files, the realtime counters, and `stackctl top`'s frame."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from stackctl import metrics, top, workerstats
+from stackctl.settings import Invalid, Listen, metrics_listen
+from stackctl.ws.counters import Counters, exposition
+from stackctl.ws.hub import Delivery, Hub
+
+
+@pytest.mark.parametrize("good, wanted", [
+    ("127.0.0.1:9108", Listen("127.0.0.1", 9108)),
+    ("[::1]:9108", Listen("::1", 9108)),
+    ("10.0.0.5:9100", Listen("10.0.0.5", 9100)),
+    ("", None),
+])  # fmt: skip
+def test_metrics_listen_takes_loopback_and_private_addresses(
+    good: str, wanted: Listen | None
+) -> None:
+    assert metrics_listen(good) == wanted
+
+
+@pytest.mark.parametrize("bad", ["0.0.0.0:9108", "*:9108", "[::]:9108", "8.8.8.8:9108",
+                                 "localhost:9108", "127.0.0.1", "127.0.0.1:0", 9108, None,
+                                 "127.0.0.1:9108 ; evil", "169.254.1.1:9108"])  # fmt: skip
+def test_metrics_listen_refuses_public_wildcard_and_malformed_values(bad: object) -> None:
+    with pytest.raises(Invalid, match="loopback or private IP address"):
+        metrics_listen(bad)
+
+
+LINE = (b'127.0.0.1 - - [29/Nov/2026:23:30:00 +0000] "GET /a\\x22b HTTP/1.1" 404 12 "" '
+        b'"curl \\x22x\\x22 1 2" 0.004 0.003')  # fmt: skip
+
+
+def test_the_access_log_gives_status_classes_and_times(tmp_path: Path) -> None:
+    log = tmp_path / "access.log"
+    log.write_bytes(b"before the exporter started: not counted 200\n")
+    access = metrics.AccessLog(log)
+    with log.open("ab") as f:
+        f.write(LINE + b"\n")
+        f.write(LINE.replace(b" 404 ", b" 200 ").replace(b"0.003", b"0.1, 0.2") + b"\n")
+        f.write(LINE.replace(b" 404 ", b" 101 ").replace(b" 0.003", b" -") + b"\n")
+        f.write(b"garbage\n")
+    access.poll()
+    assert access.requests == {"1xx": 1, "2xx": 1, "3xx": 0, "4xx": 1, "5xx": 0}
+    assert access.upstream_responses == 2
+    assert access.upstream_seconds == pytest.approx(0.303)
+    assert access.request_seconds == pytest.approx(0.012)
+    page = metrics.exposition(access.families())
+    assert 'stackctl_nginx_requests_total{status="4xx"} 1\n' in page
+    assert "stackctl_nginx_upstream_response_seconds_count 2\n" in page
+    assert "# TYPE stackctl_nginx_upstream_response_seconds summary\n" in page
+
+
+def test_labels_are_escaped_and_values_plain() -> None:
+    family = metrics.Family("x_total", "counter", "X.").add(3.0, a='q"\\\n').add(0.25)
+    assert metrics.exposition([family]) == (
+        '# HELP x_total X.\n# TYPE x_total counter\nx_total{a="q\\"\\\\\\n"} 3\nx_total 0.25\n'
+    )
+
+
+def test_close_scrapes_share_one_reading() -> None:
+    now = [0.0]
+    calls: list[float] = []
+
+    def scrape() -> str:
+        calls.append(now[0])
+        return f"reading {len(calls)}"
+
+    cache = metrics.Cache(scrape, clock=lambda: now[0])
+    assert cache.get() == b"reading 1"
+    now[0] = 0.4
+    assert cache.get() == b"reading 1"
+    now[0] = 0.6
+    assert cache.get() == b"reading 2"
+
+
+def test_a_worker_file_is_read_while_it_lives_and_removed_after(tmp_path: Path) -> None:
+    stats = workerstats.WorkerStats(tmp_path / "stats", os.getpid())
+    app = workerstats.measured(lambda environ, start: [b"ok"], stats)
+    for _ in range(3):
+        app({}, None).close()
+    [sample] = workerstats.read_all(tmp_path / "stats")
+    assert sample.pid == os.getpid() and sample.requests == 3 and sample.busy_seconds > 0
+    dead = tmp_path / "stats" / "999999999"
+    dead.write_bytes(b"\0" * workerstats.RECORD.size)
+    assert [s.pid for s in workerstats.read_all(tmp_path / "stats")] == [os.getpid()]
+    assert not dead.exists()
+
+
+class Member:
+    last_heard = 0.0
+
+    def __init__(self) -> None:
+        self.got: list[str] = []
+
+    def deliver(self, delivery: Delivery) -> None:
+        self.got.append(delivery.text)
+
+    def keepalive(self) -> None: ...
+
+    def abort(self) -> None: ...
+
+
+@pytest.mark.parametrize("counting", [True, False])
+def test_the_fan_out_counts_per_message_or_not_at_all(counting: bool) -> None:
+    hub = Hub("unix:///nonexistent", 20, counting=counting)
+    members = [Member() for _ in range(3)]
+    for member in members:
+        hub.members["news"].add(member)
+    for n in range(4):
+        hub.fan_out("news", Delivery(f'{{"id": "1-{n}"}}'))
+    assert all(len(member.got) == 4 for member in members)
+    assert (hub.counters.received, hub.counters.delivered) == ((4, 12) if counting else (0, 0))
+
+
+def test_the_worker_page_names_clients_by_transport() -> None:
+    counters = Counters()
+    counters.delivered = 7
+
+    class EventStream:
+        pass
+
+    page = exposition(counters, [Member(), EventStream()], channels=2, subscribed=True,
+                      skipped=1)  # fmt: skip
+    assert 'stackctl_ws_connected_clients{transport="sse"} 1\n' in page
+    assert 'stackctl_ws_connected_clients{transport="websocket"} 0\n' in page
+    assert 'stackctl_ws_connected_clients{transport="other"} 1\n' in page
+    assert "stackctl_ws_messages_delivered_total 7\n" in page
+    assert "stackctl_ws_skipped_messages_total 1\n" in page
+    assert "stackctl_ws_channels 2\n" in page
+
+
+def test_top_turns_two_scrapes_into_rates() -> None:
+    page = (
+        'stackctl_watcher_up{watcher="wsgi"} 1\nstackctl_watcher_processes{watcher="wsgi"} 2\n'
+        'stackctl_watcher_rss_bytes{watcher="wsgi"} 104857600\n'
+        'stackctl_nginx_requests_total{status="2xx"} %d\nstackctl_nginx_up 1\n'
+        'stackctl_wsgi_worker_requests_total{pid="41"} %d\n'
+        "stackctl_ws_up 1\nstackctl_ws_messages_delivered_total %d\n"
+        'stackctl_ws_connected_clients{transport="websocket"} 3\n'
+    )
+    before = top.parse(page % (10, 5, 100), 0.0)
+    now = top.parse(page % (30, 15, 400), 2.0)
+    assert top.rate(now, before, "stackctl_nginx_requests_total", status="2xx") == 10.0
+    assert top.rate(before, now, "stackctl_nginx_requests_total", status="2xx") == 0.0
+    text = top.ANSI.sub("", top.frame(now, before, "title"))
+    assert "wsgi       up         2" in text and "100.0M" in text
+    assert "REQUESTS   10.0/s   2xx 10.0" in text
+    assert "41             5.0" in text
+    assert "delivered 150.0/s" in text and "websocket 3" in text
+
+
+def test_the_exporter_gets_a_redis_password_in_its_environment_not_its_command_line(
+    tmp_path: Path,
+) -> None:
+    from tests.unit.test_render import circus_ini, make_stack
+
+    url = "redis://:s3cret-pw@10.0.0.9:6379/0"
+    ini = circus_ini(make_stack(tmp_path, f'[redis]\nurl = "{url}"\n'))
+    command = ini["watcher:metrics"]["cmd"]
+    assert "--redis" in command.split() and "s3cret-pw" not in command
+    assert ini["env:metrics"]["STACKCTL_REDIS_URL"] == url
+    for section in ini.sections():
+        if section.startswith("watcher:"):
+            assert "s3cret-pw" not in ini[section]["cmd"], section
+
+
+def test_a_source_that_fails_unforeseen_costs_its_own_numbers_only() -> None:
+    def broken() -> str:
+        raise ValueError("redis://:secret@host: unexpected answer")
+
+    assert metrics.guarded("redis", "Redis", broken) == (
+        "# HELP stackctl_redis_up 1 if Redis answered this scrape.\n"
+        "# TYPE stackctl_redis_up gauge\nstackctl_redis_up 0\n"
+    )
