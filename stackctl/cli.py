@@ -351,7 +351,8 @@ def reload_running(args: argparse.Namespace, running: Stack) -> int:
     if watcher is not None:
         if watcher not in stack.watchers:
             raise StackError(f"this host runs no {watcher} (cluster.roles: "
-                             f"{', '.join(stack.profile.cluster.roles)})")  # fmt: skip
+                             f"{', '.join(stack.profile.cluster.roles)}); it runs "
+                             f"{', '.join(stack.watchers)}")  # fmt: skip
         print(reload.reload_watcher(stack, watcher, sequential=args.sequential))
     elif not done:
         print("nothing changed")
@@ -399,7 +400,8 @@ def cmd_logs(args: argparse.Namespace) -> int:
     if watcher is not None and watcher not in runs:
         raise StackError(f"this host runs no {watcher}, so it has no log of it; it runs "
                          f"{', '.join(runs)} (cluster.roles)")  # fmt: skip
-    names = [args.watcher] if args.watcher else [n for n in LOGS if n in runs]
+    names = [args.watcher] if args.watcher else [n for n in (*LOGS, *runs) if n in runs]
+    names = list(dict.fromkeys(names))
     followers = [Follower(stack.log_dir / f"{n}.log") for n in names]
     prefix = len(followers) > 1
     try:
@@ -551,7 +553,9 @@ def build_parser() -> argparse.ArgumentParser:
     reload = command(
         "reload", cmd_reload, "apply profile changes, then gracefully replace the workers"
     )
-    reload.add_argument("watcher", nargs="?", choices=WATCHERS)
+    # Not choices: a profile's [watchers.NAME] are reloaded and shown by name too.
+    reload.add_argument("watcher", nargs="?", help=f"one of {', '.join(WATCHERS)}, or a name "
+                        "of the profile's [watchers.NAME]")  # fmt: skip
     reload.add_argument("--sequential", action="store_true", help="one process at a time")
 
     command("secrets", cmd_secrets, "make the token key and the Redis password that every "
@@ -561,7 +565,8 @@ def build_parser() -> argparse.ArgumentParser:
             "each), which `up` and `reload` also do")  # fmt: skip
 
     logs = command("logs", cmd_logs, "show the watchers' logs")
-    logs.add_argument("watcher", nargs="?", choices=[*LOGS, "nginx-access"])
+    logs.add_argument("watcher", nargs="?", help=f"one of {', '.join([*LOGS, 'nginx-access'])}, "
+                      "or a name of the profile's [watchers.NAME]")  # fmt: skip
     logs.add_argument("-f", "--follow", action="store_true")
     logs.add_argument("-n", "--lines", type=int, default=40)
 

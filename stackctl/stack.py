@@ -17,7 +17,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
-from stackctl import cluster
+from stackctl import background, cluster
 from stackctl.errors import StackError
 from stackctl.profile import Profile
 from stackctl.readiness import SERVICE_DIR
@@ -130,7 +130,8 @@ class Stack:
 
     @property
     def watchers(self) -> tuple[str, ...]:
-        """The programs Circus runs on this host, in the order of WATCHERS."""
+        """The programs Circus runs on this host, in the order of WATCHERS, then the
+        profile's own ([watchers.NAME], stackctl.background) by name."""
         wanted = {
             "redis": self.embedded_redis,
             "sentinel": self.runs_sentinel,
@@ -138,7 +139,8 @@ class Stack:
             "ws": self.runs(cluster.WS),
             "nginx": self.runs(cluster.FRONT),
         }
-        return tuple(name for name in WATCHERS if wanted[name])
+        own = tuple(w.name for w in background.on_this_host(self))
+        return (*(name for name in WATCHERS if wanted[name]), *own)
 
     @property
     def wsgi_address(self) -> Path | Listen:

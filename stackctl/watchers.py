@@ -9,8 +9,11 @@ from __future__ import annotations
 WATCHERS = ("redis", "sentinel", "wsgi", "ws", "nginx")
 """In the order they start: Redis first, NGiNX once the pools behind it are up. A host runs
 those of its roles (``Stack.watchers``); Sentinel only on the redis hosts of a cluster."""
-STOP_ORDER = (("autoreload", "nginx", "ws"), ("wsgi",), ("sentinel",), ("redis",))
+BACKGROUND = "[watchers]"
+"""Stands in STOP_ORDER for the profile's own programs ([watchers.NAME]: Celery...)."""
+STOP_ORDER = (("autoreload", "nginx", "ws"), ("wsgi", BACKGROUND), ("sentinel",), ("redis",))
 """`stackctl down`, stage by stage: the development code reload (``autoreload``), the front
-and the realtime worker (whose clients would hold NGiNX) first, then the pool, then Redis."""
+and the realtime worker (whose clients would hold NGiNX) first, then the pool with the
+background workers (which finish their running tasks), then Redis, which both use."""
 LOGS = ("circusd", *WATCHERS)
 """Every log ``stackctl logs`` shows: circusd's own, then one per watcher."""

@@ -7,6 +7,7 @@ import shlex
 from pathlib import Path
 from typing import Any
 
+from stackctl import background
 from stackctl.logfile import LIMITS_FILE, MIB, limits_json
 from stackctl.render import File, render_template
 from stackctl.settings import Listen
@@ -15,7 +16,7 @@ from stackctl.watchers import WATCHERS
 
 
 def log_files(stack: Stack) -> dict[str, str]:
-    return {name: str(stack.log_dir / f"{name}.log") for name in WATCHERS}
+    return {name: str(stack.log_dir / f"{name}.log") for name in (*WATCHERS, *stack.watchers)}
 
 
 def tied_to_circusd(stack: Stack, args: list[str], signal: str = "TERM") -> list[str]:
@@ -164,6 +165,8 @@ def render(stack: Stack) -> list[File]:
         graceful_timeout=stack.profile.wsgi.graceful_timeout,
         worker_env=stack.worker_env(),
         ws_env=stack.shared_env(),
+        background=background.circus_sections(stack),
+        judged_too=" ".join(w.name for w in background.on_this_host(stack)),
     )
     logs = stack.profile.logs
     return [
