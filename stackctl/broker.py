@@ -9,9 +9,11 @@ a shell or a cron job in the stack's directory finds them from the running stack
     from stackctl.broker import celery_settings
 
     app = Celery("tasks")
-    app.conf.update(celery_settings())
+    app.add_defaults(celery_settings)  # read when Celery first needs it, not at import
 
-The password goes into the broker URL, where Celery and kombu mask it whenever they show
+Given as defaults, so that the app's own configuration (Django's CELERY_BROKER_URL...) wins,
+and read lazily, so that importing the app (a shell, a test) needs no running stack. The
+password goes into the broker URL, where Celery and kombu mask it whenever they show
 the URL (``redis://:**@host``); stackctl never prints it.
 """
 

@@ -138,7 +138,7 @@ class Flapping(CircusPlugin):
         super().__init__(*args, **config)
         self.run_dir = Path(config["run_dir"])
         self.log_dir = Path(config["log_dir"])
-        self.judged = {*WATCHERS, *str(config.get("also", "")).split()}
+        self.judged = {*WATCHERS, *str(config.get("also", "")).split(",")}
         self.judge = RestartJudge(
             float(config.get("min_uptime", 2)),
             int(config.get("max_restarts", 5)),

@@ -17,8 +17,8 @@ from stackctl.realtime import publish
 CHANNEL = "board"
 
 app = Celery("demo_tasks")
+app.add_defaults(celery_settings)  # the stack's Redis, found when first needed
 app.conf.update(
-    celery_settings(),
     # One task at a time per worker thread, acknowledged once done: a worker asked to stop
     # finishes what it runs, and what it had not started goes back to the queue.
     worker_prefetch_multiplier=1,

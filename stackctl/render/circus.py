@@ -166,7 +166,8 @@ def render(stack: Stack) -> list[File]:
         worker_env=stack.worker_env(),
         ws_env=stack.shared_env(),
         background=background.circus_sections(stack),
-        judged_too=" ".join(w.name for w in background.on_this_host(stack)),
+        # Commas: Circus passes a plugin its options on a command line that it splits at spaces.
+        judged_too=",".join(w.name for w in background.on_this_host(stack)),
     )
     logs = stack.profile.logs
     return [

@@ -143,6 +143,10 @@ def test_circus_reads_back_the_watcher_as_declared_with_the_pools_environment(
         assert env[name] == make_stack(tmp_path, toml).worker_env()[name]
     flapping = next(p for p in config["plugins"] if p["name"] == "plugin:flapping")
     assert flapping["also"] == "celery"
+    two = circus_config(tmp_path, '[watchers.a]\ncmd = "x"\n[watchers.b]\ncmd = "y"\n')
+    (flapping,) = [p for p in two["plugins"] if p["name"] == "plugin:flapping"]
+    # Circus hands a plugin its options on a command line it splits at spaces.
+    assert flapping["also"] == "a,b"
 
 
 def test_root_runs_a_watcher_as_the_service_user_like_the_pool(tmp_path: Path) -> None:
