@@ -80,3 +80,19 @@ def test_the_demo_board_greets_a_new_visitor_with_what_was_said_before() -> None
         realtime.publish("board", {"text": "third"}, url=stack.redis_url)
         browser.wait_for(f"{shown}[0] === 'third'")
         assert browser.evaluate(shown) == ["third", "second", "first"]  # live, after the history
+
+
+def test_the_demo_board_shows_a_slow_jobs_progress_live() -> None:
+    binary = chromium_binary()
+    assert binary, "Chromium is needed: apt-get install -y chromium"
+    root = short_dir()
+    stackctl("init", str(root / "site"), "--demo", cwd=root)
+    with running_stack(root / "site", "--workers", "1") as stack, Browser(binary) as browser:
+        browser.open(stack.url())
+        browser.wait_for("document.getElementById('state').textContent === 'live'")
+        browser.evaluate("document.querySelector('#job button').click()")
+        bar = "document.querySelector('#board li.job progress')"
+        browser.wait_for(f"{bar} !== null && {bar}.value > 0 && {bar}.value < 100")  # live
+        browser.wait_for(f"{bar}.value === 100")
+        text = browser.evaluate("document.querySelector('#board li.job').textContent")
+        assert text.startswith(" slow job ") and text.endswith(": 100 %")
