@@ -158,6 +158,10 @@ def test_a_watcher_crashing_in_a_loop_is_stopped_and_the_rest_serves(stack: Stac
         assert response.read() == b"ok\n"
     logs = stackctl("logs", "crashy", "-n", "5", cwd=stack.stack_dir)
     assert "crashy: failing on purpose" in logs.stdout
+    # Once fixed, a reload starts it again (here it only crashes anew).
+    again = stackctl("reload", "crashy", cwd=stack.stack_dir)
+    assert "crashy had stopped after crashing; started it again" in again.stdout
+    wait_for(crashy_stopped, 60, "the flapping plugin to stop crashy again")
 
 
 def test_logs_and_reload_take_a_watchers_name_and_refuse_others(stack: Stack) -> None:
