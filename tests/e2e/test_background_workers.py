@@ -12,6 +12,7 @@ import time
 import urllib.request
 from collections import Counter
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -80,13 +81,19 @@ class Results:
 
 
 
-@pytest.fixture
-def results(stack: Stack) -> Iterator[Results]:
+@contextmanager
+def results_of(stack: Stack) -> Iterator[Results]:
     url = stack.url().replace("http", "ws", 1) + "ws/results"
     with connect(url, open_timeout=10) as socket:
         client = Results(socket)
         yield client
     client.thread.join(5)
+
+
+@pytest.fixture
+def results(stack: Stack) -> Iterator[Results]:
+    with results_of(stack) as client:
+        yield client
 
 
 def enqueue(stack: Stack, batch: str, count: int, seconds: float) -> None:
@@ -213,3 +220,28 @@ def test_a_bad_watcher_value_is_refused_and_nothing_is_written(setting: str, wan
     assert result.stderr.startswith("stackctl: command line: watchers."), result.stderr
     assert wanted in result.stderr
     assert not (site / ".stackctl" / "run").exists()
+
+
+# --- a Redis of redis.url with a password: Sentinel's, as on several hosts --------------------
+
+
+def test_a_worker_finds_a_password_protected_redis_through_sentinel(short_tmp: Path) -> None:
+    from tests.redis_ha import redis_ha
+
+    directory = short_tmp / "redis"
+    directory.mkdir()
+    with redis_ha(directory) as ha:
+        site = app_site(REPO / "tests" / "apps" / "celery_jobs.py", "celery_jobs:application")
+        with (site / "stack.toml").open("a") as f:
+            f.write(WATCHERS.split("[watchers.crashy]")[0])
+        private = site / ".stackctl"
+        private.mkdir(mode=0o700, exist_ok=True)
+        (private / "redis-password").write_text(ha.password + "\n")
+        with running_stack(site, "--workers", "1", "--set", f"redis.url={ha.url}") as stack:
+            with results_of(stack) as client:
+                enqueue(stack, "sentinel", 1, 0)
+                (result,) = client.wait("sentinel", 1)
+            assert result["pid"] in worker_pids(stack)
+            log = (stack.log_dir / "tasks.log").read_text()
+            assert "sentinel://:**@127.0.0.1" in log  # Celery's banner shows the broker masked
+            assert ha.password not in log
