@@ -293,6 +293,34 @@ def program_path(program: str, python: str) -> str:
     return str(beside) if beside.is_file() else program
 
 
+def check_working_dir(stack: Stack, watcher: WatcherConfig) -> Path:
+    """Circus could not start the program in a directory that is not there (and would say so
+    only in its own log): refuse it before anything starts."""
+    directory = stack.stack_dir / watcher.working_dir
+    if not directory.is_dir():
+        key = f"{SECTION}.{watcher.name}.working_dir"
+        raise StackError(f"{stack.profile.where(key)}: {directory} is not a directory; create "
+                         'it, or leave working_dir out (or "") to run in the stack '
+                         "directory")  # fmt: skip
+    return directory
+
+
+def missing_programs(stack: Stack) -> list[str]:
+    """A line per watcher whose program is nowhere to be found: Circus would try to start it
+    a few times, then give up. (Not an error: the rest of the stack may well serve without
+    it, and the program may be installed later, then `stackctl reload NAME`.)"""
+    import shutil
+
+    lines = []
+    for watcher in on_this_host(stack):
+        program = program_path(shlex.split(watcher.cmd)[0], stack.programs.python)
+        if not (Path(program).is_file() if "/" in program else shutil.which(program)):
+            where = stack.profile.where(f"{SECTION}.{watcher.name}.cmd")
+            lines.append(f"{where}: no program {program!r} here (beside {stack.programs.python} "
+                         "or on PATH): this watcher will not start")  # fmt: skip
+    return lines
+
+
 def circus_sections(stack: Stack) -> list[dict[str, Any]]:
     """The values of each ``[watcher:NAME]`` and ``[env:NAME]`` section of this host's
     background watchers."""
@@ -300,6 +328,7 @@ def circus_sections(stack: Stack) -> list[dict[str, Any]]:
 
     sections = []
     for watcher in on_this_host(stack):
+        working_dir = check_working_dir(stack, watcher)
         words = shlex.split(watcher.cmd)
         words[0] = program_path(words[0], stack.programs.python)
         sections.append({
@@ -308,7 +337,7 @@ def circus_sections(stack: Stack) -> list[dict[str, Any]]:
             "numprocesses": watcher.numprocesses,
             "stop_signal": watcher.stop_signal,
             "graceful_timeout": watcher.graceful_timeout,
-            "working_dir": stack.stack_dir / watcher.working_dir,
+            "working_dir": working_dir,
             "log": stack.log_dir / f"{watcher.name}.log",
             "env": {**stack.worker_env(), **dict(watcher.env)},
         })  # fmt: skip

@@ -14,7 +14,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from stackctl import generation, profile, realtime, service, supervisor, users
+from stackctl import background, generation, profile, realtime, service, supervisor, users
 from stackctl.errors import EXIT_STACK_ERROR, StackError
 from stackctl.follow import Follower
 from stackctl.settings import BY_KEY, SETTINGS
@@ -205,6 +205,8 @@ def cmd_up(args: argparse.Namespace) -> int:
     # user's alone; the processes circusd starts inherit this.
     os.umask(0o077)
     show_deploy_checks(stack)
+    for line in background.missing_programs(stack):
+        print(f"note: {line}")
     generation.write(stack, generation.render_all(stack))
     supervisor.check_redis_password(stack)
     print_compression(stack)

@@ -208,6 +208,7 @@ def test_down_lets_a_running_task_finish_before_redis_stops(stack: Stack) -> Non
         ('watchers.tasks.stop_signal="KILL"', 'expected one of "TERM"'),
         ("watchers.tasks.graceful_timeout=-1", "positive integer"),
         ('watchers.tasks.working_dir="../.."', "inside the stack directory"),
+        ('watchers.tasks.working_dir="missing"', "missing is not a directory"),
         ('watchers.tasks.role="everything"', 'expected one of "front"'),
     ],
 )

@@ -127,6 +127,7 @@ def test_circus_reads_back_the_watcher_as_declared_with_the_pools_environment(
         'stop_signal = "INT"\ngraceful_timeout = 45\nworking_dir = "jobs"\n'
         'env = { QUEUES = "slow,fast", EMPTY = "" }\n'
     )
+    (tmp_path / "jobs").mkdir()
     config = circus_config(tmp_path, toml)
     (celery,) = [w for w in config["watchers"] if w["name"] == "celery"]
     args = shlex.split(celery["cmd"])
@@ -184,6 +185,26 @@ def test_a_program_named_without_a_directory_is_the_one_beside_stackctls_python(
     assert background.program_path("celery", python) == str(venv / "celery")
     assert background.program_path("rq", python) == "rq"
     assert background.program_path("/usr/bin/celery", python) == "/usr/bin/celery"
+
+
+def test_a_working_dir_that_is_not_there_is_refused_before_circus_would_fail(
+    tmp_path: Path,
+) -> None:
+    with pytest.raises(StackError) as caught:
+        circus_config(tmp_path, CELERY + 'working_dir = "jobs"\n')
+    assert str(caught.value) == (
+        f"{tmp_path / 'stack.toml'}: watchers.celery.working_dir: 'jobs': {tmp_path / 'jobs'} "
+        'is not a directory; create it, or leave working_dir out (or "") to run in the stack '
+        "directory"
+    )
+
+
+def test_up_notes_a_program_that_is_nowhere_to_be_found(tmp_path: Path) -> None:
+    stack = make_stack(tmp_path, '[watchers.gone]\ncmd = "no-such-program-here --x"\n'
+                       '[watchers.sh]\ncmd = "sh -c true"\n')  # fmt: skip
+    (line,) = background.missing_programs(stack)
+    assert line.startswith(f"{tmp_path / 'stack.toml'}: watchers.gone.cmd: ")
+    assert "no program 'no-such-program-here' here" in line
 
 
 def test_the_stop_waits_for_the_longest_graceful_timeout(tmp_path: Path) -> None:
