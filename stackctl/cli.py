@@ -250,6 +250,11 @@ def what_runs(stack: Stack) -> list[str]:
         lines.append(f"{stack.workers} wsgi workers on {stack.wsgi_address}")
     if "ws" in stack.watchers:
         lines.append(f"websocket worker on {stack.ws_address}")
+    own = background.on_this_host(stack)
+    if own:
+        lines.append("background: " + ", ".join(f"{w.name} ({w.numprocesses} process"
+                                                f"{'es' if w.numprocesses > 1 else ''})"
+                                                for w in own))  # fmt: skip
     if stack.redis_listen:
         sentinel = f", Sentinel on {stack.sentinel_listen}" if stack.sentinel_listen else ""
         lines.append(f"Redis on {stack.redis_listen}{sentinel}")

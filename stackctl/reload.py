@@ -427,7 +427,10 @@ def apply_config(stack: Stack) -> list[str]:
              timeout=timeout)  # fmt: skip
         done.append(f"wsgi now runs {stack.workers} workers")
     elif differences:
-        call(stack, "reloadconfig", waiting=True, timeout=timeout * max(stack.workers, 1))
+        # A background watcher whose command changed is stopped, its tasks finishing, first.
+        longest = startup_timeout(background.longest_graceful(stack.profile.watchers))
+        call(stack, "reloadconfig", waiting=True,
+             timeout=max(timeout * max(stack.workers, 1), longest))  # fmt: skip
         done.append(
             "Circus reloaded its config: " + ", ".join(sorted(f"{s} {k}" for s, k in differences))
         )

@@ -253,3 +253,10 @@ def test_the_broker_is_found_from_the_workers_environment(
     monkeypatch.setenv("STACKCTL_REDIS_URL", "redis://127.0.0.1:6390/1")
     monkeypatch.setenv("STACKCTL_REDIS_PASSWORD_FILE", str(secret))
     assert celery_settings() == {"broker_url": "redis://:from-file@127.0.0.1:6390/1"}
+
+
+def test_up_says_which_background_watchers_it_started(tmp_path: Path) -> None:
+    from stackctl.cli import what_runs
+
+    stack = make_stack(tmp_path, CELERY + 'numprocesses = 2\n[watchers.beat]\ncmd = "x"\n')
+    assert "background: beat (1 process), celery (2 processes)" in what_runs(stack)
