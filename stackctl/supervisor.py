@@ -365,8 +365,10 @@ def stop_watchers_in_order(stack: Stack, grace: float) -> None:
         running = call(stack, "status", timeout=5)["statuses"]
     except StackError:
         return
-    # Whatever else circusd runs is a background watcher, even one the profile no longer has.
-    own = [name for name in running if name not in (*WATCHERS, "autoreload")]
+    # Whatever else circusd runs is a background watcher, even one the profile no longer has;
+    # but not Circus's plugins (listed as "plugin:NAME"), which it stops last, by itself.
+    own = [name for name in running
+           if name not in (*WATCHERS, "autoreload") and not name.startswith("plugin:")]  # fmt: skip
     for stage in STOP_ORDER:
         names = [name for name in stage if name != BACKGROUND]
         names += own if BACKGROUND in stage else []

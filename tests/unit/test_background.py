@@ -260,3 +260,20 @@ def test_up_says_which_background_watchers_it_started(tmp_path: Path) -> None:
 
     stack = make_stack(tmp_path, CELERY + 'numprocesses = 2\n[watchers.beat]\ncmd = "x"\n')
     assert "background: beat (1 process), celery (2 processes)" in what_runs(stack)
+
+
+@pytest.mark.parametrize("stack_toml", ["", CELERY, CELERY + '[watchers.beat]\ncmd = "x"\n'])
+def test_the_flapping_plugin_gets_every_option_as_circus_hands_them_over(
+    tmp_path: Path, stack_toml: str
+) -> None:
+    from circus.plugins import _cfg2str, _str2cfg
+
+    config = circus_config(tmp_path, stack_toml)
+    (flapping,) = [p for p in config["plugins"] if p["name"] == "plugin:flapping"]
+    # circusd starts a plugin with its options on a command line, split at spaces, each
+    # "key:value" joined by ":::": an empty value there garbled the next key (log_dir).
+    received = _str2cfg(shlex.split(f"--config {_cfg2str(flapping)}")[1])
+    assert received == {key: str(value) for key, value in flapping.items()}
+    assert received["log_dir"] == str(tmp_path / "log")
+    assert received.get("also", "") == ",".join(sorted(
+        name for name in ("beat", "celery") if f"[watchers.{name}]" in stack_toml))  # fmt: skip
