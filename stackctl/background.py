@@ -97,11 +97,11 @@ def environment(value: Any) -> tuple[tuple[str, str], ...]:
         f"{_SAFE_RULE}, at most {MAX_VALUE} characters"
     )
     if not isinstance(value, Mapping | list | tuple):
-        raise _expect(form, value)
+        raise Invalid(f"expected {form}, got a {type(value).__name__}")
     pairs = list(value.items() if isinstance(value, Mapping) else value)
     for pair in pairs:
         if not (isinstance(pair, list | tuple) and len(pair) == 2):
-            raise _expect(form, value)
+            raise Invalid(f"expected {form}")
         name, text = pair
         if not isinstance(name, str) or not ENV_NAME.fullmatch(name):
             raise Invalid(f"{name!r} is not a variable name; expected {form}")
@@ -110,14 +110,16 @@ def environment(value: Any) -> tuple[tuple[str, str], ...]:
                 f"{name} is the stack's own (it gives every worker STACKCTL_* variables, "
                 f"{', '.join(STACK_VARIABLES)}); expected another name"
             )
+        # The value is not quoted back: it may well be a secret (an API key), and errors end
+        # up in terminals and CI logs.
         if not isinstance(text, str) or len(text) > MAX_VALUE or not _config_safe(text):
-            raise Invalid(f"{name} = {text!r} cannot be given to the program; expected {form}")
+            raise Invalid(f"the value of {name} cannot be given to the program; expected {form}")
         if text != text.strip() or text == '""':
-            raise Invalid(f"{name} = {text!r}: Circus would strip its spaces or quotes; "
+            raise Invalid(f"the value of {name}: Circus would strip its spaces or quotes; "
                           "expected a value without leading or trailing spaces")  # fmt: skip
     names = [name for name, _ in pairs]
     if len(set(names)) != len(names):
-        raise _expect(form + ", each name once", value)
+        raise Invalid(f"expected {form}, each name once, got {', '.join(names)}")
     return tuple((str(name), str(text)) for name, text in pairs)
 
 

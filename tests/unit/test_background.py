@@ -100,6 +100,13 @@ def test_bad_watcher_values_name_the_file_key_value_and_rule(
     assert wanted in message
 
 
+def test_a_bad_env_value_is_not_quoted_back(tmp_path: Path) -> None:
+    with pytest.raises(StackError) as caught:
+        load(tmp_path, CELERY + 'env = { API_KEY = "sk-live-$ecret" }\n')
+    assert "the value of API_KEY cannot be given to the program" in str(caught.value)
+    assert "ecret" not in str(caught.value)
+
+
 def test_a_bad_watcher_key_on_the_command_line_names_the_command_line(tmp_path: Path) -> None:
     with pytest.raises(StackError, match=r"^command line: watchers\.celery\.numprocesses: "):
         load(tmp_path, CELERY, (("watchers.celery.numprocesses", 100),))
