@@ -455,7 +455,7 @@ def status(stack: Stack) -> list[WatcherInfo]:
     states = call(stack, "status")["statuses"]
     infos = call(stack, "stats")["infos"]
     result = []
-    for name in stack.watchers:
+    for name in dict.fromkeys((*WATCHERS, *stack.watchers)):
         if name not in states:
             continue
         procs = []
