@@ -284,3 +284,19 @@ def test_the_flapping_plugin_gets_every_option_as_circus_hands_them_over(
     assert received["log_dir"] == str(tmp_path / "log")
     assert received.get("also", "") == ",".join(sorted(
         name for name in ("beat", "celery") if f"[watchers.{name}]" in stack_toml))  # fmt: skip
+
+
+def test_init_demo_writes_a_stack_file_that_runs_the_celery_watcher(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from stackctl import init
+
+    facts = init.init(tmp_path, demo=True, app=None, force=False)
+    (celery,) = profile.load(tmp_path, "dev", [], hostnames=["h"]).watchers
+    assert (celery.name, celery.cmd) == ("celery", init.DEMO_WORKER)
+    assert (tmp_path / "demo_tasks.py").is_file()
+    assert facts.notes == ()  # Celery is installed here
+    # Without Celery, init says how to get it (the rest of the demo works without it).
+    monkeypatch.setattr(init, "celery_installed", lambda: False)
+    (note,) = init.init(tmp_path, demo=True, app=None, force=True).notes
+    assert "pip install 'stackctl[demo]'" in note
