@@ -43,8 +43,8 @@ fi
 
 [ -x .venv/bin/python ] || python3 -m venv .venv
 .venv/bin/python -m pip install -q --upgrade pip
-extras=test
-[ "$job" = bench ] && extras=test,bench
+extras=test,demo
+[ "$job" = bench ] && extras=test,demo,bench
 .venv/bin/python -m pip install -q -e ".[$extras]"
 export PATH="$PWD/.venv/bin:$PATH"
 

@@ -15,7 +15,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from stackctl import drain, generation, profile, realtime, service, supervisor, users
+from stackctl import background, drain, generation, profile, realtime, service, supervisor, users
 from stackctl.errors import EXIT_STACK_ERROR, StackError
 from stackctl.follow import Follower
 from stackctl.settings import BY_KEY, SETTINGS
@@ -206,6 +206,8 @@ def cmd_up(args: argparse.Namespace) -> int:
     # user's alone; the processes circusd starts inherit this.
     os.umask(0o077)
     show_deploy_checks(stack)
+    for line in background.missing_programs(stack):
+        print(f"note: {line}")
     generation.write(stack, generation.render_all(stack))
     supervisor.check_redis_password(stack)
     print_compression(stack)
@@ -255,6 +257,11 @@ def what_runs(stack: Stack) -> list[str]:
         lines.append(f"{stack.workers} wsgi workers on {stack.wsgi_address}")
     if "ws" in stack.watchers:
         lines.append(f"websocket worker on {stack.ws_address}")
+    own = background.on_this_host(stack)
+    if own:
+        lines.append("background: " + ", ".join(f"{w.name} ({w.numprocesses} process"
+                                                f"{'es' if w.numprocesses > 1 else ''})"
+                                                for w in own))  # fmt: skip
     if stack.redis_listen:
         sentinel = f", Sentinel on {stack.sentinel_listen}" if stack.sentinel_listen else ""
         lines.append(f"Redis on {stack.redis_listen}{sentinel}")
@@ -397,7 +404,8 @@ def reload_running(args: argparse.Namespace, running: Stack) -> int:
     if watcher is not None:
         if watcher not in stack.watchers:
             raise StackError(f"this host runs no {watcher} (cluster.roles: "
-                             f"{', '.join(stack.profile.cluster.roles)})")  # fmt: skip
+                             f"{', '.join(stack.profile.cluster.roles)}); it runs "
+                             f"{', '.join(stack.watchers)}")  # fmt: skip
         print(reload.reload_watcher(stack, watcher, sequential=args.sequential))
     elif not done:
         print("nothing changed")
@@ -445,7 +453,8 @@ def cmd_logs(args: argparse.Namespace) -> int:
     if watcher is not None and watcher not in runs:
         raise StackError(f"this host runs no {watcher}, so it has no log of it; it runs "
                          f"{', '.join(runs)} (cluster.roles)")  # fmt: skip
-    names = [args.watcher] if args.watcher else [n for n in LOGS if n in runs]
+    names = [args.watcher] if args.watcher else [n for n in (*LOGS, *runs) if n in runs]
+    names = list(dict.fromkeys(names))
     followers = [Follower(stack.log_dir / f"{n}.log") for n in names]
     prefix = len(followers) > 1
     try:
@@ -619,7 +628,9 @@ def build_parser() -> argparse.ArgumentParser:
     reload = command(
         "reload", cmd_reload, "apply profile changes, then gracefully replace the workers"
     )
-    reload.add_argument("watcher", nargs="?", choices=WATCHERS)
+    # Not choices: a profile's [watchers.NAME] are reloaded and shown by name too.
+    reload.add_argument("watcher", nargs="?", help=f"one of {', '.join(WATCHERS)}, or a name "
+                        "of the profile's [watchers.NAME]")  # fmt: skip
     reload.add_argument("--sequential", action="store_true", help="one process at a time")
 
     command("secrets", cmd_secrets, "make the token key and the Redis password that every "
@@ -629,7 +640,8 @@ def build_parser() -> argparse.ArgumentParser:
             "each), which `up` and `reload` also do")  # fmt: skip
 
     logs = command("logs", cmd_logs, "show the watchers' logs")
-    logs.add_argument("watcher", nargs="?", choices=[*LOGS, "nginx-access"])
+    logs.add_argument("watcher", nargs="?", help=f"one of {', '.join([*LOGS, 'nginx-access'])}, "
+                      "or a name of the profile's [watchers.NAME]")  # fmt: skip
     logs.add_argument("-f", "--follow", action="store_true")
     logs.add_argument("-n", "--lines", type=int, default=40)
 

@@ -138,6 +138,7 @@ class Flapping(CircusPlugin):
         super().__init__(*args, **config)
         self.run_dir = Path(config["run_dir"])
         self.log_dir = Path(config["log_dir"])
+        self.judged = {*WATCHERS, *str(config.get("also", "")).split(",")}
         self.judge = RestartJudge(
             float(config.get("min_uptime", 2)),
             int(config.get("max_restarts", 5)),
@@ -151,7 +152,7 @@ class Flapping(CircusPlugin):
 
     def handle_recv(self, data: Any) -> None:
         watcher, action, raw = self.split_data(data)
-        if watcher not in WATCHERS or action not in ("spawn", "kill", "reap"):
+        if watcher not in self.judged or action not in ("spawn", "kill", "reap"):
             return
         message = self.load_message(raw)
         pid, at = int(message["process_pid"]), float(message["time"])

@@ -18,6 +18,11 @@ from stackctl.settings import Invalid, wsgi_callable
 from stackctl.stack import MEDIA_INSIDE_ADVICE, STATIC_INSIDE_ADVICE
 
 DEMO_APP = "demo_app:application"
+DEMO_WORKER = (
+    "celery -A demo_tasks worker --pool threads --concurrency 4 --without-mingle --without-gossip "
+    "--loglevel INFO"
+)
+"""The demo's Celery worker ([watchers.celery]): threads, so one process runs 4 slow jobs."""
 
 
 @dataclass(frozen=True)
@@ -31,6 +36,8 @@ class AppFacts:
     media_url: str = "/media/"
     media_dir: str = ""
     notes: tuple[str, ...] = ()
+    worker: str = ""
+    """The command of a Celery worker to run beside the pool, or ""."""
 
 
 def settings_module_of(manage_py: Path) -> str:
@@ -164,7 +171,17 @@ def copy_demo(stack_dir: Path) -> AppFacts:
         copy_into(resources.demo_dir(), directory, stack_dir)
     finally:
         os.close(directory)
-    return AppFacts(wsgi=DEMO_APP, static_dir="static")
+    notes = () if celery_installed() else (
+        "the demo's slow job runs on Celery, which is not installed: pip install "
+        "'stackctl[demo]' (the rest of the demo works without it)",
+    )  # fmt: skip
+    return AppFacts(wsgi=DEMO_APP, static_dir="static", worker=DEMO_WORKER, notes=notes)
+
+
+def celery_installed() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("celery") is not None
 
 
 # init may run as root in a directory the app's user owns, who could have put a link where a
@@ -234,6 +251,16 @@ def stack_file_text(facts: AppFacts) -> str:
         f"url = {toml_string(facts.media_url)}",
         f"dir = {toml_string(facts.media_dir)}",
         "",
+    ]
+    if facts.worker:
+        lines += [
+            "# A background worker that Circus runs beside the pool, with the same environment",
+            "# (the demo's slow job); see the README's \"Background workers (Celery)\".",
+            "[watchers.celery]",
+            f"cmd = {toml_string(facts.worker)}",
+            "",
+        ]
+    lines += [
         "# Which profile each host runs, first match wins; host-name patterns as in a shell.",
         "[hosts]",
         '# "web*.example.com" = "prod"',

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from stackctl import cluster, resources
+from stackctl import background, cluster, resources
 from stackctl.errors import StackError
 from stackctl.settings import (
     BY_KEY,
@@ -79,6 +79,8 @@ class Profile:
     cluster: ClusterConfig
     cache: CacheConfig
     metrics: MetricsConfig
+    watchers: tuple[background.WatcherConfig, ...] = ()
+    """The [watchers.NAME] programs, by name."""
     sources: Mapping[str, str] = field(default_factory=dict, compare=False)
     """Which file (or the command line, or the defaults) gave each key its value."""
 
@@ -86,6 +88,8 @@ class Profile:
         return self.sources.get(key, "defaults")
 
     def value(self, key: str) -> Any:
+        if background.is_key(key):
+            return background.value(self.watchers, key)
         section, name = key.split(".", 1)
         return getattr(getattr(self, section), name)
 
@@ -132,6 +136,9 @@ def validate(source: str, flat: Mapping[str, Any]) -> Layer:
     """Check each key and value; the error names the source, the key, the value, the rule."""
     values: dict[str, Any] = {}
     for key, raw in flat.items():
+        if background.is_key(key):
+            values[key] = background.parse(source, key, raw)
+            continue
         setting = BY_KEY.get(key)
         if setting is None:
             raise _unknown(source, "key", key, BY_KEY)
@@ -152,8 +159,11 @@ def flatten(source: str, document: Mapping[str, Any], extra: Iterable[str] = ())
     for section, table in document.items():
         if section in extra:
             continue
+        if section == background.SECTION:
+            flat.update(background.flatten(source, table))
+            continue
         if section not in SECTIONS:
-            raise _unknown(source, "section", section, [*SECTIONS, *extra])
+            raise _unknown(source, "section", section, [*SECTIONS, background.SECTION, *extra])
         if not isinstance(table, dict):
             raise StackError(f"{source}: {section}: expected a table of settings, got {table!r}")
         for name, value in table.items():
@@ -312,7 +322,9 @@ def build(name: str, reason: str, stack_dir: Path, layers: list[Layer],
         )
         for section, cls in SECTION_TYPES.items()
     }
-    built = Profile(name=name, reason=reason, stack_dir=stack_dir, sources=sources, **sections)
+    watchers = background.build(values, sources)
+    built = Profile(name=name, reason=reason, stack_dir=stack_dir, sources=sources,
+                    watchers=watchers, **sections)  # fmt: skip
     built = cluster.with_address(built, addresses)
     check_url_prefixes(built)
     check_tls_settings(built)
@@ -332,7 +344,8 @@ def saved_values(profile: Profile) -> dict[str, Any]:
         return list(value) if isinstance(value, tuple) else value if isinstance(
             value, bool | int | str) else str(value)  # fmt: skip
 
-    return {s.key: plain(profile.value(s.key)) for s in SETTINGS}
+    return {**{s.key: plain(profile.value(s.key)) for s in SETTINGS},
+            **background.saved_values(profile.watchers)}  # fmt: skip
 
 
 def from_saved_values(stack_dir: Path, name: str, values: Mapping[str, Any]) -> Profile:

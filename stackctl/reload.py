@@ -31,7 +31,7 @@ from typing import Any
 
 import psutil
 
-from stackctl import cluster, generation
+from stackctl import background, cluster, generation
 from stackctl.errors import StackError
 from stackctl.flapping import failure_note, has_exception, last_crash, log_tail
 from stackctl.logfile import LIMITS_FILE
@@ -43,6 +43,7 @@ from stackctl.stack import Listen, Stack, open_connection
 from stackctl.supervisor import call
 from stackctl.tls import leaf_der
 from stackctl.users import as_service_user
+from stackctl.watchers import WATCHERS
 
 POLL = 0.05
 NGINX_LISTEN_PATIENCE = 5.0
@@ -222,6 +223,11 @@ def replace_workers(stack: Stack, sequential: bool) -> int:
 def reload_watcher(stack: Stack, watcher: str, sequential: bool) -> str:
     """Reload one watcher's processes; returns what was done."""
     timeout = patience(stack)
+    if watcher not in WATCHERS:  # a background watcher: Circus waits for its old processes
+        own = background.longest_graceful(w for w in stack.profile.watchers if w.name == watcher)
+        timeout = max(timeout, startup_timeout(own))
+        if restart_if_stopped(stack, watcher):
+            return f"{watcher} had stopped after crashing; started it again"
     if watcher == "redis":
         restart_redis(stack)
         return "restarted redis"
@@ -421,7 +427,10 @@ def apply_config(stack: Stack) -> list[str]:
              timeout=timeout)  # fmt: skip
         done.append(f"wsgi now runs {stack.workers} workers")
     elif differences:
-        call(stack, "reloadconfig", waiting=True, timeout=timeout * max(stack.workers, 1))
+        # A background watcher whose command changed is stopped, its tasks finishing, first.
+        longest = startup_timeout(background.longest_graceful(stack.profile.watchers))
+        call(stack, "reloadconfig", waiting=True,
+             timeout=max(timeout * max(stack.workers, 1), longest))  # fmt: skip
         done.append(
             "Circus reloaded its config: " + ", ".join(sorted(f"{s} {k}" for s, k in differences))
         )

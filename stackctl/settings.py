@@ -1063,4 +1063,6 @@ def markdown_table() -> str:
     for s in SETTINGS:
         flag = f"`{s.flag}`" if s.flag else ""
         rows.append(f"| `{s.key}` | `{describe_default(s)}` | {flag} | {s.help} |")
-    return "\n".join(rows)
+    from stackctl.background import markdown_rows  # it builds on this module
+
+    return "\n".join([*rows, *markdown_rows()])

@@ -17,7 +17,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
-from stackctl import cluster, health
+from stackctl import background, cluster, health
 from stackctl.cache import CACHE_SOCKET
 from stackctl.errors import StackError
 from stackctl.profile import Profile
@@ -131,7 +131,8 @@ class Stack:
 
     @property
     def watchers(self) -> tuple[str, ...]:
-        """The programs Circus runs on this host, in the order of WATCHERS."""
+        """The programs Circus runs on this host, in the order of WATCHERS, then the
+        profile's own ([watchers.NAME], stackctl.background) by name."""
         wanted = {
             "redis": self.embedded_redis,
             "sentinel": self.runs_sentinel,
@@ -140,7 +141,8 @@ class Stack:
             "nginx": self.runs(cluster.FRONT),
             "metrics": self.profile.metrics.listen is not None,
         }
-        return tuple(name for name in WATCHERS if wanted[name])
+        own = tuple(w.name for w in background.on_this_host(self))
+        return (*(name for name in WATCHERS if wanted[name]), *own)
 
     @property
     def wsgi_address(self) -> Path | Listen:

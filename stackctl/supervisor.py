@@ -23,14 +23,14 @@ from typing import Any
 
 import psutil
 
-from stackctl import cluster, drain, flapping, processes
+from stackctl import background, cluster, drain, flapping, processes
 from stackctl.errors import StackError
 from stackctl.flapping import FAILED_DIR, failure_note
 from stackctl.logfile import no_follow
 from stackctl.profile import Profile
 from stackctl.readiness import ready_dir
 from stackctl.stack import Stack
-from stackctl.watchers import STOP_ORDER, WATCHERS
+from stackctl.watchers import BACKGROUND, STOP_ORDER, WATCHERS
 
 POLL_INTERVAL = 0.1
 CONFLICT_PATIENCE = 10.0
@@ -336,8 +336,9 @@ START_TIMEOUT = 60.0
 
 
 def stop_grace(profile: Profile) -> float:
-    """How long one step of a stop may take: a worker's graceful timeout, and some slack."""
-    return profile.wsgi.graceful_timeout + 5
+    """How long one step of a stop may take: a worker's graceful timeout (the longest of the
+    pool's and the background watchers'), and some slack."""
+    return max(profile.wsgi.graceful_timeout, background.longest_graceful(profile.watchers)) + 5
 
 
 def longest_stop(profile: Profile) -> float:
@@ -381,8 +382,14 @@ def stop_watchers_in_order(stack: Stack, grace: float) -> None:
         running = call(stack, "status", timeout=5)["statuses"]
     except StackError:
         return
+    # Whatever else circusd runs is a background watcher, even one the profile no longer has;
+    # but not Circus's plugins (listed as "plugin:NAME"), which it stops last, by itself.
+    own = [name for name in running
+           if name not in (*WATCHERS, "autoreload") and not name.startswith("plugin:")]  # fmt: skip
     for stage in STOP_ORDER:
-        names = [name for name in stage if running.get(name) not in (None, "stopped")]
+        names = [name for name in stage if name != BACKGROUND]
+        names += own if BACKGROUND in stage else []
+        names = [name for name in names if running.get(name) not in (None, "stopped")]
         if not names:
             continue
         pattern = "^(" + "|".join(names) + ")$"
@@ -465,7 +472,7 @@ def status(stack: Stack) -> list[WatcherInfo]:
     states = call(stack, "status")["statuses"]
     infos = call(stack, "stats")["infos"]
     result = []
-    for name in WATCHERS:
+    for name in dict.fromkeys((*WATCHERS, *stack.watchers)):
         if name not in states:
             continue
         procs = []

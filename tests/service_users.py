@@ -48,7 +48,8 @@ def make_service_user() -> Iterator[ServiceUser]:
 
 
 def make_venv() -> Iterator[Path]:
-    """The interpreter of a virtualenv every user can run, with this checkout installed."""
+    """The interpreter of a virtualenv every user can run, with this checkout installed (and
+    Celery, for the demo's worker)."""
     if not SYSTEM_PYTHON.is_file():
         pytest.skip(f"no {SYSTEM_PYTHON} to make a virtualenv that other users can run")
     root = Path(tempfile.mkdtemp(prefix="scvenv", dir="/tmp"))
@@ -59,7 +60,7 @@ def make_venv() -> Iterator[Path]:
         # uWSGI from source: a wheel built for this run's Python links its libpython.
         uwsgi = f"uwsgi=={importlib.metadata.version('uwsgi')}"
         subprocess.run([str(root / "bin" / "python"), "-m", "pip", "install", "-q",
-                        "--no-binary", "uwsgi", uwsgi, "-e", str(REPO)],
+                        "--no-binary", "uwsgi", uwsgi, "-e", f"{REPO}[demo]"],
                        check=True, capture_output=True, timeout=900)  # fmt: skip
         yield root / "bin" / "python"
     finally:

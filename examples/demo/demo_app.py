@@ -4,10 +4,14 @@ The page and the form are plain WSGI, served by the uWSGI pool. Posting a messag
 to the "board" channel; the gevent worker pushes it to every open page over a websocket, and a
 page that was offline for a moment gets what it missed when it reconnects. The CSS and
 JavaScript are static files that NGiNX serves without the app seeing the request.
+
+"Run a slow job" hands the work to a Celery worker (demo_tasks.py) that the stack runs beside
+the pool; the job's progress comes back to every open page over the same channel.
 """
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import Callable, Iterable
 from urllib.parse import parse_qs
 
@@ -29,6 +33,9 @@ PAGE = """<!doctype html>
 <form id="post" method="post" action="/post">
   <input name="message" maxlength="{max}" autocomplete="off" placeholder="Say something" required>
   <button>Post</button>
+</form>
+<form id="job" method="post" action="/job">
+  <button>Run a slow job</button> <span>(a Celery worker runs it; its progress shows here)</span>
 </form>
 <p id="state">connecting...</p>
 <ul id="board"></ul>
@@ -71,4 +78,21 @@ def application(environ: dict, start_response: StartResponse) -> Iterable[bytes]
             return respond(start_response, "200 OK", b'{"ok": true}', "application/json")
         start_response("303 See Other", [("Location", "/"), ("Content-Length", "0")])
         return [b""]
+    if path == "/job" and method == "POST":
+        return start_job(environ, start_response)
     return respond(start_response, "404 Not Found", b"not found\n", "text/plain")
+
+
+def start_job(environ: dict, start_response: StartResponse) -> list[bytes]:
+    try:
+        from demo_tasks import slow_job  # only this page needs Celery
+    except ImportError:
+        body = b"the slow job needs Celery: pip install 'stackctl[demo]'\n"
+        return respond(start_response, "503 Service Unavailable", body, "text/plain")
+    job = uuid.uuid4().hex[:8]
+    slow_job.delay(job)
+    if "application/json" in environ.get("HTTP_ACCEPT", ""):
+        body = f'{{"ok": true, "job": "{job}"}}'.encode()
+        return respond(start_response, "202 Accepted", body, "application/json")
+    start_response("303 See Other", [("Location", "/"), ("Content-Length", "0")])
+    return [b""]

@@ -7,7 +7,7 @@ import shlex
 from pathlib import Path
 from typing import Any
 
-from stackctl import cluster
+from stackctl import background, cluster
 from stackctl.logfile import LIMITS_FILE, MIB, limits_json
 from stackctl.realtime import PASSWORD_FILE_VARIABLE, REDIS_URL_VARIABLE
 from stackctl.render import File, render_template
@@ -18,7 +18,7 @@ from stackctl.workerstats import STATS_DIR_VARIABLE
 
 
 def log_files(stack: Stack) -> dict[str, str]:
-    return {name: str(stack.log_dir / f"{name}.log") for name in WATCHERS}
+    return {name: str(stack.log_dir / f"{name}.log") for name in (*WATCHERS, *stack.watchers)}
 
 
 def tied_to_circusd(stack: Stack, args: list[str], signal: str = "TERM") -> list[str]:
@@ -215,6 +215,9 @@ def render(stack: Stack) -> list[File]:
         graceful_timeout=stack.profile.wsgi.graceful_timeout,
         worker_env=wsgi_env(stack),
         ws_env=stack.shared_env(),
+        background=background.circus_sections(stack),
+        # Commas: Circus passes a plugin its options on a command line that it splits at spaces.
+        judged_too=",".join(w.name for w in background.on_this_host(stack)),
     )
     logs = stack.profile.logs
     return [

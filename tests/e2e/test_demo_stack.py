@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
@@ -81,6 +82,23 @@ def test_message_posted_through_the_form_reaches_a_websocket_within_a_second(dem
         received = ws.recv(timeout=1.0)
         assert time.monotonic() - started < 1.0
     assert data_of(received) == {"text": "hello <world>"}
+
+
+def test_a_slow_job_runs_on_the_celery_watcher_and_reports_its_progress(demo: Stack) -> None:
+    ws_url = demo.url().replace("http://", "ws://") + "ws/board"
+    with connect(ws_url, open_timeout=5) as ws:
+        status, _, body = get(demo.url() + "job", data=b"", headers={"Accept": "application/json"})
+        assert status == 202
+        job = json.loads(body)["job"]
+        progress = []
+        while not progress or progress[-1] < 100:
+            message = data_of(ws.recv(timeout=30))
+            assert isinstance(message, dict) and message["job"] == job
+            progress.append(message["progress"])
+    assert progress == list(range(0, 101, 10))
+    # The worker that ran it is the stack's own watcher, with its own log.
+    out = stackctl("logs", "celery", "-n", "50", cwd=demo.stack_dir).stdout
+    assert "demo_tasks.slow_job" in out and "succeeded" in out
 
 
 def test_every_open_page_gets_the_message(demo: Stack) -> None:
@@ -170,7 +188,8 @@ def test_down_leaves_none_of_the_stacks_pids_alive(tmp_path: Path) -> None:
         nginx_workers = [
             c.pid for c in psutil.Process(int((stack.run_dir / "nginx.pid").read_text())).children()
         ]
-        assert len(pids) == 2 + 3 and nginx_workers
+        # The 2 wsgi workers, Redis, the ws worker, NGiNX and the demo's Celery worker.
+        assert len(pids) == 2 + 4 and nginx_workers
         stackctl("down", cwd=stack.stack_dir)
         for pid in [*pids, circusd, *nginx_workers]:
             assert (

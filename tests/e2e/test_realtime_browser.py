@@ -6,10 +6,13 @@ from __future__ import annotations
 import json
 import time
 import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import pytest
 
 from stackctl import realtime
+from stackctl.stack import Stack
 from tests.browser import Browser, chromium_binary
 from tests.conftest import running_stack, short_dir, stackctl
 
@@ -62,12 +65,19 @@ def test_a_page_comes_back_with_a_fresh_token_when_its_token_expires() -> None:
         browser.wait_for("window.got.includes('still yours')")
 
 
-def test_the_demo_board_greets_a_new_visitor_with_what_was_said_before() -> None:
+@contextmanager
+def demo_in_browser() -> Iterator[tuple[Stack, Browser]]:
+    """A demo stack of its own, and Chromium to open its page."""
     binary = chromium_binary()
     assert binary, "Chromium is needed: apt-get install -y chromium"
     root = short_dir()
     stackctl("init", str(root / "site"), "--demo", cwd=root)
     with running_stack(root / "site", "--workers", "1") as stack, Browser(binary) as browser:
+        yield stack, browser
+
+
+def test_the_demo_board_greets_a_new_visitor_with_what_was_said_before() -> None:
+    with demo_in_browser() as (stack, browser):
         for text in ("first", "second"):
             post = urllib.request.Request(stack.url() + "post", data=f"message={text}".encode(),
                                           headers={"Accept": "application/json"})  # fmt: skip
@@ -80,3 +90,15 @@ def test_the_demo_board_greets_a_new_visitor_with_what_was_said_before() -> None
         realtime.publish("board", {"text": "third"}, url=stack.redis_url)
         browser.wait_for(f"{shown}[0] === 'third'")
         assert browser.evaluate(shown) == ["third", "second", "first"]  # live, after the history
+
+
+def test_the_demo_board_shows_a_slow_jobs_progress_live() -> None:
+    with demo_in_browser() as (stack, browser):
+        browser.open(stack.url())
+        browser.wait_for("document.getElementById('state').textContent === 'live'")
+        browser.evaluate("document.querySelector('#job button').click()")
+        bar = "document.querySelector('#board li.job progress')"
+        browser.wait_for(f"{bar} !== null && {bar}.value > 0 && {bar}.value < 100")  # live
+        browser.wait_for(f"{bar}.value === 100")
+        text = browser.evaluate("document.querySelector('#board li.job').textContent")
+        assert text.startswith(" slow job ") and text.endswith(": 100 %")

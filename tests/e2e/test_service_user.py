@@ -61,13 +61,15 @@ def test_only_circusd_and_the_nginx_master_run_as_root(
     circusd = processes.circusd(split.run_dir)
     assert circusd is not None and ids(circusd.pid) == (0, 0)
     pids = {name: [int(p) for p in call(split, "list", name=name)["pids"]]
-            for name in ("nginx", "wsgi", "ws", "redis")}  # fmt: skip
+            for name in ("nginx", "wsgi", "ws", "redis", "celery")}  # fmt: skip
     (master,) = pids["nginx"]
     assert ids(master) == (0, 0)
     workers = [child.pid for child in psutil.Process(master).children()]
     assert workers
-    app = [*workers, *pids["wsgi"], *pids["ws"], *pids["redis"]]
+    # The demo's Celery worker ([watchers.celery]) too runs as the service user.
+    app = [*workers, *pids["wsgi"], *pids["ws"], *pids["redis"], *pids["celery"]]
     assert len(pids["wsgi"]) == 2 and len(pids["ws"]) == len(pids["redis"]) == 1
+    assert len(pids["celery"]) == 1
     assert {pid: ids(pid) for pid in app} == {
         pid: (service_user.uid, service_user.gid) for pid in app
     }
@@ -100,6 +102,12 @@ def test_the_site_answers_and_a_message_reaches_a_websocket(split: Stack) -> Non
         with urllib.request.urlopen(post, timeout=10) as answer:
             assert answer.status == 200
         assert data_of(ws.recv(timeout=5)) == {"text": "from the app"}
+        # The Celery worker, as the service user, reaches the same Redis and publishes.
+        job = urllib.request.Request(split.url() + "job", data=b"",
+                                     headers={"Accept": "application/json"})  # fmt: skip
+        with urllib.request.urlopen(job, timeout=10) as answer:
+            assert answer.status == 202
+        assert data_of(ws.recv(timeout=30))["progress"] == 0  # type: ignore[index]
 
 
 def mode_of(path: Path) -> tuple[int, int, str]:

@@ -12,11 +12,33 @@
     since: "0-0",
     onstatus: function (status) { state.textContent = status === "open" ? "live" : status; },
     onmessage: function (data) {
+      if (data.job) { showProgress(data.job, data.progress); return; }
       var item = document.createElement("li");
       item.textContent = data.text;
       board.insertBefore(item, board.firstChild);
       while (board.children.length > SHOWN) board.removeChild(board.lastChild);
     },
+  });
+
+  // A slow job's progress: one line per job, updated in place as the worker reports.
+  function showProgress(job, progress) {
+    var item = document.getElementById("job-" + job);
+    if (!item) {
+      item = document.createElement("li");
+      item.id = "job-" + job;
+      item.className = "job";
+      item.appendChild(document.createElement("progress")).max = 100;
+      item.appendChild(document.createElement("span"));
+      board.insertBefore(item, board.firstChild);
+      while (board.children.length > SHOWN) board.removeChild(board.lastChild);
+    }
+    item.firstChild.value = progress;
+    item.lastChild.textContent = " slow job " + job + ": " + progress + " %";
+  }
+
+  document.getElementById("job").addEventListener("submit", function (event) {
+    event.preventDefault();
+    fetch("/job", { method: "POST", headers: { Accept: "application/json" } });
   });
 
   form.addEventListener("submit", function (event) {
