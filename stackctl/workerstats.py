@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import mmap
 import os
+import stat
 import struct
 import threading
 import time
@@ -23,6 +24,8 @@ from stackctl.graceful import Response
 
 STATS_DIR_VARIABLE = "STACKCTL_WSGI_STATS_DIR"
 RECORD = struct.Struct("<QQ")  # requests, busy nanoseconds
+PID_DIGITS = 10  # Linux pids stay below 2**22 (pid_max); more digits are no pid
+READ_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC
 
 
 class WorkerStats:
@@ -74,34 +77,65 @@ class WorkerSample:
 def alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
+    except (ProcessLookupError, OverflowError):
+        return False  # exited, or a number past any pid
     except PermissionError:
         return True  # another user's: alive
     return True
 
 
 def read_all(directory: Path) -> list[WorkerSample]:
-    """The numbers of every worker alive, by pid; files of exited workers are removed."""
-    samples = []
+    """The numbers of every worker alive, by pid; files of exited workers are removed.
+
+    The service user writes here and the exporter may be root: the directory is opened
+    without following a link (or root would remove pid-named files wherever it points), and
+    each file too, without waiting (a pipe) and only when it is a regular file of the
+    directory's owner (not a hard link to someone else's) and of a record's size."""
     try:
-        names = sorted(os.listdir(directory))
-    except FileNotFoundError:
-        return []
-    for name in names:
-        if not name.isdigit():
-            continue
-        path = directory / name
-        if not alive(int(name)):
-            with contextlib.suppress(OSError):
-                path.unlink()
-            continue
-        try:
-            data = path.read_bytes()
-        except OSError:
-            continue
-        if len(data) != RECORD.size:
-            continue  # just created, not sized yet
-        requests, busy_ns = RECORD.unpack(data)
-        samples.append(WorkerSample(int(name), requests, busy_ns / 1e9))
-    return samples
+        fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError:
+        return []  # not there (yet), or a link
+    try:
+        owner = os.fstat(fd).st_uid
+        samples = []
+        for name in sorted(os.listdir(fd)):
+            pid = pid_of(name)
+            if pid is None:
+                continue
+            if not alive(pid):
+                with contextlib.suppress(OSError):
+                    os.unlink(name, dir_fd=fd)
+                continue
+            record = read_record(fd, name, owner)
+            if record is not None:
+                samples.append(WorkerSample(pid, record[0], record[1] / 1e9))
+        return samples
+    finally:
+        os.close(fd)
+
+
+def pid_of(name: str) -> int | None:
+    """The pid a file is named after; None for a name that only looks like one ("²")."""
+    if not (name.isascii() and name.isdigit()) or len(name) > PID_DIGITS:
+        return None
+    return int(name)
+
+
+def read_record(directory: int, name: str, owner: int) -> tuple[int, int] | None:
+    try:
+        fd = os.open(name, READ_FLAGS, dir_fd=directory)
+    except OSError:
+        return None
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode) or st.st_uid != owner or st.st_size != RECORD.size:
+            return None  # just created and not sized yet, or not a worker's file
+        data = os.pread(fd, RECORD.size, 0)
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
+    if len(data) != RECORD.size:
+        return None
+    requests, busy_ns = RECORD.unpack(data)
+    return requests, busy_ns

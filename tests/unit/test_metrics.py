@@ -4,6 +4,8 @@ uWSGI workers' files, the realtime counters, and `stackctl top`'s frame."""
 from __future__ import annotations
 
 import os
+import subprocess
+import threading
 from pathlib import Path
 
 import pytest
@@ -180,3 +182,42 @@ def test_a_source_that_fails_unforeseen_costs_its_own_numbers_only() -> None:
         "# HELP stackctl_redis_up 1 if Redis answered this scrape.\n"
         "# TYPE stackctl_redis_up gauge\nstackctl_redis_up 0\n"
     )
+
+
+def test_hostile_worker_files_are_neither_followed_nor_waited_on(tmp_path: Path) -> None:
+    """The service user writes the workers' files, and root's exporter reads them: a link to
+    a file of root's, a pipe nobody writes to, a name that only looks like a pid, a file of
+    the wrong size: skipped, quickly, and the real worker still counted."""
+    directory = tmp_path / "stats"
+    workerstats.WorkerStats(directory, os.getpid())
+    secret = tmp_path / "root-only"
+    secret.write_bytes(workerstats.RECORD.pack(1234, 5678))
+    (directory / "1").symlink_to(secret)  # pid 1 is alive
+    os.mkfifo(directory / str(os.getppid()))
+    for name in ("²", "9" * 40, "-1"):
+        (directory / name).write_bytes(b"\0" * workerstats.RECORD.size)
+    found: list[list[int]] = []
+    with subprocess.Popen(["sleep", "60"]) as other:
+        (directory / str(other.pid)).write_bytes(b"\0" * (workerstats.RECORD.size + 1))
+        reader = threading.Thread(target=lambda: found.append(
+            [s.pid for s in workerstats.read_all(directory)]), daemon=True)  # fmt: skip
+        reader.start()
+        reader.join(10)
+        if reader.is_alive():  # stuck on the pipe: let it go
+            with open(directory / str(os.getppid()), "wb"):
+                pass
+            reader.join(10)
+        other.kill()
+    assert found == [[os.getpid()]]
+    assert secret.read_bytes() == workerstats.RECORD.pack(1234, 5678)
+
+
+def test_a_linked_statistics_directory_is_not_followed(tmp_path: Path) -> None:
+    """The service user owns the directory around the workers' files: if it puts a link
+    there, root's exporter must not remove the files with pid-like names it points to."""
+    elsewhere = tmp_path / "someone-elses"
+    elsewhere.mkdir()
+    (elsewhere / "999999999").write_bytes(b"\0" * workerstats.RECORD.size)
+    (tmp_path / "stats").symlink_to(elsewhere)
+    assert workerstats.read_all(tmp_path / "stats") == []
+    assert (elsewhere / "999999999").exists()
