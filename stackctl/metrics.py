@@ -48,6 +48,12 @@ FRESH_FOR = 0.5  # scrapes this close together share one reading: a flood costs 
 LOG_POLL = 0.5
 REQUEST_TIMEOUT = 5.0  # a client that sends its request slower than this is dropped
 STATUS_CLASSES = ("1xx", "2xx", "3xx", "4xx", "5xx")
+WS_PAGE_LIMIT = 256 * 1024  # the worker's page is some 3 kB
+WS_COMMENT = re.compile(r"# (?P<kind>HELP|TYPE) (?P<name>stackctl_ws_[a-z_]+) [ -~]*")
+WS_SAMPLE = re.compile(
+    r'(?P<series>stackctl_ws_[a-z_]+(?:\{[a-z_]+="[\w.-]*"(?:,[a-z_]+="[\w.-]*")*\})?)'
+    r" -?\d+(?:\.\d+)?(?:e[+-]?\d+)?"
+)
 
 # The access log's line (nginx.conf.j2, log_format path_only): the request in quotes (NGiNX
 # escapes a quote inside as \x22), status, bytes, referer, user agent, request time, upstream
@@ -268,26 +274,64 @@ def redis_families(url: str, password_file: str | None) -> list[Family]:
     ]  # fmt: skip
 
 
-def read_unix(path: Path, timeout: float = SOURCE_TIMEOUT) -> bytes:
+def read_unix(path: Path, timeout: float = SOURCE_TIMEOUT, limit: int = WS_PAGE_LIMIT) -> bytes:
+    """What the server on ``path`` says before it closes: at most ``limit`` bytes, in at most
+    ``timeout`` seconds in all (not per read: a server that trickles is dropped too)."""
     with closing(socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)) as s:
+        deadline = time.monotonic() + timeout
         s.settimeout(timeout)
         s.connect(str(path))
-        chunks = []
-        deadline = time.monotonic() + timeout
-        while chunk := s.recv(65536):
+        chunks: list[bytes] = []
+        size = 0
+        while True:
+            s.settimeout(max(0.001, deadline - time.monotonic()))
+            chunk = s.recv(65536)
+            if not chunk:
+                return b"".join(chunks)
             chunks.append(chunk)
+            size += len(chunk)
+            if size > limit:
+                raise ValueError(f"the websocket worker says more than {limit} bytes")
             if time.monotonic() > deadline:
                 raise TimeoutError("the websocket worker is too slow")
-        return b"".join(chunks)
 
 
 def ws_text(path: Path) -> str:
-    """The websocket worker's own exposition, after its up gauge."""
+    """The websocket worker's own exposition, after its up gauge. The worker runs as the
+    service user, who can put anything on that socket: a page that is not the worker's
+    (a line that is not a stackctl_ws_ sample, a family twice) would make Prometheus refuse
+    the whole scrape, or print what it likes in `stackctl top`, so it counts as no answer."""
     try:
         text = read_unix(path).decode()
-    except (OSError, UnicodeDecodeError):
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        log.debug("the websocket worker's counters: %s", type(e).__name__)
+        return exposition([up("ws", False, "the websocket worker")])
+    if not ws_page_is_sound(text):
+        log.warning("the websocket worker's counters are not in the expected form: left out")
         return exposition([up("ws", False, "the websocket worker")])
     return exposition([up("ws", True, "the websocket worker")]) + text
+
+
+def ws_page_is_sound(text: str) -> bool:
+    """Only stackctl_ws_ families (never the exporter's own stackctl_ws_up), each described
+    once, each series once, label values of plain characters."""
+    if text and not text.endswith("\n"):
+        return False
+    described: set[tuple[str, str]] = set()
+    series: set[str] = set()
+    for line in text.splitlines():
+        comment = WS_COMMENT.fullmatch(line)
+        if comment is not None:
+            key = (comment["kind"], comment["name"])
+            if key in described or comment["name"] == "stackctl_ws_up":
+                return False
+            described.add(key)
+            continue
+        sample = WS_SAMPLE.fullmatch(line)
+        if sample is None or sample["series"] in series or line.startswith("stackctl_ws_up"):
+            return False
+        series.add(sample["series"])
+    return True
 
 
 def nginx_answers(host: str, port: int) -> bool:

@@ -3,9 +3,13 @@ uWSGI workers' files, the realtime counters, and `stackctl top`'s frame."""
 
 from __future__ import annotations
 
+import contextlib
 import os
+import socket
 import subprocess
 import threading
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -221,3 +225,79 @@ def test_a_linked_statistics_directory_is_not_followed(tmp_path: Path) -> None:
     (tmp_path / "stats").symlink_to(elsewhere)
     assert workerstats.read_all(tmp_path / "stats") == []
     assert (elsewhere / "999999999").exists()
+
+
+def answering(path: Path, answer: Callable[[socket.socket], None]) -> threading.Thread:
+    """A server on ``path`` that answers one connection with ``answer``."""
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(str(path))
+    listener.listen(1)
+
+    def serve() -> None:
+        with listener, listener.accept()[0] as connection, contextlib.suppress(OSError):
+            answer(connection)
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    return thread
+
+
+def trickle(connection: socket.socket) -> None:
+    for _ in range(20):
+        connection.sendall(b"#")
+        time.sleep(0.3)
+
+
+GOOD = exposition(Counters(), [], 0, True, 0)
+
+
+@pytest.mark.parametrize("answer", [
+    lambda c: c.sendall(b"not prometheus at all\n"),
+    lambda c: c.sendall(GOOD.encode() + b"stackctl_redis_up 1\n"),
+    lambda c: c.sendall(GOOD.encode() + b"stackctl_ws_up 1\n"),
+    lambda c: c.sendall(GOOD.encode() * 2),
+    lambda c: c.sendall(b'stackctl_ws_connected_clients{transport="\x1b[2J"} 1\n'),
+    lambda c: c.sendall(b"stackctl_ws_channels 1"),  # cut short
+    trickle,
+], ids=["garbage", "other-family", "own-up", "twice", "escape", "cut", "trickle"])  # fmt: skip
+def test_a_hostile_websocket_counters_socket_costs_its_numbers_only(
+    short_tmp: Path, answer: Callable[[socket.socket], None]
+) -> None:
+    """The service user can put its own server on the counters' socket: whatever it says
+    (garbage, other families, too much, too slowly), the exporter's page stays a valid page
+    with the realtime numbers left out, and comes within the source's time."""
+    server = answering(short_tmp / "ws.sock", answer)
+    started = time.monotonic()
+    page = metrics.ws_text(short_tmp / "ws.sock")
+    assert time.monotonic() - started < metrics.SOURCE_TIMEOUT + 1
+    assert page == metrics.exposition([metrics.up("ws", False, "the websocket worker")])
+    server.join(15)
+
+
+def test_the_websocket_workers_own_page_is_taken(short_tmp: Path) -> None:
+    server = answering(short_tmp / "ws.sock", lambda c: c.sendall(GOOD.encode()))
+    page = metrics.ws_text(short_tmp / "ws.sock")
+    assert page.endswith(GOOD) and "stackctl_ws_up 1\n" in page
+    server.join(15)
+
+
+def test_a_flood_on_the_websocket_counters_socket_is_not_read_into_memory(
+    short_tmp: Path,
+) -> None:
+    """Before, a server that sent without end had the exporter (root) hold a second of it:
+    some 1 GB, each scrape."""
+    sent: list[int] = []
+
+    def flood(connection: socket.socket) -> None:
+        block = b"stackctl_ws_channels 1\n" * 4096
+        deadline = time.monotonic() + 5
+        sent.append(0)
+        while time.monotonic() < deadline:
+            connection.sendall(block)
+            sent[0] += len(block)
+
+    server = answering(short_tmp / "ws.sock", flood)
+    page = metrics.ws_text(short_tmp / "ws.sock")
+    server.join(15)
+    assert page == metrics.exposition([metrics.up("ws", False, "the websocket worker")])
+    assert sent[0] < 16 * 2**20  # the limit, and what the socket's buffers hold
