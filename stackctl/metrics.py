@@ -29,7 +29,7 @@ import threading
 import time
 from collections import defaultdict
 from collections.abc import Callable, Iterable
-from contextlib import closing
+from contextlib import closing, suppress
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -47,6 +47,7 @@ CIRCUS_TIMEOUT = 2.0
 FRESH_FOR = 0.5  # scrapes this close together share one reading: a flood costs nothing more
 LOG_POLL = 0.5
 REQUEST_TIMEOUT = 5.0  # a client that sends its request slower than this is dropped
+MAX_WAITING = 32  # connections still sending their request; past this, the oldest goes
 STATUS_CLASSES = ("1xx", "2xx", "3xx", "4xx", "5xx")
 WS_PAGE_LIMIT = 256 * 1024  # the worker's page is some 3 kB
 WS_COMMENT = re.compile(r"# (?P<kind>HELP|TYPE) (?P<name>stackctl_ws_[a-z_]+) [ -~]*")
@@ -417,6 +418,14 @@ def handler(cache: Cache) -> type[BaseHTTPRequestHandler]:
         server_version = "stackctl-metrics"
         sys_version = ""
 
+        def parse_request(self) -> bool:
+            parsed = super().parse_request()  # reads the headers too
+            assert isinstance(self.server, Server)
+            if not self.server.request_read(self.request):
+                self.close_connection = True
+                return False  # dropped for being slow: what it sent is cut short
+            return parsed
+
         def do_GET(self) -> None:  # noqa: N802 (http.server's name)
             if self.path.split("?", 1)[0] != "/metrics":
                 self.answer(404, b"only /metrics is served here\n", "text/plain")
@@ -438,12 +447,46 @@ def handler(cache: Cache) -> type[BaseHTTPRequestHandler]:
 
 
 class Server(ThreadingHTTPServer):
+    """Every local user reaches the port. A connection that sends its request slowly, or
+    never, holds a thread and a file: past MAX_WAITING such connections the oldest is
+    dropped, so that a few hundred idle ones cannot use up the files the process may open
+    (a scraper sends its request at once, and is never the oldest for long)."""
+
     daemon_threads = True
     request_queue_size = 64
 
     def __init__(self, address: tuple[str, int], cache: Cache) -> None:
         self.address_family = socket.AF_INET6 if ":" in address[0] else socket.AF_INET
+        self.waiting: dict[Any, None] = {}  # by arrival: the first is the oldest
+        self.waiting_lock = threading.Lock()
         super().__init__(address, handler(cache))
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        with self.waiting_lock:
+            self.waiting[request] = None
+            while len(self.waiting) > MAX_WAITING:
+                oldest = next(iter(self.waiting))
+                del self.waiting[oldest]
+                with suppress(OSError):
+                    oldest.shutdown(socket.SHUT_RD)  # its thread reads the end, and ends
+        super().process_request(request, client_address)
+
+    def request_read(self, request: Any) -> bool:
+        """The request is in; False if it came too late (its connection was dropped)."""
+        with self.waiting_lock:
+            return self.waiting.pop(request, False) is None
+
+    def shutdown_request(self, request: Any) -> None:
+        self.request_read(request)
+        super().shutdown_request(request)
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        # socketserver prints a traceback per failed request: a client that leaves before
+        # its answer, again and again, would fill the log with them.
+        kind = sys.exc_info()[0]
+        if kind is not None and issubclass(kind, ConnectionError):
+            return
+        log.warning("answering a request failed: %s", kind.__name__ if kind else "?")
 
     def server_bind(self) -> None:
         # HTTPServer's own looks the address up in DNS (getfqdn): a start held up by a slow

@@ -1,0 +1,184 @@
+"""The exporter on a real stack, attacked from outside: by the service user (who writes the
+files and the socket the exporter reads, while the exporter may run as root), by any local
+user (who reaches its port), and by clients that misbehave."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import socket
+import struct
+import threading
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from stackctl import metrics, supervisor, workerstats
+from stackctl.stack import Stack
+from tests.conftest import free_port, running_stack, short_dir, stackctl
+
+pytestmark = pytest.mark.e2e
+
+# A line of the text format: a comment, or a sample whose label values are quoted strings.
+SAMPLE = re.compile(r'[a-zA-Z_:][\w:]*(\{(\w+="([^"\\\n]|\\.)*",?)*\})? -?[\d.e+-]+|NaN')
+COMMENT = re.compile(r"# (HELP|TYPE) [a-zA-Z_:][\w:]* .*")
+
+
+@pytest.fixture(scope="module")
+def stack() -> Iterator[Stack]:
+    root = short_dir()
+    stackctl("init", str(root / "site"), "--demo", cwd=root)
+    listen = f"metrics.listen=127.0.0.1:{free_port()}"
+    with running_stack(root / "site", "--workers", "2", "--set", listen) as running:
+        yield running
+
+
+def scrape_text(stack: Stack, timeout: float = 10) -> str:
+    time.sleep(metrics.FRESH_FOR)  # not the reading an earlier scrape shares
+    with urllib.request.urlopen(f"http://{stack.profile.metrics.listen}/metrics",
+                                timeout=timeout) as response:  # fmt: skip
+        assert response.status == 200
+        return str(response.read().decode())
+
+
+def assert_valid_page(text: str) -> None:
+    """What Prometheus's parser insists on: every line in form, each family typed once."""
+    typed = [line.split()[2] for line in text.splitlines() if line.startswith("# TYPE ")]
+    assert len(typed) == len(set(typed)), "a family is typed twice"
+    bad = [line for line in text.splitlines()
+           if not (COMMENT.fullmatch(line) or SAMPLE.fullmatch(line))]  # fmt: skip
+    assert bad == []
+
+
+def exporter_pid(stack: Stack) -> int:
+    [pid] = [process.pid for watcher in supervisor.status(stack) if watcher.name == "metrics"
+             for process in watcher.processes]  # fmt: skip
+    return pid
+
+
+def test_a_pipe_and_a_link_among_the_workers_files_neither_stall_nor_leak(
+    stack: Stack, short_tmp: Path
+) -> None:
+    """The service user writes that directory. Before: a pipe named after a live pid froze
+    every scrape for good; a link made root's exporter read the file it points to."""
+    secret = short_tmp / "root-only"
+    secret.write_bytes(workerstats.RECORD.pack(424242, 0))
+    secret.chmod(0o600)
+    pipe, link = stack.wsgi_stats_dir / str(os.getpid()), stack.wsgi_stats_dir / "1"
+    os.mkfifo(pipe)
+    link.symlink_to(secret)
+    try:
+        text = scrape_text(stack)
+        assert "424242" not in text and 'pid="1"' not in text
+        assert "stackctl_wsgi_workers 2\n" in text  # the real ones still counted
+    finally:
+        with contextlib.suppress(OSError):  # a reader stuck on the pipe: let it go
+            os.close(os.open(pipe, os.O_WRONLY | os.O_NONBLOCK))
+        pipe.unlink()
+        link.unlink()
+
+
+def hostile_server(path: Path, answer: bytes) -> tuple[socket.socket, threading.Thread]:
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(str(path))
+    listener.listen(8)
+    listener.settimeout(0.2)
+
+    def serve() -> None:
+        while listener.fileno() != -1:
+            try:
+                connection, _ = listener.accept()
+            except OSError:
+                continue
+            with connection, contextlib.suppress(OSError):
+                connection.sendall(answer)
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    return listener, thread
+
+
+def test_a_stranger_on_the_counters_socket_cannot_spoil_the_page(stack: Stack) -> None:
+    """Whoever runs as the service user can answer on the websocket worker's socket. Before,
+    what it said went into the page as it came: one bad line and Prometheus refuses the
+    whole scrape; a line of its choosing (Redis up while it is down) was believed."""
+    path = stack.ws_metrics_socket
+    aside = path.with_name(path.name + ".real")
+    path.rename(aside)  # the worker keeps listening on it, under this name
+    listener, thread = hostile_server(path, b"stackctl_redis_up 0\nnot a metric\n")
+    try:
+        text = scrape_text(stack)
+        assert_valid_page(text)
+        assert "stackctl_ws_up 0\n" in text
+        redis_up = [line for line in text.splitlines() if line.startswith("stackctl_redis_up")]
+        assert redis_up == ["stackctl_redis_up 1"]
+    finally:
+        listener.close()
+        thread.join(5)
+        path.unlink()
+        aside.rename(path)
+    assert "stackctl_ws_up 1\n" in scrape_text(stack)
+
+
+def open_files(pid: int) -> int:
+    return len(os.listdir(f"/proc/{pid}/fd"))
+
+
+def test_slow_clients_do_not_hold_the_exporters_files(stack: Stack) -> None:
+    """Any local user reaches the port. Before, each connection that sent its request slowly
+    held a thread and a file for as long as it trickled: some hundreds of them and the
+    process (1024 files under a stock systemd) can accept no scrape."""
+    pid = exporter_pid(stack)
+    before = open_files(pid)
+    host, port = metrics.host_port(str(stack.profile.metrics.listen))
+    with contextlib.ExitStack() as connections:
+        for _ in range(300):
+            connection = connections.enter_context(socket.create_connection((host, port)))
+            connection.sendall(b"GET /metrics HTTP/1.1\r\nX-Slow: ")
+        time.sleep(2)
+        assert open_files(pid) - before < 100
+        assert "stackctl_circus_up 1\n" in scrape_text(stack)
+    assert exporter_pid(stack) == pid
+
+
+def exporter_log(stack: Stack) -> str:
+    return stackctl("logs", "metrics", "-n", "2000", cwd=stack.stack_dir).stdout
+
+
+def test_clients_that_leave_before_their_answer_leave_no_tracebacks(stack: Stack) -> None:
+    """Before, each one printed a traceback of some twenty lines into the exporter's log:
+    a loop of them filled the disk."""
+    host, port = metrics.host_port(str(stack.profile.metrics.listen))
+    for _ in range(100):
+        with socket.create_connection((host, port)) as connection:
+            connection.sendall(b"GET /metrics HTTP/1.0\r\n\r\n")
+            # Closed at once with a reset, as a scraper that gave up.
+            connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    assert "stackctl_circus_up 1\n" in scrape_text(stack)
+    assert "Traceback" not in exporter_log(stack)
+
+
+@pytest.mark.parametrize("request_bytes, status", [
+    (b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03 garbage\r\n\r\n", b""),  # TLS hello
+    (b"GET /metrics HTTP/1.1\r\nX-Long: " + b"a" * 70000 + b"\r\n\r\n", b"431"),
+    (b"GET /metrics HTTP/1.1\r\n" + b"X: y\r\n" * 200 + b"\r\n", b"431"),
+    (b"GET /../../etc/passwd HTTP/1.0\r\n\r\n", b"404"),
+    (b"POST /metrics HTTP/1.0\r\nContent-Length: 5\r\n\r\nhello", b"501"),
+])  # fmt: skip
+def test_malformed_requests_get_an_error_and_the_exporter_lives_on(
+    stack: Stack, request_bytes: bytes, status: bytes
+) -> None:
+    pid = exporter_pid(stack)
+    host, port = metrics.host_port(str(stack.profile.metrics.listen))
+    with socket.create_connection((host, port), timeout=10) as connection:
+        connection.sendall(request_bytes)
+        answer = connection.recv(200)
+    if status:
+        assert answer.split(b" ")[1] == status, answer
+    else:  # taken for HTTP/0.9: an error page without a status line
+        assert b"Error code: 400" in answer, answer
+    assert exporter_pid(stack) == pid
