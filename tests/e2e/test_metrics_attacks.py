@@ -5,6 +5,7 @@ user (who reaches its port), and by clients that misbehave."""
 from __future__ import annotations
 
 import contextlib
+import http.client
 import os
 import re
 import socket
@@ -12,14 +13,15 @@ import struct
 import threading
 import time
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
 from stackctl import metrics, supervisor, workerstats
 from stackctl.stack import Stack
-from tests.conftest import free_port, running_stack, short_dir, stackctl
+from stackctl.top import parse
+from tests.conftest import free_port, running_stack, short_dir, stackctl, wait_for
 
 pytestmark = pytest.mark.e2e
 
@@ -182,3 +184,55 @@ def test_malformed_requests_get_an_error_and_the_exporter_lives_on(
     else:  # taken for HTTP/0.9: an error page without a status line
         assert b"Error code: 400" in answer, answer
     assert exporter_pid(stack) == pid
+
+
+BATCHES, PER_THREAD = 3, 170
+ROTATED_REQUESTS = BATCHES * 3 * PER_THREAD
+
+
+def test_requests_are_counted_once_across_access_log_rotations(
+    short_tmp: Path, no_leaks: Callable[[Path], None]
+) -> None:
+    """The access log rotates (logs.max_mb = 1) three times while requests come in: the
+    exporter, following it, counts each request once, none missed and none twice."""
+    site = short_tmp / "site"
+    stackctl("init", str(site), "--demo", cwd=short_tmp)
+    no_leaks(site)
+    listen = f"127.0.0.1:{free_port()}"
+    port = free_port()
+    stackctl("up", "--detach", "--listen", f"127.0.0.1:{port}", "--set",
+             f"metrics.listen={listen}", "--set", "logs.max_mb=1", "--set", "logs.keep=3",
+             cwd=site)  # fmt: skip
+    url = f"http://{listen}/metrics"
+
+    def counted() -> float:
+        time.sleep(metrics.FRESH_FOR)
+        with urllib.request.urlopen(url, timeout=10) as response:
+            page = parse(response.read().decode(), 0.0)
+        return sum(page.by("stackctl_nginx_requests_total", "status").values())
+
+    wait_for(lambda: counted() >= 0, 20, "the exporter answers")
+    time.sleep(2 * metrics.LOG_POLL)
+    before = counted()
+    path = "/nowhere/" + "x" * 2500  # some 2.6 kB a line: 1 MiB in some 400 requests
+
+    def send(count: int) -> None:
+        connection = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+        for _ in range(count):
+            connection.request("GET", path)
+            connection.getresponse().read()
+        connection.close()
+
+    for _ in range(BATCHES):  # each some 1.3 MB, then time for the rotation (once a second)
+        threads = [threading.Thread(target=send, args=(PER_THREAD,)) for _ in range(3)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(300)
+        time.sleep(2.5)
+    access_log = site / ".stackctl" / "log" / "nginx-access.log"
+    assert access_log.with_name("nginx-access.log.3").exists()  # rotated while followed
+    wait_for(lambda: counted() - before >= ROTATED_REQUESTS, 30,
+             f"{ROTATED_REQUESTS} requests counted")  # fmt: skip
+    time.sleep(3 * metrics.LOG_POLL)
+    assert counted() - before == ROTATED_REQUESTS
