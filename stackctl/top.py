@@ -201,7 +201,15 @@ def run(listen: Listen, title: str, once: bool, out: TextIO = sys.stdout) -> int
             while True:
                 if key(INTERVAL) in ("q", "Q"):  # a rate needs a second between two scrapes
                     return 0
-                now = fetch(listen)
+                try:
+                    now = fetch(listen)
+                except StackError as e:
+                    # The exporter restarting (a crash, a reload): said on the screen, and
+                    # asked again, rather than leaving the one watching.
+                    out.write(f"{CLEAR}{BOLD}{title}{RESET}\n\n{RED}{e}{RESET}\n"
+                              f"{DIM}asking again each second{RESET}\n")  # fmt: skip
+                    out.flush()
+                    continue
                 out.write(CLEAR + frame(now, before, title))
                 out.flush()
                 before = now

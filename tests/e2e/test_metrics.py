@@ -17,7 +17,7 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable, Iterator
-from contextlib import ExitStack, closing
+from contextlib import ExitStack, closing, contextmanager
 from pathlib import Path
 
 import pytest
@@ -317,12 +317,26 @@ def test_top_once_prints_a_frame_of_the_live_numbers(stack: Stack) -> None:
     assert "clients: websocket 1  sse 0  longpoll 0" in out
 
 
-def test_top_redraws_each_second_in_a_terminal_and_q_leaves_it(stack: Stack) -> None:
+@contextmanager
+def top_in_a_terminal(stack: Stack) -> Iterator[tuple[subprocess.Popen[bytes], int]]:
+    """`stackctl top` on a terminal of its own: the process, and the terminal's other end."""
     controller, terminal = pty.openpty()
     top = subprocess.Popen([sys.executable, "-m", "stackctl", "top"], cwd=stack.stack_dir,
                            stdin=terminal, stdout=terminal, stderr=subprocess.PIPE)  # fmt: skip
     os.close(terminal)
     try:
+        yield top, controller
+    finally:
+        if top.poll() is None:
+            top.kill()
+            top.wait()
+        assert top.stderr is not None
+        top.stderr.close()
+        os.close(controller)
+
+
+def test_top_redraws_each_second_in_a_terminal_and_q_leaves_it(stack: Stack) -> None:
+    with top_in_a_terminal(stack) as (top, controller):
         shown = b""
         deadline = time.monotonic() + 30
         while shown.count(b"WATCHER") < 2 and time.monotonic() < deadline:
@@ -331,13 +345,6 @@ def test_top_redraws_each_second_in_a_terminal_and_q_leaves_it(stack: Stack) -> 
         assert shown.count(b"\x1b[H\x1b[2J") >= 2, shown  # redrawn, in colour
         os.write(controller, b"q")
         assert top.wait(10) == 0
-    finally:
-        if top.poll() is None:
-            top.kill()
-            top.wait()
-        assert top.stderr is not None
-        top.stderr.close()
-        os.close(controller)
 
 
 @pytest.mark.parametrize("hostile", [

@@ -8,6 +8,7 @@ import contextlib
 import http.client
 import os
 import re
+import select
 import socket
 import struct
 import threading
@@ -22,6 +23,7 @@ from stackctl import metrics, supervisor, workerstats
 from stackctl.stack import Stack
 from stackctl.top import parse
 from tests.conftest import free_port, running_stack, short_dir, stackctl, wait_for
+from tests.e2e.test_metrics import top_in_a_terminal
 
 pytestmark = pytest.mark.e2e
 
@@ -236,3 +238,31 @@ def test_requests_are_counted_once_across_access_log_rotations(
              f"{ROTATED_REQUESTS} requests counted")  # fmt: skip
     time.sleep(3 * metrics.LOG_POLL)
     assert counted() - before == ROTATED_REQUESTS
+
+
+def read_until(controller: int, wanted: bytes, timeout: float) -> bytes:
+    shown = b""
+    deadline = time.monotonic() + timeout
+    while wanted not in shown and time.monotonic() < deadline:
+        if select.select([controller], [], [], 0.5)[0]:
+            try:
+                shown += os.read(controller, 65536)
+            except OSError:  # top left: its terminal is closed
+                break
+    return shown
+
+
+def test_top_waits_out_an_exporter_that_stops_and_comes_back(stack: Stack) -> None:
+    """Before, top ended on the first scrape that failed: a reload or a crash of the exporter
+    threw out whoever was watching, at the moment worth watching."""
+    with top_in_a_terminal(stack) as (top, controller):
+        try:
+            assert b"WATCHER" in read_until(controller, b"WATCHER", 30)
+            supervisor.call(stack, "stop", name="metrics", waiting=True)
+            assert b"does not answer" in read_until(controller, b"does not answer", 30)
+            assert top.poll() is None
+        finally:
+            supervisor.call(stack, "start", name="metrics", waiting=True)
+        assert b"WATCHER" in read_until(controller, b"WATCHER", 30)
+        os.write(controller, b"q")
+        assert top.wait(10) == 0
