@@ -31,6 +31,7 @@ from collections import defaultdict
 from collections.abc import Callable, Iterable
 from contextlib import closing, suppress
 from dataclasses import dataclass, field
+from functools import partial
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
@@ -46,6 +47,7 @@ SOURCE_TIMEOUT = 1.0  # seconds one source may take to answer a scrape
 CIRCUS_TIMEOUT = 2.0
 FRESH_FOR = 0.5  # scrapes this close together share one reading: a flood costs nothing more
 LOG_POLL = 0.5
+SWEEP_SECONDS = 5.0  # how soon the file of a worker that ended is removed
 REQUEST_TIMEOUT = 5.0  # a client that sends its request slower than this is dropped
 MAX_WAITING = 32  # connections still sending their request; past this, the oldest goes
 STATUS_CLASSES = ("1xx", "2xx", "3xx", "4xx", "5xx")
@@ -231,6 +233,19 @@ def circus_families(endpoint: str, watchers: list[str], restarts: Restarts) -> l
 
 
 # --- uWSGI, Redis, the websocket worker, NGiNX's port ------------------------------------------
+
+
+def sweep_forever(directory: Path) -> None:
+    """Remove the files of the workers that ended, scraped or not: a worker leaves its file
+    behind (killed, recycled, replaced by a reload or by dev's restart on each save), and a
+    stack that nobody scrapes would gather one per worker it ever started; the longer such a
+    file stays, the likelier its pid is some other process's, taken for a worker."""
+    while True:
+        time.sleep(SWEEP_SECONDS)
+        try:
+            workerstats.read_all(directory)
+        except OSError as e:
+            log.warning("looking over the uWSGI workers' files failed: %s", e.strerror)
 
 
 def wsgi_families(directory: Path) -> list[Family]:
@@ -554,6 +569,8 @@ def main(argv: list[str] | None = None) -> int:
                       redis_password_file=os.environ.get(PASSWORD_FILE_VARIABLE),
                       ws_socket=args.ws_socket)  # fmt: skip
     start_thread(restarts.listen_forever, "circus events")
+    if args.wsgi_stats is not None:
+        start_thread(partial(sweep_forever, args.wsgi_stats), "workers' files")
     if args.access_log is not None:
         sources.access_log = AccessLog(args.access_log)
         start_thread(sources.access_log.follow_forever, "access log")

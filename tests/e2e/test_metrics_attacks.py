@@ -266,3 +266,28 @@ def test_top_waits_out_an_exporter_that_stops_and_comes_back(stack: Stack) -> No
         assert b"WATCHER" in read_until(controller, b"WATCHER", 30)
         os.write(controller, b"q")
         assert top.wait(10) == 0
+
+
+def wsgi_pids(stack: Stack) -> set[int]:
+    return {process.pid for watcher in supervisor.status(stack) if watcher.name == "wsgi"
+            for process in watcher.processes}  # fmt: skip
+
+
+def kill_a_worker(stack: Stack) -> None:
+    pids = wsgi_pids(stack)
+    victim = min(pids)
+    os.kill(victim, 9)
+    wait_for(lambda: victim not in wsgi_pids(stack) and len(wsgi_pids(stack)) == len(pids),
+             30, "Circus to start a worker in place of the killed one")  # fmt: skip
+
+
+def test_files_of_replaced_workers_go_even_when_nobody_scrapes(stack: Stack) -> None:
+    """A worker leaves its file behind when it ends (killed, recycled by wsgi.max_requests, a
+    reload, dev's restarts on each save). Before, only a scrape removed them: a stack nobody
+    scraped gathered one per worker ever started, and a pid used again by another process
+    was taken for a worker."""
+    for _ in range(2):
+        kill_a_worker(stack)
+    wait_for(lambda: {int(name) for name in os.listdir(stack.wsgi_stats_dir)}
+             <= wsgi_pids(stack), 20,
+             "only the files of live workers")  # fmt: skip
