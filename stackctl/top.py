@@ -194,8 +194,7 @@ def run(listen: Listen, title: str, once: bool, out: TextIO = sys.stdout) -> int
         before = fetch(listen)
         if once:
             time.sleep(INTERVAL)
-            text = frame(fetch(listen), before, title)
-            out.write(text if out.isatty() else ANSI.sub("", text))  # a file gets plain text
+            show(out, frame(fetch(listen), before, title))
             return 0
         with keys(sys.stdin) as key:
             while True:
@@ -206,12 +205,19 @@ def run(listen: Listen, title: str, once: bool, out: TextIO = sys.stdout) -> int
                 except StackError as e:
                     # The exporter restarting (a crash, a reload): said on the screen, and
                     # asked again, rather than leaving the one watching.
-                    out.write(f"{CLEAR}{BOLD}{title}{RESET}\n\n{RED}{e}{RESET}\n"
+                    show(out, f"{CLEAR}{BOLD}{title}{RESET}\n\n{RED}{e}{RESET}\n"
                               f"{DIM}asking again each second{RESET}\n")  # fmt: skip
-                    out.flush()
                     continue
-                out.write(CLEAR + frame(now, before, title))
-                out.flush()
+                show(out, CLEAR + frame(now, before, title))
                 before = now
     except KeyboardInterrupt:
         return 0
+
+
+def show(out: TextIO, text: str) -> None:
+    """On a terminal as it is; a file or a pipe (``stackctl top > file``, ``| less``) gets
+    plain text, one frame after the other, without the codes that clear a screen."""
+    if not out.isatty():
+        text = ANSI.sub("", text) + ("\n" if text.startswith(CLEAR) else "")
+    out.write(text)
+    out.flush()

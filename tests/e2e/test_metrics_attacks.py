@@ -9,8 +9,11 @@ import http.client
 import os
 import re
 import select
+import signal
 import socket
 import struct
+import subprocess
+import sys
 import threading
 import time
 import urllib.request
@@ -291,3 +294,29 @@ def test_files_of_replaced_workers_go_even_when_nobody_scrapes(stack: Stack) -> 
     wait_for(lambda: {int(name) for name in os.listdir(stack.wsgi_stats_dir)}
              <= wsgi_pids(stack), 20,
              "only the files of live workers")  # fmt: skip
+
+
+def test_top_into_a_pipe_writes_plain_frames(stack: Stack) -> None:
+    """`stackctl top | less`, `> file`: before, each frame began with the codes that clear a
+    screen and carried colours, unreadable in a file."""
+    top = subprocess.Popen([sys.executable, "-m", "stackctl", "top"], cwd=stack.stack_dir,
+                           stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                           stderr=subprocess.PIPE)  # fmt: skip
+    try:
+        assert top.stdout is not None
+        shown = b""
+        deadline = time.monotonic() + 30
+        while shown.count(b"WATCHER") < 2 and time.monotonic() < deadline:
+            if select.select([top.stdout], [], [], 0.5)[0]:
+                shown += os.read(top.stdout.fileno(), 65536)
+        top.send_signal(signal.SIGINT)
+        assert top.wait(10) == 0
+    finally:
+        if top.poll() is None:
+            top.kill()
+            top.wait()
+        for stream in (top.stdout, top.stderr):
+            assert stream is not None
+            stream.close()
+    assert shown.count(b"WATCHER") >= 2, shown
+    assert b"\x1b" not in shown
