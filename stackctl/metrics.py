@@ -45,6 +45,7 @@ log = logging.getLogger("stackctl.metrics")
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 SOURCE_TIMEOUT = 1.0  # seconds one source may take to answer a scrape
 CIRCUS_TIMEOUT = 2.0
+SCRAPE_DEADLINE = 5.0  # longest a source may hold a scrape (circusd: two calls of 2 s)
 FRESH_FOR = 0.5  # scrapes this close together share one reading: a flood costs nothing more
 LOG_POLL = 0.5
 SWEEP_SECONDS = 5.0  # how soon the file of a worker that ended is removed
@@ -374,29 +375,70 @@ class Sources:
     redis_url: str | None = None
     redis_password_file: str | None = None
     ws_socket: Path | None = None
+    readings: dict[str, Reading] = field(default_factory=dict)
 
     def scrape(self) -> str:
-        parts = [guarded("circus", "circusd", lambda: exposition(
-            circus_families(self.circus_endpoint, self.watchers, self.restarts)))]  # fmt: skip
+        """Every source at once, each on a thread of its own, waited for until SCRAPE_DEADLINE:
+        a source that hangs (a Redis that trickles a reply without end honours its timeout on
+        each read, never in all) costs its own numbers only, and the scrape still answers."""
+        started: list[Reading] = []
+
+        def start(source: str, what: str, read: Callable[[], str]) -> None:
+            reading = self.readings.setdefault(source, Reading(source, what))
+            reading.start(read)
+            started.append(reading)
+
+        start("circus", "circusd", lambda: exposition(
+            circus_families(self.circus_endpoint, self.watchers, self.restarts)))  # fmt: skip
         if self.front is not None:
             front = self.front
-            parts.append(exposition([up("nginx", nginx_answers(*front), "NGiNX")]))
-        if self.access_log is not None:
-            parts.append(exposition(self.access_log.families()))
+            start("nginx", "NGiNX", lambda: exposition([up("nginx", nginx_answers(*front),
+                                                           "NGiNX")]))  # fmt: skip
         if self.wsgi_stats is not None:
             stats = self.wsgi_stats
-            parts.append(guarded("wsgi", "the uWSGI workers' files",
-                                 lambda: exposition(wsgi_families(stats))))  # fmt: skip
+            start("wsgi", "the uWSGI workers' files", lambda: exposition(wsgi_families(stats)))
         if self.redis_url is not None:
             url, password_file = self.redis_url, self.redis_password_file
-
-            def redis_page() -> str:
-                return exposition(redis_families(url, password_file))
-
-            parts.append(guarded("redis", "Redis", redis_page))
+            start("redis", "Redis", lambda: exposition(redis_families(url, password_file)))
         if self.ws_socket is not None:
-            parts.append(ws_text(self.ws_socket))
-        return "".join(parts)
+            ws = self.ws_socket
+            start("ws", "the websocket worker", lambda: ws_text(ws))
+        deadline = time.monotonic() + SCRAPE_DEADLINE
+        pages = [reading.result(deadline) for reading in started]
+        if self.access_log is not None:
+            pages.insert(2 if self.front is not None else 1,
+                         exposition(self.access_log.families()))  # fmt: skip
+        return "".join(pages)
+
+
+class Reading:
+    """One source's reading, on a thread of its own. While one hangs, no other is started
+    for that source: a source that never answers holds one thread, not one per scrape."""
+
+    def __init__(self, source: str, what: str) -> None:
+        self.source, self.what = source, what
+        self.thread: threading.Thread | None = None
+        self.page: list[str] = []
+
+    def start(self, read: Callable[[], str]) -> None:
+        if self.thread is not None and self.thread.is_alive():
+            return  # still at an earlier one: its answer, if it comes in time, will do
+        page: list[str] = []
+        self.page = page
+        self.thread = threading.Thread(
+            target=lambda: page.append(guarded(self.source, self.what, read)),
+            name=f"reading {self.source}", daemon=True,
+        )  # fmt: skip
+        self.thread.start()
+
+    def result(self, deadline: float) -> str:
+        if self.thread is not None:
+            self.thread.join(max(0.0, deadline - time.monotonic()))
+        if self.page:
+            return self.page[0]
+        log.warning("%s did not answer within %.0f s: left out of the scrape", self.what,
+                    SCRAPE_DEADLINE)  # fmt: skip
+        return exposition([up(self.source, False, self.what)])
 
 
 def guarded(source: str, what: str, read: Callable[[], str]) -> str:

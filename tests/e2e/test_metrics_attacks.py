@@ -320,3 +320,52 @@ def test_top_into_a_pipe_writes_plain_frames(stack: Stack) -> None:
             stream.close()
     assert shown.count(b"WATCHER") >= 2, shown
     assert b"\x1b" not in shown
+
+
+def trickling_redis(path: Path) -> tuple[socket.socket, threading.Event]:
+    """A "Redis" that announces a reply of 100 MB and sends it a byte at a time: each read
+    comes within any timeout, the reply never ends."""
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(str(path))
+    listener.listen(8)
+    listener.settimeout(0.2)
+    done = threading.Event()
+
+    def answer(connection: socket.socket) -> None:
+        with connection, contextlib.suppress(OSError):
+            connection.recv(65536)
+            connection.sendall(b"$100000000\r\n")
+            while not done.wait(0.3):
+                connection.sendall(b"#")
+
+    def serve() -> None:
+        while not done.is_set():
+            with contextlib.suppress(OSError):
+                connection, _ = listener.accept()
+                threading.Thread(target=answer, args=(connection,), daemon=True).start()
+        listener.close()
+
+    threading.Thread(target=serve, daemon=True).start()
+    return listener, done
+
+
+def test_a_redis_that_never_finishes_its_reply_does_not_hold_the_scrape(stack: Stack) -> None:
+    """Redis's socket is in the service user's directory. Before, a server there that sent
+    its reply a byte at a time held the scrape, and every scrape after it, for as long as
+    it went on: the exporter answered nobody."""
+    path = stack.redis_socket
+    aside = path.with_name(path.name + ".real")
+    path.rename(aside)
+    _, done = trickling_redis(path)
+    try:
+        started = time.monotonic()
+        text = scrape_text(stack, timeout=30)
+        assert time.monotonic() - started < metrics.SOURCE_TIMEOUT * 10
+        assert "stackctl_redis_up 0\n" in text and "stackctl_circus_up 1\n" in text
+        assert_valid_page(text)
+    finally:
+        done.set()
+        time.sleep(0.5)
+        path.unlink()
+        aside.rename(path)
+    wait_for(lambda: "stackctl_redis_up 1\n" in scrape_text(stack), 20, "Redis up again")
