@@ -369,3 +369,33 @@ def test_a_redis_that_never_finishes_its_reply_does_not_hold_the_scrape(stack: S
         path.unlink()
         aside.rename(path)
     wait_for(lambda: "stackctl_redis_up 1\n" in scrape_text(stack), 20, "Redis up again")
+
+
+def test_metrics_turned_off_by_a_reload_and_on_again_count_from_every_source(
+    short_tmp: Path, no_leaks: Callable[[Path], None]
+) -> None:
+    site = short_tmp / "site"
+    stackctl("init", str(site), "--demo", cwd=short_tmp)
+    no_leaks(site)
+    listen = f"127.0.0.1:{free_port()}"
+    stackctl("up", "--detach", "--listen", f"127.0.0.1:{free_port()}", "--set",
+             f"metrics.listen={listen}", cwd=site)  # fmt: skip
+    host, port = metrics.host_port(listen)
+    stackctl("reload", "--set", "metrics.listen=", cwd=site)
+    with pytest.raises(OSError), socket.create_connection((host, port), timeout=5):
+        pass  # nothing serves the port any more
+    off = stackctl("top", "--once", cwd=site, check=False)
+    assert off.returncode != 0 and 'metrics.listen is ""' in off.stderr
+    stackctl("reload", "--set", f"metrics.listen={listen}", cwd=site)
+
+    def page() -> str:
+        try:
+            with urllib.request.urlopen(f"http://{listen}/metrics", timeout=10) as response:
+                return str(response.read().decode())
+        except OSError:
+            return ""  # the exporter still starting
+
+    wait_for(lambda: all(f"stackctl_{source}_up 1\n" in page()
+                         for source in ("circus", "nginx", "redis", "ws")), 30,
+             "every source up again")  # fmt: skip
+    assert re.search(r"^stackctl_wsgi_workers [1-9]", page(), re.MULTILINE)
