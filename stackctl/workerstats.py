@@ -14,6 +14,7 @@ import mmap
 import os
 import stat
 import struct
+import sys
 import threading
 import time
 from dataclasses import dataclass
@@ -32,14 +33,14 @@ class WorkerStats:
     """This worker's file, mapped; its numbers only grow while the worker lives."""
 
     def __init__(self, directory: Path, pid: int) -> None:
-        directory.mkdir(mode=0o700, exist_ok=True)
-        path = directory / str(pid)
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
         try:
-            os.ftruncate(fd, RECORD.size)
-            self.map = mmap.mmap(fd, RECORD.size)
-        finally:
-            os.close(fd)
+            self.map: mmap.mmap | None = mapped(directory, pid)
+        except OSError as e:
+            # The site comes before its metrics: this worker serves, uncounted (the exporter
+            # shows fewer workers than Circus runs), and says why in its log.
+            print(f"stackctl: this worker's requests are not counted for the metrics: "
+                  f"{directory}: {e.strerror}", file=sys.stderr, flush=True)  # fmt: skip
+            self.map = None
         self.requests = 0
         self.busy_ns = 0
         self.lock = threading.Lock()  # wsgi.threads > 1: requests end on several threads
@@ -49,7 +50,18 @@ class WorkerStats:
         with self.lock:
             self.requests += 1
             self.busy_ns += elapsed
-            RECORD.pack_into(self.map, 0, self.requests, self.busy_ns)
+            if self.map is not None:
+                RECORD.pack_into(self.map, 0, self.requests, self.busy_ns)
+
+
+def mapped(directory: Path, pid: int) -> mmap.mmap:
+    directory.mkdir(mode=0o700, exist_ok=True)
+    fd = os.open(directory / str(pid), os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+    try:
+        os.ftruncate(fd, RECORD.size)
+        return mmap.mmap(fd, RECORD.size)
+    finally:
+        os.close(fd)
 
 
 def measured(app: Any, stats: WorkerStats) -> Any:

@@ -9,6 +9,7 @@ import http.client
 import os
 import re
 import select
+import shutil
 import signal
 import socket
 import struct
@@ -399,3 +400,28 @@ def test_metrics_turned_off_by_a_reload_and_on_again_count_from_every_source(
                          for source in ("circus", "nginx", "redis", "ws")), 30,
              "every source up again")  # fmt: skip
     assert re.search(r"^stackctl_wsgi_workers [1-9]", page(), re.MULTILINE)
+
+
+def test_a_statistics_directory_the_workers_cannot_use_does_not_take_the_site_down(
+    short_tmp: Path, no_leaks: Callable[[Path], None]
+) -> None:
+    """The workers' directory outlives `down`; left unusable (made by the user the stack ran
+    as before server.user changed, or anything else in its place), it made every worker fail
+    to load the app: the site down for the sake of its metrics."""
+    site = short_tmp / "site"
+    stackctl("init", str(site), "--demo", cwd=short_tmp)
+    no_leaks(site)
+    listen, port = f"127.0.0.1:{free_port()}", free_port()
+    up = ("up", "--detach", "--listen", f"127.0.0.1:{port}", "--set", f"metrics.listen={listen}")
+    stackctl(*up, cwd=site)
+    stats = site / ".stackctl" / "run" / "service" / "wsgi-stats"
+    assert stats.is_dir()
+    stackctl("down", cwd=site)
+    shutil.rmtree(stats)
+    stats.write_bytes(b"")  # not a directory: no worker can make its file there
+    stackctl(*up, cwd=site)
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=10) as response:
+        assert response.status == 200
+    with urllib.request.urlopen(f"http://{listen}/metrics", timeout=10) as response:
+        assert "stackctl_wsgi_workers 0\n" in response.read().decode()  # uncounted, and seen
+    assert "not counted for the metrics" in stackctl("logs", "wsgi", "-n", "50", cwd=site).stdout
