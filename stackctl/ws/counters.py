@@ -12,6 +12,7 @@ connect, read the Prometheus text until the worker closes.
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import socket
 from collections import Counter
@@ -20,6 +21,8 @@ from pathlib import Path
 from typing import Any
 
 from gevent.server import StreamServer
+
+log = logging.getLogger("stackctl.ws")
 
 PREFIX = "stackctl_ws_"
 TRANSPORTS = ("websocket", "sse", "longpoll")
@@ -101,16 +104,17 @@ def exposition(counters: Counters, members: Iterable[object], channels: int,
     return "\n".join(lines) + "\n"
 
 
-def serve(path: Path, text: Callable[[], str]) -> StreamServer:
+def serve(path: Path, text: Callable[[], str]) -> StreamServer | None:
     """Answer every connection on the unix socket ``path`` with ``text()``, then close it.
 
-    A reload starts the new worker beside the old one: the new one takes the path over."""
-    with contextlib.suppress(FileNotFoundError):
-        path.unlink()
-    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    listener.bind(str(path))
-    os.chmod(path, 0o600)
-    listener.listen(16)
+    A reload starts the new worker beside the old one: the new one takes the path over.
+    None if the path cannot be taken (something else left in its place): realtime comes
+    before its metrics, so the worker serves uncounted (the exporter shows it down)."""
+    try:
+        listener = listening(path)
+    except OSError as e:
+        log.warning("the counters are not served for the metrics: %s: %s", path, e.strerror)
+        return None
 
     def answer(connection: Any, _: Any) -> None:
         try:
@@ -123,3 +127,17 @@ def serve(path: Path, text: Callable[[], str]) -> StreamServer:
     server = StreamServer(listener, answer)
     server.start()
     return server
+
+
+def listening(path: Path) -> socket.socket:
+    with contextlib.suppress(FileNotFoundError):
+        path.unlink()
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        listener.bind(str(path))
+        os.chmod(path, 0o600)
+        listener.listen(16)
+    except OSError:
+        listener.close()
+        raise
+    return listener

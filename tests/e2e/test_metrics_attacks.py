@@ -22,6 +22,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+from websockets.sync.client import connect
 
 from stackctl import metrics, supervisor, workerstats
 from stackctl.stack import Stack
@@ -425,3 +426,26 @@ def test_a_statistics_directory_the_workers_cannot_use_does_not_take_the_site_do
     with urllib.request.urlopen(f"http://{listen}/metrics", timeout=10) as response:
         assert "stackctl_wsgi_workers 0\n" in response.read().decode()  # uncounted, and seen
     assert "not counted for the metrics" in stackctl("logs", "wsgi", "-n", "50", cwd=site).stdout
+
+
+def test_a_counters_socket_path_the_worker_cannot_take_does_not_take_realtime_down(
+    short_tmp: Path, no_leaks: Callable[[Path], None]
+) -> None:
+    """As with the uWSGI workers' files: a directory left where the websocket worker puts its
+    counters' socket made the worker fail at start, and realtime with it."""
+    site = short_tmp / "site"
+    stackctl("init", str(site), "--demo", cwd=short_tmp)
+    no_leaks(site)
+    listen, port = f"127.0.0.1:{free_port()}", free_port()
+    up = ("up", "--detach", "--listen", f"127.0.0.1:{port}", "--set", f"metrics.listen={listen}")
+    stackctl(*up, cwd=site)
+    path = site / ".stackctl" / "run" / "service" / "ws-metrics.sock"
+    stackctl("down", cwd=site)
+    path.unlink()
+    path.mkdir()
+    (path / "something").write_bytes(b"")
+    stackctl(*up, cwd=site)
+    with connect(f"ws://127.0.0.1:{port}/ws/still-here", open_timeout=10) as client:
+        client.ping().wait(10)
+    with urllib.request.urlopen(f"http://{listen}/metrics", timeout=10) as response:
+        assert "stackctl_ws_up 0\n" in response.read().decode()  # uncounted, and seen
