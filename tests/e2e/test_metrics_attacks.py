@@ -19,6 +19,7 @@ import threading
 import time
 import urllib.request
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -44,6 +45,26 @@ def stack() -> Iterator[Stack]:
     listen = f"metrics.listen=127.0.0.1:{free_port()}"
     with running_stack(root / "site", "--workers", "2", "--set", listen) as running:
         yield running
+
+
+@dataclass
+class Site:
+    """A demo stack of the test's own, started with metrics on."""
+
+    path: Path
+    listen: str  # metrics.listen
+    port: int  # the site's
+    up: tuple[str, ...]  # the command that started it, to start it again
+
+
+def started_site(short_tmp: Path, no_leaks: Callable[[Path], None], *settings: str) -> Site:
+    site = Site(short_tmp / "site", f"127.0.0.1:{free_port()}", free_port(), ())
+    stackctl("init", str(site.path), "--demo", cwd=short_tmp)
+    no_leaks(site.path)
+    site.up = ("up", "--detach", "--listen", f"127.0.0.1:{site.port}", "--set",
+               f"metrics.listen={site.listen}", *settings)  # fmt: skip
+    stackctl(*site.up, cwd=site.path)
+    return site
 
 
 def scrape_text(stack: Stack, timeout: float = 10) -> str:
@@ -202,14 +223,8 @@ def test_requests_are_counted_once_across_access_log_rotations(
 ) -> None:
     """The access log rotates (logs.max_mb = 1) three times while requests come in: the
     exporter, following it, counts each request once, none missed and none twice."""
-    site = short_tmp / "site"
-    stackctl("init", str(site), "--demo", cwd=short_tmp)
-    no_leaks(site)
-    listen = f"127.0.0.1:{free_port()}"
-    port = free_port()
-    stackctl("up", "--detach", "--listen", f"127.0.0.1:{port}", "--set",
-             f"metrics.listen={listen}", "--set", "logs.max_mb=1", "--set", "logs.keep=3",
-             cwd=site)  # fmt: skip
+    started = started_site(short_tmp, no_leaks, "--set", "logs.max_mb=1", "--set", "logs.keep=3")
+    site, listen, port = started.path, started.listen, started.port
     url = f"http://{listen}/metrics"
 
     def counted() -> float:
@@ -376,12 +391,8 @@ def test_a_redis_that_never_finishes_its_reply_does_not_hold_the_scrape(stack: S
 def test_metrics_turned_off_by_a_reload_and_on_again_count_from_every_source(
     short_tmp: Path, no_leaks: Callable[[Path], None]
 ) -> None:
-    site = short_tmp / "site"
-    stackctl("init", str(site), "--demo", cwd=short_tmp)
-    no_leaks(site)
-    listen = f"127.0.0.1:{free_port()}"
-    stackctl("up", "--detach", "--listen", f"127.0.0.1:{free_port()}", "--set",
-             f"metrics.listen={listen}", cwd=site)  # fmt: skip
+    started = started_site(short_tmp, no_leaks)
+    site, listen = started.path, started.listen
     host, port = metrics.host_port(listen)
     stackctl("reload", "--set", "metrics.listen=", cwd=site)
     with pytest.raises(OSError), socket.create_connection((host, port), timeout=5):
@@ -409,12 +420,8 @@ def test_a_statistics_directory_the_workers_cannot_use_does_not_take_the_site_do
     """The workers' directory outlives `down`; left unusable (made by the user the stack ran
     as before server.user changed, or anything else in its place), it made every worker fail
     to load the app: the site down for the sake of its metrics."""
-    site = short_tmp / "site"
-    stackctl("init", str(site), "--demo", cwd=short_tmp)
-    no_leaks(site)
-    listen, port = f"127.0.0.1:{free_port()}", free_port()
-    up = ("up", "--detach", "--listen", f"127.0.0.1:{port}", "--set", f"metrics.listen={listen}")
-    stackctl(*up, cwd=site)
+    started = started_site(short_tmp, no_leaks)
+    site, listen, port, up = started.path, started.listen, started.port, started.up
     stats = site / ".stackctl" / "run" / "service" / "wsgi-stats"
     assert stats.is_dir()
     stackctl("down", cwd=site)
@@ -433,12 +440,8 @@ def test_a_counters_socket_path_the_worker_cannot_take_does_not_take_realtime_do
 ) -> None:
     """As with the uWSGI workers' files: a directory left where the websocket worker puts its
     counters' socket made the worker fail at start, and realtime with it."""
-    site = short_tmp / "site"
-    stackctl("init", str(site), "--demo", cwd=short_tmp)
-    no_leaks(site)
-    listen, port = f"127.0.0.1:{free_port()}", free_port()
-    up = ("up", "--detach", "--listen", f"127.0.0.1:{port}", "--set", f"metrics.listen={listen}")
-    stackctl(*up, cwd=site)
+    started = started_site(short_tmp, no_leaks)
+    site, listen, port, up = started.path, started.listen, started.port, started.up
     path = site / ".stackctl" / "run" / "service" / "ws-metrics.sock"
     stackctl("down", cwd=site)
     path.unlink()
