@@ -301,3 +301,26 @@ def test_a_flood_on_the_websocket_counters_socket_is_not_read_into_memory(
     server.join(15)
     assert page == metrics.exposition([metrics.up("ws", False, "the websocket worker")])
     assert sent[0] < 16 * 2**20  # the limit, and what the socket's buffers hold
+
+
+def test_a_source_that_hangs_holds_one_thread_and_no_scrape(
+    monkeypatch: pytest.MonkeyPatch, short_tmp: Path
+) -> None:
+    """A scrape waits SCRAPE_DEADLINE at most for a source; while one reading hangs, the next
+    scrapes start no other for that source."""
+    monkeypatch.setattr(metrics, "SCRAPE_DEADLINE", 0.3)
+    release = threading.Event()
+    monkeypatch.setattr(metrics, "wsgi_families", lambda directory: [release.wait(30), []][1])
+    sources = metrics.Sources("tcp://127.0.0.1:1", [], metrics.Restarts(""),
+                              wsgi_stats=short_tmp)  # fmt: skip
+    monkeypatch.setattr(metrics, "circus_families", lambda *args: [metrics.up("circus", True, "")])
+    before = threading.active_count()
+    try:
+        for _ in range(5):
+            started = time.monotonic()
+            page = sources.scrape()
+            assert time.monotonic() - started < 2
+            assert "stackctl_wsgi_up 0\n" in page and "stackctl_circus_up 1\n" in page
+        assert threading.active_count() - before <= 1
+    finally:
+        release.set()
