@@ -8,6 +8,7 @@ Ctrl-C leaves; ``--once`` prints one frame and exits.
 from __future__ import annotations
 
 import contextlib
+import os
 import re
 import select
 import sys
@@ -30,6 +31,7 @@ CLEAR = "\x1b[H\x1b[2J"
 BOLD, DIM, RED, RESET = "\x1b[1m", "\x1b[2m", "\x1b[31m", "\x1b[0m"
 SAMPLE = re.compile(r"(?P<name>[a-zA-Z_:][\w:]*)(?:\{(?P<labels>[^}]*)\})? (?P<value>\S+)$")
 ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
+ANSI_PARTS = re.compile(f"({ANSI.pattern})")  # split() keeps the codes, at odd places
 LABEL = re.compile(r'(\w+)="((?:[^"\\]|\\.)*)"')
 
 Labels = tuple[tuple[str, str], ...]
@@ -215,9 +217,41 @@ def run(listen: Listen, title: str, once: bool, out: TextIO = sys.stdout) -> int
 
 
 def show(out: TextIO, text: str) -> None:
-    """On a terminal as it is; a file or a pipe (``stackctl top > file``, ``| less``) gets
-    plain text, one frame after the other, without the codes that clear a screen."""
+    """On a terminal, cut to its size; a file or a pipe (``stackctl top > file``, ``| less``)
+    gets plain text, one frame after the other, without the codes that clear a screen."""
     if not out.isatty():
         text = ANSI.sub("", text) + ("\n" if text.startswith(CLEAR) else "")
+    else:
+        size = os.get_terminal_size(out.fileno())
+        if size.columns and size.lines:  # 0 by 0: a terminal that does not say its size
+            text = fit(text, size.columns, size.lines)
     out.write(text)
     out.flush()
+
+
+def fit(text: str, columns: int, lines: int) -> str:
+    """Each line cut at ``columns`` characters seen (colour codes are not), and the frame at
+    ``lines`` - 1 lines (the last one's newline would scroll): a narrow terminal would wrap
+    them, a short one scroll, and the top of the frame would be lost at each redraw."""
+    rows = text.split("\n")
+    if text.endswith("\n"):
+        rows.pop()
+    room = max(2, lines - 1)
+    if len(rows) > room:
+        hidden = len(rows) - room + 1
+        rows = [
+            *rows[: room - 1],
+            f"{DIM}({hidden} more lines: a taller terminal shows them){RESET}",
+        ]
+    return "".join(cut(row, columns) + "\n" for row in rows)
+
+
+def cut(row: str, columns: int) -> str:
+    kept, seen = [], 0
+    for index, part in enumerate(ANSI_PARTS.split(row)):
+        if index % 2:  # a colour code: kept, it takes no room
+            kept.append(part)
+            continue
+        kept.append(part[: max(0, columns - seen)])
+        seen += len(part)
+    return "".join(kept) + (RESET if seen > columns else "")

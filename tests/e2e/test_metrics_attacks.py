@@ -5,6 +5,7 @@ user (who reaches its port), and by clients that misbehave."""
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import http.client
 import os
 import re
@@ -15,6 +16,7 @@ import socket
 import struct
 import subprocess
 import sys
+import termios
 import threading
 import time
 import urllib.request
@@ -27,7 +29,7 @@ from websockets.sync.client import connect
 
 from stackctl import metrics, supervisor, workerstats
 from stackctl.stack import Stack
-from stackctl.top import parse
+from stackctl.top import ANSI, parse
 from tests.conftest import free_port, running_stack, short_dir, stackctl, wait_for
 from tests.e2e.test_metrics import top_in_a_terminal
 
@@ -452,3 +454,20 @@ def test_a_counters_socket_path_the_worker_cannot_take_does_not_take_realtime_do
         client.ping().wait(10)
     with urllib.request.urlopen(f"http://{listen}/metrics", timeout=10) as response:
         assert "stackctl_ws_up 0\n" in response.read().decode()  # uncounted, and seen
+
+
+def test_top_in_a_narrow_short_terminal_keeps_its_frame_whole(stack: Stack) -> None:
+    with top_in_a_terminal(stack) as (top, controller):
+        fcntl.ioctl(controller, termios.TIOCSWINSZ, struct.pack("HHHH", 12, 40, 0, 0))
+        shown = read_until(controller, b"more lines", 30)
+        os.write(controller, b"q")
+        assert top.wait(10) == 0
+    frame = shown.rsplit(b"\x1b[2J", 1)[-1].decode()
+    rows = metrics_top_rows(frame)
+    assert rows[1].startswith("WATCHER") and len(rows) <= 11, rows
+    assert all(len(row) <= 40 for row in rows), rows
+
+
+def metrics_top_rows(frame: str) -> list[str]:
+    """The lines of a frame as the terminal shows them: without colour codes."""
+    return [ANSI.sub("", row) for row in frame.replace("\r", "").split("\n") if row]

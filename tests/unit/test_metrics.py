@@ -324,3 +324,16 @@ def test_a_source_that_hangs_holds_one_thread_and_no_scrape(
         assert threading.active_count() - before <= 1
     finally:
         release.set()
+
+
+def test_top_fits_its_frame_to_the_terminal() -> None:
+    """A narrow or short terminal would wrap or scroll the frame, and lose its top at each
+    redraw: each line is cut (colour codes take no room) and the frame leaves the last line
+    free."""
+    text = f"{top.BOLD}WATCHER{top.RESET} {'x' * 50}\n" + "".join(f"{n}\n" for n in range(30))
+    shown = top.fit(text, 20, 10)
+    rows = shown.split("\n")[:-1]
+    assert len(rows) == 9 and rows[0] == f"{top.BOLD}WATCHER{top.RESET} {'x' * 12}{top.RESET}"
+    assert all(len(top.ANSI.sub("", row)) <= 20 for row in rows)
+    assert top.ANSI.sub("", rows[-1]).startswith("(23 more lines")
+    assert top.fit("a\nb\n", 80, 24) == "a\nb\n"
