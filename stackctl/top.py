@@ -20,13 +20,14 @@ import urllib.request
 from collections import defaultdict
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import TextIO
+from typing import BinaryIO, TextIO
 
 from stackctl.errors import StackError
 from stackctl.settings import Listen
 
 INTERVAL = 1.0
 SCRAPE_TIMEOUT = 5.0
+PAGE_LIMIT = 16 * 2**20  # a page of thousands of workers is some megabytes
 CLEAR = "\x1b[H\x1b[2J"
 BOLD, DIM, RED, RESET = "\x1b[1m", "\x1b[2m", "\x1b[31m", "\x1b[0m"
 SAMPLE = re.compile(r"(?P<name>[a-zA-Z_:][\w:]*)(?:\{(?P<labels>[^}]*)\})? (?P<value>\S+)$")
@@ -54,8 +55,8 @@ class Scrape:
 def parse(text: str, at: float) -> Scrape:
     scrape = Scrape(at)
     for line in text.splitlines():
-        if not line or line.startswith("#"):
-            continue
+        if not line or line.startswith("#") or not line.isprintable():
+            continue  # a control character would reach the terminal as a code
         match = SAMPLE.match(line)
         if match is None:
             continue
@@ -67,12 +68,21 @@ def parse(text: str, at: float) -> Scrape:
     return scrape
 
 
+def read_page(response: BinaryIO, url: str) -> str:
+    """The page, up to PAGE_LIMIT: a server that is not the exporter may send without end."""
+    body = response.read(PAGE_LIMIT + 1)
+    if len(body) > PAGE_LIMIT:
+        raise StackError(f"metrics.listen: {url} sends more than {PAGE_LIMIT} bytes: is it "
+                         "the exporter? see `stackctl logs metrics`")  # fmt: skip
+    return body.decode(errors="replace")
+
+
 def fetch(listen: Listen, clock: Callable[[], float] = time.monotonic) -> Scrape:
     host = f"[{listen.host}]" if ":" in listen.host else listen.host
     url = f"http://{host}:{listen.port}/metrics"
     try:
         with urllib.request.urlopen(url, timeout=SCRAPE_TIMEOUT) as response:
-            return parse(response.read().decode(), clock())
+            return parse(read_page(response, url), clock())
     except (urllib.error.URLError, OSError) as e:
         reason = getattr(e, "reason", e)
         raise StackError(

@@ -4,6 +4,7 @@ uWSGI workers' files, the realtime counters, and `stackctl top`'s frame."""
 from __future__ import annotations
 
 import contextlib
+import io
 import os
 import socket
 import subprocess
@@ -15,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from stackctl import metrics, top, workerstats
+from stackctl.errors import StackError
 from stackctl.settings import Invalid, Listen, metrics_listen
 from stackctl.ws.counters import Counters, exposition
 from stackctl.ws.hub import Delivery, Hub
@@ -337,3 +339,17 @@ def test_top_fits_its_frame_to_the_terminal() -> None:
     assert all(len(top.ANSI.sub("", row)) <= 20 for row in rows)
     assert top.ANSI.sub("", rows[-1]).startswith("(23 more lines")
     assert top.fit("a\nb\n", 80, 24) == "a\nb\n"
+
+
+def test_top_takes_no_terminal_codes_and_no_endless_page_from_the_port() -> None:
+    """top is often run as root, and while the exporter restarts any local user may take its
+    port: what it reads there must not reach the terminal as codes, nor fill the memory."""
+    page = (f'stackctl_watcher_up{{watcher="wsgi"}} 1\n'
+            f'stackctl_watcher_up{{watcher="x{top.CLEAR}\x1b]0;owned\x07"}} 1\n')  # fmt: skip
+    scrape = top.parse(page, 0.0)
+    assert scrape.by("stackctl_watcher_up", "watcher") == {"wsgi": 1.0}
+    assert "\x1b" not in top.frame(scrape, scrape, "t").replace(top.BOLD, "").replace(
+        top.RESET, "").replace(top.DIM, "")  # fmt: skip
+    endless = io.BytesIO(b"x" * (top.PAGE_LIMIT + 10))
+    with pytest.raises(StackError, match="more than"):
+        top.read_page(endless, "http://127.0.0.1:9108/metrics")
