@@ -471,3 +471,18 @@ def test_top_in_a_narrow_short_terminal_keeps_its_frame_whole(stack: Stack) -> N
 def metrics_top_rows(frame: str) -> list[str]:
     """The lines of a frame as the terminal shows them: without colour codes."""
     return [ANSI.sub("", row) for row in frame.replace("\r", "").split("\n") if row]
+
+
+def test_a_killed_exporter_is_back_on_its_port_within_seconds(stack: Stack) -> None:
+    pid = exporter_pid(stack)
+    os.kill(pid, 9)
+
+    def answers() -> bool:
+        try:
+            return "stackctl_circus_up 1\n" in scrape_text(stack, timeout=5)
+        except OSError:
+            return False
+
+    wait_for(answers, 15, "the exporter to answer again")
+    assert exporter_pid(stack) != pid
+    assert_valid_page(scrape_text(stack))
