@@ -14,7 +14,8 @@ Channels directly on daphne's unix socket.
 The cost of the realtime counters (metrics.listen): the same stack's fan-out throughput, a
 burst of messages as fast as they can be published to N clients on the worker's socket, with
 the worker counting (metrics on) and without (``metrics.listen = ""``: the worker's fan-out
-then runs without its additions), in rounds alternating on-off-off-on in the same run. Judged
+then runs without its additions; /metrics scraped every SCRAPE_EVERY seconds meanwhile), in
+rounds alternating on-off-off-on in the same run. Judged
 on deliveries per CPU second of the worker, which other load on the machine does not skew
 as it skews the wall clock (both are printed).
 
@@ -38,8 +39,9 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable
-from contextlib import suppress
+import urllib.request
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -346,7 +348,12 @@ def run_once(target: Target, clients: int, messages: int) -> Row:
 
 COST_CLIENTS = 1000
 COST_MESSAGES = 1000
-COST_ROUNDS = 4
+COST_ROUNDS = 10
+"""Per mode. One burst's rate swings by about 15 % on a shared 2-core machine: a median of 4
+could not tell a 5 % cost from noise."""
+SCRAPE_EVERY = 0.5
+"""Seconds between scrapes while the counters are on: their reading is part of their cost
+(Prometheus scrapes every 15 s or more; this is far more often)."""
 COST_TARGET = 0.05
 
 
@@ -382,6 +389,27 @@ def burst_rate(address: str, url: str, clients: int, messages: int,
     return len(tally.latencies) / elapsed, len(tally.latencies) / max(cpu, 1e-3)
 
 
+@contextmanager
+def scraping(address: str) -> Iterator[None]:
+    """GET /metrics from ``address`` every SCRAPE_EVERY seconds meanwhile ("": nothing)."""
+    done = threading.Event()
+
+    def scrape() -> None:
+        while not done.wait(SCRAPE_EVERY):
+            with suppress(OSError):
+                urllib.request.urlopen(f"http://{address}/metrics", timeout=5).read()
+
+    scraper = threading.Thread(target=scrape)
+    if address:
+        scraper.start()
+    try:
+        yield
+    finally:
+        done.set()
+        if address:
+            scraper.join()
+
+
 def counters_cost(run: Path) -> float:
     """The counters' cost as a share of fan-out throughput: 1 - (with) / (without), from the
     median of COST_ROUNDS bursts each, alternating on one stack (`stackctl reload` switches)."""
@@ -409,8 +437,9 @@ def counters_cost(run: Path) -> float:
                 time.sleep(1.0)  # the new worker's imports done, its subscription open
                 [worker] = [p for p in processes.find(stack.run_dir.resolve())
                             if "stackctl.ws" in " ".join(p.cmdline())]  # fmt: skip
-                rate, cpu_rate = burst_rate(str(stack.ws_socket), stack.redis_url,
-                                            COST_CLIENTS, COST_MESSAGES, worker)  # fmt: skip
+                with scraping(setting.split("=", 1)[1]):
+                    rate, cpu_rate = burst_rate(str(stack.ws_socket), stack.redis_url,
+                                                COST_CLIENTS, COST_MESSAGES, worker)  # fmt: skip
                 rates[mode].append(rate)
                 per_cpu[mode].append(cpu_rate)
                 print(f"  {mode:<13} {rate:>12,.0f} deliveries/s {cpu_rate:>12,.0f} per CPU "
