@@ -42,6 +42,11 @@ from stackctl.ws.hub import Busy, Hub
 
 log = logging.getLogger("stackctl.ws")
 
+READY_PATIENCE = 10.0
+"""Seconds a new worker waits for its Redis subscription before it says it is ready."""
+SUBSCRIBING_PATIENCE = 1.0
+"""Seconds a health check waits for a subscription being opened (a worker just started, or
+reconnecting): a blip is not a failure, and the check's client waits 1.5 s."""
 BUS_DOWN = b"the message bus is not reachable\n"
 FULL = b"this worker holds its maximum of clients\n"
 NOT_WEBSOCKET = b"this endpoint speaks websocket: connect with Upgrade: websocket\n"
@@ -157,6 +162,9 @@ def serve_fallback(w: Worker, path: str, environ: dict[str, Any],
 
 def health(w: Worker, start_response: Any) -> list[bytes]:
     """200 if the worker can deliver: its Redis listener runs and Redis answers; else 503."""
+    deadline = time.monotonic() + SUBSCRIBING_PATIENCE
+    while not w.hub.subscribed and w.hub.listening and time.monotonic() < deadline:
+        gevent.sleep(0.02)
     reason = w.hub.trouble()
     body = json.dumps({"ok": reason is None, "reason": reason or "delivering",
                        "connections": w.connections,
@@ -352,8 +360,17 @@ class WebSocketServer(chaussette_gevent.Server):
         # gevent runs these callbacks in the event loop, not in signal context.
         gevent.signal_handler(signal.SIGTERM, self.shut_down)
         gevent.signal_handler(signal.SIGINT, self.shut_down)
-        # A reload retires the worker this one replaces only now (stackctl.circusd): the
-        # clients it closes find this one accepting.
+        gevent.spawn(self._ready_once_subscribed)
+
+    @staticmethod
+    def _ready_once_subscribed() -> None:
+        """A reload retires the worker this one replaces only once this one is marked ready
+        (stackctl.circusd): the clients it closes find this one accepting, and the health
+        check (stackctl.health), which it answers from then on, finds it delivering. With
+        Redis down, neither could deliver: ready after READY_PATIENCE all the same."""
+        deadline = time.monotonic() + READY_PATIENCE
+        while not current_worker().hub.subscribed and time.monotonic() < deadline:
+            gevent.sleep(0.02)
         mark_ready()
 
     def shut_down(self) -> None:
