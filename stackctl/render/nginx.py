@@ -139,7 +139,9 @@ class CacheValues:
 def session_regex(names: tuple[str, ...]) -> str:
     if not names:
         return ""
-    return r"~(?:^|;)\s*(?:" + "|".join(re.escape(name) for name in names) + ")="
+    # Blanks may stand around the name: Django and Werkzeug strip them, so "sessionid =x"
+    # is a session to the app and must be one here.
+    return r"~(?:^|;)\s*(?:" + "|".join(re.escape(name) for name in names) + r")\s*="
 
 
 def cache_values(stack: Stack) -> CacheValues | None:

@@ -43,7 +43,8 @@ def test_values_that_would_reach_nginx_conf_are_checked(parse, bad) -> None:  # 
 
 def test_the_session_regex_finds_a_cookie_by_its_whole_name() -> None:
     pattern = re.compile(session_regex(("sessionid", "my.sid"))[1:])  # without NGiNX's "~"
-    for header in ("sessionid=1", "a=b; sessionid=1", "a=b;sessionid=", "my.sid=x"):
+    for header in ("sessionid=1", "a=b; sessionid=1", "a=b;sessionid=", "my.sid=x",
+                   "sessionid =1", "a=b; sessionid\t=1"):  # fmt: skip
         assert pattern.search(header), header
     for header in ("xsessionid=1", "a=sessionid", "myxsid=1", "sessionid2=1", ""):
         assert not pattern.search(header), header
