@@ -62,6 +62,19 @@ def application(environ, start_response):
         if os.path.exists("fail"):
             status = "500 Internal Server Error"
             headers = [("Content-Type", "text/plain")]
+    elif path == "/maxage":  # for browsers only: no "public", which shared caches need here
+        headers.append(("Cache-Control", "max-age=60"))
+    elif path == "/expires":  # HTTP/1.0's date alone, no Cache-Control
+        headers.append(("Expires", "Thu, 01 Jan 2099 00:00:00 GMT"))
+    elif path == "/accel-cookie":
+        headers += [("X-Accel-Expires", "60"), ("Set-Cookie", f"sessionid=s{n}; HttpOnly")]
+    elif path == "/odd-case":
+        headers.append(("cache-control", "PUBLIC, MAX-AGE=60, PRIVATE"))
+    elif path == "/links":  # a page with an absolute link, built from the Host the app is given
+        headers.append(PUBLIC)
+        body = f'<a href="//{environ.get("HTTP_HOST", "")}/next">call {n}</a>'.encode()
+        start_response(status, [*headers, ("Content-Length", str(len(body)))])
+        return [body]
     elif path in ("/do-refresh", "/do-purge"):  # stackctl.cache from inside a worker
         from stackctl import cache
 

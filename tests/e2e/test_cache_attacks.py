@@ -51,3 +51,14 @@ def test_a_session_cookie_however_spelled_skips_the_cache(stack: Stack, cookies:
     assert "X-Cache-Status: BYPASS" in head, head
     # The logged-in answer was not kept for the next visitor, who asks the app itself.
     assert ask(stack, path, headers={"Host": "x"}).cache == "MISS"
+
+
+@pytest.mark.parametrize("path", ["/maxage", "/expires", "/accel-cookie", "/odd-case"])
+def test_an_answer_not_marked_public_is_never_kept(stack: Stack, path: str) -> None:
+    """max-age alone is for the visitor's browser (a page for one visitor may say it), and an
+    Expires date alone says nothing of sharing: only public, s-maxage or X-Accel-Expires does.
+    Set-Cookie beside X-Accel-Expires, or private in capitals, keeps the page out as well."""
+    uri = f"{path}?t=unmarked"
+    answers = [ask(stack, uri) for _ in range(3)]
+    assert [answer.cache for answer in answers] == ["MISS"] * 3
+    assert len({answer.body for answer in answers}) == 3 and calls(stack, uri) == 3
