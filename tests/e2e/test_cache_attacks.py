@@ -11,8 +11,8 @@ from collections.abc import Iterator
 import pytest
 
 from stackctl.stack import Stack
-from tests.conftest import REPO, app_site, running_stack
-from tests.e2e.test_cache import CACHED, ask, calls
+from tests.conftest import REPO, app_site, running_stack, stackctl
+from tests.e2e.test_cache import CACHED, ask, calls, set_content
 
 pytestmark = pytest.mark.e2e
 
@@ -62,3 +62,48 @@ def test_an_answer_not_marked_public_is_never_kept(stack: Stack, path: str) -> N
     answers = [ask(stack, uri) for _ in range(3)]
     assert [answer.cache for answer in answers] == ["MISS"] * 3
     assert len({answer.body for answer in answers}) == 3 and calls(stack, uri) == 3
+
+
+def poison(stack: Stack, target: str, host: str) -> str:
+    """Ask for ``target`` (a path, or an absolute URL) with the Host header ``host``."""
+    request = f"GET {target} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n"
+    return raw(stack, request.encode())[1]
+
+
+@pytest.mark.parametrize("target, host", [
+    ("/links?t=port", "localhost:666"),  # $host drops the port
+    ("/links?t=dot", "localhost.:{port}"),  # ... and a final dot
+    ("/links?t=case", "LOCALHOST:{port}"),  # ... and capitals
+    ("http://localhost:{port}/links?t=absolute", "evil.example"),  # the request line's host
+])  # fmt: skip
+def test_a_page_built_for_another_host_header_is_never_served_to_the_site(
+    stack: Stack, target: str, host: str
+) -> None:
+    """The app builds its links from the Host header: a page made for a header a visitor made
+    up must not become the page every visitor of the site gets."""
+    port = stack.profile.server.listen.port
+    made_up = host.format(port=port)
+    assert f"//{made_up}/next" in poison(stack, target.format(port=port), made_up)
+    path = target.format(port=port).removeprefix(f"http://localhost:{port}")
+    site = ask(stack, path, headers={"Host": f"localhost:{port}"})
+    assert f"//localhost:{port}/next" in site.body, site.body
+    assert site.cache == "MISS"
+
+
+def test_refresh_and_purge_reach_the_copy_a_load_balancer_asked_for(stack: Stack) -> None:
+    """Behind a balancer the Host header has no port, where a browser's has the site's: the
+    two are kept apart (the app's links differ), and refresh and purge act on both."""
+    path = "/public?t=balanced"
+    port = stack.profile.server.listen.port
+    forms = {"browser": f"127.0.0.1:{port}", "balancer": "127.0.0.1"}
+    set_content(stack, "old")
+    for header in forms.values():
+        assert ask(stack, path, headers={"Host": header}).body.endswith("old")
+    set_content(stack, "new")
+    stackctl("cache", "refresh", path, cwd=stack.stack_dir)
+    for form, header in forms.items():
+        now = ask(stack, path, headers={"Host": header})
+        assert now.cache == "HIT" and now.body.endswith("new"), form
+    assert "purged" in stackctl("cache", "purge", path, cwd=stack.stack_dir).stdout
+    for form, header in forms.items():
+        assert ask(stack, path, headers={"Host": header}).cache == "MISS", form
