@@ -362,7 +362,7 @@ def stop(stack: Stack, pid: int | None = None, *, drain_first: bool = False) -> 
 
 
 def drain_before_stop(stack: Stack) -> None:
-    with suppress(OSError):  # a run directory gone or broken: nothing serves to drain
+    with suppress(OSError, StackError):  # a run directory gone or broken: nothing to drain
         drain.start(stack.run_dir)
     if "nginx" in stack.watchers and stack.profile.server.drain_seconds:
         print(f"draining: health checks answer 503; stopping in "

@@ -1,0 +1,77 @@
+"""The health check and draining attacked: what an operator's leftovers in the run directory
+make of `stackctl drain`, on the real stack."""
+
+from __future__ import annotations
+
+import json
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from stackctl.errors import EXIT_STACK_ERROR
+from stackctl.stack import Stack
+from tests.conftest import REPO, app_site, running_stack, stackctl
+
+pytestmark = pytest.mark.e2e
+
+
+@pytest.fixture(scope="module")
+def stack() -> Iterator[Stack]:
+    site = app_site(REPO / "tests" / "apps" / "cacheapp.py", "cacheapp:application")
+    with running_stack(site, "--workers", "2") as running:
+        yield running
+
+
+def health(stack: Stack) -> int:
+    try:
+        with urllib.request.urlopen(stack.url() + "_stackctl/health", timeout=30) as answer:
+            return int(answer.status)
+    except urllib.error.HTTPError as refused:
+        with refused:
+            assert json.loads(refused.read())["ok"] is False
+            return refused.code
+
+
+def said_draining(stack: Stack) -> bool:
+    return "draining:" in stackctl("status", cwd=stack.stack_dir, check=False).stdout
+
+
+@pytest.mark.parametrize("leads_to", ["a file", "nothing"])
+def test_a_link_in_place_of_the_mark_neither_fakes_nor_blocks_a_drain(
+    stack: Stack, leads_to: str
+) -> None:
+    """NGiNX follows no link (disable_symlinks): a link named like the mark is no mark to it.
+    `stackctl drain` must not say 503 while the check answers 200, nor status say draining."""
+    mark = stack.run_dir / "draining"
+    elsewhere = stack.stack_dir / "elsewhere"
+    if leads_to == "a file":
+        elsewhere.write_text("not a mark")
+    mark.symlink_to(elsewhere)
+    try:
+        assert health(stack) == 200 and not said_draining(stack)
+        assert "answers 503" in stackctl("drain", cwd=stack.stack_dir).stdout
+        assert health(stack) == 503 and said_draining(stack)
+        assert not mark.is_symlink()
+        if leads_to == "a file":
+            assert elsewhere.read_text() == "not a mark"  # the link was replaced, not followed
+    finally:
+        stackctl("drain", "--off", cwd=stack.stack_dir)
+        elsewhere.unlink(missing_ok=True)
+    assert health(stack) == 200 and not Path(mark).exists()
+
+
+def test_a_directory_in_place_of_the_mark_is_named_not_a_traceback(stack: Stack) -> None:
+    mark = stack.run_dir / "draining"
+    mark.mkdir()
+    try:
+        for args in (("drain",), ("drain", "--off")):
+            result = stackctl(*args, cwd=stack.stack_dir, check=False)
+            assert result.returncode == EXIT_STACK_ERROR, result
+            assert f"{mark}: " in result.stderr and "Traceback" not in result.stderr
+            assert "not a file" in result.stderr
+        assert health(stack) == 200 and not said_draining(stack)
+    finally:
+        mark.rmdir()
