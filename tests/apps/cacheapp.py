@@ -75,6 +75,14 @@ def application(environ, start_response):
         body = f'<a href="//{environ.get("HTTP_HOST", "")}/next">call {n}</a>'.encode()
         start_response(status, [*headers, ("Content-Length", str(len(body)))])
         return [body]
+    elif path == "/conditional":  # an app that answers a visitor's own conditions itself
+        headers += [PUBLIC, ("ETag", '"v1"')]
+        if "HTTP_RANGE" in environ:
+            status = "206 Partial Content"
+            headers.append(("Content-Range", "bytes 0-3/4"))
+        elif environ.get("HTTP_IF_NONE_MATCH") == '"v1"':
+            start_response("304 Not Modified", headers)
+            return [b""]
     elif path in ("/do-refresh", "/do-purge"):  # stackctl.cache from inside a worker
         from stackctl import cache
 

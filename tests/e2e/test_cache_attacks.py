@@ -107,3 +107,15 @@ def test_refresh_and_purge_reach_the_copy_a_load_balancer_asked_for(stack: Stack
     assert "purged" in stackctl("cache", "purge", path, cwd=stack.stack_dir).stdout
     for form, header in forms.items():
         assert ask(stack, path, headers={"Host": header}).cache == "MISS", form
+
+
+def test_a_visitors_range_or_condition_never_becomes_the_kept_page(stack: Stack) -> None:
+    """NGiNX keeps the whole page: the app never sees a visitor's Range or If-None-Match (it
+    would answer 206 or 304), NGiNX answers those itself from the kept copy."""
+    for name, headers in (("range", {"Range": "bytes=0-3"}), ("etag", {"If-None-Match": '"v1"'})):
+        path = f"/conditional?t={name}"
+        first = ask(stack, path, headers=headers)
+        assert first.cache == "MISS" and first.status in (200, 304), name
+        kept = ask(stack, path)
+        assert (kept.status, kept.cache) == (200, "HIT") and kept.body.startswith("call 1 "), name
+        assert ask(stack, path, headers={"If-None-Match": '"v1"'}).status == 304
