@@ -169,19 +169,32 @@ def cache_file(
 
 def refresh_at(target: Target, path: str, host: str | None = None) -> int:
     """Ask NGiNX for ``path`` past the cache; the app's answer replaces the kept copy when
-    it is cacheable. Returns the answer's HTTP status (the worst, when a copy kept under the
-    Host header without the port was refreshed too)."""
+    it is cacheable, and drops it when not (a page taken down answers 404: nobody may get
+    the old copy until its max-age ends), unless the app failed (5xx: the kept copy is what
+    visitors get meanwhile). Returns the answer's HTTP status (the worst, when a copy kept
+    under the Host header without the port was refreshed too)."""
     path = check_path(path)
     name = check_host(host) if host else target.host
     first, *others = host_headers(target, name)
     statuses = [_refresh_one(target, path, name, first)]
     for header in others:  # only a copy that is there: no page is fetched for nobody
-        if _page_exists(target, *cache_file(target, path, header)):
+        if _page_id(target, *cache_file(target, path, header)) is not None:
             statuses.append(_refresh_one(target, path, name, header))
     return max(statuses)
 
 
 def _refresh_one(target: Target, path: str, name: str, host_header: str) -> int:
+    page = cache_file(target, path, host_header)
+    before = _page_id(target, *page)
+    status = _ask(target, path, name, host_header)
+    # NGiNX writes a kept page to a new file and renames it into place: the same file
+    # after the answer means the answer was not kept, and the old copy is outdated.
+    if before is not None and status < 500 and _page_id(target, *page) == before:
+        _unlink_page(target, *page)
+    return status
+
+
+def _ask(target: Target, path: str, name: str, host_header: str) -> int:
     connection = _SocketConnection(target, name)
     try:
         connection.request("GET", path, headers={"Host": host_header})
@@ -219,17 +232,22 @@ def _unlink_page(target: Target, dirs: list[str], name: str) -> bool:
     return True
 
 
-def _page_exists(target: Target, dirs: list[str], name: str) -> bool:
-    directory = _open_page_dir(target, dirs)
-    if directory is None:
-        return False
+def _page_id(target: Target, dirs: list[str], name: str) -> tuple[int, int] | None:
+    """The kept page's file (device and inode); None when there is none, or when this user
+    may not look (a refresh needs no access to the pages: NGiNX writes them)."""
     try:
-        os.stat(name, dir_fd=directory, follow_symlinks=False)
-    except FileNotFoundError:
-        return False
+        directory = _open_page_dir(target, dirs)
+    except StackError:
+        return None
+    if directory is None:
+        return None
+    try:
+        found = os.stat(name, dir_fd=directory, follow_symlinks=False)
+    except OSError:
+        return None
     finally:
         os.close(directory)
-    return True
+    return found.st_dev, found.st_ino
 
 
 def _open_page_dir(target: Target, dirs: list[str]) -> int | None:

@@ -75,6 +75,13 @@ def application(environ, start_response):
         body = f'<a href="//{environ.get("HTTP_HOST", "")}/next">call {n}</a>'.encode()
         start_response(status, [*headers, ("Content-Length", str(len(body)))])
         return [body]
+    elif path == "/article":  # kept while published; gone (404, unmarked) or failing later
+        if content() == "gone":
+            status = "404 Not Found"
+        elif os.path.exists("fail"):
+            status = "500 Internal Server Error"
+        else:
+            headers.append(PUBLIC)
     elif path == "/conditional":  # an app that answers a visitor's own conditions itself
         headers += [PUBLIC, ("ETag", '"v1"')]
         if "HTTP_RANGE" in environ:

@@ -119,3 +119,26 @@ def test_a_visitors_range_or_condition_never_becomes_the_kept_page(stack: Stack)
         kept = ask(stack, path)
         assert (kept.status, kept.cache) == (200, "HIT") and kept.body.startswith("call 1 "), name
         assert ask(stack, path, headers={"If-None-Match": '"v1"'}).status == 304
+
+
+def test_a_refresh_the_app_answers_uncacheable_drops_the_kept_page(stack: Stack) -> None:
+    """An article taken down answers 404: after `stackctl cache refresh`, nobody may still
+    get the kept copy for the rest of its max-age. A failing app (500) keeps it: the stale
+    copy is what visitors get while the app fails."""
+    path = "/article?t=unpublished"
+    set_content(stack, "published")
+    ask(stack, path)
+    assert ask(stack, path).cache == "HIT"
+    fail = stack.stack_dir / "fail"
+    fail.touch()
+    try:
+        assert "answered 500" in stackctl("cache", "refresh", path, cwd=stack.stack_dir).stdout
+    finally:
+        fail.unlink()
+    assert ask(stack, path).body.endswith("published")  # still the kept copy
+    set_content(stack, "gone")
+    try:
+        assert "answered 404" in stackctl("cache", "refresh", path, cwd=stack.stack_dir).stdout
+        assert ask(stack, path).status == 404
+    finally:
+        set_content(stack, "one")
