@@ -13,7 +13,7 @@ import pytest
 
 from stackctl.errors import EXIT_STACK_ERROR
 from stackctl.stack import Stack
-from tests.conftest import REPO, app_site, running_stack, stackctl
+from tests.conftest import REPO, app_site, free_port, running_stack, stackctl
 
 pytestmark = pytest.mark.e2e
 
@@ -75,3 +75,35 @@ def test_a_directory_in_place_of_the_mark_is_named_not_a_traceback(stack: Stack)
         assert health(stack) == 200 and not said_draining(stack)
     finally:
         mark.rmdir()
+
+
+def test_with_https_the_check_over_plain_http_is_answered_not_redirected() -> None:
+    """A balancer in front of an HTTPS site may check over plain HTTP. A redirect (301) counts
+    as healthy to HAProxy's httpchk: a draining host, or one whose Redis is down, would stay
+    in rotation. The plain listener answers the check itself, as the HTTPS one does."""
+    site = app_site(REPO / "tests" / "apps" / "cacheapp.py", "cacheapp:application")
+    tls = ("--set", "tls.certificate=self-signed", "--set", f"tls.listen=127.0.0.1:{free_port()}")
+    with running_stack(site, "--workers", "2", *tls) as running:
+        plain = f"http://127.0.0.1:{running.profile.server.listen.port}/_stackctl/health"
+        opener = urllib.request.build_opener(NoRedirect)
+        assert plain_health(opener, plain) == 200
+        stackctl("drain", cwd=site)
+        assert plain_health(opener, plain) == 503
+        stackctl("drain", "--off", cwd=site)
+        assert plain_health(opener, plain) == 200
+        # Every other page still goes to HTTPS.
+        assert plain_health(opener, plain.replace("/_stackctl/health", "/x")) == 301
+
+
+class NoRedirect(urllib.request.HTTPRedirectHandler):
+    def redirect_request(self, *args: object, **kwargs: object) -> None:
+        return None
+
+
+def plain_health(opener: urllib.request.OpenerDirector, url: str) -> int:
+    try:
+        with opener.open(url, timeout=30) as answer:
+            return int(answer.status)
+    except urllib.error.HTTPError as refused:
+        with refused:
+            return refused.code
