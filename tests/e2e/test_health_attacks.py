@@ -13,7 +13,9 @@ import pytest
 
 from stackctl.errors import EXIT_STACK_ERROR
 from stackctl.stack import Stack
+from stackctl.users import ServiceUser
 from tests.conftest import REPO, app_site, free_port, running_stack, stackctl
+from tests.service_users import new_site, run, running_site
 
 pytestmark = pytest.mark.e2e
 
@@ -107,3 +109,19 @@ def plain_health(opener: urllib.request.OpenerDirector, url: str) -> int:
     except urllib.error.HTTPError as refused:
         with refused:
             return refused.code
+
+
+def test_the_check_works_when_the_app_runs_as_the_service_user(
+    python: Path, service_user: ServiceUser
+) -> None:
+    """Root starts the stack, the app runs as the service user: the wsgi worker that answers
+    the check must reach the realtime worker's socket and Redis as that user."""
+    site = new_site(python, None)
+    up = ("--listen", f"127.0.0.1:{free_port()}", "--workers", "2",
+          "--set", f"server.user={service_user.name}")  # fmt: skip
+    with running_site(python, site, *up) as running:
+        assert health(running) == 200
+        run(python, "drain", cwd=site)
+        assert health(running) == 503
+        run(python, "drain", "--off", cwd=site)
+        assert health(running) == 200
