@@ -251,15 +251,24 @@ def _page_id(target: Target, dirs: list[str], name: str) -> tuple[int, int] | No
 
 
 def _open_page_dir(target: Target, dirs: list[str]) -> int | None:
-    """The directory a page file is in, opened without following a link; None if absent."""
-    flags = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW
+    """The directory a page file is in; None if absent. From the run directory down, each
+    directory is opened without following a link (the run directory's own path may hold
+    links of the operator's, such as a stack directory under a linked /srv). O_PATH: the
+    service user may pass through root's nginx-cache without reading it."""
+    flags = os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW
+    run_dir = Path(target.socket).parent
+    pages = Path(target.pages_dir)
+    below: tuple[str, ...] = ()
+    start = pages
+    if pages.is_relative_to(run_dir):  # always, as rendered
+        start, below = run_dir, pages.relative_to(run_dir).parts
     try:
-        directory = os.open(target.pages_dir, flags)
+        directory = os.open(start, flags)
     except FileNotFoundError:
         return None
     except OSError as e:
-        raise StackError(f"cache: cannot open {target.pages_dir}: {e.strerror}") from None
-    for part in dirs:
+        raise StackError(f"cache: cannot open {start}: {e.strerror}") from None
+    for part in [*below, *dirs]:
         try:
             inner = os.open(part, flags, dir_fd=directory)
         except FileNotFoundError:

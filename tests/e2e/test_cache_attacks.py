@@ -7,9 +7,12 @@ from __future__ import annotations
 import socket
 import zlib
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
+from stackctl import cache
+from stackctl.errors import EXIT_STACK_ERROR
 from stackctl.stack import Stack
 from tests.conftest import REPO, app_site, running_stack, stackctl
 from tests.e2e.test_cache import CACHED, ask, calls, set_content
@@ -142,3 +145,31 @@ def test_a_refresh_the_app_answers_uncacheable_drops_the_kept_page(stack: Stack)
         assert ask(stack, path).status == 404
     finally:
         set_content(stack, "one")
+
+
+def test_a_link_in_place_of_the_cache_directory_is_never_followed_by_purge(
+    stack: Stack, tmp_path: Path
+) -> None:
+    """Every directory from the run directory down is opened without following a link: a
+    link put in place of nginx-cache must not make purge delete a file it leads to."""
+    path = "/public?t=planted-above"
+    ask(stack, path)
+    target = cache.load_target(stack.run_dir)
+    dirs, name = cache.cache_file(target, path)
+    outside = tmp_path / "outside"
+    victim = outside / "pages" / dirs[0] / dirs[1] / name
+    victim.parent.mkdir(parents=True)
+    victim.write_text("not the cache's")
+    above = stack.nginx_cache_dir
+    moved = above.with_name(above.name + ".moved")
+    above.rename(moved)
+    above.symlink_to(outside)
+    try:
+        result = stackctl("cache", "purge", path, cwd=stack.stack_dir, check=False)
+        assert result.returncode == EXIT_STACK_ERROR and "Traceback" not in result.stderr
+        assert "nothing was deleted" in result.stderr, result.stderr
+        assert victim.read_text() == "not the cache's"
+    finally:
+        above.unlink()
+        moved.rename(above)
+    assert "purged" in stackctl("cache", "purge", path, cwd=stack.stack_dir).stdout
