@@ -75,6 +75,12 @@ def application(environ, start_response):
         body = f'<a href="//{environ.get("HTTP_HOST", "")}/next">call {n}</a>'.encode()
         start_response(status, [*headers, ("Content-Length", str(len(body)))])
         return [body]
+    elif path == "/forwarded":  # as Django with USE_X_FORWARDED_HOST builds its links
+        headers.append(PUBLIC)
+        host = environ.get("HTTP_X_FORWARDED_HOST", "")
+        body = f'<a href="//{host}/next">call {n}</a>'.encode()
+        start_response(status, [*headers, ("Content-Length", str(len(body)))])
+        return [body]
     elif path == "/article":  # kept while published; gone (404, unmarked) or failing later
         if content() == "gone":
             status = "404 Not Found"

@@ -93,6 +93,18 @@ def test_a_page_built_for_another_host_header_is_never_served_to_the_site(
     assert site.cache == "MISS"
 
 
+def test_a_request_line_naming_another_host_than_the_header_is_never_kept(stack: Stack) -> None:
+    """NGiNX gives the app the request line's host as X-Forwarded-Host, which Django trusts
+    with USE_X_FORWARDED_HOST: with the site's Host header beside it, that page would be kept
+    under the site's key."""
+    port = stack.profile.server.listen.port
+    site = f"localhost:{port}"
+    made = poison(stack, "http://evil.example/forwarded?t=line", site)
+    assert "//evil.example/next" in made
+    got = ask(stack, "/forwarded?t=line", headers={"Host": site})
+    assert got.cache == "MISS" and "//localhost/next" in got.body, got.body
+
+
 def test_refresh_and_purge_reach_the_copy_a_load_balancer_asked_for(stack: Stack) -> None:
     """Behind a balancer the Host header has no port, where a browser's has the site's: the
     two are kept apart (the app's links differ), and refresh and purge act on both."""

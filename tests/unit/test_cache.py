@@ -67,10 +67,10 @@ def test_cache_enabled_keeps_only_what_the_app_marks(tmp_path: Path) -> None:
     assert "uwsgi_cache_valid " not in conf  # an unmarked answer is never kept
     assert "uwsgi_ignore_headers " not in conf  # Set-Cookie, Cache-Control: private... honoured
     assert "uwsgi_cache_key $scheme://$http_host$request_uri;" in conf
-    bypass = "$http_authorization $stackctl_session $stackctl_cache_refresh;"
-    assert f"uwsgi_cache_bypass {bypass}" in conf
-    no_cache = "$http_authorization $stackctl_session $stackctl_head $stackctl_unshared;"
-    assert f"uwsgi_no_cache {no_cache}" in conf
+    bypass = "$http_authorization $stackctl_session $stackctl_cache_refresh"
+    assert f"uwsgi_cache_bypass {bypass}\n{' ' * 31}$stackctl_other_host;" in conf
+    no_cache = "$http_authorization $stackctl_session $stackctl_head $stackctl_unshared"
+    assert f"uwsgi_no_cache {no_cache}\n{' ' * 27}$stackctl_other_host;" in conf
     assert "uwsgi_cache_lock on;" in conf
     assert "uwsgi_cache_use_stale updating error timeout http_500 http_503;" in conf
     assert f'listen "unix:{tmp_path / "run" / "cache.sock"}";' in conf
