@@ -81,6 +81,13 @@ def application(environ, start_response):
         body = f'<a href="//{host}/next">call {n}</a>'.encode()
         start_response(status, [*headers, ("Content-Length", str(len(body)))])
         return [body]
+    elif path == "/proxyfix":  # as Werkzeug's ProxyFix(x_port=1, x_prefix=1) builds links
+        headers.append(PUBLIC)
+        port = environ.get("HTTP_X_FORWARDED_PORT", "")
+        prefix = environ.get("HTTP_X_FORWARDED_PREFIX", "")
+        body = f"port={port} prefix={prefix} call {n}".encode()
+        start_response(status, [*headers, ("Content-Length", str(len(body)))])
+        return [body]
     elif path == "/article":  # kept while published; gone (404, unmarked) or failing later
         if content() == "gone":
             status = "404 Not Found"

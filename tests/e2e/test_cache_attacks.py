@@ -105,6 +105,16 @@ def test_a_request_line_naming_another_host_than_the_header_is_never_kept(stack:
     assert got.cache == "MISS" and "//localhost/next" in got.body, got.body
 
 
+def test_a_visitors_forwarded_port_or_prefix_never_reaches_the_app(stack: Stack) -> None:
+    """Werkzeug's ProxyFix (x_port, x_prefix) builds the page's links from X-Forwarded-Port
+    and X-Forwarded-Prefix, trusting NGiNX to have set them: a visitor's own would be in the
+    page kept for everyone, as the key does not hold them."""
+    headers = {"X-Forwarded-Port": "666", "X-Forwarded-Prefix": "/evil"}
+    made = ask(stack, "/proxyfix?t=forwarded", headers=headers)
+    assert made.body.startswith("port= prefix= call 1"), made.body
+    assert ask(stack, "/proxyfix?t=forwarded").body == made.body
+
+
 def test_refresh_and_purge_reach_the_copy_a_load_balancer_asked_for(stack: Stack) -> None:
     """Behind a balancer the Host header has no port, where a browser's has the site's: the
     two are kept apart (the app's links differ), and refresh and purge act on both."""
