@@ -125,3 +125,22 @@ def test_the_check_works_when_the_app_runs_as_the_service_user(
         assert health(running) == 503
         run(python, "drain", "--off", cwd=site)
         assert health(running) == 200
+
+
+def test_another_local_user_can_neither_drain_nor_touch_the_cache(
+    python: Path, service_user: ServiceUser
+) -> None:
+    """Root's stack, its app run as root too: the service user is just another local user
+    here. It gets a plain refusal, no traceback, and the check and the kept page stay."""
+    site = new_site(python, None)
+    up = ("--listen", f"127.0.0.1:{free_port()}", "--workers", "1", "--set", "server.user=root",
+          "--set", "cache.enabled=true")  # fmt: skip
+    with running_site(python, site, *up) as running:
+        assert health(running) == 200
+        for args in (("drain",), ("drain", "--off"), ("cache", "purge", "/"),
+                     ("cache", "refresh", "/")):  # fmt: skip
+            result = run(python, *args, user=service_user, cwd=site, check=False)
+            assert result.returncode == EXIT_STACK_ERROR, (args, result.stderr.splitlines())
+            assert "Traceback" not in result.stderr and result.stderr.count("\n") == 1, args
+        assert health(running) == 200
+        assert not (running.run_dir / "draining").exists()
