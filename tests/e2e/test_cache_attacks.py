@@ -4,6 +4,7 @@ whose answers say less than "public"."""
 
 from __future__ import annotations
 
+import os
 import socket
 import zlib
 from collections.abc import Iterator
@@ -14,7 +15,7 @@ import pytest
 from stackctl import cache
 from stackctl.errors import EXIT_STACK_ERROR
 from stackctl.stack import Stack
-from tests.conftest import REPO, app_site, running_stack, stackctl
+from tests.conftest import REPO, app_site, running_stack, stackctl, wait_for
 from tests.e2e.test_cache import CACHED, ask, calls, set_content
 
 pytestmark = pytest.mark.e2e
@@ -195,3 +196,19 @@ def test_a_link_in_place_of_the_cache_directory_is_never_followed_by_purge(
         above.unlink()
         moved.rename(above)
     assert "purged" in stackctl("cache", "purge", path, cwd=stack.stack_dir).stdout
+
+
+def test_a_visitor_filling_the_cache_is_held_to_max_size() -> None:
+    """Anyone can fill the cache (every query string is a page of its own): NGiNX's cache
+    manager keeps it within cache.max_size, dropping the least used pages."""
+    site = app_site(CACHE_APP, "cacheapp:application")
+    with running_stack(site, "--workers", "2", *CACHED, "--set", "cache.max_size=64k") as running:
+        for n in range(60):  # a page takes a 4 KiB block or more: 60 are past 64 KiB
+            assert ask(running, f"/public?t=fill-{n}").cache == "MISS"
+
+        def used() -> int:  # as NGiNX counts: the blocks the page files take
+            pages = running.cache_pages_dir
+            return sum(os.lstat(p).st_blocks * 512 for p in pages.rglob("*") if p.is_file())
+
+        wait_for(lambda: used() <= 64 * 1024, timeout=60, what="the cache back within max_size")
+        assert ask(running, "/public?t=fill-59").cache == "HIT"  # the newest are kept
