@@ -212,3 +212,22 @@ def test_a_visitor_filling_the_cache_is_held_to_max_size() -> None:
 
         wait_for(lambda: used() <= 64 * 1024, timeout=60, what="the cache back within max_size")
         assert ask(running, "/public?t=fill-59").cache == "HIT"  # the newest are kept
+
+
+def test_reload_turns_the_cache_on_and_off() -> None:
+    """NGiNX re-reads its config (HUP): the refresh socket appears and goes with the cache,
+    and with the cache off the commands say so in one line."""
+    site = app_site(CACHE_APP, "cacheapp:application")
+    path = "/public?t=switch"
+    with running_stack(site, "--workers", "2", "--set", "wsgi.autoreload=false") as running:
+        for enabled in ("true", "false", "true"):
+            said = stackctl("reload", "--set", f"cache.enabled={enabled}", cwd=site).stdout
+            assert "NGiNX reloaded" in said, said
+            on = enabled == "true"
+            wait_for(lambda on=on: (ask(running, path).cache is not None) is on,
+                     what=f"the cache {'on' if on else 'off'}")  # fmt: skip
+            assert running.cache_socket.exists() is on
+            result = stackctl("cache", "purge", path, cwd=site, check=False)
+            assert result.returncode == (0 if on else EXIT_STACK_ERROR), result
+            assert result.stderr.count("\n") == (0 if on else 1), result.stderr
+        assert ask(running, path).cache in ("MISS", "HIT")
