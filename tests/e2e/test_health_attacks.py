@@ -144,3 +144,4 @@ def test_another_local_user_can_neither_drain_nor_touch_the_cache(
             assert "Traceback" not in result.stderr and result.stderr.count("\n") == 1, args
         assert health(running) == 200
         assert not (running.run_dir / "draining").exists()
+
