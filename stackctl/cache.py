@@ -52,10 +52,12 @@ KEYS_ZONE_SIZE = "10m"
 zone on reload."""
 LEVELS = (1, 2)
 """Directory levels of the cache: the last hex digit of the key's MD5, then the two before."""
-KEY_FORMAT = "$scheme://$host$request_uri"
-"""The cache key: the scheme and host (a page built for one host, with its links, is never
-served to a request for another: a made-up Host header cannot poison the site's pages) and
-the path with its query, as the client sent it."""
+KEY_FORMAT = "$scheme://$http_host$request_uri"
+"""The cache key: the scheme, the Host header and the path with its query, as the client sent
+them. The Host header as it is, not NGiNX's $host: the app builds its links from the header,
+and $host drops its port, its case and a final dot, and is the host of the request line when
+one names it ("GET http://site/ HTTP/1.1" with "Host: evil"). A page built for any other
+spelling of the host is never served to the site's visitors."""
 REFRESH_HEADER_ROOM = 5
 """Seconds a refresh waits beyond server.timeout, the most the app may take."""
 
@@ -141,13 +143,22 @@ def key_host(host: str) -> str:
     return f"[{host}]" if ":" in host else host
 
 
-def cache_key(target: Target, path: str, host: str | None = None) -> str:
-    return f"{target.scheme}://{key_host(host or target.host)}{path}"
+def host_headers(target: Target, host: str | None = None) -> list[str]:
+    """The Host headers visitors of ``host`` send: as a browser does, with the site's port;
+    on a port other than the default, also without it, as a load balancer in front does."""
+    name = key_host(host or target.host)
+    return [name + target.port_suffix, name] if target.port_suffix else [name]
 
 
-def cache_file(target: Target, path: str, host: str | None = None) -> tuple[list[str], str]:
+def cache_key(target: Target, path: str, host_header: str | None = None) -> str:
+    return f"{target.scheme}://{host_header or host_headers(target)[0]}{path}"
+
+
+def cache_file(
+    target: Target, path: str, host_header: str | None = None
+) -> tuple[list[str], str]:
     """The directories under pages_dir, and the file name, of the page at ``path``."""
-    digest = hashlib.md5(cache_key(target, path, host).encode(), usedforsecurity=False)
+    digest = hashlib.md5(cache_key(target, path, host_header).encode(), usedforsecurity=False)
     name = digest.hexdigest()
     dirs, end = [], len(name)
     for width in LEVELS:
@@ -158,12 +169,35 @@ def cache_file(target: Target, path: str, host: str | None = None) -> tuple[list
 
 def refresh_at(target: Target, path: str, host: str | None = None) -> int:
     """Ask NGiNX for ``path`` past the cache; the app's answer replaces the kept copy when
-    it is cacheable. Returns the answer's HTTP status."""
+    it is cacheable, and drops it when not (a page taken down answers 404: nobody may get
+    the old copy until its max-age ends), unless the app failed (5xx: the kept copy is what
+    visitors get meanwhile). Returns the answer's HTTP status (the worst, when a copy kept
+    under the Host header without the port was refreshed too)."""
     path = check_path(path)
     name = check_host(host) if host else target.host
+    first, *others = host_headers(target, name)
+    statuses = [_refresh_one(target, path, name, first)]
+    for header in others:  # only a copy that is there: no page is fetched for nobody
+        if _page_id(target, *cache_file(target, path, header)) is not None:
+            statuses.append(_refresh_one(target, path, name, header))
+    return max(statuses)
+
+
+def _refresh_one(target: Target, path: str, name: str, host_header: str) -> int:
+    page = cache_file(target, path, host_header)
+    before = _page_id(target, *page)
+    status = _ask(target, path, name, host_header)
+    # NGiNX writes a kept page to a new file and renames it into place: the same file
+    # after the answer means the answer was not kept, and the old copy is outdated.
+    if before is not None and status < 500 and _page_id(target, *page) == before:
+        _unlink_page(target, *page)
+    return status
+
+
+def _ask(target: Target, path: str, name: str, host_header: str) -> int:
     connection = _SocketConnection(target, name)
     try:
-        connection.request("GET", path, headers={"Host": key_host(name) + target.port_suffix})
+        connection.request("GET", path, headers={"Host": host_header})
         response = connection.getresponse()
         response.read()
         return response.status
@@ -177,36 +211,77 @@ def refresh_at(target: Target, path: str, host: str | None = None) -> int:
 
 
 def purge_at(target: Target, path: str, host: str | None = None) -> bool:
-    """Drop the kept copy of ``path``; False when there was none."""
+    """Drop the kept copies of ``path`` (under each Host header of its visitors); False when
+    there was none."""
     path = check_path(path)
-    dirs, name = cache_file(target, path, check_host(host) if host else None)
-    flags = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW
+    headers = host_headers(target, check_host(host) if host else None)
+    files = [cache_file(target, path, header) for header in headers]
+    return [_unlink_page(target, dirs, name) for dirs, name in files].count(True) > 0
+
+
+def _unlink_page(target: Target, dirs: list[str], name: str) -> bool:
+    directory = _open_page_dir(target, dirs)
+    if directory is None:
+        return False
     try:
-        directory = os.open(target.pages_dir, flags)
+        os.unlink(name, dir_fd=directory)  # a link there is removed itself, not followed
     except FileNotFoundError:
         return False
-    except OSError as e:
-        raise StackError(f"cache: cannot open {target.pages_dir}: {e.strerror}") from None
-    try:
-        for part in dirs:
-            try:
-                inner = os.open(part, flags, dir_fd=directory)
-            except FileNotFoundError:
-                return False
-            except OSError as e:  # ELOOP: a symbolic link, never followed
-                raise StackError(
-                    f"cache: {target.pages_dir}: {part!r} on the way to the page is not a "
-                    f"directory of the cache ({e.strerror}); nothing was deleted"
-                ) from None
-            os.close(directory)
-            directory = inner
-        try:
-            os.unlink(name, dir_fd=directory)  # a link there is removed itself, not followed
-        except FileNotFoundError:
-            return False
-        return True
     finally:
         os.close(directory)
+    return True
+
+
+def _page_id(target: Target, dirs: list[str], name: str) -> tuple[int, int] | None:
+    """The kept page's file (device and inode); None when there is none, or when this user
+    may not look (a refresh needs no access to the pages: NGiNX writes them)."""
+    try:
+        directory = _open_page_dir(target, dirs)
+    except StackError:
+        return None
+    if directory is None:
+        return None
+    try:
+        found = os.stat(name, dir_fd=directory, follow_symlinks=False)
+    except OSError:
+        return None
+    finally:
+        os.close(directory)
+    return found.st_dev, found.st_ino
+
+
+def _open_page_dir(target: Target, dirs: list[str]) -> int | None:
+    """The directory a page file is in; None if absent. From the run directory down, each
+    directory is opened without following a link (the run directory's own path may hold
+    links of the operator's, such as a stack directory under a linked /srv). O_PATH: the
+    service user may pass through root's nginx-cache without reading it."""
+    flags = os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW
+    run_dir = Path(target.socket).parent
+    pages = Path(target.pages_dir)
+    below: tuple[str, ...] = ()
+    start = pages
+    if pages.is_relative_to(run_dir):  # always, as rendered
+        start, below = run_dir, pages.relative_to(run_dir).parts
+    try:
+        directory = os.open(start, flags)
+    except FileNotFoundError:
+        return None
+    except OSError as e:
+        raise StackError(f"cache: cannot open {start}: {e.strerror}") from None
+    for part in [*below, *dirs]:
+        try:
+            inner = os.open(part, flags, dir_fd=directory)
+        except FileNotFoundError:
+            return None
+        except OSError as e:  # ELOOP: a symbolic link, never followed
+            raise StackError(
+                f"cache: {target.pages_dir}: {part!r} on the way to the page is not a "
+                f"directory of the cache ({e.strerror}); nothing was deleted"
+            ) from None
+        finally:
+            os.close(directory)
+        directory = inner
+    return directory
 
 
 def refresh(path: str, host: str | None = None) -> int:

@@ -115,9 +115,13 @@ def load_running_stack(
 def load_as_started(args: argparse.Namespace, writes: bool) -> Stack:
     guess = load_stack(args, programs=False, writes=writes)
     state_path = guess.run_dir / STATE_FILE
-    if not state_path.is_file():
-        return guess
-    state = json.loads(state_path.read_text())
+    try:
+        if not state_path.is_file():
+            return guess
+        state = json.loads(state_path.read_text())
+    except PermissionError:  # another user's stack
+        raise StackError(f"{state_path}: not readable by this user; run stackctl as the "
+                         "user who started the stack (or root)") from None  # fmt: skip
     chosen = profile.load(args.stack, state["profile"], [tuple(p) for p in state["overrides"]])
     return plan(chosen, NO_PROGRAMS, writes=writes)
 

@@ -365,7 +365,7 @@ def stop(stack: Stack, pid: int | None = None, *, drain_first: bool = False) -> 
 
 
 def drain_before_stop(stack: Stack) -> None:
-    with suppress(OSError):  # a run directory gone or broken: nothing serves to drain
+    with suppress(OSError, StackError):  # a run directory gone or broken: nothing to drain
         drain.start(stack.run_dir)
     if "nginx" in stack.watchers and stack.profile.server.drain_seconds:
         print(f"draining: health checks answer 503; stopping in "
@@ -419,10 +419,13 @@ def terminate_circusd(pid: int, grace: float) -> None:
 
 
 def catch_stop_signals() -> list[int]:
-    """From now on Ctrl-C and SIGTERM are requests to stop the stack, listed in the result.
+    """From now on Ctrl-C, SIGTERM and SIGHUP are requests to stop the stack, listed in the
+    result.
 
     Call it before telling the user that Ctrl-C stops the stack: one pressed right after
-    reading that must not find Python's default handler still in place.
+    reading that must not find Python's default handler still in place. SIGHUP comes when
+    the terminal or ssh session closes: by default it killed stackctl alone, and circusd (in
+    a session of its own) went on without it, undrained. Under nohup it stays ignored.
     """
     stop_requested: list[int] = []
 
@@ -431,6 +434,8 @@ def catch_stop_signals() -> list[int]:
 
     signal.signal(signal.SIGINT, request_stop)
     signal.signal(signal.SIGTERM, request_stop)
+    if signal.getsignal(signal.SIGHUP) is not signal.SIG_IGN:
+        signal.signal(signal.SIGHUP, request_stop)
     return stop_requested
 
 

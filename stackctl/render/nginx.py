@@ -17,7 +17,8 @@ from stackctl.tls import Stapling
 
 INCLUDES = ("uwsgi_params", "mime.types")
 HEADERS_FILE = "security_headers.conf"
-RENDERED = ("nginx.conf", HEADERS_FILE, cache.CACHE_FILE)
+HEALTH_FILE = "health.conf"
+RENDERED = ("nginx.conf", HEADERS_FILE, HEALTH_FILE, cache.CACHE_FILE)
 """The NGiNX files rendered from the profile, beside the copied includes."""
 
 # Mozilla's intermediate configuration (ssl-config.mozilla.org, version 5.7). The DHE suites
@@ -139,7 +140,9 @@ class CacheValues:
 def session_regex(names: tuple[str, ...]) -> str:
     if not names:
         return ""
-    return r"~(?:^|;)\s*(?:" + "|".join(re.escape(name) for name in names) + ")="
+    # Blanks may stand around the name: Django and Werkzeug strip them, so "sessionid =x"
+    # is a session to the app and must be one here.
+    return r"~(?:^|;)\s*(?:" + "|".join(re.escape(name) for name in names) + r")\s*="
 
 
 def cache_values(stack: Stack) -> CacheValues | None:
@@ -219,11 +222,6 @@ def render(stack: Stack) -> list[File]:
         gzip_min_length=compress.GZIP_MIN_LENGTH,
         realtime_prefixes=[profile.ws.prefix, profile.ws.sse_prefix, profile.ws.poll_prefix],
         client_dir=f"{resources.client_dir().resolve()}/",  # disable_symlinks checks it
-        health_path=health.PATH,
-        health_marker=health.MARKER_VARIABLE,
-        health_timeout=health.ANSWER_WITHIN,
-        draining_mark=drain.mark_path(stack.run_dir),
-        draining_answer=health.DRAINING,
         timeout=profile.server.timeout,
         tls=tls_values(stack) if stack.tls else None,
         acme_dir=f"{stack.acme_dir}/" if stack.acme_dir else "",
@@ -235,12 +233,25 @@ def render(stack: Stack) -> list[File]:
         cache=cache_values(stack),
     )
     security_headers = render_template("nginx/security_headers.conf.j2", hsts=headers["hsts"])
+    health_location = render_template(
+        "nginx/health.conf.j2",
+        health_path=health.PATH,
+        health_marker=health.MARKER_VARIABLE,
+        health_timeout=health.ANSWER_WITHIN,
+        draining_mark=drain.mark_path(stack.run_dir),
+        draining_answer=health.DRAINING,
+        requests_per_second=profile.limits.requests_per_second,
+        burst=profile.limits.burst,
+        balanced=balanced,
+        connect_timeout=CONNECT_TIMEOUT,
+    )
     includes = [
         File(name, (resources.templates_dir() / "nginx" / name).read_text()) for name in INCLUDES
     ]
     return [
         File(stack.nginx_conf.name, content),
         File(HEADERS_FILE, security_headers),
+        File(HEALTH_FILE, health_location),
         File(cache.CACHE_FILE, cache_target(stack).to_json()),
         *includes,
     ]

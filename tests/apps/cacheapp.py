@@ -62,6 +62,47 @@ def application(environ, start_response):
         if os.path.exists("fail"):
             status = "500 Internal Server Error"
             headers = [("Content-Type", "text/plain")]
+    elif path == "/maxage":  # for browsers only: no "public", which shared caches need here
+        headers.append(("Cache-Control", "max-age=60"))
+    elif path == "/expires":  # HTTP/1.0's date alone, no Cache-Control
+        headers.append(("Expires", "Thu, 01 Jan 2099 00:00:00 GMT"))
+    elif path == "/accel-cookie":
+        headers += [("X-Accel-Expires", "60"), ("Set-Cookie", f"sessionid=s{n}; HttpOnly")]
+    elif path == "/odd-case":
+        headers.append(("cache-control", "PUBLIC, MAX-AGE=60, PRIVATE"))
+    elif path == "/links":  # a page with an absolute link, built from the Host the app is given
+        headers.append(PUBLIC)
+        body = f'<a href="//{environ.get("HTTP_HOST", "")}/next">call {n}</a>'.encode()
+        start_response(status, [*headers, ("Content-Length", str(len(body)))])
+        return [body]
+    elif path == "/forwarded":  # as Django with USE_X_FORWARDED_HOST builds its links
+        headers.append(PUBLIC)
+        host = environ.get("HTTP_X_FORWARDED_HOST", "")
+        body = f'<a href="//{host}/next">call {n}</a>'.encode()
+        start_response(status, [*headers, ("Content-Length", str(len(body)))])
+        return [body]
+    elif path == "/proxyfix":  # as Werkzeug's ProxyFix(x_port=1, x_prefix=1) builds links
+        headers.append(PUBLIC)
+        port = environ.get("HTTP_X_FORWARDED_PORT", "")
+        prefix = environ.get("HTTP_X_FORWARDED_PREFIX", "")
+        body = f"port={port} prefix={prefix} call {n}".encode()
+        start_response(status, [*headers, ("Content-Length", str(len(body)))])
+        return [body]
+    elif path == "/article":  # kept while published; gone (404, unmarked) or failing later
+        if content() == "gone":
+            status = "404 Not Found"
+        elif os.path.exists("fail"):
+            status = "500 Internal Server Error"
+        else:
+            headers.append(PUBLIC)
+    elif path == "/conditional":  # an app that answers a visitor's own conditions itself
+        headers += [PUBLIC, ("ETag", '"v1"')]
+        if "HTTP_RANGE" in environ:
+            status = "206 Partial Content"
+            headers.append(("Content-Range", "bytes 0-3/4"))
+        elif environ.get("HTTP_IF_NONE_MATCH") == '"v1"':
+            start_response("304 Not Modified", headers)
+            return [b""]
     elif path in ("/do-refresh", "/do-purge"):  # stackctl.cache from inside a worker
         from stackctl import cache
 

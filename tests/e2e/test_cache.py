@@ -279,14 +279,16 @@ def test_the_cache_is_private_to_the_stack(stack: Stack) -> None:
 def test_pages_outlive_a_reload_and_a_restart() -> None:
     site = app_site(CACHE_APP, "cacheapp:application")
     path = "/public?t=restart"
-    with running_stack(site, "--workers", "2", *CACHED) as running:
+    # The same address both times: a page is kept for the Host header it was asked with.
+    same = ("--listen", f"127.0.0.1:{free_port()}")
+    with running_stack(site, "--workers", "2", *CACHED, *same) as running:
         ask(running, path)
         # NGiNX re-reads its config, with the cache's size changed.
         said = stackctl("reload", "--workers", "2", *CACHED, "--set", "cache.max_size=2g",
                         cwd=site).stdout  # fmt: skip
         assert "nginx" in said.lower()
         assert ask(running, path).cache == "HIT"
-    with running_stack(site, "--workers", "2", *CACHED) as running:
+    with running_stack(site, "--workers", "2", *CACHED, *same) as running:
         wait_for(lambda: ask(running, path).cache == "HIT", what="the page loaded from disk")
         assert calls(running, path) == 1
 

@@ -196,8 +196,13 @@ def test_a_reload_keeps_the_check_at_200(stack: Stack, watcher: str) -> None:
     assert len(answers) > 5 and set(answers) == {(200, "serving")}, answers
 
 
-def test_a_stop_by_signal_drains_first(no_leaks: Callable[[Path], None]) -> None:
-    """systemd (KillMode=mixed) and Ctrl-C stop `stackctl up` by a signal: it drains too."""
+@pytest.mark.parametrize("stop_signal", [signal.SIGTERM, signal.SIGHUP], ids=["TERM", "HUP"])
+def test_a_stop_by_signal_drains_first(
+    no_leaks: Callable[[Path], None], stop_signal: signal.Signals
+) -> None:
+    """systemd (KillMode=mixed) and Ctrl-C stop `stackctl up` by a signal: it drains too. So
+    does a terminal or ssh session that closes (SIGHUP): stackctl must not die and leave
+    circusd, in a session of its own, running without it."""
     root = short_dir()
     stackctl("init", str(root / "site"), "--demo", cwd=root)
     no_leaks(root / "site")
@@ -216,8 +221,8 @@ def test_a_stop_by_signal_drains_first(no_leaks: Callable[[Path], None]) -> None
             assert line, said
             said += line
         assert get_or_none(url + "_stackctl/health") == 200
-        up.send_signal(signal.SIGTERM)
-        wait_for(lambda: get_or_none(url + "_stackctl/health") == 503, what="503 on SIGTERM")
+        up.send_signal(stop_signal)
+        wait_for(lambda: get_or_none(url + "_stackctl/health") == 503, what="503 on the signal")
         assert get(url)[0] == 200, "pages load while the host drains"
         out, _ = up.communicate(timeout=120)
     finally:

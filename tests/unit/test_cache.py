@@ -43,7 +43,8 @@ def test_values_that_would_reach_nginx_conf_are_checked(parse, bad) -> None:  # 
 
 def test_the_session_regex_finds_a_cookie_by_its_whole_name() -> None:
     pattern = re.compile(session_regex(("sessionid", "my.sid"))[1:])  # without NGiNX's "~"
-    for header in ("sessionid=1", "a=b; sessionid=1", "a=b;sessionid=", "my.sid=x"):
+    for header in ("sessionid=1", "a=b; sessionid=1", "a=b;sessionid=", "my.sid=x",
+                   "sessionid =1", "a=b; sessionid\t=1"):  # fmt: skip
         assert pattern.search(header), header
     for header in ("xsessionid=1", "a=sessionid", "myxsid=1", "sessionid2=1", ""):
         assert not pattern.search(header), header
@@ -65,10 +66,11 @@ def test_cache_enabled_keeps_only_what_the_app_marks(tmp_path: Path) -> None:
             "inactive=10m use_temp_path=off;") in conf  # fmt: skip
     assert "uwsgi_cache_valid " not in conf  # an unmarked answer is never kept
     assert "uwsgi_ignore_headers " not in conf  # Set-Cookie, Cache-Control: private... honoured
-    assert "uwsgi_cache_key $scheme://$host$request_uri;" in conf
-    bypass = "$http_authorization $stackctl_session $stackctl_cache_refresh;"
-    assert f"uwsgi_cache_bypass {bypass}" in conf
-    assert "uwsgi_no_cache $http_authorization $stackctl_session $stackctl_head;" in conf
+    assert "uwsgi_cache_key $scheme://$http_host$request_uri;" in conf
+    bypass = "$http_authorization $stackctl_session $stackctl_cache_refresh"
+    assert f"uwsgi_cache_bypass {bypass}\n{' ' * 31}$stackctl_other_host;" in conf
+    no_cache = "$http_authorization $stackctl_session $stackctl_head $stackctl_unshared"
+    assert f"uwsgi_no_cache {no_cache}\n{' ' * 27}$stackctl_other_host;" in conf
     assert "uwsgi_cache_lock on;" in conf
     assert "uwsgi_cache_use_stale updating error timeout http_500 http_503;" in conf
     assert f'listen "unix:{tmp_path / "run" / "cache.sock"}";' in conf
@@ -96,8 +98,11 @@ def test_the_page_file_is_where_nginx_puts_it(tmp_path: Path) -> None:
     digest = hashlib.md5(b"http://example.com/news/?page=2").hexdigest()
     dirs, name = cache.cache_file(target(tmp_path), "/news/?page=2")
     assert (dirs, name) == ([digest[-1], digest[-3:-1]], digest)
-    ipv6 = cache.cache_key(target(tmp_path), "/", "::1")
-    assert ipv6 == "http://[::1]/"  # as NGiNX's $host holds an IPv6 address
+    assert cache.host_headers(target(tmp_path), "::1") == ["[::1]"]  # as a client sends it
+    # On another port than the default, a browser sends it, a load balancer may not.
+    on_8000 = target(tmp_path, port_suffix=":8000")
+    assert cache.host_headers(on_8000) == ["example.com:8000", "example.com"]
+    assert cache.cache_key(on_8000, "/a") == "http://example.com:8000/a"
 
 
 @pytest.mark.parametrize("path", ["/", "/news/?page=2&x=%2F", "/a;b=c:d@e/~f!$'()*+,"])

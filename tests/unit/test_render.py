@@ -376,9 +376,10 @@ def test_the_code_reload_run_by_root_imports_nothing_from_the_stack_directory(
 
 def test_nginx_answers_the_health_check_alone_only_while_the_host_drains(tmp_path: Path) -> None:
     stack = make_stack(tmp_path)
-    conf = files(stack)["nginx.conf"]
-    block = conf[conf.index('location = "/_stackctl/health"') :]
-    block = block[: block.index("\n        }\n")]
+    rendered = files(stack)
+    assert rendered["nginx.conf"].count("include health.conf;") == 1  # no HTTPS: one server
+    block = rendered["health.conf"]
+    assert 'location = "/_stackctl/health" {' in block
     assert f'if (-f "{tmp_path / "run" / "draining"}") {{' in block
     assert 'return 503 "{\\"ok\\": false, \\"reason\\": \\"draining\\"}";' in block
     assert "uwsgi_param STACKCTL_HEALTH 1;" in block and "uwsgi_pass wsgi_pool;" in block
