@@ -60,7 +60,7 @@ def make_dirs(stack: Stack) -> None:
                 f"{key}: cannot create or make private {e.filename}: {e.strerror}"
             ) from None
     make_private_dir(stack, stack.run_dir, stack.nginx_temp_dir.name)
-    if stack.caches_pages:
+    if "nginx" in stack.watchers:  # the health check's answer is kept there too
         make_cache_dir(stack)
     make_service_dir(stack)
     make_logs_private(stack.log_dir, stack.runner_uid)
@@ -68,14 +68,15 @@ def make_dirs(stack: Stack) -> None:
 
 
 def make_cache_dir(stack: Stack) -> None:
-    """The directory NGiNX keeps pages in is made by NGiNX's master in this one, which is
-    stackctl's (root's, when root starts the stack): the service user, who writes the pages,
-    cannot put a link in place of the cache directory for the master to chown."""
+    """The directories NGiNX keeps pages and the health check's answer in are made by
+    NGiNX's master in this one, which is stackctl's (root's, when root starts the stack):
+    the service user, who writes the pages, cannot put a link in place of a cache directory
+    for the master to chown."""
     try:
         make_private_dir(stack, stack.run_dir, stack.nginx_cache_dir.name)
     except OSError as e:
         raise StackError(
-            f"cache.enabled: {stack.nginx_cache_dir} cannot be made the cache's directory "
+            f"{stack.nginx_cache_dir} cannot be made NGiNX's cache directory "
             f"({e.strerror}): it must be a directory of yours, not a symbolic link; remove "
             "it, stackctl creates it again"
         ) from None

@@ -297,6 +297,11 @@ class Stack:
         return self.run_dir / "nginx-cache"
 
     @property
+    def health_cache_dir(self) -> Path:
+        """Where NGiNX keeps the health check's last answer (a second), beside the pages."""
+        return self.nginx_cache_dir / "health"
+
+    @property
     def cache_pages_dir(self) -> Path:
         """Where NGiNX's workers write the kept pages."""
         return self.nginx_cache_dir / "pages"

@@ -231,6 +231,7 @@ def render(stack: Stack) -> list[File]:
         burst=profile.limits.burst,
         exempt=profile.limits.exempt,
         cache=cache_values(stack),
+        health_cache=stack.health_cache_dir,
     )
     security_headers = render_template("nginx/security_headers.conf.j2", hsts=headers["hsts"])
     health_location = render_template(
@@ -238,6 +239,7 @@ def render(stack: Stack) -> list[File]:
         health_path=health.PATH,
         health_marker=health.MARKER_VARIABLE,
         health_timeout=health.ANSWER_WITHIN,
+        fresh_for=health.FRESH_FOR,
         draining_mark=drain.mark_path(stack.run_dir),
         draining_answer=health.DRAINING,
         requests_per_second=profile.limits.requests_per_second,

@@ -54,7 +54,7 @@ def test_the_session_regex_finds_a_cookie_by_its_whole_name() -> None:
 def test_cache_disabled_renders_no_cache_lines(tmp_path: Path) -> None:
     rendered = files(make_stack(tmp_path))
     conf = rendered["nginx.conf"]
-    for line in ("uwsgi_cache", "cache.sock", "X-Cache-Status", "$stackctl_session"):
+    for line in ("stackctl_pages", "cache.sock", "X-Cache-Status", "$stackctl_session"):
         assert line not in conf, line
     assert '"enabled": false' in rendered["cache.json"]
 

@@ -203,7 +203,8 @@ def test_a_front_hosts_config_passes_nginx_t(tmp_path: Path) -> None:
     stack = host(tmp_path, FRONT)
     for file in generation.render_all(stack):
         (tmp_path / file.name).write_text(file.content)
-    for directory in (tmp_path / "static", stack.nginx_temp_dir, stack.log_dir):
+    made = (tmp_path / "static", stack.nginx_temp_dir, stack.nginx_cache_dir, stack.log_dir)
+    for directory in made:
         directory.mkdir(parents=True, exist_ok=True)
     conf = tmp_path / "nginx.conf"
     result = subprocess.run(

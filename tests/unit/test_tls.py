@@ -360,6 +360,7 @@ def test_nginx_accepts_the_tls_config_with_no_warning(tmp_path: Path) -> None:
     (tmp_path / "acme").mkdir()
     run = stack.run_dir
     (run / "nginx-temp").mkdir(parents=True)
+    (run / "nginx-cache").mkdir()
     stack.log_dir.mkdir(parents=True)
     for name, content in conf(stack).items():
         (run / name).write_text(content)
