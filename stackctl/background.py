@@ -39,6 +39,7 @@ from stackctl.watchers import WATCHERS
 
 if TYPE_CHECKING:
     from stackctl.stack import Stack
+    from stackctl.supervisor import Check, WatcherInfo
 
 SECTION = "watchers"
 MAX_WATCHERS = 32
@@ -344,6 +345,27 @@ def circus_sections(stack: Stack) -> list[dict[str, Any]]:
             "env": {**stack.worker_env(), **dict(watcher.env)},
         })  # fmt: skip
     return sections
+
+
+def status_checks(stack: Stack, infos: Iterable[WatcherInfo]) -> list[Check]:
+    """The line of `stackctl status` about this host's background watchers: failing (and the
+    exit status 1) when one is not running, since nothing then does its work."""
+    from stackctl.supervisor import Check
+
+    own = [w.name for w in on_this_host(stack)]
+    if not own:
+        return []
+    states = {info.name: info for info in infos}
+    stopped = [name for name in own if name not in states or states[name].state != "active"]
+    if not stopped:
+        return [Check("background", True, f"{', '.join(own)} running")]
+    return [Check("background", False, "; ".join(not_running(n, states.get(n)) for n in stopped))]
+
+
+def not_running(name: str, info: WatcherInfo | None) -> str:
+    if info is not None and info.failure:
+        return f"{name} stopped after crashing (fixed, `stackctl reload {name}` starts it again)"
+    return f"{name} {info.state if info is not None else 'is not in circusd'}"
 
 
 def longest_graceful(profile_watchers: Iterable[WatcherConfig]) -> int:

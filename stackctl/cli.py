@@ -319,7 +319,8 @@ def cmd_status(args: argparse.Namespace) -> int:
     require_running(stack)
     where = stack.url() if "nginx" in stack.watchers else ", ".join(stack.profile.cluster.roles)
     print(f"{where}  profile {stack.profile.name}")
-    for watcher in supervisor.status(stack):
+    watchers = supervisor.status(stack)
+    for watcher in watchers:
         print(f"{watcher.name:<7} {watcher.state:<9} {len(watcher.processes)} process(es)")
         if watcher.failure:
             print("    " + watcher.failure.replace("\n", "\n    "))
@@ -328,7 +329,7 @@ def cmd_status(args: argparse.Namespace) -> int:
                 f"    pid {p.pid:<8} up {format_age(p.age):>8}  cpu {p.cpu:5.1f}%  "
                 f"rss {p.mem_rss / 2**20:7.1f} MiB"
             )
-    checks = supervisor.health(stack)
+    checks = supervisor.health(stack) + background.status_checks(stack, watchers)
     if "nginx" in stack.watchers and drain.under_way(stack.run_dir):
         print("draining: the health check answers 503 (`stackctl drain --off` ends it)")
     for check in checks:
@@ -396,6 +397,7 @@ def reload_running(args: argparse.Namespace, running: Stack) -> int:
         supervisor.check_port_free(stack, ["metrics.listen"])  # the exporter's new address
     # Before NGiNX serves the new generation: a changed file's stale .gz goes as soon as can be.
     print_compression(stack)
+    since, old_circus_ini = time.time(), running.circus_ini.read_text()
     done = reload.apply_config(stack)
     save_state(stack, overrides)
     for line in done:
@@ -409,6 +411,8 @@ def reload_running(args: argparse.Namespace, running: Stack) -> int:
         print(reload.reload_watcher(stack, watcher, sequential=args.sequential))
     elif not done:
         print("nothing changed")
+    touched = reload.touched_background(stack, old_circus_ini, watcher)
+    reload.check_background_started(stack, touched, since)
     return 0
 
 

@@ -40,7 +40,8 @@ from stackctl.render import File
 from stackctl.render.nginx import INCLUDES as NGINX_INCLUDES
 from stackctl.render.nginx import RENDERED as NGINX_RENDERED
 from stackctl.stack import Listen, Stack, open_connection
-from stackctl.supervisor import call
+from stackctl.supervisor import ProcessInfo, call, failure_reason
+from stackctl.supervisor import status as watchers_status
 from stackctl.tls import leaf_der
 from stackctl.users import as_service_user
 from stackctl.watchers import WATCHERS
@@ -240,6 +241,66 @@ def reload_watcher(stack: Stack, watcher: str, sequential: bool) -> str:
         return "wsgi had stopped after crashing; started it again"
     replaced = replace_workers(stack, sequential=sequential)
     return f"reloaded wsgi: {replaced} workers replaced, each once its successor was ready"
+
+
+BACKGROUND_SETTLE = 2.5
+"""Seconds a background process must live to count as started: the flapping plugin's
+min_uptime (2 s, circus.ini) and a margin."""
+BACKGROUND_PATIENCE = 120.0
+"""Seconds to wait for that: five crashes of a slow-starting program (and a busy machine)."""
+
+
+def touched_background(stack: Stack, old_circus_ini: str, named: str | None) -> set[str]:
+    """The background watchers a reload (re)started: those whose sections of circus.ini
+    changed, and the one it was named."""
+    changed = {section.split(":", 1)[-1] for section, _ in
+               circus_differences(old_circus_ini, stack.circus_ini.read_text())}  # fmt: skip
+    return {w.name for w in background.on_this_host(stack) if w.name in (*changed, named)}
+
+
+def check_background_started(stack: Stack, names: set[str], since: float) -> None:
+    """After a reload: each background watcher of ``names`` (re)started since ``since`` (a
+    time.time()) lives through its first seconds, or the reload fails naming it and why.
+
+    Circus retires the old processes whatever the new ones do, so a new command that cannot
+    start would otherwise leave nothing doing the watcher's work, after a reload that said
+    all was well.
+    """
+    wanted = {w.name: w.numprocesses for w in background.on_this_host(stack) if w.name in names}
+    deadline = time.monotonic() + BACKGROUND_PATIENCE
+    while wanted:
+        for info in watchers_status(stack):
+            if info.name not in wanted:
+                continue
+            note = failure_note(stack.run_dir, info.name)
+            if info.state == "stopped" and note.is_file() and note.stat().st_mtime >= since:
+                reason = failure_reason(stack, info.name)
+                raise StackError(background_failed(stack, info.name, reason))
+            if info.state == "stopped" or settled(info.processes, wanted[info.name], since):
+                del wanted[info.name]  # untouched by this reload, or started for good
+        if not wanted:
+            return
+        if time.monotonic() > deadline:
+            name = min(wanted)
+            tail = log_tail(stack.log_dir / f"{name}.log", 10)
+            raise StackError(background_failed(
+                stack, name, f"keeps restarting; from its log:\n{textwrap.indent(tail, '    ')}"))
+        time.sleep(POLL)
+
+
+def settled(processes: list[ProcessInfo], count: int, since: float) -> bool:
+    """All ``count`` processes run, each started before ``since`` or long enough ago."""
+    now = time.time()
+    return len(processes) >= count and all(
+        now - p.age < since or p.age >= BACKGROUND_SETTLE for p in processes
+    )
+
+
+def background_failed(stack: Stack, name: str, reason: str) -> str:
+    where = stack.profile.where(f"{background.SECTION}.{name}.cmd")
+    return (f"{where}: {name} did not start again, and none of its processes runs now (the "
+            "old ones were stopped). Fix it, then `stackctl reload` (a changed profile) or "
+            f"`stackctl reload {name}` (a changed program) starts it again. It {reason}")
 
 
 def reload_nginx(stack: Stack, previous: list[File]) -> None:

@@ -1,0 +1,94 @@
+"""[watchers.NAME] attacked from outside: a new command that cannot start, a program that
+ignores its stop signal and leaves children behind, on the real stack under circusd."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from stackctl import supervisor
+from stackctl.cli import EXIT_UNHEALTHY
+from stackctl.errors import EXIT_STACK_ERROR
+from stackctl.stack import Stack
+from tests.conftest import REPO, app_site, running_stack, stackctl, wait_for
+
+pytestmark = pytest.mark.e2e
+
+STEADY = "python steady.py"
+BROKEN = "python -c \\\"raise SystemExit('steady: broken on purpose')\\\""
+"""A command that exits at once, as --set gives it (TOML, inside double quotes)."""
+
+# Started by the stack: ignores TERM, and leaves a child and a grandchild (each in a
+# process group of its own, as a task running a tool would) that a stop must not forget.
+DEAF = """\
+import os, signal, subprocess, sys, time
+signal.signal(signal.SIGTERM, signal.SIG_IGN)
+child = subprocess.Popen(["sleep", "1000"], start_new_session=True)
+shell = subprocess.Popen(["sh", "-c", "sleep 999 & wait"], start_new_session=True)
+with open(sys.argv[1], "a") as f:
+    f.write(f"{os.getpid()} {child.pid} {shell.pid}\\n")
+time.sleep(1000)
+"""
+STEADY_PROGRAM = "import time\nwhile True:\n    time.sleep(1)\n"
+DEAF_GRACE = 2
+
+
+@pytest.fixture(scope="module")
+def site() -> Path:
+    site = app_site(REPO / "tests" / "apps" / "echoenv.py", "echoenv:application")
+    (site / "steady.py").write_text(STEADY_PROGRAM)
+    (site / "deaf.py").write_text(DEAF)
+    with (site / "stack.toml").open("a") as f:
+        f.write(f'\n[watchers.steady]\ncmd = "{STEADY}"\n\n'
+                f'[watchers.deaf]\ncmd = "python deaf.py started.txt"\n'
+                f"graceful_timeout = {DEAF_GRACE}\n")  # fmt: skip
+    return site
+
+
+@pytest.fixture(scope="module")
+def stack(site: Path) -> Iterator[Stack]:
+    with running_stack(site, "--workers", "1") as running:
+        yield running
+
+
+def pids_of(stack: Stack, name: str) -> set[int]:
+    found = {w.name: w for w in supervisor.status(stack)}
+    return {p.pid for p in found[name].processes}
+
+
+def test_a_reload_onto_a_command_that_cannot_start_fails_and_says_why(stack: Stack) -> None:
+    wait_for(lambda: len(pids_of(stack, "steady")) == 1, 30, "steady to run")
+    broken = stackctl("reload", "--set", f'watchers.steady.cmd="{BROKEN}"',
+                      cwd=stack.stack_dir, check=False)  # fmt: skip
+    # Circus retired the old process and the new one dies at start: the reload failed, and
+    # the user is told which watcher, why (from its log) and that nothing runs it now.
+    assert broken.returncode == EXIT_STACK_ERROR, broken.stdout + broken.stderr
+    assert "watchers.steady.cmd" in broken.stderr
+    assert "steady: broken on purpose" in broken.stderr
+    assert "none of its processes runs now" in broken.stderr
+    shown = stackctl("status", cwd=stack.stack_dir, check=False)
+    assert shown.returncode == EXIT_UNHEALTHY, shown.stdout
+    assert "background FAILING  steady stopped after crashing" in shown.stdout
+    # Once the command is fixed, a reload starts it, and says nothing is wrong.
+    fixed = stackctl("reload", "--set", f'watchers.steady.cmd="{STEADY}"', cwd=stack.stack_dir)
+    assert "Circus reloaded its config" in fixed.stdout
+    shown = stackctl("status", cwd=stack.stack_dir)
+    assert "background ok       deaf, steady running" in shown.stdout
+
+
+def test_stackctl_reload_of_a_watcher_whose_program_now_fails_says_so(stack: Stack) -> None:
+    wait_for(lambda: len(pids_of(stack, "steady")) == 1, 30, "steady to run")
+    program = stack.stack_dir / "steady.py"
+    program.write_text("raise SystemExit('steady: broken on disk')\n")
+    try:
+        broken = stackctl("reload", "steady", cwd=stack.stack_dir, check=False)
+        assert broken.returncode == EXIT_STACK_ERROR, broken.stdout + broken.stderr
+        assert "steady: broken on disk" in broken.stderr
+        assert "stackctl reload steady" in broken.stderr  # what starts it again once fixed
+    finally:
+        program.write_text(STEADY_PROGRAM)
+    again = stackctl("reload", "steady", cwd=stack.stack_dir)
+    assert "steady had stopped after crashing; started it again" in again.stdout
+    wait_for(lambda: len(pids_of(stack, "steady")) == 1, 30, "steady to run again")
