@@ -3,15 +3,19 @@ ignores its stop signal and leaves children behind, on the real stack under circ
 
 from __future__ import annotations
 
+import json
 import time
+import urllib.request
+from collections import Counter
 from collections.abc import Iterator
 from contextlib import suppress
 from pathlib import Path
 
 import psutil
 import pytest
+import redis
 
-from stackctl import supervisor
+from stackctl import realtime, supervisor
 from stackctl.cli import EXIT_UNHEALTHY
 from stackctl.errors import EXIT_STACK_ERROR
 from stackctl.stack import Stack
@@ -135,3 +139,73 @@ def test_a_program_that_ignores_its_stop_signal_is_killed_with_its_children(
     wait_for(lambda: not running(old), 10, "what the old deaf.py started to be stopped")
     wait_for(lambda: len(started(stack)) == 2, 30, "the new deaf.py to start")
     wait_for(lambda: len(running(family(started(stack)[1]))) == 4, 10, "the new one's children")
+
+
+# --- a real Celery worker: its broker killed, the stack stopped under a batch -----------------
+
+WORKER = ("celery -A celery_jobs worker --pool threads --concurrency 2 --without-mingle "
+          "--without-gossip --loglevel INFO")  # fmt: skip
+VISIBILITY = 8
+"""Celery's visibility_timeout here (an hour by default): a task killed mid-run is handed
+out again once it is that old."""
+
+
+@pytest.fixture
+def celery_site() -> Path:
+    site = app_site(REPO / "tests" / "apps" / "celery_jobs.py", "celery_jobs:application")
+    with (site / "stack.toml").open("a") as f:
+        f.write(f'\n[watchers.tasks]\ncmd = "{WORKER}"\ngraceful_timeout = 1\n'
+                f'env = {{ VISIBILITY_TIMEOUT = "{VISIBILITY}" }}\n')  # fmt: skip
+    return site
+
+
+def enqueue(stack: Stack, batch: str, count: int, seconds: float) -> None:
+    url = f"{stack.url()}enqueue?batch={batch}&count={count}&seconds={seconds}"
+    with urllib.request.urlopen(urllib.request.Request(url, method="POST"), timeout=10) as r:
+        assert r.status == 202
+
+
+def published(stack: Stack, batch: str) -> Counter[int]:
+    """How many times each task of ``batch`` published its result, from the channel's
+    history in the stack's Redis (kept across restarts)."""
+    connection = redis.Redis(unix_socket_path=str(stack.redis_socket))
+    try:
+        entries = connection.xrange(realtime.stream_key("results"))
+    finally:
+        connection.close()
+    found: Counter[int] = Counter()
+    for _, fields in entries:
+        for value in fields.values():
+            with suppress(ValueError, TypeError, KeyError):
+                data = json.loads(value)
+                if isinstance(data, dict) and data.get("batch") == batch:
+                    found[data["number"]] += 1
+    return found
+
+
+def test_a_redis_killed_under_a_batch_loses_and_doubles_no_task(celery_site: Path) -> None:
+    with running_stack(celery_site, "--workers", "1") as stack:
+        wait_for(lambda: len(pids_of(stack, "tasks")) == 1, 30, "the Celery worker")
+        count = 16
+        enqueue(stack, "killed", count, 0.3)
+        wait_for(lambda: sum(published(stack, "killed").values()) >= 3, 30, "a few results")
+        (redis_pid,) = pids_of(stack, "redis")
+        psutil.Process(redis_pid).kill()
+        wait_for(lambda: len(published(stack, "killed")) == count, 90, "every result")
+        time.sleep(2)  # a task run twice would report again by now
+        assert published(stack, "killed") == Counter(range(count))
+
+
+def test_a_task_killed_by_down_runs_again_after_the_next_up(celery_site: Path) -> None:
+    with running_stack(celery_site, "--workers", "1") as stack:
+        wait_for(lambda: len(pids_of(stack, "tasks")) == 1, 30, "the Celery worker")
+        log = stack.log_dir / "tasks.log"
+        # Longer than graceful_timeout: `down` kills the two running; the rest stay queued.
+        enqueue(stack, "cut", 4, 3)
+        wait_for(lambda: log.read_text().count("received") >= 2, 30, "two tasks to start")
+        stackctl("down", cwd=stack.stack_dir)
+    with running_stack(celery_site, "--workers", "1") as stack:
+        # Not lost: in Redis, handed out again once older than the visibility timeout.
+        wait_for(lambda: len(published(stack, "cut")) == 4, 3 * VISIBILITY + 60, "every task")
+        time.sleep(4)  # one run twice would report again by now
+        assert published(stack, "cut") == Counter(range(4))
