@@ -86,7 +86,8 @@ def command_line(value: Any) -> str:
         words = shlex.split(value)
     except ValueError as e:
         raise Invalid(f"{value!r} does not split into words ({e}); expected {form}") from None
-    if not words or words[0].startswith("-"):
+    # ("" and "dir/" name no program: Circus would only fail to start it, five times.)
+    if not words or not words[0] or words[0].startswith("-") or words[0].endswith("/"):
         raise _expect(form + ", starting with the program to run", value)
     return value
 

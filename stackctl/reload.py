@@ -276,8 +276,12 @@ def check_background_started(stack: Stack, names: set[str], since: float) -> Non
             if info.state == "stopped" and note.is_file() and note.stat().st_mtime >= since:
                 reason = failure_reason(stack, info.name)
                 raise StackError(background_failed(stack, info.name, reason))
-            if info.state == "stopped" or settled(info.processes, wanted[info.name], since):
-                del wanted[info.name]  # untouched by this reload, or started for good
+            if info.state == "stopped":
+                del wanted[info.name]  # stopped before this reload, which left it so
+            elif settled(info.processes, wanted[info.name], since):
+                del wanted[info.name]
+                # Running again: a stop of it later is not the crash of before.
+                note.unlink(missing_ok=True)
         if not wanted:
             return
         if time.monotonic() > deadline:

@@ -83,6 +83,12 @@ def test_a_reload_onto_a_command_that_cannot_start_fails_and_says_why(stack: Sta
     assert "Circus reloaded its config" in fixed.stdout
     shown = stackctl("status", cwd=stack.stack_dir)
     assert "background ok       deaf, steady running" in shown.stdout
+    # Stopped on purpose later, it is not said to have crashed (the old crash is forgotten).
+    supervisor.call(stack, "stop", name="steady", waiting=True)
+    shown = stackctl("status", cwd=stack.stack_dir, check=False)
+    assert "background FAILING  steady stopped" in shown.stdout
+    assert "crash" not in shown.stdout
+    supervisor.call(stack, "start", name="steady", waiting=True)
 
 
 def test_stackctl_reload_of_a_watcher_whose_program_now_fails_says_so(stack: Stack) -> None:

@@ -63,6 +63,8 @@ def test_saved_settings_give_back_the_same_watchers(tmp_path: Path) -> None:
         ("[watchers]\na = 3\n", "expected a table of settings"),
         ('[watchers.a]\ncmd = ""\n', "watchers.a.cmd: expected a command line"),
         ('[watchers.a]\ncmd = "--loglevel INFO"\n', "starting with the program to run"),
+        ("[watchers.a]\ncmd = '\"\" worker'\n", "starting with the program to run"),
+        ("[watchers.a]\ncmd = '/ worker'\n", "starting with the program to run"),
         ('[watchers.a]\ncmd = "celery \'worker"\n', "does not split into words"),
         ('[watchers.a]\ncmd = "celery worker\\n[watcher:evil]\\ncmd = sh"\n',
          "expected a command line"),
