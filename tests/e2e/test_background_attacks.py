@@ -5,23 +5,37 @@ from __future__ import annotations
 
 import json
 import time
+import urllib.error
 import urllib.request
 from collections import Counter
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import suppress
 from pathlib import Path
 
 import psutil
 import pytest
 import redis
+from websockets.sync.client import connect
 
 from stackctl import realtime, supervisor
 from stackctl.cli import EXIT_UNHEALTHY
 from stackctl.errors import EXIT_STACK_ERROR
 from stackctl.stack import Stack
-from tests.conftest import REPO, app_site, running_stack, stackctl, wait_for
+from tests.conftest import (
+    REPO,
+    app_site,
+    data_of,
+    running_stack,
+    short_dir,
+    stackctl,
+    wait_for,
+)
 
 pytestmark = pytest.mark.e2e
+
+DEMO_JOBS = 4
+"""Slow jobs the demo runs or queues at once (examples/demo/demo_app.py)."""
 
 STEADY = "python steady.py"
 BROKEN = "python -c \\\"raise SystemExit('steady: broken on purpose')\\\""
@@ -215,3 +229,42 @@ def test_a_task_killed_by_down_runs_again_after_the_next_up(celery_site: Path) -
         wait_for(lambda: len(published(stack, "cut")) == 4, 3 * VISIBILITY + 60, "every task")
         time.sleep(4)  # one run twice would report again by now
         assert published(stack, "cut") == Counter(range(4))
+
+
+# --- the demo's slow job, clicked many times at once -----------------------------------------
+
+CLICKS = 12
+
+
+def click_job(stack: Stack) -> tuple[int, str]:
+    request = urllib.request.Request(stack.url() + "job", data=b"", method="POST",
+                                     headers={"Accept": "application/json"})  # fmt: skip
+    try:
+        with urllib.request.urlopen(request, timeout=10) as response:
+            return response.status, response.read().decode()
+    except urllib.error.HTTPError as e:
+        return e.code, e.read().decode()
+
+
+def test_the_demos_slow_job_clicked_many_times_at_once_runs_a_few() -> None:
+    root = short_dir()
+    stackctl("init", str(root / "site"), "--demo", cwd=root)
+    with running_stack(root / "site") as stack:
+        wait_for(lambda: len(pids_of(stack, "celery")) == 1, 30, "the Celery worker")
+        with ThreadPoolExecutor(CLICKS) as pool:
+            answers = list(pool.map(lambda _: click_job(stack), range(CLICKS)))
+        accepted = [json.loads(body)["job"] for status, body in answers if status == 202]
+        refused = [body for status, body in answers if status == 429]
+        # Each job is 11 messages on the board's channel, kept for every new visitor: clicks
+        # without end would push everything else off the board and grow the queue for ever.
+        assert 1 <= len(accepted) <= DEMO_JOBS, answers
+        assert len(accepted) + len(refused) == CLICKS, answers
+        assert all("slow jobs are under way" in body for body in refused), refused
+        # Once they are done, the button works again.
+        with connect(stack.url().replace("http", "ws", 1) + "ws/board", open_timeout=10) as ws:
+            done: set[str] = set()
+            while done != set(accepted):
+                message = data_of(ws.recv(timeout=60))
+                if isinstance(message, dict) and message.get("progress") == 100:
+                    done.add(message["job"])
+        wait_for(lambda: click_job(stack)[0] == 202, 30, "a new job to be accepted")
