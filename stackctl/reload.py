@@ -400,6 +400,25 @@ def circus_differences(old: str, new: str) -> set[tuple[str, str]]:
     return {key for key in before.keys() | after.keys() if before.get(key) != after.get(key)}
 
 
+def describe_differences(old: str, new: str, differences: set[tuple[str, str]]) -> list[str]:
+    """What a reload of circus.ini changed, for the user: a watcher that comes or goes (a
+    [watchers.NAME] added or removed) in a word rather than each of its options."""
+    before, after = ({s.split(":", 1)[1] for s in sections(text) if s.startswith("watcher:")}
+                     for text in (old, new))  # fmt: skip
+    came, went = sorted(after - before), sorted(before - after)
+    whole = {*came, *went}
+    # (The flapping plugin's list of watchers to judge changes with them.)
+    rest = sorted(f"{s} {k}" for s, k in differences if s.split(":", 1)[-1] not in whole
+                  and not (whole and (s, k) == ("plugin:flapping", "also")))  # fmt: skip
+    return [*(f"started {name}" for name in came), *(f"stopped {name}" for name in went), *rest]
+
+
+def sections(text: str) -> list[str]:
+    parser = configparser.RawConfigParser()
+    parser.read_string(text)
+    return parser.sections()
+
+
 SOCKET_PLACE = {"path", "host", "port", "family"}
 
 
@@ -470,7 +489,8 @@ def apply_config(stack: Stack) -> list[str]:
     if not changed:
         return []
     new_circus = next(f.content for f in files if f.name == stack.circus_ini.name)
-    differences = circus_differences(stack.circus_ini.read_text(), new_circus)
+    old_circus = stack.circus_ini.read_text()
+    differences = circus_differences(old_circus, new_circus)
     refuse_moved_sockets(differences)
     # Circus replaces the workers itself when their command line or environment changed.
     workers_adopt = any(section in ("watcher:wsgi", "env:wsgi") and key != "numprocesses"
@@ -496,9 +516,8 @@ def apply_config(stack: Stack) -> list[str]:
         longest = startup_timeout(background.longest_graceful(stack.profile.watchers))
         call(stack, "reloadconfig", waiting=True,
              timeout=max(timeout * max(stack.workers, 1), longest))  # fmt: skip
-        done.append(
-            "Circus reloaded its config: " + ", ".join(sorted(f"{s} {k}" for s, k in differences))
-        )
+        done.append("Circus reloaded its config: "
+                    + ", ".join(describe_differences(old_circus, new_circus, differences)))
     if changed & NGINX_FILES:
         reload_nginx(stack, nginx_before)
         done.append("NGiNX reloaded its config (HUP)")

@@ -302,3 +302,14 @@ def test_init_demo_writes_a_stack_file_that_runs_the_celery_watcher(
     monkeypatch.setattr(init, "celery_installed", lambda: False)
     (note,) = init.init(tmp_path, demo=True, app=None, force=True).notes
     assert "pip install 'stackctl[demo]'" in note
+
+
+def test_a_reload_names_a_watcher_that_comes_or_goes_not_each_of_its_options() -> None:
+    from stackctl.reload import circus_differences, describe_differences
+
+    old = ("[plugin:flapping]\nalso = old\n[watcher:wsgi]\nnumprocesses = 2\n"
+           "[watcher:old]\ncmd = x\n[env:old]\nA = 1\n")  # fmt: skip
+    new = ("[plugin:flapping]\nalso = tasks\n[watcher:wsgi]\nnumprocesses = 3\n"
+           "[watcher:tasks]\ncmd = celery\nnumprocesses = 1\n[env:tasks]\nPYTHONPATH = /s\n")
+    shown = describe_differences(old, new, circus_differences(old, new))
+    assert shown == ["started tasks", "stopped old", "watcher:wsgi numprocesses"]
