@@ -161,6 +161,44 @@ def test_a_program_that_ignores_its_stop_signal_is_killed_with_its_children(
     wait_for(lambda: len(running(family(started(stack)[1]))) == 4, 10, "the new one's children")
 
 
+SLOPPY = """\
+import subprocess, time
+subprocess.Popen(["true"])  # never waited for: a zombie child for as long as this runs
+while True:
+    time.sleep(1)
+"""
+
+
+def test_a_program_with_a_child_it_never_waited_for_does_not_break_status() -> None:
+    site = app_site(REPO / "tests" / "apps" / "echoenv.py", "echoenv:application")
+    (site / "sloppy.py").write_text(SLOPPY)
+    with (site / "stack.toml").open("a") as f:
+        f.write('\n[watchers.sloppy]\ncmd = "python sloppy.py"\n')
+    with running_stack(site, "--workers", "1") as stack:
+        # Circus's stats of all watchers fail on a zombie process: status said only "circusd
+        # refused 'stats': ... it's a zombie", and exited 3.
+        wait_for(lambda: any(p.status() == psutil.STATUS_ZOMBIE for p in zombies_of(stack)),
+                 30, "sloppy.py's zombie child")  # fmt: skip
+        shown = stackctl("status", cwd=stack.stack_dir)
+        assert "sloppy  active    1 process(es)" in shown.stdout
+        assert "background ok       sloppy running" in shown.stdout
+        (pid,) = pids_of(stack, "sloppy")
+        assert f"pid {pid} " in shown.stdout
+        stackctl("reload", "sloppy", cwd=stack.stack_dir)
+        assert pids_of(stack, "sloppy") and pids_of(stack, "sloppy") != {pid}
+
+
+def zombies_of(stack: Stack) -> list[psutil.Process]:
+    """The children of the stack's processes that run sloppy.py."""
+    found = []
+    for proc in psutil.process_iter(["cmdline"]):
+        with suppress(psutil.Error):
+            if (proc.info["cmdline"] or [])[-1:] == ["sloppy.py"] and \
+                    proc.cwd() == str(stack.stack_dir):
+                found += proc.children()
+    return found
+
+
 # --- a real Celery worker: its broker killed, the stack stopped under a batch -----------------
 
 WORKER = ("celery -A celery_jobs worker --pool threads --concurrency 2 --without-mingle "
