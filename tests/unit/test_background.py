@@ -243,6 +243,31 @@ def test_the_password_file_goes_into_the_url_and_kombu_masks_it() -> None:
     assert "secret" not in Connection(socket_url).as_uri()
     # A password written in the URL itself wins, as for stackctl's own clients.
     assert celery_broker_url("redis://:mine@h:1/0", "file") == "redis://:mine@h:1/0"
+    # A user name without one gets the file's.
+    assert celery_broker_url("redis://app@h:1/0", "file") == "redis://app:file@h:1/0"
+
+
+@pytest.mark.parametrize(
+    ("url", "broker", "db"),
+    [
+        ("redis://10.0.0.5:6379?db=1&socket_timeout=5", "redis://10.0.0.5:6379/1", "1"),
+        ("redis://:pw@10.0.0.5/0?socket_timeout=5", "redis://:pw@10.0.0.5/0", "0"),
+        ("unix:///s/redis.sock?db=2&socket_timeout=5",
+         "redis+socket:///s/redis.sock?virtual_host=2", "/"),
+    ],
+)
+def test_a_redis_urls_options_become_kombus_transport_options(url: str, broker: str,
+                                                               db: str) -> None:  # fmt: skip
+    """redis.url accepts ?db=1&socket_timeout=5 as redis-py does; in kombu's URL they stopped
+    the worker at start (Connection() got an unexpected keyword argument 'socket_timeout')."""
+    from kombu import Connection
+
+    settings = celery_settings(url, "")
+    assert settings["broker_url"] == broker
+    assert settings["broker_transport_options"] == {"socket_timeout": 5}
+    connection = Connection(settings["broker_url"],
+                            transport_options=settings["broker_transport_options"])  # fmt: skip
+    assert connection.virtual_host == db
 
 
 def test_sentinels_become_kombus_list_and_the_master_a_transport_option() -> None:
