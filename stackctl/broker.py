@@ -19,6 +19,7 @@ the URL (``redis://:**@host``); stackctl never prints it.
 
 from __future__ import annotations
 
+import ssl
 from typing import Any
 from urllib.parse import parse_qsl, quote, urlencode, urlsplit, urlunsplit
 
@@ -86,9 +87,9 @@ def _host(host: str) -> str:
 
 
 def celery_settings(url: str | None = None, password: str | None = None) -> dict[str, Any]:
-    """``broker_url`` and, for Sentinel, ``broker_transport_options``: for
-    ``app.conf.update()``. A task's result goes back the stack's way (realtime.publish), so
-    no result backend is set."""
+    """``broker_url``; ``broker_transport_options`` for Sentinel and a URL's options;
+    ``broker_use_ssl`` for rediss://: for ``app.conf.update()``. A task's result goes back
+    the stack's way (realtime.publish), so no result backend is set."""
     url = url or realtime.redis_url()
     password = password if password is not None else realtime.redis_password()
     settings: dict[str, Any] = {"broker_url": celery_broker_url(url, password)}
@@ -99,6 +100,24 @@ def celery_settings(url: str | None = None, password: str | None = None) -> dict
             options["sentinel_kwargs"] = {"password": password}
     else:
         _, options = url_options(urlsplit(url).query)
+    if url.startswith("rediss://"):
+        settings["broker_use_ssl"] = tls_options(options)
+        options = {k: v for k, v in options.items() if not k.startswith("ssl_")}
     if options:
         settings["broker_transport_options"] = options
     return settings
+
+
+CERT_REQS = {"none": ssl.CERT_NONE, "optional": ssl.CERT_OPTIONAL, "required": ssl.CERT_REQUIRED}
+
+
+def tls_options(options: dict[str, Any]) -> dict[str, Any]:
+    """Celery's broker_use_ssl for a rediss:// URL: the server's certificate is checked, as
+    redis-py checks it for stackctl's own clients, unless the URL's ssl_cert_reqs says
+    otherwise. (kombu, given none, would connect without checking it.)"""
+    tls = {k: v for k, v in options.items() if k.startswith("ssl_")}
+    wanted = str(tls.get("ssl_cert_reqs", "required")).lower()
+    if wanted not in CERT_REQS:
+        raise StackError(f"{realtime.REDIS_URL_VARIABLE}: ssl_cert_reqs={wanted}: expected "
+                         f"one of {', '.join(CERT_REQS)}")  # fmt: skip
+    return {**tls, "ssl_cert_reqs": CERT_REQS[wanted]}

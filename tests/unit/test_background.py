@@ -270,6 +270,24 @@ def test_a_redis_urls_options_become_kombus_transport_options(url: str, broker: 
     assert connection.virtual_host == db
 
 
+def test_a_rediss_broker_checks_the_servers_certificate_as_stackctls_clients_do() -> None:
+    """kombu, given rediss:// and no ssl options, connects without checking the certificate
+    (ssl_cert_reqs=CERT_NONE, with a mere warning), where redis-py requires a valid one."""
+    import ssl
+
+    from kombu import Connection
+
+    settings = celery_settings("rediss://10.0.0.5:6380/0", "pw")
+    assert settings["broker_use_ssl"] == {"ssl_cert_reqs": ssl.CERT_REQUIRED}
+    connection = Connection(settings["broker_url"], ssl=settings["broker_use_ssl"])
+    assert connection.ssl == {"ssl_cert_reqs": ssl.CERT_REQUIRED}
+    # Unless the URL says otherwise, as it would to stackctl's own clients.
+    relaxed = celery_settings("rediss://10.0.0.5:6380/0?ssl_cert_reqs=none", "pw")
+    assert relaxed["broker_use_ssl"] == {"ssl_cert_reqs": ssl.CERT_NONE}
+    assert "broker_transport_options" not in relaxed
+    assert "broker_use_ssl" not in celery_settings("redis://10.0.0.5:6379/0", "pw")
+
+
 def test_sentinels_become_kombus_list_and_the_master_a_transport_option() -> None:
     settings = celery_settings("sentinel://10.0.0.5:26379,[fd00::6]:26379/main", "pw")
     assert settings == {
