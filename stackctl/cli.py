@@ -216,6 +216,7 @@ def cmd_up(args: argparse.Namespace) -> int:
     # what has started, as Ctrl-C does; left to Python's default, it would end this process
     # alone and leave the stack running without it.
     signal.signal(signal.SIGTERM, signal.default_int_handler)
+    since = time.time()
     try:
         running = supervisor.start(stack, timeout=args.timeout)
     except KeyboardInterrupt:
@@ -225,6 +226,7 @@ def cmd_up(args: argparse.Namespace) -> int:
         return EXIT_INTERRUPTED
     for line in what_runs(stack):
         print(line)
+    warn_background_not_started(stack, since)
     print(f"logs in {stack.log_dir}")
     if stack.profile.metrics.listen is not None:
         print(f"metrics on http://{stack.profile.metrics.listen}/metrics (`stackctl top`)")
@@ -244,6 +246,18 @@ def cmd_up(args: argparse.Namespace) -> int:
     else:
         print(f"circusd exited by itself (status {running.process.returncode}); stack stopped")
     return status
+
+
+def warn_background_not_started(stack: Stack, since: float) -> None:
+    """The site serves without its background workers, so `up` stands; but one that cannot
+    start (a typo in its cmd) is said now, not left for a later `stackctl status`."""
+    from stackctl import reload
+
+    try:
+        reload.check_background_started(stack, {w.name for w in background.on_this_host(stack)},
+                                        since)  # fmt: skip
+    except StackError as e:
+        print(f"warning: {e}", file=sys.stderr, flush=True)
 
 
 def what_runs(stack: Stack) -> list[str]:

@@ -302,8 +302,8 @@ def settled(processes: list[ProcessInfo], count: int, since: float) -> bool:
 
 def background_failed(stack: Stack, name: str, reason: str) -> str:
     where = stack.profile.where(f"{background.SECTION}.{name}.cmd")
-    return (f"{where}: {name} did not start again, and none of its processes runs now (the "
-            "old ones were stopped). Fix it, then `stackctl reload` (a changed profile) or "
+    return (f"{where}: {name} does not start, and none of its processes runs now (old ones, "
+            "if any, were stopped). Fix it, then `stackctl reload` (a changed profile) or "
             f"`stackctl reload {name}` (a changed program) starts it again. It {reason}")
 
 

@@ -26,9 +26,11 @@ from tests.conftest import (
     REPO,
     app_site,
     data_of,
+    free_port,
     running_stack,
     short_dir,
     stackctl,
+    stop_and_check,
     wait_for,
 )
 
@@ -159,6 +161,19 @@ def test_a_program_that_ignores_its_stop_signal_is_killed_with_its_children(
     wait_for(lambda: not running(old), 10, "what the old deaf.py started to be stopped")
     wait_for(lambda: len(started(stack)) == 2, 30, "the new deaf.py to start")
     wait_for(lambda: len(running(family(started(stack)[1]))) == 4, 10, "the new one's children")
+
+
+def test_up_says_when_a_background_watcher_does_not_start() -> None:
+    site = app_site(REPO / "tests" / "apps" / "echoenv.py", "echoenv:application")
+    with (site / "stack.toml").open("a") as f:
+        f.write('\n[watchers.typo]\ncmd = "python -c \\"import nosuch_tasks\\""\n')
+    try:
+        up = stackctl("up", "--detach", "--listen", f"127.0.0.1:{free_port()}", cwd=site)
+        # The site serves, so up stands; but it says that typo does not run, and why.
+        assert "typo does not start" in up.stderr, up.stdout + up.stderr
+        assert "No module named 'nosuch_tasks'" in up.stderr
+    finally:
+        assert not stop_and_check(site)
 
 
 SLOPPY = """\
