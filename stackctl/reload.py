@@ -246,7 +246,7 @@ def reload_watcher(stack: Stack, watcher: str, sequential: bool) -> str:
 BACKGROUND_SETTLE = 2.5
 """Seconds a background process must live to count as started: the flapping plugin's
 min_uptime (2 s, circus.ini) and a margin."""
-BACKGROUND_PATIENCE = 120.0
+BACKGROUND_PATIENCE = 60.0
 """Seconds to wait for that: five crashes of a slow-starting program (and a busy machine)."""
 
 
