@@ -1,5 +1,7 @@
-"""[watchers.NAME] attacked from outside: a new command that cannot start, a program that
-ignores its stop signal and leaves children behind, on the real stack under circusd."""
+"""[watchers.NAME] attacked from outside, on the real stack under circusd: a new command that
+cannot start (reload, up, status), a program that ignores its stop signal and leaves children
+behind, one with a child it never waited for, a Redis killed under a batch of Celery tasks,
+a stop that cuts tasks short, and the demo's slow job clicked many times at once."""
 
 from __future__ import annotations
 
@@ -156,7 +158,7 @@ def test_a_program_that_ignores_its_stop_signal_is_killed_with_its_children(
     took = time.monotonic() - begun
     # It ignored TERM: killed after its graceful_timeout, which the reload waited for.
     assert took >= DEAF_GRACE, took
-    # What it started went with it (on main: reparented, and left running until `down`);
+    # What it started went with it (Circus alone left it running, reparented, until `down`);
     # the new one's are untouched.
     wait_for(lambda: not running(old), 10, "what the old deaf.py started to be stopped")
     wait_for(lambda: len(started(stack)) == 2, 30, "the new deaf.py to start")
