@@ -301,10 +301,12 @@ def settled(processes: list[ProcessInfo], count: int, since: float) -> bool:
 
 
 def background_failed(stack: Stack, name: str, reason: str) -> str:
-    where = stack.profile.where(f"{background.SECTION}.{name}.cmd")
-    return (f"{where}: {name} does not start, and none of its processes runs now (old ones, "
-            "if any, were stopped). Fix it, then `stackctl reload` (a changed profile) or "
-            f"`stackctl reload {name}` (a changed program) starts it again. It {reason}")
+    # The key, not its value: a command line may carry a password, and this may reach a log.
+    key = f"{background.SECTION}.{name}.cmd"
+    return (f"{stack.profile.source(key)}: {key}: {name} does not start, and none of its "
+            "processes runs now (old ones, if any, were stopped). Fix it, then `stackctl "
+            f"reload` (a changed profile) or `stackctl reload {name}` (a changed program) "
+            f"starts it again. It {reason}")
 
 
 def reload_nginx(stack: Stack, previous: list[File]) -> None:

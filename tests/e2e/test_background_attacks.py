@@ -93,6 +93,9 @@ def test_a_reload_onto_a_command_that_cannot_start_fails_and_says_why(stack: Sta
     assert "watchers.steady.cmd" in broken.stderr
     assert "steady: broken on purpose" in broken.stderr
     assert "none of its processes runs now" in broken.stderr
+    # The key, not its value: a command line may carry a password (and up's say so may well
+    # go to the journal).
+    assert "raise SystemExit" not in broken.stderr
     shown = stackctl("status", cwd=stack.stack_dir, check=False)
     assert shown.returncode == EXIT_UNHEALTHY, shown.stdout
     assert "background FAILING  steady stopped after crashing" in shown.stdout
