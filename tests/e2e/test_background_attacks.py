@@ -183,7 +183,9 @@ def test_up_says_when_a_background_watcher_does_not_start() -> None:
 
 SLOPPY = """\
 import subprocess, time
-subprocess.Popen(["true"])  # never waited for: a zombie child for as long as this runs
+# Never waited for: a zombie child for as long as this runs. (Kept: a Popen dropped at once
+# would reap its child on the way out if it has exited by then.)
+child = subprocess.Popen(["true"])
 while True:
     time.sleep(1)
 """
