@@ -39,6 +39,7 @@ from stackctl.watchers import WATCHERS
 
 if TYPE_CHECKING:
     from stackctl.stack import Stack
+    from stackctl.supervisor import Check, WatcherInfo
 
 SECTION = "watchers"
 MAX_WATCHERS = 32
@@ -85,7 +86,8 @@ def command_line(value: Any) -> str:
         words = shlex.split(value)
     except ValueError as e:
         raise Invalid(f"{value!r} does not split into words ({e}); expected {form}") from None
-    if not words or words[0].startswith("-"):
+    # ("" and "dir/" name no program: Circus would only fail to start it, five times.)
+    if not words or not words[0] or words[0].startswith("-") or words[0].endswith("/"):
         raise _expect(form + ", starting with the program to run", value)
     return value
 
@@ -344,6 +346,27 @@ def circus_sections(stack: Stack) -> list[dict[str, Any]]:
             "env": {**stack.worker_env(), **dict(watcher.env)},
         })  # fmt: skip
     return sections
+
+
+def status_checks(stack: Stack, infos: Iterable[WatcherInfo]) -> list[Check]:
+    """The line of `stackctl status` about this host's background watchers: failing (and the
+    exit status 1) when one is not running, since nothing then does its work."""
+    from stackctl.supervisor import Check
+
+    own = [w.name for w in on_this_host(stack)]
+    if not own:
+        return []
+    states = {info.name: info for info in infos}
+    stopped = [name for name in own if name not in states or states[name].state != "active"]
+    if not stopped:
+        return [Check("background", True, f"{', '.join(own)} running")]
+    return [Check("background", False, "; ".join(not_running(n, states.get(n)) for n in stopped))]
+
+
+def not_running(name: str, info: WatcherInfo | None) -> str:
+    if info is not None and info.failure:
+        return f"{name} stopped after crashing (fixed, `stackctl reload {name}` starts it again)"
+    return f"{name} {info.state if info is not None else 'is not in circusd'}"
 
 
 def longest_graceful(profile_watchers: Iterable[WatcherConfig]) -> int:

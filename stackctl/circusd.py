@@ -32,6 +32,7 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import threading
 import time
 from collections.abc import Generator
 from contextlib import suppress
@@ -52,7 +53,7 @@ from circus.util import parse_env_dict, synchronized
 from circus.watcher import Watcher
 from tornado import gen
 
-from stackctl import allowlist
+from stackctl import allowlist, processes
 from stackctl.logfile import no_follow_handlers
 from stackctl.readiness import forget_dead_marks, marked_since, reloading, startup_timeout
 
@@ -69,6 +70,10 @@ ADOPTABLE = {"cmd", "args", "env", "numprocesses", "graceful_timeout"}
 ENV_IGNORED = circus.arbiter._ENV_EXCEPTIONS
 ALLOW_OPTION = "stackctl_allow"
 SHOWN_CHARS = 200
+STRAYS_OPTION = "stackctl_strays"
+"""``stop``: a stopped process's children and their children go with it (background
+watchers: a task may run a tool, or start one and forget it)."""
+STRAYS_GRACE = 5.0
 """How much of an allow list an error quotes: a list of hundreds of hosts is cut there."""
 
 
@@ -119,6 +124,21 @@ class StackWatcher(Watcher):
             yield self.replace(sequential=False)
         else:
             yield super()._restart()
+
+    @gen.coroutine
+    def kill_process(self, process: Any, stop_signal: Any = None,
+                     graceful_timeout: Any = None) -> Generator[Any, Any, bool]:  # fmt: skip
+        """Circus's stop of one process; with ``stackctl_strays = stop``, then of what it had
+        started. Circus signals only the process (and, once it kills it, its children, but
+        never theirs), so what the process leaves would live on, reparented, until `down`."""
+        family: list[psutil.Process] = []
+        if self._options.get(STRAYS_OPTION) == "stop":
+            with suppress(psutil.Error):
+                family = psutil.Process(process.pid).children(recursive=True)
+        stopped = yield super().kill_process(process, stop_signal, graceful_timeout)
+        if family:
+            stop_strays(self.name, family)
+        raise gen.Return(stopped)
 
     # --- replacing processes -------------------------------------------------------------
 
@@ -212,6 +232,20 @@ class StackWatcher(Watcher):
             yield self.replace(sequential=False)
         self.numprocesses = int(new.get("numprocesses", 1))
         yield self.manage_processes()
+
+
+def stop_strays(watcher: str, family: list[psutil.Process]) -> None:
+    """SIGTERM now to those of ``family`` still running (psutil checks that a pid is still
+    the process it was), SIGKILL in a while to those that ignore it, off circusd's loop."""
+    alive = [proc for proc in family if proc.is_running()]
+    if not alive:
+        return
+    logger.info("%s: stopping %d process(es) its stopped process left: %s", watcher,
+                len(alive), " ".join(str(proc.pid) for proc in alive))  # fmt: skip
+    for proc in alive:
+        with suppress(psutil.Error):
+            proc.terminate()
+    threading.Thread(target=processes.kill_all, args=(alive, STRAYS_GRACE), daemon=True).start()
 
 
 def normalized(key: str, value: Any) -> Any:

@@ -220,6 +220,7 @@ def cmd_up(args: argparse.Namespace) -> int:
     # what has started, as Ctrl-C does; left to Python's default, it would end this process
     # alone and leave the stack running without it.
     signal.signal(signal.SIGTERM, signal.default_int_handler)
+    since = time.time()
     try:
         running = supervisor.start(stack, timeout=args.timeout)
     except KeyboardInterrupt:
@@ -229,6 +230,7 @@ def cmd_up(args: argparse.Namespace) -> int:
         return EXIT_INTERRUPTED
     for line in what_runs(stack):
         print(line)
+    warn_background_not_started(stack, since)
     print(f"logs in {stack.log_dir}")
     if stack.profile.metrics.listen is not None:
         print(f"metrics on http://{stack.profile.metrics.listen}/metrics (`stackctl top`)")
@@ -248,6 +250,18 @@ def cmd_up(args: argparse.Namespace) -> int:
     else:
         print(f"circusd exited by itself (status {running.process.returncode}); stack stopped")
     return status
+
+
+def warn_background_not_started(stack: Stack, since: float) -> None:
+    """The site serves without its background workers, so `up` stands; but one that cannot
+    start (a typo in its cmd) is said now, not left for a later `stackctl status`."""
+    from stackctl import reload
+
+    try:
+        reload.check_background_started(stack, {w.name for w in background.on_this_host(stack)},
+                                        since)  # fmt: skip
+    except StackError as e:
+        print(f"warning: {e}", file=sys.stderr, flush=True)
 
 
 def what_runs(stack: Stack) -> list[str]:
@@ -323,7 +337,8 @@ def cmd_status(args: argparse.Namespace) -> int:
     require_running(stack)
     where = stack.url() if "nginx" in stack.watchers else ", ".join(stack.profile.cluster.roles)
     print(f"{where}  profile {stack.profile.name}")
-    for watcher in supervisor.status(stack):
+    watchers = supervisor.status(stack)
+    for watcher in watchers:
         print(f"{watcher.name:<7} {watcher.state:<9} {len(watcher.processes)} process(es)")
         if watcher.failure:
             print("    " + watcher.failure.replace("\n", "\n    "))
@@ -332,7 +347,7 @@ def cmd_status(args: argparse.Namespace) -> int:
                 f"    pid {p.pid:<8} up {format_age(p.age):>8}  cpu {p.cpu:5.1f}%  "
                 f"rss {p.mem_rss / 2**20:7.1f} MiB"
             )
-    checks = supervisor.health(stack)
+    checks = supervisor.health(stack) + background.status_checks(stack, watchers)
     if "nginx" in stack.watchers and drain.under_way(stack.run_dir):
         print("draining: the health check answers 503 (`stackctl drain --off` ends it)")
     for check in checks:
@@ -400,6 +415,7 @@ def reload_running(args: argparse.Namespace, running: Stack) -> int:
         supervisor.check_port_free(stack, ["metrics.listen"])  # the exporter's new address
     # Before NGiNX serves the new generation: a changed file's stale .gz goes as soon as can be.
     print_compression(stack)
+    since, old_circus_ini = time.time(), running.circus_ini.read_text()
     done = reload.apply_config(stack)
     save_state(stack, overrides)
     for line in done:
@@ -413,6 +429,8 @@ def reload_running(args: argparse.Namespace, running: Stack) -> int:
         print(reload.reload_watcher(stack, watcher, sequential=args.sequential))
     elif not done:
         print("nothing changed")
+    touched = reload.touched_background(stack, old_circus_ini, watcher)
+    reload.check_background_started(stack, touched, since)
     return 0
 
 

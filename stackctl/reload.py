@@ -40,7 +40,8 @@ from stackctl.render import File
 from stackctl.render.nginx import INCLUDES as NGINX_INCLUDES
 from stackctl.render.nginx import RENDERED as NGINX_RENDERED
 from stackctl.stack import Listen, Stack, open_connection
-from stackctl.supervisor import call
+from stackctl.supervisor import ProcessInfo, call, failure_reason
+from stackctl.supervisor import status as watchers_status
 from stackctl.tls import leaf_der
 from stackctl.users import as_service_user
 from stackctl.watchers import WATCHERS
@@ -242,6 +243,72 @@ def reload_watcher(stack: Stack, watcher: str, sequential: bool) -> str:
     return f"reloaded wsgi: {replaced} workers replaced, each once its successor was ready"
 
 
+BACKGROUND_SETTLE = 2.5
+"""Seconds a background process must live to count as started: the flapping plugin's
+min_uptime (2 s, circus.ini) and a margin."""
+BACKGROUND_PATIENCE = 60.0
+"""Seconds to wait for that: five crashes of a slow-starting program (and a busy machine)."""
+
+
+def touched_background(stack: Stack, old_circus_ini: str, named: str | None) -> set[str]:
+    """The background watchers a reload (re)started: those whose sections of circus.ini
+    changed, and the one it was named."""
+    changed = {section.split(":", 1)[-1] for section, _ in
+               circus_differences(old_circus_ini, stack.circus_ini.read_text())}  # fmt: skip
+    return {w.name for w in background.on_this_host(stack) if w.name in (*changed, named)}
+
+
+def check_background_started(stack: Stack, names: set[str], since: float) -> None:
+    """After a reload: each background watcher of ``names`` (re)started since ``since`` (a
+    time.time()) lives through its first seconds, or the reload fails naming it and why.
+
+    Circus retires the old processes whatever the new ones do, so a new command that cannot
+    start would otherwise leave nothing doing the watcher's work, after a reload that said
+    all was well.
+    """
+    wanted = {w.name: w.numprocesses for w in background.on_this_host(stack) if w.name in names}
+    deadline = time.monotonic() + BACKGROUND_PATIENCE
+    while wanted:
+        for info in watchers_status(stack):
+            if info.name not in wanted:
+                continue
+            note = failure_note(stack.run_dir, info.name)
+            if info.state == "stopped" and note.is_file() and note.stat().st_mtime >= since:
+                reason = failure_reason(stack, info.name)
+                raise StackError(background_failed(stack, info.name, reason))
+            if info.state == "stopped":
+                del wanted[info.name]  # stopped before this reload, which left it so
+            elif settled(info.processes, wanted[info.name], since):
+                del wanted[info.name]
+                # Running again: a stop of it later is not the crash of before.
+                note.unlink(missing_ok=True)
+        if not wanted:
+            return
+        if time.monotonic() > deadline:
+            name = min(wanted)
+            tail = log_tail(stack.log_dir / f"{name}.log", 10)
+            raise StackError(background_failed(
+                stack, name, f"keeps restarting; from its log:\n{textwrap.indent(tail, '    ')}"))
+        time.sleep(POLL)
+
+
+def settled(processes: list[ProcessInfo], count: int, since: float) -> bool:
+    """All ``count`` processes run, each started before ``since`` or long enough ago."""
+    now = time.time()
+    return len(processes) >= count and all(
+        now - p.age < since or p.age >= BACKGROUND_SETTLE for p in processes
+    )
+
+
+def background_failed(stack: Stack, name: str, reason: str) -> str:
+    # The key, not its value: a command line may carry a password, and this may reach a log.
+    key = f"{background.SECTION}.{name}.cmd"
+    return (f"{stack.profile.source(key)}: {key}: {name} does not start, and none of its "
+            "processes runs now (old ones, if any, were stopped). Fix it, then `stackctl "
+            f"reload` (a changed profile) or `stackctl reload {name}` (a changed program) "
+            f"starts it again. It {reason}")
+
+
 def reload_nginx(stack: Stack, previous: list[File]) -> None:
     """HUP NGiNX onto its new config; if it cannot listen where that config says (NGiNX then
     keeps serving on its old config), put the old files back and say so."""
@@ -335,6 +402,25 @@ def circus_differences(old: str, new: str) -> set[tuple[str, str]]:
     return {key for key in before.keys() | after.keys() if before.get(key) != after.get(key)}
 
 
+def describe_differences(old: str, new: str, differences: set[tuple[str, str]]) -> list[str]:
+    """What a reload of circus.ini changed, for the user: a watcher that comes or goes (a
+    [watchers.NAME] added or removed) in a word rather than each of its options."""
+    before, after = ({s.split(":", 1)[1] for s in sections(text) if s.startswith("watcher:")}
+                     for text in (old, new))  # fmt: skip
+    came, went = sorted(after - before), sorted(before - after)
+    whole = {*came, *went}
+    # (The flapping plugin's list of watchers to judge changes with them.)
+    rest = sorted(f"{s} {k}" for s, k in differences if s.split(":", 1)[-1] not in whole
+                  and not (whole and (s, k) == ("plugin:flapping", "also")))  # fmt: skip
+    return [*(f"started {name}" for name in came), *(f"stopped {name}" for name in went), *rest]
+
+
+def sections(text: str) -> list[str]:
+    parser = configparser.RawConfigParser()
+    parser.read_string(text)
+    return parser.sections()
+
+
 SOCKET_PLACE = {"path", "host", "port", "family"}
 
 
@@ -405,7 +491,8 @@ def apply_config(stack: Stack) -> list[str]:
     if not changed:
         return []
     new_circus = next(f.content for f in files if f.name == stack.circus_ini.name)
-    differences = circus_differences(stack.circus_ini.read_text(), new_circus)
+    old_circus = stack.circus_ini.read_text()
+    differences = circus_differences(old_circus, new_circus)
     refuse_moved_sockets(differences)
     # Circus replaces the workers itself when their command line or environment changed.
     workers_adopt = any(section in ("watcher:wsgi", "env:wsgi") and key != "numprocesses"
@@ -431,9 +518,8 @@ def apply_config(stack: Stack) -> list[str]:
         longest = startup_timeout(background.longest_graceful(stack.profile.watchers))
         call(stack, "reloadconfig", waiting=True,
              timeout=max(timeout * max(stack.workers, 1), longest))  # fmt: skip
-        done.append(
-            "Circus reloaded its config: " + ", ".join(sorted(f"{s} {k}" for s, k in differences))
-        )
+        done.append("Circus reloaded its config: "
+                    + ", ".join(describe_differences(old_circus, new_circus, differences)))
     if changed & NGINX_FILES:
         reload_nginx(stack, nginx_before)
         done.append("NGiNX reloaded its config (HUP)")

@@ -475,7 +475,10 @@ class WatcherInfo:
 
 def status(stack: Stack) -> list[WatcherInfo]:
     states = call(stack, "status")["statuses"]
-    infos = call(stack, "stats")["infos"]
+    try:
+        infos = call(stack, "stats")["infos"]
+    except StackError:
+        infos = {name: watcher_stats(stack, name) for name in states}
     result = []
     for name in dict.fromkeys((*WATCHERS, *stack.watchers)):
         if name not in states:
@@ -493,6 +496,25 @@ def status(stack: Stack) -> list[WatcherInfo]:
         failure = failure_reason(stack, name) if stopped_itself else None
         result.append(WatcherInfo(name, states[name], procs, failure))
     return result
+
+
+def watcher_stats(stack: Stack, name: str) -> dict[str, Any]:
+    """Circus's stats of one watcher's processes. Circus fails them when one of its processes
+    has a child that exited and was never waited for (a zombie: a program's sloppy
+    subprocess, Redis's between its fork's exit and its wait): its pids and ages, then."""
+    try:
+        info: dict[str, Any] = call(stack, "stats", name=name)["info"]
+        return info
+    except StackError:
+        pids = call(stack, "list", name=name).get("pids", [])
+    return {str(pid): {"age": _age(int(pid))} for pid in pids}
+
+
+def _age(pid: int) -> float:
+    try:
+        return max(0.0, time.time() - psutil.Process(pid).create_time())
+    except psutil.Error:
+        return 0.0
 
 
 @dataclass(frozen=True)

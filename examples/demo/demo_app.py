@@ -85,11 +85,14 @@ def application(environ: dict, start_response: StartResponse) -> Iterable[bytes]
 
 def start_job(environ: dict, start_response: StartResponse) -> list[bytes]:
     try:
-        from demo_tasks import slow_job  # only this page needs Celery
+        from demo_tasks import MAX_JOBS, slow_job, take_place  # only this page needs Celery
     except ImportError:
         body = b"the slow job needs Celery: pip install 'stackctl[demo]'\n"
         return respond(start_response, "503 Service Unavailable", body, "text/plain")
     job = uuid.uuid4().hex[:8]
+    if not take_place(job):
+        body = f"{MAX_JOBS} slow jobs are under way already; try again once one is done\n"
+        return respond(start_response, "429 Too Many Requests", body.encode(), "text/plain")
     slow_job.delay(job)
     if "application/json" in environ.get("HTTP_ACCEPT", ""):
         body = f'{{"ok": true, "job": "{job}"}}'.encode()

@@ -16,6 +16,13 @@ app = Celery("celery_jobs")
 app.add_defaults(celery_settings)
 app.conf.update(worker_prefetch_multiplier=1, task_acks_late=True,
                 broker_connection_retry_on_startup=True)
+if "VISIBILITY_TIMEOUT" in os.environ:  # how soon a task killed mid-run is handed out again
+    visibility = int(os.environ["VISIBILITY_TIMEOUT"])
+    # (and looked for each second, not every 100 s; a lock left by a killed worker expires)
+    app.conf.broker_transport_options = {
+        "visibility_timeout": visibility, "unacked_restore_interval": 1,
+        "unacked_restore_throttle": 1, "unacked_mutex_expire": visibility,
+    }
 
 
 @app.task

@@ -21,6 +21,7 @@ from websockets.exceptions import ConnectionClosed
 from websockets.sync.client import ClientConnection, connect
 
 from stackctl import supervisor
+from stackctl.cli import EXIT_UNHEALTHY
 from stackctl.errors import EXIT_STACK_ERROR
 from stackctl.stack import Stack
 from tests.conftest import REPO, app_site, data_of, running_stack, stackctl, wait_for
@@ -156,7 +157,10 @@ def test_a_watcher_crashing_in_a_loop_is_stopped_and_the_rest_serves(stack: Stac
         return crashy.state == "stopped" and crashy.failure is not None
 
     wait_for(crashy_stopped, 60, "the flapping plugin to stop crashy")
-    shown = stackctl("status", cwd=stack.stack_dir)  # exit status 0: the site works
+    shown = stackctl("status", cwd=stack.stack_dir, check=False)
+    # The site works, but nothing does crashy's work: status fails, and says so.
+    assert shown.returncode == EXIT_UNHEALTHY, shown.stdout
+    assert "background FAILING  crashy stopped after crashing" in shown.stdout
     assert "crashy  stopped" in shown.stdout
     assert "stopped after 5 crashes in a row at start" in shown.stdout
     assert "crashy: failing on purpose" in shown.stdout  # the end of its log
@@ -165,9 +169,11 @@ def test_a_watcher_crashing_in_a_loop_is_stopped_and_the_rest_serves(stack: Stac
         assert response.read() == b"ok\n"
     logs = stackctl("logs", "crashy", "-n", "5", cwd=stack.stack_dir)
     assert "crashy: failing on purpose" in logs.stdout
-    # Once fixed, a reload starts it again (here it only crashes anew).
-    again = stackctl("reload", "crashy", cwd=stack.stack_dir)
+    # Once fixed, a reload starts it again (here it only crashes anew, and the reload says so).
+    again = stackctl("reload", "crashy", cwd=stack.stack_dir, check=False)
     assert "crashy had stopped after crashing; started it again" in again.stdout
+    assert again.returncode == EXIT_STACK_ERROR, again.stdout + again.stderr
+    assert "crashy: failing on purpose" in again.stderr
     wait_for(crashy_stopped, 60, "the flapping plugin to stop crashy again")
 
 

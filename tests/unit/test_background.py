@@ -63,6 +63,8 @@ def test_saved_settings_give_back_the_same_watchers(tmp_path: Path) -> None:
         ("[watchers]\na = 3\n", "expected a table of settings"),
         ('[watchers.a]\ncmd = ""\n', "watchers.a.cmd: expected a command line"),
         ('[watchers.a]\ncmd = "--loglevel INFO"\n', "starting with the program to run"),
+        ("[watchers.a]\ncmd = '\"\" worker'\n", "starting with the program to run"),
+        ("[watchers.a]\ncmd = '/ worker'\n", "starting with the program to run"),
         ('[watchers.a]\ncmd = "celery \'worker"\n', "does not split into words"),
         ('[watchers.a]\ncmd = "celery worker\\n[watcher:evil]\\ncmd = sh"\n',
          "expected a command line"),
@@ -241,6 +243,49 @@ def test_the_password_file_goes_into_the_url_and_kombu_masks_it() -> None:
     assert "secret" not in Connection(socket_url).as_uri()
     # A password written in the URL itself wins, as for stackctl's own clients.
     assert celery_broker_url("redis://:mine@h:1/0", "file") == "redis://:mine@h:1/0"
+    # A user name without one gets the file's.
+    assert celery_broker_url("redis://app@h:1/0", "file") == "redis://app:file@h:1/0"
+
+
+@pytest.mark.parametrize(
+    ("url", "broker", "db"),
+    [
+        ("redis://10.0.0.5:6379?db=1&socket_timeout=5", "redis://10.0.0.5:6379/1", "1"),
+        ("redis://:pw@10.0.0.5/0?socket_timeout=5", "redis://:pw@10.0.0.5/0", "0"),
+        ("unix:///s/redis.sock?db=2&socket_timeout=5",
+         "redis+socket:///s/redis.sock?virtual_host=2", "/"),
+    ],
+)
+def test_a_redis_urls_options_become_kombus_transport_options(url: str, broker: str,
+                                                               db: str) -> None:  # fmt: skip
+    """redis.url accepts ?db=1&socket_timeout=5 as redis-py does; in kombu's URL they stopped
+    the worker at start (Connection() got an unexpected keyword argument 'socket_timeout')."""
+    from kombu import Connection
+
+    settings = celery_settings(url, "")
+    assert settings["broker_url"] == broker
+    assert settings["broker_transport_options"] == {"socket_timeout": 5}
+    connection = Connection(settings["broker_url"],
+                            transport_options=settings["broker_transport_options"])  # fmt: skip
+    assert connection.virtual_host == db
+
+
+def test_a_rediss_broker_checks_the_servers_certificate_as_stackctls_clients_do() -> None:
+    """kombu, given rediss:// and no ssl options, connects without checking the certificate
+    (ssl_cert_reqs=CERT_NONE, with a mere warning), where redis-py requires a valid one."""
+    import ssl
+
+    from kombu import Connection
+
+    settings = celery_settings("rediss://10.0.0.5:6380/0", "pw")
+    assert settings["broker_use_ssl"] == {"ssl_cert_reqs": ssl.CERT_REQUIRED}
+    connection = Connection(settings["broker_url"], ssl=settings["broker_use_ssl"])
+    assert connection.ssl == {"ssl_cert_reqs": ssl.CERT_REQUIRED}
+    # Unless the URL says otherwise, as it would to stackctl's own clients.
+    relaxed = celery_settings("rediss://10.0.0.5:6380/0?ssl_cert_reqs=none", "pw")
+    assert relaxed["broker_use_ssl"] == {"ssl_cert_reqs": ssl.CERT_NONE}
+    assert "broker_transport_options" not in relaxed
+    assert "broker_use_ssl" not in celery_settings("redis://10.0.0.5:6379/0", "pw")
 
 
 def test_sentinels_become_kombus_list_and_the_master_a_transport_option() -> None:
@@ -300,3 +345,14 @@ def test_init_demo_writes_a_stack_file_that_runs_the_celery_watcher(
     monkeypatch.setattr(init, "celery_installed", lambda: False)
     (note,) = init.init(tmp_path, demo=True, app=None, force=True).notes
     assert "pip install 'stackctl[demo]'" in note
+
+
+def test_a_reload_names_a_watcher_that_comes_or_goes_not_each_of_its_options() -> None:
+    from stackctl.reload import circus_differences, describe_differences
+
+    old = ("[plugin:flapping]\nalso = old\n[watcher:wsgi]\nnumprocesses = 2\n"
+           "[watcher:old]\ncmd = x\n[env:old]\nA = 1\n")  # fmt: skip
+    new = ("[plugin:flapping]\nalso = tasks\n[watcher:wsgi]\nnumprocesses = 3\n"
+           "[watcher:tasks]\ncmd = celery\nnumprocesses = 1\n[env:tasks]\nPYTHONPATH = /s\n")
+    shown = describe_differences(old, new, circus_differences(old, new))
+    assert shown == ["started tasks", "stopped old", "watcher:wsgi numprocesses"]

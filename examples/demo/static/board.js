@@ -38,7 +38,14 @@
 
   document.getElementById("job").addEventListener("submit", function (event) {
     event.preventDefault();
-    fetch("/job", { method: "POST", headers: { Accept: "application/json" } });
+    var note = event.target.querySelector("span");
+    fetch("/job", { method: "POST", headers: { Accept: "application/json" } })
+      .then(function (response) {
+        // Refused (too many jobs under way): say why beside the button.
+        if (!response.ok) return response.text().then(function (text) {
+          note.textContent = "(" + text.trim() + ")";
+        });
+      });
   });
 
   form.addEventListener("submit", function (event) {
