@@ -198,18 +198,41 @@ class Restarts:
                 self.started[parts[1]] += 1
 
 
+def process_infos(endpoint: str, watchers: list[str]) -> dict[str, Any] | None:
+    """Circus's stats of each watcher's processes; None if circusd is busy. Circus fails them
+    all when one process has a child that exited unwaited for (a zombie): then they are asked
+    watcher by watcher, and where that fails too, the pids alone."""
+    from stackctl.supervisor import _call_once
+
+    stats = _call_once(endpoint, "stats", CIRCUS_TIMEOUT, {})
+    if stats.get("status") == "ok":
+        infos: dict[str, Any] = stats.get("infos", {})
+        return infos
+    infos = {}
+    for name in watchers:
+        one = _call_once(endpoint, "stats", CIRCUS_TIMEOUT, {"name": name})
+        if one.get("status") == "ok":
+            infos[name] = one.get("info", {})
+            continue
+        listed = _call_once(endpoint, "list", CIRCUS_TIMEOUT, {"name": name})
+        if listed.get("status") != "ok":
+            return None
+        infos[name] = {str(pid): {} for pid in listed.get("pids", [])}
+    return infos
+
+
 def circus_families(endpoint: str, watchers: list[str], restarts: Restarts) -> list[Family]:
     from stackctl.errors import StackError
     from stackctl.supervisor import _call_once, _number, _rss
 
     try:
         status = _call_once(endpoint, "status", CIRCUS_TIMEOUT, {})
-        stats = _call_once(endpoint, "stats", CIRCUS_TIMEOUT, {})
+        infos = process_infos(endpoint, watchers)
     except StackError:
         return [up("circus", False, "circusd")]
-    if status.get("status") != "ok" or stats.get("status") != "ok":
+    if status.get("status") != "ok" or infos is None:
         return [up("circus", False, "circusd")]  # busy with a command of its own: next time
-    states, infos = status.get("statuses", {}), stats.get("infos", {})
+    states = status.get("statuses", {})
     running = Family("stackctl_watcher_up", "gauge", "1 if Circus runs the watcher (active).")
     processes = Family("stackctl_watcher_processes", "gauge", "Processes of the watcher.")
     cpu = Family("stackctl_watcher_cpu_percent", "gauge",
@@ -227,7 +250,8 @@ def circus_families(endpoint: str, watchers: list[str], restarts: Restarts) -> l
                  if pid != "name" and isinstance(info, dict)}  # fmt: skip
         running.add(1 if state == "active" else 0, watcher=name)
         processes.add(len(procs), watcher=name)
-        cpu.add(sum(_number(info.get("cpu")) for info in procs.values()), watcher=name)
+        if all("cpu" in info for info in procs.values()):  # not when Circus gave pids alone
+            cpu.add(sum(_number(info.get("cpu")) for info in procs.values()), watcher=name)
         rss.add(sum(_rss(int(pid)) for pid in procs), watcher=name)
         started.add(restarts.started.get(name, 0), watcher=name)
     return [up("circus", True, "circusd"), running, processes, cpu, rss, started]

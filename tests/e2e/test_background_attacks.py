@@ -196,11 +196,18 @@ def test_a_program_with_a_child_it_never_waited_for_does_not_break_status() -> N
     (site / "sloppy.py").write_text(SLOPPY)
     with (site / "stack.toml").open("a") as f:
         f.write('\n[watchers.sloppy]\ncmd = "python sloppy.py"\n')
-    with running_stack(site, "--workers", "1") as stack:
+    metrics = f"127.0.0.1:{free_port()}"
+    with running_stack(site, "--workers", "1", "--set", f"metrics.listen={metrics}") as stack:
         # Circus's stats of all watchers fail on a zombie process: status said only "circusd
         # refused 'stats': ... it's a zombie", and exited 3.
         wait_for(lambda: any(p.status() == psutil.STATUS_ZOMBIE for p in zombies_of(stack)),
                  30, "sloppy.py's zombie child")  # fmt: skip
+        # And the exporter reported circusd down, with no watcher's numbers.
+        with urllib.request.urlopen(f"http://{metrics}/metrics", timeout=30) as answer:
+            page = answer.read().decode().splitlines()
+        assert "stackctl_circus_up 1" in page
+        assert 'stackctl_watcher_processes{watcher="sloppy"} 1' in page
+        assert 'stackctl_watcher_processes{watcher="wsgi"} 1' in page
         shown = stackctl("status", cwd=stack.stack_dir)
         assert "sloppy  active    1 process(es)" in shown.stdout
         assert "background ok       sloppy running" in shown.stdout
