@@ -19,9 +19,9 @@ PATH = "/_stackctl/health"
 DRAINING = '{"ok": false, "reason": "draining"}'
 """What NGiNX answers while the host drains: what the workers would say, in their form."""
 FRESH_FOR = 1
-"""Seconds NGiNX gives every check the last answer: balancers ask every few seconds, and a
-flood of checks reaches the pool about once a second. (NGiNX counts whole seconds: an
-answer is kept from 1 to 2 s.)"""
+"""Seconds NGiNX gives every check the answer of the first check of its second (nginx.conf's
+$stackctl_health_key): balancers ask every few seconds, and a flood of checks reaches the
+pool once a second."""
 ANSWER_WITHIN = 5
 """Seconds NGiNX waits for a worker's answer (504 then): the checks, and some slack."""
 MARKER_VARIABLE = "STACKCTL_HEALTH"
