@@ -94,7 +94,7 @@ def test_a_part_that_stops_turns_the_check_to_503_until_it_is_back(
 def test_a_pool_that_does_not_answer_fails_the_check(stack: Stack) -> None:
     circusctl(stack, "stop", "wsgi")
     try:
-        time.sleep(health.FRESH_FOR + 1.1)  # the answer of before (kept 1 to 2 s) is gone
+        time.sleep(health.FRESH_FOR + 1.1)  # a new second: the answer of before is not used
         started = time.monotonic()
         status, _ = health_of(stack)
         # circusd still holds the socket: NGiNX waits for an answer, then gives up.
